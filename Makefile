@@ -1,0 +1,52 @@
+# cnnserve — `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+ARTIFACTS ?= artifacts
+# mypy cannot follow the editable install's import hook, so it checks a tree of symlinks
+# that lays the top-level folders out as the one package they are installed as.
+TYPECHECK_TREE := build/typecheck
+
+.PHONY: help install test lint typecheck-tree format train export
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; cnnserve needs Python 3.11" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and exactly pinned: a CPU wheel of 2.13.0 lies on local disk.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed ## Create .venv/ with cnnserve (editable) and the dev tools
+
+test: install ## Run the test suite
+	$(BIN)/pytest -q
+
+lint: install ## ruff (lint + format check) and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(MAKE) --no-print-directory typecheck-tree
+	cd $(TYPECHECK_TREE) && $(abspath $(BIN))/mypy --config-file $(CURDIR)/pyproject.toml -p cnnserve
+
+typecheck-tree:
+	@rm -rf $(TYPECHECK_TREE) && mkdir -p $(TYPECHECK_TREE)/cnnserve
+	@$(BIN)/python -c 'import tomllib, pathlib, os; dirs = tomllib.load(open("pyproject.toml", "rb"))["tool"]["setuptools"]["package-dir"]; root = pathlib.Path("$(TYPECHECK_TREE)"); [os.symlink(pathlib.Path(src).resolve(), root / pkg.replace(".", "/")) for pkg, src in dirs.items() if pkg != "cnnserve"]; [os.symlink(f.resolve(), root / "cnnserve" / f.name) for f in pathlib.Path(dirs["cnnserve"]).iterdir() if f.suffix in {".py", ".pyi"}]'
+
+format: install ## Apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+train: install ## Retrain both demo models from seed 0 into models/weights/
+	$(BIN)/cnnserve train convnet
+	$(BIN)/cnnserve train fcn
+
+export: install ## Export both models to TorchScript + ONNX under artifacts/
+	$(BIN)/cnnserve export convnet --out $(ARTIFACTS)
+	$(BIN)/cnnserve export fcn --out $(ARTIFACTS)

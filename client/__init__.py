@@ -1,0 +1,1 @@
+"""A small Python client for cnnserve (Open Inference Protocol over gRPC or HTTP)."""

@@ -1,0 +1,1 @@
+"""cnnserve: serve the tutorial CNNs over the Open Inference Protocol."""

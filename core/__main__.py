@@ -1,0 +1,5 @@
+"""``python -m cnnserve`` — the same as the ``cnnserve`` command."""
+
+from cnnserve.cli import main
+
+main()

@@ -1,0 +1,109 @@
+"""All of cnnserve's settings in one place: environment ``CNNSERVE_<FIELD>``, flags override.
+
+Units are part of every name (``_ms``, ``_bytes``, ``_s``) so a value is never ambiguous.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+BackendName = Literal["torchserve", "onnxruntime", "torchscript"]
+
+
+class Settings(BaseSettings):
+    """cnnserve's configuration; each field documents its meaning and default."""
+
+    model_config = SettingsConfigDict(env_prefix="CNNSERVE_", extra="ignore")
+
+    # --- the gateway's listeners (Triton's ports) ---
+    host: str = Field("127.0.0.1", description="Address the gateway binds; 0.0.0.0 in containers.")
+    http_port: int = Field(8000, description="Open Inference Protocol REST port.")
+    grpc_port: int = Field(8001, description="Open Inference Protocol gRPC port.")
+    metrics_port: int = Field(8002, description="Prometheus metrics port.")
+
+    # --- where models come from and how they run ---
+    backend: BackendName = Field(
+        "onnxruntime", description="Inference backend: torchserve, onnxruntime or torchscript."
+    )
+    artifacts_dir: Path = Field(
+        Path("artifacts"),
+        description="Exported <model>.pt/.onnx/.json written by `cnnserve export`.",
+    )
+    model_store_dir: Path = Field(
+        Path("model_store"), description="TorchServe model store (.mar files and config)."
+    )
+    device: str | None = Field(
+        None,
+        description="Device for in-process backends, e.g. cuda:0 or cpu; default: GPU if present.",
+    )
+    half_precision: bool = Field(False, description="Run fp16 on GPU (torchscript backend only).")
+
+    # --- dynamic batching, per model (and per input size for the FCN) ---
+    max_batch_size: int = Field(32, ge=1, description="Largest batch sent to the backend.")
+    max_batch_delay_ms: float = Field(
+        2.0, ge=0, description="How long a partial batch waits for more requests."
+    )
+    max_queue_size: int = Field(
+        512, ge=1, description="Items queued per model before new requests get RESOURCE_EXHAUSTED."
+    )
+
+    # --- limits on what one request may carry ---
+    max_items_per_request: int = Field(256, ge=1, description="Images/tensor rows in one request.")
+    max_message_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest gRPC message or HTTP body accepted."
+    )
+    max_image_pixels: int = Field(
+        4096 * 4096,
+        ge=49,
+        description="Largest encoded image (W×H) decoded; checked before decoding.",
+    )
+    default_timeout_ms: float | None = Field(
+        None, description="Deadline applied to requests that carry none; unset means no deadline."
+    )
+    drain_grace_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long in-flight requests get to finish."
+    )
+
+    # --- TorchServe, the engine behind the torchserve backend ---
+    torchserve_host: str = Field(
+        "127.0.0.1", description="Address TorchServe binds and is reached at."
+    )
+    torchserve_inference_port: int = Field(8080, description="TorchServe REST inference port.")
+    torchserve_management_port: int = Field(
+        8081, description="TorchServe management port (never published)."
+    )
+    torchserve_metrics_port: int = Field(8082, description="TorchServe metrics port.")
+    torchserve_grpc_inference_port: int = Field(7070, description="TorchServe gRPC inference port.")
+    torchserve_grpc_management_port: int = Field(
+        7071, description="TorchServe gRPC management port."
+    )
+    torchserve_grpc_target: str | None = Field(
+        None,
+        description="gRPC target the gateway calls, e.g. dns:///torchserve:7070 to spread over "
+        "every replica; default: torchserve_host:torchserve_grpc_inference_port.",
+    )
+    torchserve_token_auth: bool = Field(
+        True, description="TorchServe token authorization; turn off only for local development."
+    )
+    torchserve_key_file: Path | None = Field(
+        None,
+        description="TorchServe's key_file.json; default: the one in the model store's run dir.",
+    )
+    torchserve_artifact_format: Literal["torchscript", "onnx"] = Field(
+        "torchscript", description="Which exported artifact the TorchServe archives carry."
+    )
+    torchserve_start_timeout_s: float = Field(
+        180.0, ge=1, description="How long `cnnserve torchserve start` waits for READY workers."
+    )
+
+    @property
+    def grpc_target(self) -> str:
+        """The gRPC address of TorchServe's inference API."""
+        return (
+            self.torchserve_grpc_target
+            or f"{self.torchserve_host}:{self.torchserve_grpc_inference_port}"
+        )

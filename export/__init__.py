@@ -1,0 +1,1 @@
+"""TorchScript and ONNX export with on-the-spot parity checks."""

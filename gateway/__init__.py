@@ -1,0 +1,1 @@
+"""The gateway: Open Inference Protocol over gRPC and HTTP, dynamic batching, backends."""

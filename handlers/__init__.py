@@ -1,0 +1,1 @@
+"""TorchServe custom handlers: thin adapters over the shared model-side code."""

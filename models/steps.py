@@ -1,0 +1,108 @@
+"""Model-side steps shared by every backend: pixels → input tensor, outputs → results.
+
+The TorchServe handler, the in-process backends and training all call these, so a digit
+is prepared the same way wherever it is served.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from cnnserve.errors import InvalidInputError
+
+from .imaging import resize_rgb
+
+#: ConvNet's input side; the digit's longer side is scaled to DIGIT_BOX inside it.
+CONVNET_SIDE = 28
+DIGIT_BOX = 20
+#: Pixels are mapped from [0, 255] to [-1, 1].
+PIXEL_MEAN = 0.5
+PIXEL_STD = 0.5
+
+
+def normalize(pixels: np.ndarray) -> np.ndarray:
+    """uint8 pixels (any layout) → float32 in [-1, 1], the networks' input scale."""
+    scaled = pixels.astype(np.float32) * np.float32(1.0 / 255.0)
+    return (scaled - np.float32(PIXEL_MEAN)) / np.float32(PIXEL_STD)
+
+
+def to_chw(rgb: np.ndarray) -> np.ndarray:
+    """``H×W×3`` → ``3×H×W`` (contiguous)."""
+    return np.ascontiguousarray(rgb.transpose(2, 0, 1))
+
+
+def digit_pixels(rgb: np.ndarray) -> np.ndarray:
+    """Prepare a photo or drawing of one digit as ConvNet pixels, ``3×28×28`` uint8.
+
+    Steps, each making arbitrary inputs look like the training data:
+    1. polarity — if the border is brighter than mid-gray the image is dark ink on a light
+       background and is inverted, so the network always sees light ink on black;
+    2. crop to the ink's bounding box (pixels above 30% of the brightest), so margins and
+       image size do not matter;
+    3. scale the longer side to 20 px (aspect kept) and centre it in 28×28, as MNIST does.
+    """
+    gray = rgb.mean(axis=2)
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    if float(np.median(border)) > 127.5:
+        rgb = 255 - rgb
+        gray = 255.0 - gray
+    peak = float(gray.max())
+    if peak > 0:
+        rows = np.flatnonzero((gray > 0.3 * peak).any(axis=1))
+        cols = np.flatnonzero((gray > 0.3 * peak).any(axis=0))
+        rgb = rgb[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    height, width = rgb.shape[:2]
+    scale = DIGIT_BOX / max(height, width)
+    new_h = max(1, round(height * scale))
+    new_w = max(1, round(width * scale))
+    digit = resize_rgb(np.ascontiguousarray(rgb), new_h, new_w)
+    canvas = np.zeros((CONVNET_SIDE, CONVNET_SIDE, 3), dtype=np.uint8)
+    top = (CONVNET_SIDE - new_h) // 2
+    left = (CONVNET_SIDE - new_w) // 2
+    canvas[top : top + new_h, left : left + new_w] = digit
+    return to_chw(canvas)
+
+
+@dataclass(frozen=True)
+class Classification:
+    """One image's top-k classes, best first."""
+
+    labels: tuple[str, ...]
+    indices: tuple[int, ...]
+    probabilities: tuple[float, ...]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax over the last axis, stable for large logits."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return (exp / exp.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def top_k(logits: np.ndarray, labels: tuple[str, ...], k: int) -> list[Classification]:
+    """``N×C`` logits → N classifications of the ``k`` most probable classes."""
+    if k < 1:
+        raise InvalidInputError(f"top-k must be at least 1, got {k}")
+    k = min(k, logits.shape[-1])
+    probs = softmax(logits)
+    order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+    return [
+        Classification(
+            labels=tuple(labels[i] for i in row),
+            indices=tuple(int(i) for i in row),
+            probabilities=tuple(float(probs[n, i]) for i in row),
+        )
+        for n, row in enumerate(order)
+    ]
+
+
+def class_mask(scores: np.ndarray) -> np.ndarray:
+    """``N×C×H×W`` scores → ``N×H×W`` uint8 class indices (argmax over classes)."""
+    return scores.argmax(axis=1).astype(np.uint8)
+
+
+def pixel_counts(mask: np.ndarray, num_classes: int) -> list[int]:
+    """Pixels per class in one ``H×W`` mask, indexed by class."""
+    return [int(c) for c in np.bincount(mask.ravel(), minlength=num_classes)]

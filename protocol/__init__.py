@@ -1,0 +1,1 @@
+"""Generated gRPC stubs (never edited; regenerate with `make proto`)."""

@@ -1,0 +1,40 @@
+"""Test images made on the spot: rendered digits and shape scenes as PNG/JPEG bytes."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from cnnserve.training.datasets import digits_split, render_digit, shapes_scene
+
+
+def encode(array: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
+    """Encode an array as image bytes, optionally converting the PIL mode first."""
+    image = Image.fromarray(array)
+    if mode is not None:
+        image = image.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def held_out_digit(index: int = 0) -> tuple[np.ndarray, int]:
+    """A held-out digit rendered plainly (white on black, 64×64 RGB) and its label."""
+    split = digits_split(0)
+    return render_digit(split.test_images[index], None), int(split.test_labels[index])
+
+
+def digit_png(
+    index: int = 0, *, invert: bool = False, mode: str | None = None
+) -> tuple[bytes, int]:
+    """A held-out digit as PNG bytes, optionally inverted (black on white) or re-moded."""
+    rgb, label = held_out_digit(index)
+    return encode(255 - rgb if invert else rgb, mode=mode), label
+
+
+def shapes_png(seed: int = 1, side: int = 64) -> tuple[bytes, np.ndarray]:
+    """A synthetic segmentation scene as PNG bytes and its true class mask."""
+    image, mask = shapes_scene(np.random.default_rng(seed), side)
+    return encode(image), mask

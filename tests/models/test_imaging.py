@@ -1,0 +1,68 @@
+"""Decoding untrusted image bytes: formats, channel handling, and every way it can fail."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cnnserve.errors import InvalidInputError
+from cnnserve.models.imaging import decode_rgb, encode_png
+
+from ..images import encode
+
+
+def test_grayscale_becomes_three_equal_channels() -> None:
+    gray = np.arange(30 * 20, dtype=np.uint8).reshape(30, 20)
+    rgb = decode_rgb(encode(gray))
+    assert rgb.shape == (30, 20, 3)
+    assert np.array_equal(rgb[..., 0], gray)
+    assert np.array_equal(rgb[..., 0], rgb[..., 2])
+
+
+def test_jpeg_decodes() -> None:
+    rgb = np.full((16, 24, 3), 200, dtype=np.uint8)
+    decoded = decode_rgb(encode(rgb, fmt="JPEG"))
+    assert decoded.shape == (16, 24, 3)
+    assert abs(int(decoded.mean()) - 200) <= 2
+
+
+def test_rgba_dark_ink_on_transparency_lands_on_white() -> None:
+    rgba = np.zeros((10, 10, 4), dtype=np.uint8)
+    rgba[4:6, :, 3] = 255  # an opaque black bar; the rest transparent
+    rgb = decode_rgb(encode(rgba))
+    assert rgb[0, 0].tolist() == [255, 255, 255]
+    assert rgb[5, 5].tolist() == [0, 0, 0]
+
+
+def test_rgba_light_ink_on_transparency_lands_on_black() -> None:
+    rgba = np.zeros((10, 10, 4), dtype=np.uint8)
+    rgba[4:6, :] = 255
+    rgb = decode_rgb(encode(rgba))
+    assert rgb[0, 0].tolist() == [0, 0, 0]
+    assert rgb[5, 5].tolist() == [255, 255, 255]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "empty"),
+        (b"definitely not an image", "could not decode"),
+        (encode(np.zeros((8, 8), dtype=np.uint8))[:40], "could not decode"),
+        (encode(np.zeros((8, 8), dtype=np.uint8), fmt="GIF"), "GIF is not accepted"),
+    ],
+    ids=["empty", "garbage", "truncated-png", "gif"],
+)
+def test_bad_bytes_are_invalid_input(data: bytes, message: str) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        decode_rgb(data)
+
+
+def test_declared_size_is_checked_before_decoding() -> None:
+    big = encode(np.zeros((300, 300), dtype=np.uint8))
+    with pytest.raises(InvalidInputError, match=r"300×300 = 90000 pixels; the limit is 1000"):
+        decode_rgb(big, max_pixels=1000)
+
+
+def test_png_round_trip() -> None:
+    mask = np.array([[0, 1], [2, 3]], dtype=np.uint8)
+    assert np.array_equal(decode_rgb(encode_png(mask))[..., 0], mask)

@@ -1,0 +1,82 @@
+"""Model-side pre- and postprocessing shared by every backend."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cnnserve.errors import InvalidInputError, UnknownModelError
+from cnnserve.models.registry import MODELS, get_spec
+from cnnserve.models.steps import class_mask, digit_pixels, normalize, pixel_counts, softmax, top_k
+
+from ..images import digit_png, encode, held_out_digit, shapes_png
+
+
+def test_normalize_maps_pixels_to_unit_range() -> None:
+    out = normalize(np.array([0, 255, 51], dtype=np.uint8))
+    assert out.dtype == np.float32
+    assert out.tolist() == pytest.approx([-1.0, 1.0, -0.6])
+
+
+def test_digit_polarity_and_placement_do_not_matter() -> None:
+    rgb, _ = held_out_digit(3)
+    canonical = digit_pixels(rgb)
+    assert canonical.shape == (3, 28, 28)
+    assert np.array_equal(digit_pixels(255 - rgb), canonical)
+    padded = np.zeros((200, 120, 3), dtype=np.uint8)
+    padded[20:84, 40:104] = rgb
+    assert np.abs(digit_pixels(padded).astype(int) - canonical.astype(int)).mean() < 8
+
+
+def test_blank_image_gives_a_blank_digit() -> None:
+    assert not digit_pixels(np.zeros((28, 28, 3), dtype=np.uint8)).any()
+
+
+@pytest.mark.parametrize("mode", [None, "L", "RGBA"])
+def test_convnet_image_to_pixels_accepts_any_size_and_mode(mode: str | None) -> None:
+    data, _ = digit_png(0, mode=mode)
+    assert MODELS["convnet"].image_to_pixels(data).shape == (3, 28, 28)
+
+
+def test_fcn_keeps_image_size() -> None:
+    data, mask = shapes_png(side=40)
+    assert MODELS["fcn"].image_to_pixels(data).shape == (3, 40, 40)
+    assert mask.shape == (40, 40)
+
+
+@pytest.mark.parametrize("side", [6, 513])
+def test_fcn_rejects_sizes_out_of_range(side: int) -> None:
+    data = encode(np.zeros((side, 10, 3), dtype=np.uint8))
+    with pytest.raises(InvalidInputError, match=r"fcn expects \[N,3,H,W\] with 7 ≤ H, W ≤ 512"):
+        MODELS["fcn"].image_to_pixels(data)
+
+
+def test_convnet_shape_check_names_expected_and_actual() -> None:
+    with pytest.raises(InvalidInputError, match=r"expects \[N,3,28,28\], got \[N,3,32,32\]"):
+        MODELS["convnet"].check_item_shape((3, 32, 32))
+    with pytest.raises(InvalidInputError, match=r"got \[1, 28, 28\]"):
+        MODELS["convnet"].check_item_shape((1, 28, 28))
+
+
+def test_unknown_model_lists_the_known_ones() -> None:
+    with pytest.raises(UnknownModelError, match="served models are: convnet, fcn"):
+        get_spec("resnet")
+
+
+def test_top_k_orders_by_probability() -> None:
+    logits = np.array([[0.0, 3.0, 1.0], [5.0, 0.0, 0.0]], dtype=np.float32)
+    result = top_k(logits, ("a", "b", "c"), k=2)
+    assert [r.labels for r in result] == [("b", "c"), ("a", "b")]
+    assert result[0].probabilities[0] == pytest.approx(float(softmax(logits)[0, 1]))
+    assert sum(top_k(logits, ("a", "b", "c"), k=10)[0].probabilities) == pytest.approx(1.0)
+    with pytest.raises(InvalidInputError):
+        top_k(logits, ("a", "b", "c"), k=0)
+
+
+def test_mask_and_counts() -> None:
+    scores = np.zeros((1, 3, 2, 2), dtype=np.float32)
+    scores[0, 2, 0, 0] = 1.0
+    scores[0, 1, 1, :] = 1.0
+    mask = class_mask(scores)
+    assert mask.tolist() == [[[2, 0], [1, 1]]]
+    assert pixel_counts(mask[0], 3) == [1, 2, 1]

@@ -1,0 +1,1 @@
+"""TorchServe as cnnserve runs it: archives, configuration, the server process, a client."""

@@ -1,0 +1,1 @@
+"""Reproducible training of the demo weights on data that ships with the project."""
