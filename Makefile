@@ -10,7 +10,7 @@ ARTIFACTS ?= artifacts
 # that lays the top-level folders out as the one package they are installed as.
 TYPECHECK_TREE := build/typecheck
 
-.PHONY: help install test lint typecheck-tree format train export
+.PHONY: help install test lint typecheck-tree format train export proto proto-check
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -50,3 +50,15 @@ train: install ## Retrain both demo models from seed 0 into models/weights/
 export: install ## Export both models to TorchScript + ONNX under artifacts/
 	$(BIN)/cnnserve export convnet --out $(ARTIFACTS)
 	$(BIN)/cnnserve export fcn --out $(ARTIFACTS)
+
+PROTO_OUT := build/proto
+
+proto: install ## Regenerate the gRPC stubs in protocol/ from the .proto sources in proto/
+	@rm -rf $(PROTO_OUT) && mkdir -p $(PROTO_OUT)
+	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
+		--grpc_python_out=$(PROTO_OUT) $$(find proto -name '*.proto' | sort)
+	cp $(PROTO_OUT)/cnnserve/protocol/*_pb2*.py* protocol/
+
+proto-check: proto ## Fail when the committed stubs differ from what proto/ generates
+	@git diff --exit-code -- protocol/ && test -z "$$(git status --porcelain -- protocol/)" \
+		|| { echo "error: protocol/ stubs drifted from proto/; run 'make proto' and commit" >&2; exit 1; }
