@@ -8,6 +8,7 @@ labels and checksums.
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,18 +80,25 @@ def _export_onnx(spec: ModelSpec, network: nn.Module, example: torch.Tensor, pat
     if spec.fixed_size is None:
         dims[2] = torch.export.Dim("height", min=spec.min_side, max=spec.max_side)
         dims[3] = torch.export.Dim("width", min=spec.min_side, max=spec.max_side)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            network,
-            (example,),
-            input_names=[spec.input_name],
-            output_names=[spec.output_name],
-            dynamic_shapes={"x": dims},
-            opset_version=ONNX_OPSET,
-            dynamo=True,
-            verbose=False,
-        )
+    exporter_log = logging.getLogger("torch.onnx")
+    previous_level = exporter_log.level
+    # The exporter warns about every optional torchvision op it cannot register; noise here.
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                network,
+                (example,),
+                input_names=[spec.input_name],
+                output_names=[spec.output_name],
+                dynamic_shapes={"x": dims},
+                opset_version=ONNX_OPSET,
+                dynamo=True,
+                verbose=False,
+            )
+    finally:
+        exporter_log.setLevel(previous_level)
     if program is None:
         raise ExportError("torch.onnx.export returned no program")
     # torch 2.13 would write weights to a separate .onnx.data file; keep one file instead.
