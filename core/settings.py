@@ -99,6 +99,39 @@ class Settings(BaseSettings):
     torchserve_start_timeout_s: float = Field(
         180.0, ge=1, description="How long `cnnserve torchserve start` waits for READY workers."
     )
+    torchserve_workers_per_model: int = Field(
+        1, ge=1, description="TorchServe worker processes per model (each holds its own copy)."
+    )
+    torchserve_batch_size: int = Field(
+        1,
+        ge=1,
+        description="TorchServe's own batch size; keep 1 behind the gateway, which batches "
+        "already (DESIGN §2), so the two batch delays never add up.",
+    )
+    torchserve_max_batch_delay_ms: int = Field(
+        5, ge=0, description="How long TorchServe waits to fill a batch (batch size > 1 only)."
+    )
+    torchserve_response_timeout_s: int = Field(
+        120, ge=1, description="TorchServe restarts a worker that takes longer to answer."
+    )
+    torchserve_max_message_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=6 * 1024 * 1024,
+        description="TorchServe's request/response size limits (and gRPC message limit); the "
+        "6.5 MB default is too small for an FCN batch (32×4×512×512 FP32 outputs = 128 MiB).",
+    )
+    torchserve_token_expiration_min: float = Field(
+        7 * 24 * 60,
+        gt=0,
+        description="Minutes TorchServe's generated keys stay valid; after that, calls are "
+        "refused until TorchServe is restarted.",
+    )
+    torchserve_initial_worker_port: int = Field(
+        9000,
+        ge=1024,
+        description="First of the ports (or socket names) TorchServe gives its workers, one "
+        "per worker from here on.",
+    )
 
     @property
     def grpc_target(self) -> str:
