@@ -1,0 +1,1 @@
+"""Benchmarks: an Open Inference Protocol load generator, baselines, and the suite report."""
