@@ -1,0 +1,412 @@
+"""Dynamic batching: many small requests become few backend-sized batches.
+
+One :class:`DynamicBatcher` serves one model. Requests wait in a bounded queue, grouped by
+item shape (an FCN batch never mixes H×W), and one background task forms batches of up to
+``max_batch_size`` items and runs them one at a time. Every rule of DESIGN.md §5 lives here:
+
+1. the batch function's result length is checked against the batch;
+2. only pending futures are resolved, and cancelled requests are dropped before a batch forms;
+3. deadlines are absolute ``time.monotonic()`` values; an expired request never reaches the model;
+4. the queue is bounded in items and a full queue answers at once;
+5. loop-bound objects are created in :meth:`start`, inside the running loop; the task is owned,
+   stopped by :meth:`stop`, and survives exceptions from the batch function;
+6. a synchronous batch function runs in a worker thread, never on the event loop;
+7. with ``max_batch_delay_ms = 0`` a busy model still batches what queued while it ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol, cast
+
+import numpy as np
+
+from cnnserve.errors import (
+    GENERIC_INTERNAL_MESSAGE,
+    CnnserveError,
+    DeadlineExceededError,
+    InvalidInputError,
+    OverloadedError,
+    PayloadTooLargeError,
+    UnavailableError,
+)
+
+logger = logging.getLogger(__name__)
+
+AsyncBatchFn = Callable[[np.ndarray], Awaitable[np.ndarray]]
+SyncBatchFn = Callable[[np.ndarray], np.ndarray]
+#: ``N×…`` array in, array with the same N out; async, or sync (then run in a worker thread).
+BatchFn = AsyncBatchFn | SyncBatchFn
+
+ShapeKey = tuple[int, ...]
+
+
+class BatchObserver(Protocol):
+    """Metrics hooks the batcher calls; ``metrics.ModelObserver`` implements them."""
+
+    def queue_changed(self, delta: int) -> None:
+        """Items were added to (positive) or taken from (negative) the queue."""
+
+    def request_dequeued(self, waited_s: float) -> None:
+        """A request's first items left the queue after waiting ``waited_s``."""
+
+    def batch_done(self, size: int, seconds: float) -> None:
+        """A batch of ``size`` items ran through the batch function in ``seconds``."""
+
+    def request_expired(self) -> None:
+        """A request's deadline passed before any of it was computed."""
+
+
+class _NoObserver:
+    """Observer that records nothing, for batchers built without metrics."""
+
+    def queue_changed(self, delta: int) -> None:
+        """Ignore."""
+
+    def request_dequeued(self, waited_s: float) -> None:
+        """Ignore."""
+
+    def batch_done(self, size: int, seconds: float) -> None:
+        """Ignore."""
+
+    def request_expired(self) -> None:
+        """Ignore."""
+
+
+def _as_async(batch_fn: BatchFn) -> AsyncBatchFn:
+    """The batch function as a coroutine function; a sync one runs in a worker thread."""
+    if inspect.iscoroutinefunction(batch_fn):
+        return cast(AsyncBatchFn, batch_fn)
+    sync_fn = cast(SyncBatchFn, batch_fn)
+
+    async def in_thread(batch: np.ndarray) -> np.ndarray:
+        # Model code must never block the event loop.
+        return await asyncio.to_thread(sync_fn, batch)
+
+    return in_thread
+
+
+class BatchResultError(Exception):
+    """The batch function broke its contract (wrong type or number of rows)."""
+
+
+@dataclass(eq=False)
+class _Request:
+    """One caller's items on their way through the queue, possibly over several batches."""
+
+    items: np.ndarray
+    future: asyncio.Future[np.ndarray]
+    deadline: float | None
+    enqueued_at: float
+    #: Items handed to batches so far (or written off when the request ended early).
+    taken: int = 0
+    #: Whether any of its items went into a batch (so it was not merely expired).
+    started: bool = False
+    #: Result rows received so far, in order: a request's slices run in queue order.
+    parts: list[np.ndarray] = field(default_factory=list)
+    received: int = 0
+
+    @property
+    def key(self) -> ShapeKey:
+        """The item shape; only requests with equal keys share a batch."""
+        return tuple(self.items.shape[1:])
+
+    @property
+    def pending(self) -> int:
+        """Items still waiting to be put into a batch."""
+        return len(self.items) - self.taken
+
+
+@dataclass(frozen=True)
+class _Slice:
+    """Rows ``start:stop`` of one request, placed in a batch."""
+
+    request: _Request
+    start: int
+    stop: int
+
+
+class DynamicBatcher:
+    """Batches one model's requests; see the module docstring for the rules it keeps."""
+
+    def __init__(
+        self,
+        batch_fn: BatchFn,
+        *,
+        max_batch_size: int,
+        max_batch_delay_ms: float,
+        max_queue_size: int,
+        observer: BatchObserver | None = None,
+        name: str = "model",
+    ) -> None:
+        if max_batch_size < 1 or max_queue_size < 1 or max_batch_delay_ms < 0:
+            raise ValueError("need max_batch_size ≥ 1, max_queue_size ≥ 1, max_batch_delay_ms ≥ 0")
+        self._fn = _as_async(batch_fn)
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.max_queue_size = max_queue_size
+        self._delay_s = max_batch_delay_ms / 1000.0
+        self._observer: BatchObserver = observer or _NoObserver()
+        self._groups: dict[ShapeKey, deque[_Request]] = {}
+        self._group_items: dict[ShapeKey, int] = {}
+        self._queued = 0
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._wakeup: asyncio.Event | None = None
+
+    @property
+    def queued_items(self) -> int:
+        """Items waiting for a batch (not counting the batch running now)."""
+        return self._queued
+
+    @property
+    def running(self) -> bool:
+        """Started, not stopped, and its background task alive."""
+        return self._task is not None and not self._task.done() and not self._closing
+
+    def start(self) -> None:
+        """Start the background task; call from inside the running event loop."""
+        if self._task is not None:
+            raise RuntimeError(f"batcher {self.name} already started")
+        loop = asyncio.get_running_loop()
+        self._closing = False
+        self._wakeup = asyncio.Event()
+        self._task = loop.create_task(self._serve(), name=f"batcher:{self.name}")
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Refuse new requests, let queued ones run for up to ``grace_s`` (None: no limit).
+
+        Whatever has not run when the grace period ends is answered UNAVAILABLE.
+        """
+        task = self._task
+        if task is None or self._wakeup is None:
+            return
+        self._closing = True
+        self._wakeup.set()
+        done, _ = await asyncio.wait({task}, timeout=grace_s)
+        if not done:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for queue in self._groups.values():
+            for request in queue:
+                self._finish(request, UnavailableError(f"{self.name} shut down before running it"))
+        self._groups.clear()
+        self._group_items.clear()
+        self._task = None
+
+    async def submit(self, items: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        """Queue ``items`` (``N×…``) and return the batch function's N result rows for them.
+
+        Raises :class:`OverloadedError` at once when the queue has no room,
+        :class:`DeadlineExceededError` when ``deadline`` (``time.monotonic()``) passes first,
+        :class:`UnavailableError` when the batcher is not running, and whatever the batch
+        function's failure maps to (unknown exceptions become a generic INTERNAL error).
+        """
+        if not self.running or self._wakeup is None:
+            raise UnavailableError(f"{self.name} is not accepting requests")
+        count = len(items)
+        if count == 0:
+            raise InvalidInputError("request has no items (N = 0)")
+        now = time.monotonic()
+        if deadline is not None and deadline <= now:
+            self._observer.request_expired()
+            raise DeadlineExceededError("deadline passed before the request was queued")
+        if count > self.max_queue_size:
+            raise PayloadTooLargeError(
+                f"request has {count} items; {self.name}'s queue holds at most "
+                f"{self.max_queue_size}"
+            )
+        if self._queued + count > self.max_queue_size:
+            raise OverloadedError(
+                f"{self.name} is overloaded: {self._queued} of {self.max_queue_size} items "
+                "queued; retry later"
+            )
+        request = _Request(items, asyncio.get_running_loop().create_future(), deadline, now)
+        # However the future ends (result, error, caller cancelled), its queue room frees up.
+        request.future.add_done_callback(lambda _: self._release(request))
+        self._groups.setdefault(request.key, deque()).append(request)
+        self._count_queued(request.key, count)
+        self._wakeup.set()
+        if deadline is None:
+            return await request.future
+        try:
+            return await asyncio.wait_for(request.future, deadline - time.monotonic())
+        except TimeoutError:
+            if not request.started:
+                self._observer.request_expired()
+            waited_ms = (time.monotonic() - now) * 1000
+            raise DeadlineExceededError(
+                f"deadline exceeded after {waited_ms:.0f} ms waiting for {self.name}"
+            ) from None
+
+    # --- the background task ---
+
+    async def _serve(self) -> None:
+        while True:
+            try:
+                batch = await self._next_batch()
+                if batch is None:
+                    return
+                await self._run(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A bug here must not silently stop batching for every later caller.
+                logger.exception("batcher %s: unexpected error; continuing", self.name)
+
+    async def _next_batch(self) -> list[_Slice] | None:
+        """Wait until a group is full or its oldest request has waited the delay; take it."""
+        assert self._wakeup is not None
+        while True:
+            now = time.monotonic()
+            chosen, flush_at = self._choose_group()
+            if chosen is None:
+                if self._closing:
+                    return None
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if flush_at > now and not self._closing:
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), flush_at - now)
+                continue
+            batch = self._take(chosen, now)
+            if batch:
+                return batch
+
+    def _choose_group(self) -> tuple[ShapeKey | None, float]:
+        """The group to run next (a full one, else the oldest head) and when to flush it."""
+        chosen: ShapeKey | None = None
+        flush_at = math.inf
+        for key in list(self._groups):
+            head = self._prune(key)
+            if head is None:
+                continue
+            if self._group_items[key] >= self.max_batch_size:
+                return key, -math.inf
+            if head.enqueued_at + self._delay_s < flush_at:
+                chosen, flush_at = key, head.enqueued_at + self._delay_s
+        return chosen, flush_at
+
+    def _prune(self, key: ShapeKey) -> _Request | None:
+        """Drop finished requests from the head of a group; delete the group when empty."""
+        queue = self._groups[key]
+        while queue and queue[0].future.done():
+            self._release(queue.popleft())
+        if queue:
+            return queue[0]
+        del self._groups[key]
+        del self._group_items[key]
+        return None
+
+    def _take(self, key: ShapeKey, now: float) -> list[_Slice]:
+        """Up to ``max_batch_size`` items from one group, expired and cancelled ones skipped."""
+        queue = self._groups[key]
+        batch: list[_Slice] = []
+        size = 0
+        while queue and size < self.max_batch_size:
+            request = queue[0]
+            if request.future.done():
+                self._release(queue.popleft())
+                continue
+            if request.deadline is not None and request.deadline <= now:
+                queue.popleft()
+                if not request.started:
+                    self._observer.request_expired()
+                self._finish(request, DeadlineExceededError("deadline passed while queued"))
+                continue
+            count = min(request.pending, self.max_batch_size - size)
+            if not request.started:
+                request.started = True
+                self._observer.request_dequeued(now - request.enqueued_at)
+            batch.append(_Slice(request, request.taken, request.taken + count))
+            request.taken += count
+            size += count
+            self._count_queued(key, -count)
+            if request.pending == 0:
+                queue.popleft()
+        self._prune(key)
+        return batch
+
+    async def _run(self, batch: list[_Slice]) -> None:
+        """Run one batch and hand each request its rows (or the batch's error)."""
+        parts = [s.request.items[s.start : s.stop] for s in batch]
+        inputs = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        started = time.monotonic()
+        try:
+            outputs = await self._fn(inputs)
+            if not isinstance(outputs, np.ndarray) or outputs.ndim == 0:
+                raise BatchResultError(
+                    f"batch function returned {type(outputs).__name__}, not an array"
+                )
+            if len(outputs) != len(inputs):
+                raise BatchResultError(
+                    f"batch function returned {len(outputs)} rows for {len(inputs)} items"
+                )
+        except asyncio.CancelledError:
+            for s in batch:
+                self._finish(s.request, UnavailableError(f"{self.name} shut down mid-batch"))
+            raise
+        except Exception as exc:
+            self._fail(batch, exc)
+            return
+        self._observer.batch_done(len(inputs), time.monotonic() - started)
+        offset = 0
+        for s in batch:
+            rows = s.stop - s.start
+            self._deliver(s.request, outputs[offset : offset + rows])
+            offset += rows
+
+    def _fail(self, batch: list[_Slice], exc: Exception) -> None:
+        """Answer every request of a failed batch; unknown errors are logged, never shown."""
+        if not isinstance(exc, CnnserveError):
+            logger.error(
+                "batcher %s: batch of %d items failed",
+                self.name,
+                sum(s.stop - s.start for s in batch),
+                exc_info=exc,
+            )
+        for s in batch:
+            # A fresh exception per caller: one instance raised in many tasks tangles tracebacks.
+            if isinstance(exc, CnnserveError):
+                self._finish(s.request, type(exc)(*exc.args))
+            else:
+                self._finish(s.request, CnnserveError(GENERIC_INTERNAL_MESSAGE))
+
+    def _deliver(self, request: _Request, rows: np.ndarray) -> None:
+        if request.future.done():  # cancelled, expired or failed by an earlier batch
+            return
+        request.parts.append(rows)
+        request.received += len(rows)
+        if request.received == len(request.items):
+            parts = request.parts
+            request.future.set_result(parts[0] if len(parts) == 1 else np.concatenate(parts))
+
+    # --- queue accounting ---
+
+    def _finish(self, request: _Request, exc: CnnserveError) -> None:
+        if not request.future.done():
+            request.future.set_exception(exc)
+        self._release(request)
+
+    def _release(self, request: _Request) -> None:
+        """Give back the queue room of a request's untaken items (idempotent)."""
+        if request.pending:
+            count = request.pending
+            request.taken = len(request.items)
+            self._count_queued(request.key, -count)
+
+    def _count_queued(self, key: ShapeKey, delta: int) -> None:
+        self._group_items[key] = self._group_items.get(key, 0) + delta
+        self._queued += delta
+        self._observer.queue_changed(delta)

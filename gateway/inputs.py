@@ -1,0 +1,145 @@
+"""The three input forms a model accepts, validated and turned into one float32 batch.
+
+Each request carries exactly one input, chosen by name:
+
+- ``input``  FP32  ``[N,3,H,W]`` — what the network consumes, already normalized;
+- ``pixels`` UINT8 ``[N,3,H,W]`` — raw pixels, normalized here (4× less on the wire);
+- ``image``  BYTES ``[N]``       — encoded PNG/JPEG, decoded and prepared per item.
+
+Every check raises :class:`InvalidInputError` (or :class:`PayloadTooLargeError` for the item
+limit) with a message that says what was expected and what arrived.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cnnserve.errors import InvalidInputError, PayloadTooLargeError
+from cnnserve.models.registry import ModelSpec
+from cnnserve.models.steps import normalize
+
+from .domain import DATATYPES, Tensor, TensorMetadata
+
+TENSOR_INPUT = "input"
+PIXELS_INPUT = "pixels"
+IMAGE_INPUT = "image"
+#: Input name → OIP datatype, in the order metadata lists them.
+INPUT_DATATYPES: dict[str, str] = {
+    TENSOR_INPUT: "FP32",
+    PIXELS_INPUT: "UINT8",
+    IMAGE_INPUT: "BYTES",
+}
+
+
+def input_metadata(spec: ModelSpec) -> tuple[TensorMetadata, ...]:
+    """The inputs ``spec`` accepts, with ``-1`` for every variable dimension."""
+    height, width = spec.fixed_size or (-1, -1)
+    return (
+        TensorMetadata(TENSOR_INPUT, "FP32", (-1, 3, height, width)),
+        TensorMetadata(PIXELS_INPUT, "UINT8", (-1, 3, height, width)),
+        TensorMetadata(IMAGE_INPUT, "BYTES", (-1,)),
+    )
+
+
+def describe(datatype: str, shape: tuple[int, ...]) -> str:
+    """``FP32 [1,3,32,32]``: how a tensor is named in error messages."""
+    return f"{datatype} [{','.join(str(d) for d in shape)}]"
+
+
+def _accepted(spec: ModelSpec) -> str:
+    return "; ".join(
+        f"{name} ({datatype} {'[N]' if datatype == 'BYTES' else spec.shape_text()})"
+        for name, datatype in INPUT_DATATYPES.items()
+    )
+
+
+def select_input(spec: ModelSpec, inputs: list[Tensor]) -> Tensor:
+    """The request's one input, after checking its name and datatype."""
+    if len(inputs) != 1:
+        got = ", ".join(t.name for t in inputs) or "none"
+        raise InvalidInputError(
+            f"send exactly one input to {spec.name}, got {len(inputs)} ({got}); "
+            f"accepted: {_accepted(spec)}"
+        )
+    tensor = inputs[0]
+    expected = INPUT_DATATYPES.get(tensor.name)
+    if expected is None:
+        raise InvalidInputError(
+            f"unknown input {tensor.name!r} for {spec.name}; accepted: {_accepted(spec)}"
+        )
+    if tensor.datatype != expected:
+        raise InvalidInputError(f"input {tensor.name!r} must be {expected}, got {tensor.datatype}")
+    return tensor
+
+
+def item_count(spec: ModelSpec, tensor: Tensor, max_items: int) -> int:
+    """N, after checking the rank, that N ≥ 1 and that N is within the per-request limit."""
+    rank = 1 if tensor.datatype == "BYTES" else 4
+    if len(tensor.shape) != rank:
+        expected = "[N]" if rank == 1 else spec.shape_text()
+        raise InvalidInputError(
+            f"{spec.name} expects {tensor.datatype} {expected} for input {tensor.name!r}, "
+            f"got {describe(tensor.datatype, tensor.shape)}"
+        )
+    count = tensor.shape[0]
+    if count == 0:
+        raise InvalidInputError(f"input {tensor.name!r} has no items (N = 0)")
+    if count > max_items:
+        raise PayloadTooLargeError(
+            f"request has {count} items; the limit is {max_items} per request "
+            "(max_items_per_request); split it"
+        )
+    if tensor.data.shape != tensor.shape:
+        raise InvalidInputError(
+            f"input {tensor.name!r} declares shape {list(tensor.shape)} but carries "
+            f"{tensor.data.size} elements"
+        )
+    return count
+
+
+def to_batch(spec: ModelSpec, tensor: Tensor, max_image_pixels: int) -> np.ndarray:
+    """The validated input as the float32 ``N×3×H×W`` batch the network consumes."""
+    if tensor.datatype == "BYTES":
+        return normalize(_decode_images(spec, tensor.data, max_image_pixels))
+    shape = tensor.shape
+    if shape[1] != 3:
+        raise InvalidInputError(
+            f"{spec.name} expects {tensor.datatype} {spec.shape_text()}, "
+            f"got {describe(tensor.datatype, shape)}"
+        )
+    try:
+        spec.check_size(shape[2], shape[3])
+    except InvalidInputError:
+        raise InvalidInputError(
+            f"{spec.name} expects {tensor.datatype} {spec.shape_text()}, "
+            f"got {describe(tensor.datatype, shape)}"
+        ) from None
+    data = np.asarray(tensor.data, dtype=DATATYPES[tensor.datatype])
+    if tensor.datatype == "UINT8":
+        return normalize(data)
+    if not np.isfinite(data).all():
+        raise InvalidInputError(f"input {tensor.name!r} contains NaN or infinite values")
+    return np.ascontiguousarray(data)
+
+
+def _decode_images(spec: ModelSpec, images: np.ndarray, max_pixels: int) -> np.ndarray:
+    """Decode each image; an FCN request's images must share one size (one output tensor)."""
+    pixels: list[np.ndarray] = []
+    for index, item in enumerate(images.reshape(-1)):
+        if not isinstance(item, bytes | bytearray | memoryview):
+            raise InvalidInputError(
+                f"image {index}: expected encoded PNG/JPEG bytes, got {type(item).__name__}"
+            )
+        try:
+            decoded = spec.image_to_pixels(bytes(item), max_pixels)
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"image {index}: {exc}") from None
+        if pixels and decoded.shape != pixels[0].shape:
+            first, this = pixels[0].shape, decoded.shape
+            raise InvalidInputError(
+                f"images in one {spec.name} request must share one size (their outputs share "
+                f"one tensor): image 0 is {first[2]}×{first[1]}, image {index} is "
+                f"{this[2]}×{this[1]}; send them in separate requests"
+            )
+        pixels.append(decoded)
+    return np.stack(pixels)

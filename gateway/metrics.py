@@ -1,0 +1,166 @@
+"""The gateway's Prometheus metrics, on a private registry the metrics port serves.
+
+A private :class:`~prometheus_client.CollectorRegistry` (not the global default) keeps two
+gateways in one process — as in the tests — from colliding, and keeps library metrics out.
+"""
+
+from __future__ import annotations
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from cnnserve.errors import (
+    CnnserveError,
+    DeadlineExceededError,
+    InvalidInputError,
+    OverloadedError,
+    PayloadTooLargeError,
+    UnavailableError,
+    UnknownModelError,
+)
+
+#: Batch sizes are powers of two up to the largest sensible ``max_batch_size``.
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+#: Seconds, from a fraction of a millisecond (a queued request picked up at once) to 10 s.
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+#: Outcome label per error class; subclasses are checked in order, most specific first.
+_OUTCOMES: tuple[tuple[type[CnnserveError], str], ...] = (
+    (InvalidInputError, "invalid_input"),
+    (UnknownModelError, "unknown_model"),
+    (PayloadTooLargeError, "payload_too_large"),
+    (OverloadedError, "overloaded"),
+    (UnavailableError, "unavailable"),
+    (DeadlineExceededError, "deadline_exceeded"),
+)
+SUCCESS = "success"
+CANCELLED = "cancelled"
+INTERNAL = "internal"
+
+
+def outcome_of(exc: BaseException | None) -> str:
+    """The ``outcome`` label for a request that ended with ``exc`` (``None``: success)."""
+    if exc is None:
+        return SUCCESS
+    for cls, label in _OUTCOMES:
+        if isinstance(exc, cls):
+            return label
+    return INTERNAL
+
+
+class ModelObserver:
+    """The batcher's metrics hooks for one model (see ``batcher.BatchObserver``)."""
+
+    def __init__(self, metrics: GatewayMetrics, model: str) -> None:
+        self._queue_depth = metrics.queue_depth.labels(model=model)
+        self._queue_time = metrics.queue_seconds.labels(model=model)
+        self._inference_time = metrics.inference_seconds.labels(model=model)
+        self._batch_size = metrics.batch_size.labels(model=model)
+        self._expired = metrics.expired.labels(model=model)
+
+    def queue_changed(self, delta: int) -> None:
+        """Items were added to (positive) or taken from (negative) the model's queue."""
+        self._queue_depth.inc(delta)
+
+    def request_dequeued(self, waited_s: float) -> None:
+        """A request's first items left the queue for a batch after ``waited_s``."""
+        self._queue_time.observe(waited_s)
+
+    def batch_done(self, size: int, seconds: float) -> None:
+        """A batch of ``size`` items ran through the backend in ``seconds``."""
+        self._batch_size.observe(size)
+        self._inference_time.observe(seconds)
+
+    def request_expired(self) -> None:
+        """A request's deadline passed before any of it was computed."""
+        self._expired.inc()
+
+
+class GatewayMetrics:
+    """Every metric the gateway exports; ``render()`` gives the Prometheus text."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "cnnserve_requests",
+            "Inference requests by model and outcome (success or the error kind).",
+            ["model", "outcome"],
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "cnnserve_request_seconds",
+            "Time from a request reaching the inference core to its answer.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_seconds = Histogram(
+            "cnnserve_queue_seconds",
+            "Time a request waited in the batcher's queue before its first batch ran.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.inference_seconds = Histogram(
+            "cnnserve_inference_seconds",
+            "Time one batch spent in the backend.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "cnnserve_batch_size",
+            "Items per batch sent to the backend.",
+            ["model"],
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "cnnserve_queue_depth",
+            "Items waiting in the model's batcher queue.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.expired = Counter(
+            "cnnserve_expired_before_compute",
+            "Requests whose deadline passed before they reached the model (never computed).",
+            ["model"],
+            registry=self.registry,
+        )
+
+    def observer(self, model: str) -> ModelObserver:
+        """The batcher hooks that count into this registry under ``model``."""
+        return ModelObserver(self, model)
+
+    def request_finished(self, model: str, exc: BaseException | None, seconds: float) -> None:
+        """Count one finished request by outcome and record how long it took."""
+        self.requests.labels(model=model, outcome=outcome_of(exc)).inc()
+        self.request_seconds.labels(model=model).observe(seconds)
+
+    def request_cancelled(self, model: str) -> None:
+        """Count a request whose caller went away before it was answered."""
+        self.requests.labels(model=model, outcome=CANCELLED).inc()
+
+    def render(self) -> bytes:
+        """The registry in the Prometheus text exposition format."""
+        return prometheus_client.generate_latest(self.registry)
+
+    #: The ``Content-Type`` to serve :meth:`render`'s output with.
+    CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST

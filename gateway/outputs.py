@@ -1,0 +1,183 @@
+"""The outputs a model offers, computed from the network's raw output only when requested.
+
+ConvNet (raw output: logits ``N×C``):
+
+- ``logits``        FP32  ``[N,C]``
+- ``probabilities`` FP32  ``[N,C]`` (softmax)
+- ``labels``        BYTES ``[N,k]`` — the k most probable labels, best first; k from the
+  output's ``top_k`` parameter (or Triton's ``classification``), default 1.
+
+FCN (raw output: scores ``N×C×H×W``):
+
+- ``scores`` FP32  ``[N,C,H,W]``
+- ``mask``   UINT8 ``[N,H,W]`` (argmax class per pixel, ~40× smaller than the scores)
+- ``counts`` INT64 ``[N,C]`` (pixels per class)
+
+Defaults when a request names none: ``labels`` + ``probabilities``; ``mask`` + ``counts``.
+
+Triton's classification extension: ``classification = k`` on ``logits`` or ``probabilities``
+turns that output into BYTES ``[N,k]`` strings ``"value:index:label"``, as Triton does.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from cnnserve.errors import InvalidInputError
+from cnnserve.models.registry import ModelSpec
+from cnnserve.models.steps import class_mask, pixel_counts, softmax, top_k
+
+from .domain import ParameterValue, RequestedOutput, Tensor, TensorMetadata
+
+TOP_K = "top_k"
+CLASSIFICATION = "classification"
+
+
+class _Raw:
+    """One request's raw network output, with the derived arrays computed at most once."""
+
+    def __init__(self, spec: ModelSpec, raw: np.ndarray) -> None:
+        self.spec = spec
+        self.raw = raw
+
+    @functools.cached_property
+    def probabilities(self) -> np.ndarray:
+        """Softmax over the classes of a classifier's logits."""
+        return softmax(self.raw)
+
+    @functools.cached_property
+    def mask(self) -> np.ndarray:
+        """Argmax class per pixel of a segmenter's scores (``mask`` and ``counts`` share it)."""
+        return class_mask(self.raw)
+
+
+@dataclass(frozen=True)
+class _Output:
+    """One output: metadata, how to compute it, and which top-k parameters it takes."""
+
+    name: str
+    datatype: str
+    #: ``(num_classes) → shape`` with -1 for variable dims.
+    shape: Callable[[int], tuple[int, ...]]
+    compute: Callable[[_Raw, int | None], np.ndarray]
+    #: Parameters that set k on this output.
+    k_parameters: tuple[str, ...] = ()
+
+
+def _classified(values: np.ndarray, labels: tuple[str, ...], k: int) -> np.ndarray:
+    """Triton's classification strings ``value:index:label`` for the k largest values."""
+    k = min(k, values.shape[-1])
+    order = np.argsort(-values, axis=-1, kind="stable")[:, :k]
+    rows = [
+        [f"{values[n, i]:f}:{i}:{labels[i]}".encode() for i in row] for n, row in enumerate(order)
+    ]
+    return np.array(rows, dtype=object)
+
+
+def _logits(out: _Raw, k: int | None) -> np.ndarray:
+    return out.raw if k is None else _classified(out.raw, out.spec.labels, k)
+
+
+def _probabilities(out: _Raw, k: int | None) -> np.ndarray:
+    return out.probabilities if k is None else _classified(out.probabilities, out.spec.labels, k)
+
+
+def _labels(out: _Raw, k: int | None) -> np.ndarray:
+    ranked = top_k(out.raw, out.spec.labels, k or 1)
+    return np.array([[label.encode() for label in r.labels] for r in ranked], dtype=object)
+
+
+def _counts(out: _Raw, _k: int | None) -> np.ndarray:
+    num_classes = out.spec.num_classes
+    return np.array([pixel_counts(m, num_classes) for m in out.mask], dtype=np.int64)
+
+
+_CLASSIFIER = (
+    _Output("logits", "FP32", lambda c: (-1, c), _logits, (CLASSIFICATION,)),
+    _Output("probabilities", "FP32", lambda c: (-1, c), _probabilities, (CLASSIFICATION,)),
+    _Output("labels", "BYTES", lambda c: (-1, -1), _labels, (TOP_K, CLASSIFICATION)),
+)
+_SEGMENTER = (
+    _Output("scores", "FP32", lambda c: (-1, c, -1, -1), lambda out, _k: out.raw),
+    _Output("mask", "UINT8", lambda c: (-1, -1, -1), lambda out, _k: out.mask),
+    _Output("counts", "INT64", lambda c: (-1, c), _counts),
+)
+_DEFAULTS = {"logits": ("labels", "probabilities"), "scores": ("mask", "counts")}
+
+
+def _outputs(spec: ModelSpec) -> dict[str, _Output]:
+    # The network's raw output says which family the model belongs to.
+    family = _CLASSIFIER if spec.output_name == "logits" else _SEGMENTER
+    return {o.name: o for o in family}
+
+
+def output_metadata(spec: ModelSpec) -> tuple[TensorMetadata, ...]:
+    """Every output ``spec`` offers, with ``-1`` for variable dimensions."""
+    return tuple(
+        TensorMetadata(o.name, o.datatype, o.shape(spec.num_classes))
+        for o in _outputs(spec).values()
+    )
+
+
+def default_outputs(spec: ModelSpec) -> tuple[str, ...]:
+    """The outputs sent when a request names none."""
+    return _DEFAULTS[spec.output_name]
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """A validated output request: which output, and k when a top-k parameter set it."""
+
+    name: str
+    k: int | None
+
+
+def _k(parameters: dict[str, ParameterValue], accepted: tuple[str, ...], output: str) -> int | None:
+    k: int | None = None
+    for key in (TOP_K, CLASSIFICATION):
+        if key not in parameters:
+            continue
+        value = parameters[key]
+        if key not in accepted:
+            raise InvalidInputError(f"output {output!r} does not take parameter {key!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidInputError(
+                f"parameter {key!r} of output {output!r} must be an integer ≥ 1, got {value!r}"
+            )
+        k = value
+    return k
+
+
+def plan_outputs(spec: ModelSpec, requested: list[RequestedOutput] | None) -> list[OutputPlan]:
+    """Check the requested outputs (names, parameters) before any compute; apply defaults."""
+    offered = _outputs(spec)
+    if not requested:
+        return [OutputPlan(name, None) for name in default_outputs(spec)]
+    plans: list[OutputPlan] = []
+    for out in requested:
+        spec_out = offered.get(out.name)
+        if spec_out is None:
+            raise InvalidInputError(
+                f"unknown output {out.name!r} for {spec.name}; valid outputs: {', '.join(offered)}"
+            )
+        if any(p.name == out.name for p in plans):
+            raise InvalidInputError(f"output {out.name!r} is requested more than once")
+        plans.append(OutputPlan(out.name, _k(out.parameters, spec_out.k_parameters, out.name)))
+    return plans
+
+
+def compute_outputs(spec: ModelSpec, raw: np.ndarray, plans: list[OutputPlan]) -> list[Tensor]:
+    """The requested output tensors from the network's raw output for one request."""
+    offered = _outputs(spec)
+    source = _Raw(spec, raw)
+    tensors: list[Tensor] = []
+    for plan in plans:
+        out = offered[plan.name]
+        data = out.compute(source, plan.k)
+        datatype = "BYTES" if data.dtype == object else out.datatype
+        tensors.append(Tensor(plan.name, datatype, tuple(data.shape), data))
+    return tensors
