@@ -83,7 +83,10 @@ class _NoObserver:
 
 def _as_async(batch_fn: BatchFn) -> AsyncBatchFn:
     """The batch function as a coroutine function; a sync one runs in a worker thread."""
-    if inspect.iscoroutinefunction(batch_fn):
+    # An object with ``async def __call__`` is a coroutine function too.
+    if inspect.iscoroutinefunction(batch_fn) or inspect.iscoroutinefunction(
+        type(batch_fn).__call__
+    ):
         return cast(AsyncBatchFn, batch_fn)
     sync_fn = cast(SyncBatchFn, batch_fn)
 

@@ -1,0 +1,324 @@
+"""The dynamic batcher keeps every rule of DESIGN.md §5, on a real event loop.
+
+The batch function here is a small stand-in model (it doubles its input) that records each
+batch it sees and can be held mid-batch, so the tests can arrange exactly what is queued
+while a batch runs. Each caller's items carry their own values, so every result row shows
+which caller it belongs to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+
+from cnnserve.errors import (
+    GENERIC_INTERNAL_MESSAGE,
+    CnnserveError,
+    DeadlineExceededError,
+    InvalidInputError,
+    OverloadedError,
+    UnavailableError,
+)
+from cnnserve.gateway.batcher import BatchFn, DynamicBatcher
+from cnnserve.gateway.metrics import GatewayMetrics, ModelObserver
+
+
+class Doubler:
+    """Batch function: returns ``2 × batch``; records batches; ``hold()`` blocks the next ones."""
+
+    def __init__(self) -> None:
+        self.batches: list[np.ndarray] = []
+        self.entered = asyncio.Event()
+        self._gate = asyncio.Event()
+        self._gate.set()
+
+    def hold(self) -> None:
+        """Batches that start from now on wait for :meth:`release`."""
+        self._gate.clear()
+        self.entered.clear()
+
+    def release(self) -> None:
+        """Let held batches finish."""
+        self._gate.set()
+
+    @property
+    def sizes(self) -> list[int]:
+        """Items per batch, in order."""
+        return [len(b) for b in self.batches]
+
+    def saw(self, value: float) -> bool:
+        """Whether any batch contained an item filled with ``value``."""
+        return any((b == value).all(axis=tuple(range(1, b.ndim))).any() for b in self.batches)
+
+    async def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.batches.append(batch.copy())
+        self.entered.set()
+        await self._gate.wait()
+        return batch * 2
+
+
+def items(value: float, count: int = 1, side: int = 2) -> np.ndarray:
+    """``count`` items of shape ``3×side×side`` filled with ``value``."""
+    return np.full((count, 3, side, side), value, dtype=np.float32)
+
+
+@contextlib.asynccontextmanager
+async def running(batcher: DynamicBatcher) -> AsyncIterator[DynamicBatcher]:
+    """Start the batcher in this loop; stop it (answering leftovers) on the way out."""
+    batcher.start()
+    try:
+        yield batcher
+    finally:
+        await batcher.stop(grace_s=5)
+
+
+def make(
+    fn: BatchFn,
+    *,
+    batch: int = 8,
+    delay_ms: float = 5.0,
+    queue: int = 64,
+    observer: ModelObserver | None = None,
+) -> DynamicBatcher:
+    """A batcher with the test's limits."""
+    return DynamicBatcher(
+        fn,
+        max_batch_size=batch,
+        max_batch_delay_ms=delay_ms,
+        max_queue_size=queue,
+        observer=observer,
+        name="m",
+    )
+
+
+async def test_concurrent_callers_share_batches_and_get_their_own_rows() -> None:
+    model = Doubler()
+    metrics = GatewayMetrics()
+    async with running(make(model, batch=8, observer=metrics.observer("m"))) as b:
+        results = await asyncio.gather(*(b.submit(items(i)) for i in range(20)))
+    for i, result in enumerate(results):
+        np.testing.assert_array_equal(result, items(i) * 2)
+    assert sum(model.sizes) == 20
+    assert max(model.sizes) > 1
+    assert max(model.sizes) <= 8
+    sample = metrics.registry.get_sample_value
+    assert sample("cnnserve_batch_size_count", {"model": "m"}) == len(model.sizes)
+    assert sample("cnnserve_batch_size_sum", {"model": "m"}) == 20
+    assert sample("cnnserve_batch_size_bucket", {"model": "m", "le": "1.0"}) < len(model.sizes)
+    assert sample("cnnserve_queue_seconds_count", {"model": "m"}) == 20
+    assert sample("cnnserve_queue_depth", {"model": "m"}) == 0
+
+
+async def test_uneven_multi_item_requests_split_and_merge() -> None:
+    model = Doubler()
+    async with running(make(model, batch=4, delay_ms=20)) as b:
+        two, three, one = await asyncio.gather(
+            b.submit(items(1, 2)), b.submit(items(2, 3)), b.submit(items(3, 1))
+        )
+    np.testing.assert_array_equal(two, items(1, 2) * 2)
+    np.testing.assert_array_equal(three, items(2, 3) * 2)
+    np.testing.assert_array_equal(one, items(3, 1) * 2)
+    assert sum(model.sizes) == 6
+    assert all(size <= 4 for size in model.sizes)
+
+
+async def test_request_larger_than_max_batch_spans_batches() -> None:
+    model = Doubler()
+    forty = np.arange(40 * 12, dtype=np.float32).reshape(40, 3, 2, 2)
+    async with running(make(model, batch=32, queue=64)) as b:
+        result = await b.submit(forty)
+    np.testing.assert_array_equal(result, forty * 2)
+    assert model.sizes == [32, 8]
+
+
+async def test_cancelled_callers_never_strand_the_others() -> None:
+    model = Doubler()
+    async with running(make(model, batch=8, delay_ms=0)) as b:
+        model.hold()
+        in_batch = asyncio.create_task(b.submit(items(1)))
+        survivor = asyncio.create_task(b.submit(items(2)))
+        await model.entered.wait()
+        # One caller leaves mid-batch, another while still queued behind the running batch.
+        queued = asyncio.create_task(b.submit(items(3)))
+        after = asyncio.create_task(b.submit(items(4)))
+        await asyncio.sleep(0)
+        in_batch.cancel()
+        queued.cancel()
+        model.release()
+        np.testing.assert_array_equal(await survivor, items(2) * 2)
+        np.testing.assert_array_equal(await after, items(4) * 2)
+        with pytest.raises(asyncio.CancelledError):
+            await in_batch
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        assert b.queued_items == 0
+    assert not model.saw(3), "a cancelled, still-queued request reached the model"
+
+
+async def test_expired_request_never_reaches_the_model() -> None:
+    model = Doubler()
+    metrics = GatewayMetrics()
+    async with running(make(model, delay_ms=0, observer=metrics.observer("m"))) as b:
+        model.hold()
+        busy = asyncio.create_task(b.submit(items(1)))
+        await model.entered.wait()
+        late = asyncio.create_task(b.submit(items(7), deadline=time.monotonic() + 0.05))
+        with pytest.raises(DeadlineExceededError, match="deadline exceeded"):
+            await late
+        model.release()
+        await busy
+        with pytest.raises(DeadlineExceededError, match="before the request was queued"):
+            await b.submit(items(8), deadline=time.monotonic() - 1)
+        np.testing.assert_array_equal(await b.submit(items(9)), items(9) * 2)
+    assert not model.saw(7)
+    assert not model.saw(8)
+    expired = metrics.registry.get_sample_value(
+        "cnnserve_expired_before_compute_total", {"model": "m"}
+    )
+    assert expired == 2
+
+
+async def test_full_queue_answers_overloaded_at_once() -> None:
+    model = Doubler()
+    async with running(make(model, batch=1, delay_ms=0, queue=4)) as b:
+        model.hold()
+        busy = asyncio.create_task(b.submit(items(1)))
+        await model.entered.wait()
+        queued = asyncio.create_task(b.submit(items(2, 4)))
+        await asyncio.sleep(0)
+        assert b.queued_items == 4
+        # While the model is held, only an immediate answer can arrive within the timeout.
+        with pytest.raises(OverloadedError, match="4 of 4 items queued"):
+            await asyncio.wait_for(b.submit(items(3)), timeout=5)
+        model.release()
+        np.testing.assert_array_equal(await queued, items(2, 4) * 2)
+        await busy
+    assert not model.saw(3)
+
+
+async def test_failing_batch_fails_only_its_requests_and_the_loop_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    failures = {"next": RuntimeError("boom: secret internals")}
+
+    async def flaky(batch: np.ndarray) -> np.ndarray:
+        exc = failures.pop("next", None)
+        if exc is not None:
+            raise exc
+        return batch * 2
+
+    async with running(make(flaky, delay_ms=10)) as b:
+        with caplog.at_level(logging.ERROR, logger="cnnserve.gateway.batcher"):
+            first = await asyncio.gather(
+                b.submit(items(1)), b.submit(items(2, 2)), return_exceptions=True
+            )
+        for outcome in first:
+            assert type(outcome) is CnnserveError
+            assert str(outcome) == GENERIC_INTERNAL_MESSAGE
+        assert "boom: secret internals" in caplog.text  # logged with its traceback, not shown
+        failures["next"] = InvalidInputError("bad item")
+        with pytest.raises(InvalidInputError, match="bad item"):
+            await b.submit(items(3))
+        np.testing.assert_array_equal(await b.submit(items(4)), items(4) * 2)
+
+
+async def test_wrong_length_result_is_detected(caplog: pytest.LogCaptureFixture) -> None:
+    async def drops_a_row(batch: np.ndarray) -> np.ndarray:
+        return batch[:-1] * 2
+
+    async with running(make(drops_a_row, delay_ms=10)) as b:
+        with caplog.at_level(logging.ERROR, logger="cnnserve.gateway.batcher"):
+            outcomes = await asyncio.gather(
+                b.submit(items(1, 2)), b.submit(items(2)), return_exceptions=True
+            )
+    assert all(type(o) is CnnserveError for o in outcomes)
+    assert "returned 2 rows for 3 items" in caplog.text
+
+
+async def test_delay_zero_still_batches_what_queued_while_busy() -> None:
+    model = Doubler()
+    async with running(make(model, batch=8, delay_ms=0)) as b:
+        model.hold()
+        first = asyncio.create_task(b.submit(items(0)))
+        await model.entered.wait()
+        rest = [asyncio.create_task(b.submit(items(i))) for i in range(1, 6)]
+        await asyncio.sleep(0)
+        model.release()
+        await first
+        for i, task in enumerate(rest, start=1):
+            np.testing.assert_array_equal(await task, items(i) * 2)
+    assert model.sizes == [1, 5]
+
+
+async def test_shapes_are_never_mixed_in_one_batch() -> None:
+    model = Doubler()
+    async with running(make(model, batch=8, delay_ms=10)) as b:
+        small = [b.submit(items(i, side=8)) for i in range(3)]
+        large = [b.submit(items(10 + i, 2, side=9)) for i in range(3)]
+        results = await asyncio.gather(*small, *large)
+    for i, result in enumerate(results[:3]):
+        np.testing.assert_array_equal(result, items(i, side=8) * 2)
+    for i, result in enumerate(results[3:]):
+        np.testing.assert_array_equal(result, items(10 + i, 2, side=9) * 2)
+    assert sorted(b.shape[2] for b in model.batches) == [8, 9]
+
+
+async def test_sync_batch_function_runs_off_the_event_loop() -> None:
+    threads: list[int] = []
+
+    def blocking(batch: np.ndarray) -> np.ndarray:
+        threads.append(threading.get_ident())
+        return batch + 1
+
+    async with running(make(blocking)) as b:
+        result = await b.submit(items(1, 3))
+    np.testing.assert_array_equal(result, items(2, 3))
+    assert threads
+    assert threading.get_ident() not in threads
+
+
+async def test_stop_drains_queued_requests_then_refuses_new_ones() -> None:
+    model = Doubler()
+    b = make(model, batch=2, delay_ms=0)
+    b.start()
+    model.hold()
+    tasks = [asyncio.create_task(b.submit(items(i))) for i in range(5)]
+    await model.entered.wait()
+    stopping = asyncio.create_task(b.stop(grace_s=None))
+    await asyncio.sleep(0)
+    with pytest.raises(UnavailableError, match="not accepting"):
+        await b.submit(items(9))
+    model.release()
+    await stopping
+    for i, task in enumerate(tasks):
+        np.testing.assert_array_equal(await task, items(i) * 2)
+    assert sum(model.sizes) == 5
+
+
+async def test_stop_after_grace_answers_leftovers_unavailable() -> None:
+    model = Doubler()
+    b = make(model, batch=1, delay_ms=0)
+    b.start()
+    model.hold()
+    running_one = asyncio.create_task(b.submit(items(1)))
+    await model.entered.wait()
+    queued = asyncio.create_task(b.submit(items(2)))
+    await asyncio.sleep(0)
+    await b.stop(grace_s=0)
+    with pytest.raises(UnavailableError, match="mid-batch"):
+        await running_one
+    with pytest.raises(UnavailableError, match="shut down before running it"):
+        await queued
+    assert not model.saw(2)
+
+
+async def test_submit_before_start_is_unavailable() -> None:
+    with pytest.raises(UnavailableError):
+        await make(Doubler()).submit(items(1))
