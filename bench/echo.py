@@ -15,7 +15,9 @@ from cnnserve.protocol import open_inference_pb2 as pb
 SERVICE = "inference.GRPCInferenceService"
 
 
-async def _echo(request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+async def _echo(
+    request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
     for tensor in request.inputs:
         out = response.outputs.add()
@@ -29,7 +31,10 @@ async def _echo(request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
 async def start_echo_server(host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.aio.Server, int]:
     """Start the echo server; returns it and the port it bound."""
     server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
+        options=[
+            ("grpc.max_receive_message_length", 256 << 20),
+            ("grpc.max_send_message_length", 256 << 20),
+        ]
     )
     handler = grpc.method_handlers_generic_handler(
         SERVICE,

@@ -93,7 +93,10 @@ def check_request(target: str, request: bytes, timeout_s: float = 60.0) -> pb.Mo
 
 
 def _channel_options() -> list[tuple[str, int]]:
-    return [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
+    return [
+        ("grpc.max_send_message_length", 256 << 20),
+        ("grpc.max_receive_message_length", 256 << 20),
+    ]
 
 
 def run_load(spec: LoadSpec) -> LoadResult:
@@ -105,7 +108,9 @@ def run_load(spec: LoadSpec) -> LoadResult:
     for index in range(spec.processes):
         receiver, sender = context.Pipe(duplex=False)
         share = _share(spec, index)
-        worker = context.Process(target=_worker_main, args=(spec, share, start_at, sender), daemon=True)
+        worker = context.Process(
+            target=_worker_main, args=(spec, share, start_at, sender), daemon=True
+        )
         worker.start()
         pipes.append(receiver)
         workers.append(worker)
@@ -119,7 +124,9 @@ def run_load(spec: LoadSpec) -> LoadResult:
     succeeded = int(sum(p["succeeded"] for p in parts))
     requests = succeeded + sum(errors.values())
     seconds = spec.duration_s
-    p50, p90, p99 = (float(np.percentile(latencies, q)) if latencies.size else float("nan") for q in (50, 90, 99))
+    p50, p90, p99 = (
+        float(np.percentile(latencies, q)) if latencies.size else float("nan") for q in (50, 90, 99)
+    )
     return LoadResult(
         requests=requests,
         succeeded=succeeded,
@@ -175,6 +182,7 @@ async def _worker(spec: LoadSpec, share: _Share, start_at: float) -> dict[str, A
                 latencies.append((done - sent_at) * 1000.0)
 
         if share.rate_rps is None:
+
             async def closed_loop() -> None:
                 while (now := time.perf_counter()) < stop_at:
                     await one(now)

@@ -92,6 +92,40 @@ def export(
     )
 
 
+@app.command()
+def bench(
+    profile_name: Annotated[
+        str, typer.Option("--profile", help="quick (a few minutes) or full (the whole matrix).")
+    ] = "quick",
+    backend: Annotated[
+        list[str] | None,
+        typer.Option(help="Backends to measure (repeatable); default onnxruntime."),
+    ] = None,
+    artifacts: Annotated[Path, typer.Option(help="Exported models.")] = DEFAULT_ARTIFACTS,
+    docs: Annotated[Path, typer.Option(help="Where benchmarks.md and bench/ go.")] = Path("docs"),
+    duration_s: Annotated[float, typer.Option(help="Measured seconds per scenario.")] = 8.0,
+    warmup_s: Annotated[float, typer.Option(help="Unmeasured seconds before each.")] = 2.0,
+    processes: Annotated[int, typer.Option(help="Client processes generating load.")] = 2,
+) -> None:
+    """Benchmark real gateway processes against their baselines; write docs/benchmarks.md."""
+    from cnnserve.bench.run import run_benchmarks
+
+    if profile_name not in {"quick", "full"}:
+        typer.echo(f"error: unknown profile {profile_name!r}; use quick or full", err=True)
+        raise typer.Exit(2)
+    with user_errors():
+        path = run_benchmarks(
+            profile_name,
+            backend or ["onnxruntime"],
+            artifacts,
+            docs,
+            duration_s,
+            warmup_s,
+            processes,
+        )
+    typer.echo(f"wrote {path}")
+
+
 def main() -> None:
     """Entry point for ``python -m cnnserve``."""
     sys.exit(app())

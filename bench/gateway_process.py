@@ -1,0 +1,89 @@
+"""Start and stop a real ``cnnserve serve`` process for a benchmark scenario."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import psutil
+
+from cnnserve.protocol import open_inference_pb2 as pb
+from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class GatewayProcess:
+    """A running gateway and its ports."""
+
+    process: subprocess.Popen[bytes]
+    grpc_port: int
+    http_port: int
+    metrics_port: int
+
+    @property
+    def grpc_target(self) -> str:
+        """``host:port`` of the gRPC listener."""
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """URL of the Prometheus text endpoint."""
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the gateway process."""
+        return int(psutil.Process(self.process.pid).memory_info().rss)
+
+    def stop(self) -> None:
+        """SIGTERM, then wait (the gateway drains); kill if it does not exit."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_gateway(
+    backend: str, env_overrides: dict[str, str], log_path: Path, ready_timeout_s: float = 120.0
+) -> GatewayProcess:
+    """Run ``cnnserve serve`` on free ports and wait until gRPC ServerReady says true."""
+    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+    env = {**os.environ, **env_overrides}
+    command = [
+        sys.executable, "-m", "cnnserve", "serve", "--backend", backend, "--host", "127.0.0.1",
+        "--grpc-port", str(grpc_port), "--http-port", str(http_port),
+        "--metrics-port", str(metrics_port),
+    ]  # fmt: skip
+    log = log_path.open("ab")
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    gateway = GatewayProcess(process, grpc_port, http_port, metrics_port)
+    deadline = time.monotonic() + ready_timeout_s
+    with grpc.insecure_channel(gateway.grpc_target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"gateway exited with {process.returncode}; see {log_path}")
+            try:
+                if stub.ServerReady(pb.ServerReadyRequest(), timeout=2).ready:
+                    return gateway
+            except grpc.RpcError:
+                pass
+            time.sleep(0.5)
+    gateway.stop()
+    raise RuntimeError(f"gateway not ready after {ready_timeout_s}s; see {log_path}")
