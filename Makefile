@@ -10,7 +10,7 @@ ARTIFACTS ?= artifacts
 # that lays the top-level folders out as the one package they are installed as.
 TYPECHECK_TREE := build/typecheck
 
-.PHONY: help install test lint typecheck-tree format train export proto proto-check
+.PHONY: help install test lint typecheck-tree format train export proto proto-check bench
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -62,3 +62,6 @@ proto: install ## Regenerate the gRPC stubs in protocol/ from the .proto sources
 proto-check: proto ## Fail when the committed stubs differ from what proto/ generates
 	@git diff --exit-code -- protocol/ && test -z "$$(git status --porcelain -- protocol/)" \
 		|| { echo "error: protocol/ stubs drifted from proto/; run 'make proto' and commit" >&2; exit 1; }
+
+bench: export ## Benchmark the gateway against its baselines; regenerates docs/benchmarks.md
+	$(BIN)/cnnserve bench --profile $(or $(PROFILE),quick)

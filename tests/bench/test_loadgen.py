@@ -1,0 +1,96 @@
+"""The load generator against a real gRPC echo server: counts, latencies and errors add up."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+
+from cnnserve.bench.echo import serve_echo_forever
+from cnnserve.bench.gateway_process import free_port
+from cnnserve.bench.loadgen import LoadSpec, check_request, infer_request, run_load
+from cnnserve.protocol import open_inference_pb2 as pb
+
+
+@pytest.fixture(scope="module")
+def echo_target() -> Iterator[str]:
+    port = free_port()
+    process = multiprocessing.get_context("spawn").Process(
+        target=serve_echo_forever, args=("127.0.0.1", port), daemon=True
+    )
+    process.start()
+    target = f"127.0.0.1:{port}"
+    request = infer_request("m", np.zeros((1, 3, 7, 7), np.float32))
+    for _ in range(100):
+        try:
+            check_request(target, request, 1)
+            break
+        except grpc.RpcError:
+            time.sleep(0.1)
+    yield target
+    process.kill()
+    process.join()
+
+
+def test_infer_request_carries_raw_contents() -> None:
+    items = np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4)
+    request = pb.ModelInferRequest.FromString(infer_request("fcn", items, outputs=("mask",)))
+    assert request.model_name == "fcn"
+    assert list(request.inputs[0].shape) == [2, 3, 4, 4]
+    assert request.inputs[0].datatype == "FP32"
+    assert np.array_equal(
+        np.frombuffer(request.raw_input_contents[0], np.float32).reshape(items.shape), items
+    )
+    assert [o.name for o in request.outputs] == ["mask"]
+
+
+def test_echo_returns_the_payload(echo_target: str) -> None:
+    items = np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    response = check_request(echo_target, infer_request("m", items))
+    assert list(response.outputs[0].shape) == [3, 3, 8, 8]
+    assert response.raw_output_contents[0] == items.tobytes()
+
+
+def test_closed_loop_counts(echo_target: str) -> None:
+    request = infer_request("m", np.zeros((2, 3, 7, 7), np.float32))
+    result = run_load(
+        LoadSpec(echo_target, request, 2, duration_s=1.0, warmup_s=0.3, concurrency=3, processes=2)
+    )
+    assert result.errors == {}
+    assert result.succeeded > 10
+    assert result.images_per_s == pytest.approx(2 * result.requests_per_s)
+    assert 0 < result.p50_ms <= result.p90_ms <= result.p99_ms
+
+
+def test_open_loop_sends_at_the_rate(echo_target: str) -> None:
+    request = infer_request("m", np.zeros((1, 3, 7, 7), np.float32))
+    result = run_load(
+        LoadSpec(echo_target, request, 1, duration_s=1.0, warmup_s=0.2, rate_rps=50, processes=1)
+    )
+    # 50 requests/s for one measured second: the schedule fixes the count, not the server.
+    assert 45 <= result.requests <= 55
+    assert result.errors == {}
+
+
+def test_errors_are_counted_by_status() -> None:
+    request = infer_request("m", np.zeros((1, 3, 7, 7), np.float32))
+    dead = f"127.0.0.1:{free_port()}"
+    result = run_load(
+        LoadSpec(
+            dead,
+            request,
+            1,
+            duration_s=0.5,
+            warmup_s=0.0,
+            concurrency=1,
+            processes=1,
+            timeout_s=0.2,
+        )
+    )
+    assert result.succeeded == 0
+    assert set(result.errors) <= {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
+    assert sum(result.errors.values()) >= 1
