@@ -79,3 +79,31 @@ def resize_rgb(array: np.ndarray, height: int, width: int) -> np.ndarray:
         (width, height), Image.Resampling.BILINEAR, reducing_gap=None
     )
     return np.asarray(image, dtype=np.uint8)
+
+
+#: Colours of mask classes 0, 1, 2, ... (black background, then well-separated hues); the
+#: palette repeats past its end so any uint8 class index has a colour.
+MASK_COLOURS = (
+    (0, 0, 0),
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (255, 225, 25),
+    (145, 30, 180),
+    (70, 240, 240),
+    (245, 130, 48),
+)
+
+
+def encode_mask_png(mask: np.ndarray) -> bytes:
+    """Encode an ``H×W`` uint8 class mask as a palette PNG.
+
+    Pixel values stay the class indices (a program reads them back with ``np.asarray``),
+    while image viewers show each class in its own colour.
+    """
+    image = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8), mode="P")
+    palette = [channel for i in range(256) for channel in MASK_COLOURS[i % len(MASK_COLOURS)]]
+    image.putpalette(palette)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

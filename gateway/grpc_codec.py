@@ -1,0 +1,224 @@
+"""Open Inference Protocol protobuf messages ↔ the gateway's domain types, both ways.
+
+The server decodes requests and encodes responses; :mod:`cnnserve.client` does the reverse
+with the same functions' counterparts here, so the two sides cannot drift apart.
+
+Requests carry each input either in ``raw_input_contents`` (the fast path: all inputs or
+none, one entry per input in order) or as typed ``contents``; responses always carry
+outputs in ``raw_output_contents``, as Triton does, so standard clients read them with one
+:func:`numpy.frombuffer`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+import numpy as np
+
+from cnnserve.errors import InvalidInputError
+from cnnserve.protocol import open_inference_pb2 as pb
+
+from .domain import (
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    ParameterValue,
+    RequestedOutput,
+    ServerMetadata,
+    Tensor,
+    TensorMetadata,
+)
+from .tensor_codec import check_datatype, decode_raw, decode_values, encode_raw
+
+#: Which typed ``InferTensorContents`` field carries each datatype (FP16 has none: send raw).
+CONTENTS_FIELD: dict[str, str] = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+_INT64_MAX = 2**63 - 1
+
+
+def parameters_from_proto(params: Mapping[str, pb.InferParameter]) -> dict[str, ParameterValue]:
+    """A protobuf parameter map → plain values (an unset choice is skipped)."""
+    values: dict[str, ParameterValue] = {}
+    for key, param in params.items():
+        choice = param.WhichOneof("parameter_choice")
+        if choice is not None:
+            values[key] = getattr(param, choice)
+    return values
+
+
+def parameters_to_proto(
+    values: Mapping[str, ParameterValue], target: MutableMapping[str, pb.InferParameter]
+) -> None:
+    """Plain values → the protobuf parameter map ``target``."""
+    for key, value in values.items():
+        param = target[key]
+        # bool before int: True is an int in Python.
+        if isinstance(value, bool):
+            param.bool_param = value
+        elif isinstance(value, int):
+            if value > _INT64_MAX:
+                param.uint64_param = value
+            else:
+                param.int64_param = value
+        elif isinstance(value, float):
+            param.double_param = value
+        else:
+            param.string_param = value
+
+
+def _typed_values(
+    tensor: pb.ModelInferRequest.InferInputTensor | pb.ModelInferResponse.InferOutputTensor,
+) -> list[Any]:
+    field = CONTENTS_FIELD.get(tensor.datatype)
+    if field is None:
+        raise InvalidInputError(
+            f"tensor {tensor.name!r}: {tensor.datatype} has no typed contents field; "
+            "send it in raw_input_contents"
+        )
+    for other in set(CONTENTS_FIELD.values()) - {field}:
+        if len(getattr(tensor.contents, other)):
+            raise InvalidInputError(
+                f"tensor {tensor.name!r} is {tensor.datatype} but its contents are in "
+                f"{other}; use {field}"
+            )
+    return list(getattr(tensor.contents, field))
+
+
+def _input_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> Tensor:
+    check_datatype(tensor.name, tensor.datatype)
+    shape = tuple(tensor.shape)
+    if raw is not None:
+        if tensor.HasField("contents"):
+            raise InvalidInputError(
+                f"input {tensor.name!r} has both typed contents and raw_input_contents; send one"
+            )
+        data = decode_raw(tensor.name, tensor.datatype, shape, raw)
+    else:
+        data = decode_values(tensor.name, tensor.datatype, shape, _typed_values(tensor))
+    return Tensor(
+        name=tensor.name,
+        datatype=tensor.datatype,
+        shape=shape,
+        data=data,
+        parameters=parameters_from_proto(tensor.parameters),
+    )
+
+
+def request_from_proto(message: pb.ModelInferRequest, deadline: float | None) -> InferRequest:
+    """A ModelInferRequest → :class:`InferRequest` (``deadline`` on ``time.monotonic()``)."""
+    raw = message.raw_input_contents
+    if raw and len(raw) != len(message.inputs):
+        raise InvalidInputError(
+            f"raw_input_contents has {len(raw)} entries for {len(message.inputs)} inputs; "
+            "send raw contents for every input (in input order) or for none"
+        )
+    inputs = [
+        _input_tensor(tensor, raw[index] if raw else None)
+        for index, tensor in enumerate(message.inputs)
+    ]
+    outputs = [
+        RequestedOutput(name=out.name, parameters=parameters_from_proto(out.parameters))
+        for out in message.outputs
+    ]
+    return InferRequest(
+        model_name=message.model_name,
+        model_version=message.model_version,
+        id=message.id,
+        inputs=inputs,
+        outputs=outputs or None,
+        parameters=parameters_from_proto(message.parameters),
+        deadline=deadline,
+    )
+
+
+def response_to_proto(response: InferResponse) -> pb.ModelInferResponse:
+    """An :class:`InferResponse` → ModelInferResponse with raw output contents."""
+    message = pb.ModelInferResponse(
+        model_name=response.model_name, model_version=response.model_version, id=response.id
+    )
+    parameters_to_proto(response.parameters, message.parameters)
+    for tensor in response.outputs:
+        out = message.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        parameters_to_proto(tensor.parameters, out.parameters)
+        message.raw_output_contents.append(encode_raw(tensor.datatype, np.asarray(tensor.data)))
+    return message
+
+
+def request_to_proto(request: InferRequest) -> pb.ModelInferRequest:
+    """An :class:`InferRequest` → ModelInferRequest with raw input contents (client side)."""
+    message = pb.ModelInferRequest(
+        model_name=request.model_name, model_version=request.model_version, id=request.id
+    )
+    parameters_to_proto(request.parameters, message.parameters)
+    for tensor in request.inputs:
+        entry = message.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        parameters_to_proto(tensor.parameters, entry.parameters)
+        message.raw_input_contents.append(encode_raw(tensor.datatype, np.asarray(tensor.data)))
+    for output in request.outputs or ():
+        parameters_to_proto(output.parameters, message.outputs.add(name=output.name).parameters)
+    return message
+
+
+def response_from_proto(message: pb.ModelInferResponse) -> InferResponse:
+    """A ModelInferResponse (raw or typed contents) → :class:`InferResponse` (client side)."""
+    raw = message.raw_output_contents
+    outputs = []
+    for index, tensor in enumerate(message.outputs):
+        shape = tuple(tensor.shape)
+        if index < len(raw):
+            data = decode_raw(tensor.name, tensor.datatype, shape, raw[index])
+        else:
+            data = decode_values(tensor.name, tensor.datatype, shape, _typed_values(tensor))
+        outputs.append(
+            Tensor(
+                tensor.name, tensor.datatype, shape, data, parameters_from_proto(tensor.parameters)
+            )
+        )
+    return InferResponse(
+        model_name=message.model_name,
+        model_version=message.model_version,
+        id=message.id,
+        outputs=outputs,
+        parameters=parameters_from_proto(message.parameters),
+    )
+
+
+def _tensor_metadata(
+    items: tuple[TensorMetadata, ...],
+) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+    return [
+        pb.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape)
+        for t in items
+    ]
+
+
+def model_metadata_to_proto(metadata: ModelMetadata) -> pb.ModelMetadataResponse:
+    """:class:`ModelMetadata` → ModelMetadataResponse."""
+    return pb.ModelMetadataResponse(
+        name=metadata.name,
+        versions=metadata.versions,
+        platform=metadata.platform,
+        inputs=_tensor_metadata(metadata.inputs),
+        outputs=_tensor_metadata(metadata.outputs),
+    )
+
+
+def server_metadata_to_proto(metadata: ServerMetadata) -> pb.ServerMetadataResponse:
+    """:class:`ServerMetadata` → ServerMetadataResponse."""
+    return pb.ServerMetadataResponse(
+        name=metadata.name, version=metadata.version, extensions=metadata.extensions
+    )

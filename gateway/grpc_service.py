@@ -1,0 +1,280 @@
+"""The gRPC transport: ``inference.GRPCInferenceService``, ``grpc.health.v1`` and reflection.
+
+Thin by design: each RPC converts protobuf ↔ domain (:mod:`.grpc_codec`) and calls the one
+:class:`~cnnserve.gateway.core.InferenceCore`. Statuses come from the error table
+(:mod:`cnnserve.errors`); an exception that is not ours is logged with its traceback and
+answered INTERNAL with a generic message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable
+from typing import NoReturn, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from typing_extensions import override
+
+from cnnserve.errors import CnnserveError, UnknownModelError, grpc_status, public_message
+from cnnserve.protocol import open_inference_pb2 as pb
+from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
+from cnnserve.settings import Settings
+
+from .core import InferenceCore
+from .grpc_codec import (
+    model_metadata_to_proto,
+    request_from_proto,
+    response_to_proto,
+    server_metadata_to_proto,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+#: Requests of one ModelStreamInfer stream being answered at once; past it the stream is not
+#: read, so HTTP/2 flow control pushes back on the client instead of tasks piling up here.
+STREAM_MAX_IN_FLIGHT = 256
+#: How often a health Watch re-reads readiness.
+HEALTH_WATCH_INTERVAL_S = 1.0
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's gRPC deadline as a ``time.monotonic()`` instant (``None``: no deadline)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _log_unexpected(exc: BaseException, what: str) -> None:
+    # Ours carry a public message; anything else is a bug whose details stay in the log.
+    if not isinstance(exc, CnnserveError):
+        logger.error("%s failed", what, exc_info=exc)
+
+
+async def _guarded(
+    context: grpc.aio.ServicerContext,
+    call: Awaitable[T],
+    what: str,
+) -> T:
+    """Await ``call``; turn any exception into the error table's status and public message."""
+    try:
+        return await call
+    except Exception as exc:
+        _log_unexpected(exc, what)
+        await _abort(context, exc)
+
+
+async def _abort(
+    context: grpc.aio.ServicerContext,
+    exc: BaseException,
+) -> NoReturn:
+    await context.abort(grpc_status(exc), public_message(exc))
+    raise AssertionError("context.abort returned")  # abort always raises
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """``inference.GRPCInferenceService`` over one :class:`InferenceCore`."""
+
+    def __init__(self, core: InferenceCore) -> None:
+        self._core = core
+
+    @override
+    async def ServerLive(
+        self,
+        request: pb.ServerLiveRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> pb.ServerLiveResponse:
+        """Liveness."""
+        return pb.ServerLiveResponse(live=self._core.server_live())
+
+    @override
+    async def ServerReady(
+        self,
+        request: pb.ServerReadyRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> pb.ServerReadyResponse:
+        """Readiness of every model."""
+        ready = await _guarded(context, self._core.server_ready(), "ServerReady")
+        return pb.ServerReadyResponse(ready=ready)
+
+    @override
+    async def ModelReady(
+        self,
+        request: pb.ModelReadyRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> pb.ModelReadyResponse:
+        """Readiness of one model; NOT_FOUND when it is not served."""
+        ready = await _guarded(
+            context, self._core.model_ready(request.name, request.version), "ModelReady"
+        )
+        return pb.ModelReadyResponse(ready=ready)
+
+    @override
+    async def ServerMetadata(
+        self,
+        request: pb.ServerMetadataRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> pb.ServerMetadataResponse:
+        """Server name, version and extensions."""
+        return server_metadata_to_proto(self._core.server_metadata())
+
+    @override
+    async def ModelMetadata(
+        self,
+        request: pb.ModelMetadataRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> pb.ModelMetadataResponse:
+        """A model's inputs and outputs; NOT_FOUND when it is not served."""
+
+        async def metadata() -> pb.ModelMetadataResponse:
+            return model_metadata_to_proto(self._core.model_metadata(request.name, request.version))
+
+        return await _guarded(context, metadata(), "ModelMetadata")
+
+    @override
+    async def ModelInfer(
+        self,
+        request: pb.ModelInferRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> pb.ModelInferResponse:
+        """One inference call, within the call's gRPC deadline."""
+        return await _guarded(context, self._infer(request, deadline_of(context)), "ModelInfer")
+
+    @override
+    async def ModelStreamInfer(
+        self,
+        request_iterator: AsyncIterable[pb.ModelInferRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Answer each request of the stream as it completes (not necessarily in order).
+
+        A failed request is answered with ``error_message`` (and its ``id`` in
+        ``infer_response``) and the stream goes on; the stream's gRPC deadline bounds every
+        request on it.
+        """
+        deadline = deadline_of(context)
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(STREAM_MAX_IN_FLIGHT)
+        in_flight: set[asyncio.Task[None]] = set()
+
+        async def answer(request: pb.ModelInferRequest) -> None:
+            try:
+                response = await self._infer(request, deadline)
+                message = pb.ModelStreamInferResponse(infer_response=response)
+            except Exception as exc:
+                _log_unexpected(exc, "ModelStreamInfer")
+                message = pb.ModelStreamInferResponse(
+                    error_message=public_message(exc),
+                    infer_response=pb.ModelInferResponse(
+                        model_name=request.model_name,
+                        model_version=request.model_version,
+                        id=request.id,
+                    ),
+                )
+            finally:
+                slots.release()
+            answers.put_nowait(message)
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    await slots.acquire()
+                    task = asyncio.create_task(answer(request))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+                await asyncio.gather(*in_flight)
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (message := await answers.get()) is not None:
+                yield message
+            await reader  # re-raise a failure to read the stream
+        finally:
+            reader.cancel()
+            for task in list(in_flight):
+                task.cancel()
+
+    async def _infer(
+        self, request: pb.ModelInferRequest, deadline: float | None
+    ) -> pb.ModelInferResponse:
+        domain_request = request_from_proto(request, deadline)
+        return response_to_proto(await self._core.infer(domain_request))
+
+
+class ReadinessHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
+    """``grpc.health.v1.Health`` answered from the core's readiness at the time of asking.
+
+    Service ``""`` (and ``inference.GRPCInferenceService``) is the whole server; a model's
+    name is that model. Draining turns readiness — and so every status — NOT_SERVING.
+    """
+
+    def __init__(self, core: InferenceCore) -> None:
+        self._core = core
+
+    async def _status(self, service: str) -> health_pb2.HealthCheckResponse.ServingStatus:
+        if service in ("", INFERENCE_SERVICE):
+            ready = await self._core.server_ready()
+        else:
+            try:
+                ready = await self._core.model_ready(service)
+            except UnknownModelError:
+                return health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        return (
+            health_pb2.HealthCheckResponse.SERVING
+            if ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+
+    @override
+    async def Check(
+        self,
+        request: health_pb2.HealthCheckRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> health_pb2.HealthCheckResponse:
+        """The status now; NOT_FOUND for a service that is not served (as the spec asks)."""
+        status = await _guarded(context, self._status(request.service), "Health.Check")
+        if status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    @override
+    async def Watch(
+        self,
+        request: health_pb2.HealthCheckRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        """The status now, then every change, until the caller goes away."""
+        last: int | None = None
+        while True:
+            status = await _guarded(context, self._status(request.service), "Health.Watch")
+            if status != last:
+                yield health_pb2.HealthCheckResponse(status=status)
+                last = status
+            await asyncio.sleep(HEALTH_WATCH_INTERVAL_S)
+
+
+def create_grpc_server(core: InferenceCore, settings: Settings) -> grpc.aio.Server:
+    """A gRPC server with inference, health and reflection; ports are added by the caller."""
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        # A port already taken must fail loudly, not be shared with another process.
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(options=options)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        InferenceServicer(core), server
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(ReadinessHealth(core), server)
+    reflection.enable_server_reflection(
+        (INFERENCE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server
+    )
+    return server

@@ -1,0 +1,301 @@
+"""The HTTP transport: Open Inference Protocol REST (``/v2/...``) and friendly image routes.
+
+Thin by design, like the gRPC servicer: each route converts HTTP ↔ domain
+(:mod:`.http_codec`) and calls the one :class:`~cnnserve.gateway.core.InferenceCore`.
+
+- Errors: body ``{"error": "<message>"}`` with the error table's status
+  (:mod:`cnnserve.errors`); unknown exceptions are logged with their traceback and answered
+  500 with a generic message. Malformed requests (bad JSON, a bad query parameter, an
+  unsupported ``Content-Encoding``) are bad input: 400. No route rejects a request for its
+  ``Content-Type`` — standard clients send none or a generic one — so there is no 415.
+- Health: 200 when live/ready, 503 (the table's "not ready") when not.
+- Body size: ``settings.max_message_bytes``, checked against ``Content-Length`` before
+  reading and again while streaming (and after decompressing ``gzip``/``deflate``): 413.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import APIRouter, FastAPI, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
+from starlette.types import Message
+
+from cnnserve.errors import (
+    CnnserveError,
+    InvalidInputError,
+    PayloadTooLargeError,
+    http_status,
+    public_message,
+)
+from cnnserve.models.imaging import encode_mask_png
+from cnnserve.models.registry import get_spec
+from cnnserve.settings import Settings
+
+from .core import InferenceCore
+from .domain import InferRequest, RequestedOutput, Tensor
+from .http_codec import (
+    HEADER_LENGTH,
+    decode_infer_request,
+    encode_infer_response,
+    model_metadata_to_json,
+    server_metadata_to_json,
+)
+
+logger = logging.getLogger(__name__)
+
+#: zlib ``wbits`` for each accepted request ``Content-Encoding``.
+_ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+#: Labels (with probabilities) a friendly ConvNet answer lists per image by default.
+DEFAULT_TOP_K = 3
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    """``{"error": ...}`` with the error table's status for ``exc``."""
+    return JSONResponse({"error": public_message(exc)}, status_code=http_status(exc))
+
+
+class ErrorTableRoute(APIRoute):
+    """A route whose exceptions are answered from the error table (and logged if not ours)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        """Wrap FastAPI's handler so no exception escapes as an unformatted 500."""
+        handler = super().get_route_handler()
+
+        async def guarded(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except (HTTPException, RequestValidationError):
+                raise  # FastAPI's own, formatted by the app's handlers below
+            except Exception as exc:
+                if not isinstance(exc, CnnserveError):
+                    logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+                return error_response(exc)
+
+        return guarded
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refusing (413) one over ``limit`` bytes before reading all of it."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(size, limit)
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding == "identity":
+        return body
+    if encoding not in _ENCODINGS:
+        raise InvalidInputError(
+            f"Content-Encoding {encoding!r} is not accepted; send gzip, deflate or identity"
+        )
+    inflater = zlib.decompressobj(_ENCODINGS[encoding])
+    try:
+        # max_length bounds memory: a small compressed bomb cannot expand past the limit.
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise InvalidInputError(f"body is not valid {encoding} data: {exc}") from None
+    if len(data) > limit or inflater.unconsumed_tail:
+        raise _too_large(len(data), limit, "decompressed ")
+    return data
+
+
+def _too_large(size: int, limit: int, what: str = "") -> PayloadTooLargeError:
+    return PayloadTooLargeError(
+        f"{what}request body is over the limit: {size} > {limit} bytes (max_message_bytes)"
+    )
+
+
+def _header_length(request: Request) -> int | None:
+    value = request.headers.get(HEADER_LENGTH)
+    if value is None:
+        return None
+    if not value.strip().isdigit():
+        raise InvalidInputError(f"{HEADER_LENGTH} must be a byte count, got {value!r}")
+    return int(value)
+
+
+def _health(ok: bool, key: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({**extra, key: ok}, status_code=200 if ok else 503)
+
+
+def _oip_router(core: InferenceCore, settings: Settings) -> APIRouter:
+    router = APIRouter(route_class=ErrorTableRoute, tags=["Open Inference Protocol"])
+
+    @router.get("/v2/health/live")
+    async def server_live() -> JSONResponse:
+        """200 while the server can answer requests."""
+        return _health(core.server_live(), "live")
+
+    @router.get("/v2/health/ready")
+    async def server_ready() -> JSONResponse:
+        """200 when every model is loaded and its backend answers; 503 otherwise."""
+        return _health(await core.server_ready(), "ready")
+
+    @router.get("/v2")
+    async def server_metadata() -> JSONResponse:
+        """Server name, version and protocol extensions."""
+        return JSONResponse(server_metadata_to_json(core.server_metadata()))
+
+    @router.get("/v2/models/{model}")
+    @router.get("/v2/models/{model}/versions/{version}")
+    async def model_metadata(model: str, version: str = "") -> JSONResponse:
+        """A model's versions, platform, inputs and outputs (-1: variable dimension)."""
+        return JSONResponse(model_metadata_to_json(core.model_metadata(model, version)))
+
+    @router.get("/v2/models/{model}/ready")
+    @router.get("/v2/models/{model}/versions/{version}/ready")
+    async def model_ready(model: str, version: str = "") -> JSONResponse:
+        """200 when the model is ready, 503 when not, 404 when it is not served."""
+        return _health(await core.model_ready(model, version), "ready", name=model)
+
+    @router.post("/v2/models/{model}/infer")
+    @router.post("/v2/models/{model}/versions/{version}/infer")
+    async def infer(model: str, request: Request, version: str = "") -> Response:
+        """Inference with a JSON body, or JSON + binary tensors (Triton's extension)."""
+        body = await read_body(request, settings.max_message_bytes)
+        decoded = decode_infer_request(body, _header_length(request), model, version)
+        content, header_length = encode_infer_response(await core.infer(decoded.request), decoded)
+        if header_length is None:
+            return Response(content, media_type="application/json")
+        return Response(
+            content,
+            media_type="application/octet-stream",
+            headers={HEADER_LENGTH: str(header_length)},
+        )
+
+    return router
+
+
+async def _uploaded_images(request: Request, limit: int) -> list[bytes]:
+    """The images of a friendly request: the raw body, or every file of a multipart form."""
+    body = await read_body(request, limit)
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        return [body]
+
+    async def replay() -> Message:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    form = await Request(request.scope, replay).form(max_part_size=limit)
+    try:
+        images = [await part.read() for _, part in form.multi_items() if not isinstance(part, str)]
+    finally:
+        await form.close()
+    if not images:
+        raise InvalidInputError("the multipart form holds no file; attach PNG/JPEG images")
+    return images
+
+
+def _predict_router(core: InferenceCore, settings: Settings) -> APIRouter:
+    router = APIRouter(route_class=ErrorTableRoute, tags=["For people"])
+
+    @router.post(
+        "/predict/{model}",
+        responses={200: {"content": {"application/json": {}, "image/png": {}}}},
+    )
+    async def predict(
+        model: str,
+        request: Request,
+        top_k: Annotated[int, Query(ge=1, description="Labels listed per image (convnet).")] = (
+            DEFAULT_TOP_K
+        ),
+        format: Annotated[
+            Literal["png", "json"],
+            Query(description="fcn: the mask as a palette PNG, or per-class pixel counts."),
+        ] = "png",
+    ) -> Response:
+        """POST PNG/JPEG image(s) — the raw body, or files of a multipart form.
+
+        convnet answers JSON labels with probabilities; fcn answers the class mask as a PNG
+        (pixel value = class index, shown in colour) for one image, or ``?format=json`` for
+        pixel counts per class.
+        """
+        spec = get_spec(model)
+        images = await _uploaded_images(request, settings.max_message_bytes)
+        data = np.empty(len(images), dtype=object)
+        data[:] = images
+        classifier = any(o.name == "labels" for o in core.model_metadata(model).outputs)
+        if classifier:
+            outputs = [
+                RequestedOutput("labels", {"top_k": top_k}),
+                RequestedOutput("probabilities"),
+            ]
+        elif format == "png":
+            if len(images) != 1:
+                raise InvalidInputError(
+                    f"a PNG answer holds one mask; got {len(images)} images (send one, or "
+                    "ask for ?format=json)"
+                )
+            outputs = [RequestedOutput("mask")]
+        else:
+            outputs = [RequestedOutput("counts")]
+        response = await core.infer(
+            InferRequest(
+                model_name=model,
+                inputs=[Tensor("image", "BYTES", (len(images),), data)],
+                outputs=outputs,
+            )
+        )
+        result = {t.name: t.data for t in response.outputs}
+        if classifier:
+            return JSONResponse(
+                {"model": model, "predictions": _classifications(result, spec.labels)}
+            )
+        if format == "png":
+            return Response(encode_mask_png(result["mask"][0]), media_type="image/png")
+        counts = [dict(zip(spec.labels, map(int, row), strict=True)) for row in result["counts"]]
+        return JSONResponse(
+            {"model": model, "predictions": [{"counts": c} for c in counts]},
+        )
+
+    return router
+
+
+def _classifications(
+    result: dict[str, np.ndarray], labels: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    predictions = []
+    for ranked, probabilities in zip(result["labels"], result["probabilities"], strict=True):
+        top = [
+            {"label": label, "probability": float(probabilities[labels.index(label)])}
+            for label in (bytes(item).decode() for item in ranked)
+        ]
+        predictions.append({"label": top[0]["label"], "top_k": top})
+    return predictions
+
+
+def create_http_app(core: InferenceCore, settings: Settings) -> FastAPI:
+    """The ASGI app: OIP REST, friendly routes, and uniform ``{"error"}`` bodies."""
+    app = FastAPI(
+        title="cnnserve",
+        summary="The tutorial's ConvNet and FCN over the Open Inference Protocol",
+        version=core.server_metadata().version,
+    )
+    app.include_router(_oip_router(core, settings))
+    app.include_router(_predict_router(core, settings))
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        details = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        return JSONResponse({"error": f"invalid request: {details}"}, status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    return app

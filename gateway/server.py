@@ -1,0 +1,181 @@
+"""The running gateway: gRPC, HTTP and metrics servers on one event loop and one core.
+
+Shutdown (SIGTERM or Ctrl-C) drains: readiness turns false at once (``/v2/health/ready`` and
+``grpc.health.v1`` answer NOT_SERVING, new inference calls get UNAVAILABLE / 503), the
+listeners close, calls already running finish, and the process exits — all within
+``settings.drain_grace_s``; calls still running then are cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp
+
+from cnnserve.settings import Settings
+
+from .core import InferenceCore, create_core
+from .grpc_service import create_grpc_server
+from .http_api import create_http_app
+from .metrics import GatewayMetrics
+
+logger = logging.getLogger(__name__)
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn without signal handlers of its own: the gateway drains every server at once."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Leave signals to :func:`run_gateway`."""
+        yield
+
+
+def create_metrics_app(metrics: GatewayMetrics) -> Starlette:
+    """Prometheus text at ``/metrics`` (as Triton serves it on port 8002)."""
+
+    async def render(_: Request) -> Response:
+        return Response(metrics.render(), media_type=GatewayMetrics.CONTENT_TYPE)
+
+    return Starlette(routes=[Route("/metrics", render)])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket; binding here (not in uvicorn) lets port 0 report its port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=1024)
+
+
+@dataclass
+class _HttpServer:
+    server: _EmbeddedUvicorn
+    task: asyncio.Task[None]
+    port: int
+
+
+async def _start_http(app: ASGIApp, host: str, port: int, grace_s: float) -> _HttpServer:
+    sock = _listen(host, port)
+    bound = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app,
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=max(1, round(grace_s)),
+    )
+    server = _EmbeddedUvicorn(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            task.result()  # startup failed: raise why
+            raise RuntimeError(f"HTTP server on {host}:{bound} stopped during startup")
+        await asyncio.sleep(0.01)
+    return _HttpServer(server, task, bound)
+
+
+class Gateway:
+    """One inference core behind the gRPC, HTTP and metrics listeners."""
+
+    def __init__(self, settings: Settings, core: InferenceCore) -> None:
+        self.settings = settings
+        self.core = core
+        self._grpc: grpc.aio.Server | None = None
+        self._http: _HttpServer | None = None
+        self._metrics: _HttpServer | None = None
+        self.grpc_port = 0
+        self.http_port = 0
+        self.metrics_port = 0
+
+    async def start(self) -> None:
+        """Start the core, then the listeners; ports of 0 are replaced by the bound ones."""
+        s = self.settings
+        await self.core.start()
+        self._metrics = await _start_http(
+            create_metrics_app(self.core.metrics), s.host, s.metrics_port, s.drain_grace_s
+        )
+        self.metrics_port = self._metrics.port
+        self._grpc = create_grpc_server(self.core, s)
+        # add_insecure_port raises when the address cannot be bound.
+        self.grpc_port = self._grpc.add_insecure_port(f"{_grpc_host(s.host)}:{s.grpc_port}")
+        await self._grpc.start()
+        self._http = await _start_http(
+            create_http_app(self.core, s), s.host, s.http_port, s.drain_grace_s
+        )
+        self.http_port = self._http.port
+        logger.info(
+            "cnnserve gateway on %s: HTTP %d, gRPC %d, metrics %d (%s backend)",
+            s.host,
+            self.http_port,
+            self.grpc_port,
+            self.metrics_port,
+            s.backend,
+        )
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain and close everything within ``grace_s`` (default ``drain_grace_s``)."""
+        grace = self.settings.drain_grace_s if grace_s is None else grace_s
+        give_up_at = time.monotonic() + grace
+        self.core.begin_drain()
+        logger.info("draining: readiness false; in-flight calls get up to %.1f s", grace)
+        closing = []
+        if self._grpc is not None:
+            closing.append(self._grpc.stop(grace))
+        if self._http is not None:
+            self._http.server.should_exit = True
+            closing.append(_finish(self._http.task, grace))
+        await asyncio.gather(*closing)
+        await self.core.stop(max(0.0, give_up_at - time.monotonic()))
+        if self._metrics is not None:
+            self._metrics.server.should_exit = True
+            await _finish(self._metrics.task, 1.0)
+        logger.info("gateway stopped")
+
+
+def _grpc_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+async def _finish(task: asyncio.Task[None], timeout_s: float) -> None:
+    """Wait for a uvicorn task; cancel it if it outlives the grace (its clients get cut)."""
+    done, _ = await asyncio.wait({task}, timeout=timeout_s + 1.0)
+    if not done:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def run_gateway(settings: Settings) -> None:
+    """Serve until SIGTERM or SIGINT, then drain and return (a second signal is not caught)."""
+    core = await create_core(settings)
+    gateway = Gateway(settings, core)
+    await gateway.start()
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    signals = (signal.SIGTERM, signal.SIGINT)
+
+    def on_signal(signum: int) -> None:
+        logger.info("%s received: shutting down", signal.Signals(signum).name)
+        stopping.set()
+        # A second Ctrl-C now interrupts the drain the usual way.
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+    for sig in signals:
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        await stopping.wait()
+    finally:
+        await gateway.stop()

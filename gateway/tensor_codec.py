@@ -1,0 +1,216 @@
+"""Tensor bytes and value lists ↔ numpy arrays, shared by the gRPC and HTTP transports.
+
+Both wire formats of the Open Inference Protocol carry a tensor either as *raw bytes*
+(gRPC ``raw_input_contents``, HTTP's binary tensor extension: little-endian, row-major, no
+padding; a BYTES element is a 4-byte little-endian length followed by its bytes) or as a
+*list of values* (gRPC typed ``contents``, HTTP JSON ``data``). Fixed-size datatypes decode
+with one :func:`numpy.frombuffer` call — no Python per element on the fast path — after the
+byte count is checked against shape × element size, so a lying header costs nothing.
+Every failure is an :class:`InvalidInputError` naming the tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from cnnserve.errors import InvalidInputError
+
+from .domain import DATATYPES
+
+BYTES = "BYTES"
+#: Length prefix of one BYTES element in the raw format.
+_LENGTH = struct.Struct("<I")
+
+
+def check_datatype(name: str, datatype: str) -> np.dtype[np.generic]:
+    """The numpy dtype of an OIP datatype, or an error listing the accepted names."""
+    try:
+        return DATATYPES[datatype]
+    except KeyError:
+        raise InvalidInputError(
+            f"tensor {name!r} has unknown datatype {datatype!r}; "
+            f"expected one of {', '.join(DATATYPES)}"
+        ) from None
+
+
+def check_shape(name: str, shape: Iterable[int]) -> tuple[int, ...]:
+    """The shape as a tuple, after checking every dimension is a non-negative integer."""
+    dims = tuple(shape)
+    for dim in dims:
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
+            raise InvalidInputError(
+                f"tensor {name!r} has shape {list(dims)}; dimensions must be integers ≥ 0"
+            )
+    return dims
+
+
+def _wire_dtype(datatype: str) -> np.dtype[np.generic]:
+    # Wire bytes are little-endian whatever the host's order.
+    return DATATYPES[datatype].newbyteorder("<")
+
+
+def decode_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np.ndarray:
+    """Raw tensor bytes → an array of ``shape`` (object array of ``bytes`` for BYTES)."""
+    check_datatype(name, datatype)
+    dims = check_shape(name, shape)
+    count = math.prod(dims)
+    if datatype == BYTES:
+        return _decode_bytes_elements(name, raw, count).reshape(dims)
+    dtype = _wire_dtype(datatype)
+    expected = count * dtype.itemsize
+    if len(raw) != expected:
+        raise InvalidInputError(
+            f"tensor {name!r}: {datatype} {list(dims)} needs {expected} bytes of raw data, "
+            f"got {len(raw)}"
+        )
+    array = np.frombuffer(raw, dtype=dtype).reshape(dims)
+    if datatype == "BOOL" and array.view(np.uint8).max(initial=0) > 1:
+        raise InvalidInputError(f"tensor {name!r}: BOOL elements must be bytes 0 or 1")
+    return array
+
+
+def _decode_bytes_elements(name: str, raw: bytes, count: int) -> np.ndarray:
+    """Length-prefixed elements; the data must hold exactly ``count`` of them."""
+    view = memoryview(raw)
+    elements: list[bytes] = []
+    offset = 0
+    while offset < len(view):
+        if len(elements) == count:
+            raise InvalidInputError(
+                f"tensor {name!r}: raw BYTES data continues after the {count} elements its "
+                "shape declares"
+            )
+        if offset + _LENGTH.size > len(view):
+            raise InvalidInputError(
+                f"tensor {name!r}: raw BYTES data ends inside the 4-byte length of element "
+                f"{len(elements)}"
+            )
+        (length,) = _LENGTH.unpack_from(view, offset)
+        offset += _LENGTH.size
+        if offset + length > len(view):
+            raise InvalidInputError(
+                f"tensor {name!r}: BYTES element {len(elements)} declares {length} bytes but "
+                f"only {len(view) - offset} remain"
+            )
+        elements.append(bytes(view[offset : offset + length]))
+        offset += length
+    if len(elements) != count:
+        raise InvalidInputError(
+            f"tensor {name!r}: shape declares {count} BYTES elements, raw data holds "
+            f"{len(elements)}"
+        )
+    array = np.empty(count, dtype=object)
+    array[:] = elements
+    return array
+
+
+def encode_raw(datatype: str, array: np.ndarray) -> bytes:
+    """An array → raw tensor bytes in the wire format of ``datatype``."""
+    if datatype == BYTES:
+        return b"".join(
+            _LENGTH.pack(len(item)) + item for item in (_as_bytes(x) for x in array.flat)
+        )
+    return np.ascontiguousarray(array, dtype=_wire_dtype(datatype)).tobytes()
+
+
+def _as_bytes(item: object) -> bytes:
+    if isinstance(item, str):
+        return item.encode()
+    if isinstance(item, bytes | bytearray | memoryview | np.bytes_):
+        return bytes(item)
+    raise TypeError(f"BYTES element must be bytes or str, got {type(item).__name__}")
+
+
+def decode_values(
+    name: str, datatype: str, shape: Sequence[int], values: Sequence[object] | np.ndarray
+) -> np.ndarray:
+    """A list of element values (flat or nested, row-major) → an array of ``shape``.
+
+    Values must fit the datatype exactly: no fractions in an integer tensor, no out-of-range
+    integers, ``true``/``false`` only for BOOL, strings or bytes only for BYTES.
+    """
+    dtype = check_datatype(name, datatype)
+    dims = check_shape(name, shape)
+    count = math.prod(dims)
+    if datatype == BYTES:
+        flat = _flatten_bytes(name, values)
+        if len(flat) != count:
+            raise _count_error(name, datatype, dims, len(flat))
+        array = np.empty(count, dtype=object)
+        array[:] = flat
+        return array.reshape(dims)
+    try:
+        given = np.asarray(values)
+    except ValueError:
+        raise InvalidInputError(
+            f"tensor {name!r}: data is a ragged nested list; send a flat list or a rectangular one"
+        ) from None
+    if given.size != count:
+        raise _count_error(name, datatype, dims, given.size)
+    return _convert(name, datatype, dtype, given.reshape(dims))
+
+
+def _count_error(name: str, datatype: str, dims: tuple[int, ...], got: int) -> InvalidInputError:
+    return InvalidInputError(
+        f"tensor {name!r}: {datatype} {list(dims)} needs {math.prod(dims)} elements, got {got}"
+    )
+
+
+def _convert(
+    name: str, datatype: str, dtype: np.dtype[np.generic], given: np.ndarray
+) -> np.ndarray:
+    """Cast ``given`` to ``dtype`` only where no value changes."""
+    kind = given.dtype.kind
+    if given.size == 0:
+        return given.astype(dtype)
+    if dtype.kind == "b":
+        if kind != "b":
+            raise InvalidInputError(f"tensor {name!r}: BOOL data must be true/false values")
+        return given.astype(dtype)
+    if dtype.kind in "iu":
+        if kind not in "iu":
+            raise InvalidInputError(
+                f"tensor {name!r}: {datatype} data must be integers, got {_kind_name(kind)}"
+            )
+        info = np.iinfo(dtype)  # type: ignore[type-var]
+        low, high = int(given.min()), int(given.max())
+        if low < info.min or high > info.max:
+            raise InvalidInputError(
+                f"tensor {name!r}: {datatype} values must lie in [{info.min}, {info.max}], "
+                f"got values in [{low}, {high}]"
+            )
+        return given.astype(dtype)
+    if kind not in "iuf":
+        raise InvalidInputError(
+            f"tensor {name!r}: {datatype} data must be numbers, got {_kind_name(kind)}"
+        )
+    return given.astype(dtype)
+
+
+def _kind_name(kind: str) -> str:
+    return {"b": "booleans", "f": "fractional numbers", "U": "strings", "O": "mixed values"}.get(
+        kind, "other values"
+    )
+
+
+def _flatten_bytes(name: str, values: Sequence[object] | np.ndarray) -> list[bytes]:
+    flat: list[bytes] = []
+    stack: list[object] = [values]
+    # Depth-first, row-major, without recursion (a deeply nested body cannot blow the stack).
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            flat.append(item.encode())
+        elif isinstance(item, bytes | bytearray | memoryview | np.bytes_):
+            flat.append(bytes(item))
+        elif isinstance(item, list | tuple | np.ndarray):
+            stack.extend(reversed(list(item)))
+        else:
+            raise InvalidInputError(
+                f"tensor {name!r}: BYTES data must be strings, got {type(item).__name__}"
+            )
+    return flat
