@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -32,10 +32,17 @@ def user_errors() -> Iterator[None]:
     from cnnserve.errors import CnnserveError
     from cnnserve.export.exporter import ExportError
     from cnnserve.models.checkpoint import CheckpointError
+    from cnnserve.torchserve_engine import TorchServeError
 
     try:
         yield
-    except (CnnserveError, CheckpointError, ExportError, FileNotFoundError) as exc:
+    except (
+        CnnserveError,
+        CheckpointError,
+        ExportError,
+        TorchServeError,
+        FileNotFoundError,
+    ) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
 
@@ -124,6 +131,116 @@ def bench(
             processes,
         )
     typer.echo(f"wrote {path}")
+
+
+ArtifactFormatName = Literal["torchscript", "onnx"]
+ModelStoreOption = Annotated[
+    Path | None,
+    typer.Option(help="TorchServe model store. Default: settings.model_store_dir (model_store)."),
+]
+
+
+@app.command()
+def archive(
+    artifacts: Annotated[
+        Path | None,
+        typer.Option(help="Exported models (cnnserve export). Default: settings.artifacts_dir."),
+    ] = None,
+    model_store: ModelStoreOption = None,
+    artifact_format: Annotated[
+        ArtifactFormatName | None,
+        typer.Option("--format", help="Artifact to serve. Default: torchscript."),
+    ] = None,
+    half: Annotated[
+        bool | None, typer.Option("--half/--no-half", help="fp16 on GPU (TorchScript only).")
+    ] = None,
+) -> None:
+    """Build convnet.mar and fcn.mar for TorchServe into the model store."""
+    from cnnserve.settings import Settings
+    from cnnserve.torchserve_engine.archive import archive_models
+
+    settings = Settings()
+    with user_errors():
+        archives = archive_models(
+            artifacts or settings.artifacts_dir,
+            model_store or settings.model_store_dir,
+            artifact_format or settings.torchserve_artifact_format,
+            settings.half_precision if half is None else half,
+            settings,
+        )
+    for built in archives:
+        typer.echo(f"{built.model}: {built.path} (from {built.artifact})")
+
+
+torchserve_app = typer.Typer(
+    help="Start, stop and inspect TorchServe serving the archived models.",
+    no_args_is_help=True,
+)
+app.add_typer(torchserve_app, name="torchserve")
+
+
+@torchserve_app.command("start")
+def torchserve_start(
+    model_store: ModelStoreOption = None,
+    host: Annotated[
+        str | None, typer.Option(help="Address every TorchServe port binds. Default: 127.0.0.1.")
+    ] = None,
+    token_auth: Annotated[
+        bool | None,
+        typer.Option(
+            "--token-auth/--no-token-auth",
+            help="Token authorization (default on); turn off for local development only.",
+        ),
+    ] = None,
+    timeout_s: Annotated[
+        float | None, typer.Option(help="Seconds to wait for READY workers. Default: 180.")
+    ] = None,
+) -> None:
+    """Start TorchServe in the background; return once every model has a READY worker."""
+    from cnnserve.settings import Settings
+    from cnnserve.torchserve_engine.process import start
+
+    overrides = {
+        "torchserve_host": host,
+        "torchserve_token_auth": token_auth,
+        "torchserve_start_timeout_s": timeout_s,
+    }
+    settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
+    with user_errors():
+        info = start(settings, model_store)
+    typer.echo(f"TorchServe ready (pid {info.pid}): {', '.join(info.models)}")
+    typer.echo(f"  REST inference  {info.inference_url}/predictions/<model>")
+    typer.echo(f"  gRPC inference  {info.grpc_target}")
+    typer.echo(f"  metrics         {info.metrics_url}/metrics")
+    typer.echo(f"  key file        {info.key_file or 'none (token authorization is off)'}")
+    typer.echo(f"  logs            {info.run_dir / 'logs'}")
+
+
+@torchserve_app.command("stop")
+def torchserve_stop(model_store: ModelStoreOption = None) -> None:
+    """Stop TorchServe and its workers (waits until they are gone)."""
+    from cnnserve.settings import Settings
+    from cnnserve.torchserve_engine.process import stop
+
+    with user_errors():
+        stopped = stop(model_store or Settings().model_store_dir)
+    typer.echo("TorchServe stopped" if stopped else "TorchServe was not running")
+
+
+@torchserve_app.command("status")
+def torchserve_status(model_store: ModelStoreOption = None) -> None:
+    """Show whether TorchServe runs and its workers' states; exit 1 when it does not run."""
+    from cnnserve.settings import Settings
+    from cnnserve.torchserve_engine.process import status
+
+    with user_errors():
+        found = status(model_store or Settings().model_store_dir)
+    if not found.running or found.info is None:
+        typer.echo("TorchServe is not running")
+        raise typer.Exit(1)
+    typer.echo(f"TorchServe is running (pid {found.info.pid}) at {found.info.inference_url}")
+    for model, states in found.workers.items():
+        typer.echo(f"  {model}: {', '.join(states) or 'no workers'}")
 
 
 def main() -> None:
