@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -200,7 +200,7 @@ def torchserve_start(
     from cnnserve.settings import Settings
     from cnnserve.torchserve_engine.process import start
 
-    overrides = {
+    overrides: dict[str, Any] = {
         "torchserve_host": host,
         "torchserve_token_auth": token_auth,
         "torchserve_start_timeout_s": timeout_s,

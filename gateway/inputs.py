@@ -119,6 +119,10 @@ def to_batch(spec: ModelSpec, tensor: Tensor, max_image_pixels: int) -> np.ndarr
         return normalize(data)
     if not np.isfinite(data).all():
         raise InvalidInputError(f"input {tensor.name!r} contains NaN or infinite values")
+    if not data.flags.writeable:
+        # Transports decode raw contents with np.frombuffer (read-only); torch.from_numpy
+        # warns on those, and the batch should not pin the transport's message buffer.
+        return np.array(data, order="C")
     return np.ascontiguousarray(data)
 
 

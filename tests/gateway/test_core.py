@@ -552,3 +552,16 @@ async def test_infer_before_start_is_unavailable(artifacts_dir: Path) -> None:
     with pytest.raises(UnavailableError):
         await core.infer(request("convnet", tensor("input", FP32_28)))
     assert not await core.server_ready()
+
+
+async def test_read_only_input_buffers_are_served(core: InferenceCore) -> None:
+    # Transports decode raw tensor contents with np.frombuffer, which is read-only.
+    pixels, labels = digit_pixels(30, 31)
+    x = normalize(pixels)
+    read_only = np.frombuffer(x.tobytes(), dtype=np.float32).reshape(x.shape)
+    assert not read_only.flags.writeable
+    wanted = [RequestedOutput("logits")]
+    frozen = await core.infer(request("convnet", tensor("input", read_only), outputs=wanted))
+    plain = await core.infer(request("convnet", tensor("input", x), outputs=wanted))
+    np.testing.assert_array_equal(frozen.outputs[0].data, plain.outputs[0].data)
+    assert frozen.outputs[0].data.argmax(axis=1).tolist() == labels
