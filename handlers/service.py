@@ -1,0 +1,264 @@
+"""The TorchServe handler core both models share: requests in, one inference, replies out.
+
+TorchServe hands ``handle`` a list of requests (its own batch) and wants a list of the same
+length back. Each request is one of two forms, told apart by its bytes:
+
+- a **packed batch** (``.npy``, see :mod:`cnnserve.handlers.packing`) of already-normalized
+  items, as the gateway sends: answered with the packed raw outputs for all its items;
+- a **direct image** (PNG/JPEG body, e.g. ``curl -T digit.png .../predictions/convnet``):
+  decoded and prepared by the shared model-side steps, answered by the model's renderer.
+
+A request that fails (undecodable image, wrong shape, bad option) gets its own 4xx status and
+a JSON error body while the other requests in the same TorchServe batch are answered as usual.
+All the model code lives in :mod:`cnnserve.models`; this module only adapts TorchServe to it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from cnnserve.errors import CnnserveError, InvalidInputError, public_message
+from cnnserve.models.registry import ModelSpec, get_spec
+from cnnserve.models.runtime import ARTIFACT_SUFFIX, ArtifactFormat, Runner, load_runner
+from cnnserve.models.steps import normalize
+
+from .packing import (
+    PACKED_CONTENT_TYPE,
+    PACKED_INPUT_NAME,
+    error_body,
+    is_packed,
+    pack,
+    unpack,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Where a request's payload may sit: the gateway's packed batch, a gRPC ``data`` input, or
+#: the raw REST body (TorchServe names it ``body``).
+PAYLOAD_NAMES = (PACKED_INPUT_NAME, "data", "body")
+JSON_CONTENT_TYPE = "application/json"
+
+
+class HandlerContext(Protocol):
+    """The part of TorchServe's ``ts.context.Context`` a handler uses."""
+
+    manifest: dict[str, Any]
+    model_yaml_config: dict[str, Any]
+
+    @property
+    def system_properties(self) -> dict[str, Any]:
+        """``model_dir``, ``gpu_id`` (``None`` without a GPU), ``batch_size``, ..."""
+        ...
+
+    def get_all_request_header(self, idx: int) -> dict[str, Any]:
+        """Headers of request ``idx`` (and per-input content types)."""
+        ...
+
+    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
+        """HTTP status of the reply to request ``idx``."""
+        ...
+
+    def set_response_content_type(self, idx: int, value: str) -> None:
+        """Content type of the reply to request ``idx``."""
+        ...
+
+    def set_response_header(self, idx: int, key: str, value: str) -> None:
+        """An extra header on the reply to request ``idx``."""
+        ...
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What a direct-image request gets back: body, media type and extra headers."""
+
+    body: bytes
+    content_type: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+#: Turns one image's network output (no batch axis) and the request's options (headers and
+#: any extra named inputs, lower-cased names) into the reply a person reads.
+Renderer = Callable[[ModelSpec, np.ndarray, Mapping[str, str]], Reply]
+
+
+@dataclass
+class _Job:
+    """One TorchServe request, parsed: its items and how to answer it."""
+
+    index: int
+    items: np.ndarray
+    packed: bool
+    options: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """The runner a worker serves with, and how it was chosen."""
+
+    runner: Runner
+    artifact: Path
+    artifact_format: ArtifactFormat
+    half: bool
+
+
+class ModelHandler:
+    """A TorchServe function-style handler for one model; see the module docstring."""
+
+    def __init__(self, model_name: str, render: Renderer) -> None:
+        self.spec = get_spec(model_name)
+        self._render = render
+        self.model: LoadedModel | None = None
+
+    def handle(
+        self, data: list[dict[str, Any]] | None, context: HandlerContext
+    ) -> list[Any] | None:
+        """TorchServe's entry point: ``None`` initializes; a list of requests is answered."""
+        if self.model is None:
+            self.model = load_model(self.spec, context)
+        if data is None:
+            return None
+        replies: list[Any] = [None] * len(data)
+        jobs: list[_Job] = []
+        for index, request in enumerate(data):
+            try:
+                jobs.append(self._parse(index, request, context))
+            except CnnserveError as exc:
+                replies[index] = _fail(context, index, exc)
+        for group in _by_item_shape(jobs):
+            self._run(group, context, replies)
+        if len(replies) != len(data) or any(reply is None for reply in replies):
+            raise RuntimeError(f"{self.spec.name}: {len(data)} requests but replies {replies!r}")
+        return replies
+
+    def _parse(self, index: int, request: Mapping[str, Any], context: HandlerContext) -> _Job:
+        payload = _payload(request)
+        options = _options(request, context.get_all_request_header(index))
+        if is_packed(payload):
+            items = unpack(payload, ndim=4)
+            self.spec.check_item_shape(items.shape[1:])
+            return _Job(index, items, packed=True, options=options)
+        pixels = self.spec.image_to_pixels(payload)
+        return _Job(index, normalize(pixels)[np.newaxis], packed=False, options=options)
+
+    def _run(self, jobs: list[_Job], context: HandlerContext, replies: list[Any]) -> None:
+        assert self.model is not None
+        try:
+            outputs = self.model.runner.infer(np.concatenate([job.items for job in jobs]))
+        except Exception:
+            # One failed batch must not take the worker down; its callers get a 500.
+            logger.exception("%s: inference failed", self.spec.name)
+            for job in jobs:
+                replies[job.index] = _fail(context, job.index, RuntimeError("inference failed"))
+            return
+        offsets = np.cumsum([len(job.items) for job in jobs])[:-1]
+        for job, output in zip(jobs, np.split(outputs, offsets), strict=True):
+            try:
+                replies[job.index] = self._reply(job, output, context)
+            except CnnserveError as exc:
+                replies[job.index] = _fail(context, job.index, exc)
+
+    def _reply(self, job: _Job, output: np.ndarray, context: HandlerContext) -> bytes:
+        if job.packed:
+            context.set_response_content_type(job.index, PACKED_CONTENT_TYPE)
+            return pack(output, ndim=None)
+        reply = self._render(self.spec, output[0], job.options)
+        context.set_response_content_type(job.index, reply.content_type)
+        for key, value in reply.headers.items():
+            context.set_response_header(job.index, key, value)
+        return reply.body
+
+
+def load_model(spec: ModelSpec, context: HandlerContext) -> LoadedModel:
+    """Open the artifact packed into the archive on the GPU TorchServe assigned, else the CPU.
+
+    The archive's ``model-config.yaml`` may ask for fp16 (``handler: {half: true}``); that
+    only applies on a GPU, so a CPU worker warns and runs fp32 instead of failing to load.
+    """
+    model_dir = Path(context.system_properties["model_dir"])
+    artifact = model_dir / context.manifest["model"]["serializedFile"]
+    artifact_format = artifact_format_of(artifact)
+    gpu_id = context.system_properties.get("gpu_id")
+    device = f"cuda:{gpu_id}" if gpu_id is not None and torch.cuda.is_available() else "cpu"
+    options = (context.model_yaml_config or {}).get("handler") or {}
+    half = bool(options.get("half", False))
+    if half and device == "cpu":
+        logger.warning("%s: half precision needs a GPU; running fp32 on the CPU", spec.name)
+        half = False
+    runner = load_runner(artifact, artifact_format, device, half)
+    logger.info(
+        "%s: serving %s (%s%s) on %s",
+        spec.name,
+        artifact.name,
+        artifact_format,
+        ", fp16" if half else "",
+        runner.device,
+    )
+    return LoadedModel(runner, artifact, artifact_format, half)
+
+
+def artifact_format_of(path: Path) -> ArtifactFormat:
+    """``torchscript`` for ``.pt``, ``onnx`` for ``.onnx``; anything else is an error."""
+    for artifact_format, suffix in ARTIFACT_SUFFIX.items():
+        if path.suffix == suffix:
+            return artifact_format
+    raise ValueError(f"{path.name}: not an exported artifact (.pt or .onnx)")
+
+
+def _payload(request: Mapping[str, Any]) -> bytes:
+    for name in PAYLOAD_NAMES:
+        if name in request:
+            value = request[name]
+            if isinstance(value, bytes | bytearray | memoryview):
+                return bytes(value)
+            raise InvalidInputError(
+                f"input {name!r} must be binary (an image or a packed batch), "
+                f"got {type(value).__name__}; send it as application/octet-stream"
+            )
+    raise InvalidInputError(
+        f"request carries no input; send an image body or a packed batch named "
+        f"{PACKED_INPUT_NAME!r} (got inputs {sorted(request)})"
+    )
+
+
+def _options(request: Mapping[str, Any], headers: Mapping[str, Any]) -> dict[str, str]:
+    """Request headers and extra named inputs as one lower-cased, string-valued mapping.
+
+    (TorchServe 0.12 passes HTTP headers on to handlers but drops query parameters.)
+    """
+    options: dict[str, str] = {}
+    for source in (headers, request):
+        for name, value in source.items():
+            if name in PAYLOAD_NAMES:
+                continue
+            if isinstance(value, bytes | bytearray):
+                options[name.lower()] = bytes(value).decode("utf-8", "replace")
+            elif isinstance(value, str):
+                options[name.lower()] = value
+    return options
+
+
+def _by_item_shape(jobs: Sequence[_Job]) -> list[list[_Job]]:
+    """Group requests whose items can share one forward pass (same ``3×H×W``)."""
+    groups: dict[tuple[int, ...], list[_Job]] = {}
+    for job in jobs:
+        groups.setdefault(job.items.shape[1:], []).append(job)
+    return list(groups.values())
+
+
+def _fail(context: HandlerContext, index: int, exc: BaseException) -> bytes:
+    """Mark request ``index`` failed with the error table's status; return its JSON body."""
+    code = exc.http_status if isinstance(exc, CnnserveError) else 500
+    message = public_message(exc)
+    # The reason phrase stays the standard one: messages may hold non-ASCII (×, ≤), which an
+    # HTTP status line cannot carry; the body has the full message.
+    context.set_response_status(code, HTTPStatus(code).phrase, index)
+    context.set_response_content_type(index, JSON_CONTENT_TYPE)
+    return error_body(code, message)

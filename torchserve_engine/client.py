@@ -1,0 +1,184 @@
+"""An async client for TorchServe's gRPC inference API, as the gateway's backend uses it.
+
+One ``Predictions`` call carries a whole batch in the packed format
+(:mod:`cnnserve.handlers.packing`) and returns the raw outputs for every item. TorchServe's
+ways of failing are turned into cnnserve's errors here, so callers see one error table:
+
+- the handler rejects the batch (4xx): gRPC status is still OK and the error is in the body;
+- the model is unknown: INTERNAL with "Model not found" (not NOT_FOUND);
+- the inference key is missing, wrong or expired: PERMISSION_DENIED.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Literal
+
+import grpc
+import numpy as np
+from google.protobuf import empty_pb2
+
+from cnnserve.errors import (
+    CnnserveError,
+    DeadlineExceededError,
+    PayloadTooLargeError,
+    UnavailableError,
+    UnknownModelError,
+)
+from cnnserve.handlers.packing import PACKED_INPUT_NAME, pack, unpack_response
+from cnnserve.models.registry import MODELS
+from cnnserve.protocol import torchserve_inference_pb2 as pb
+from cnnserve.protocol import torchserve_inference_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+KeyKind = Literal["inference", "management"]
+#: Ping's status when every model has its minimum of running workers.
+HEALTHY = "Healthy"
+#: How long a readiness probe may take before the model counts as not ready.
+PROBE_TIMEOUT_S = 10.0
+
+
+def read_key(key_file: Path, kind: KeyKind) -> str:
+    """One key from TorchServe's ``key_file.json`` (written at start when tokens are on)."""
+    try:
+        keys = json.loads(key_file.read_text())
+        return str(keys[kind]["key"])
+    except FileNotFoundError:
+        raise UnavailableError(
+            f"TorchServe key file {key_file} not found; is TorchServe running with token "
+            "authorization (cnnserve torchserve start)?"
+        ) from None
+    except (ValueError, KeyError, TypeError):
+        raise UnavailableError(f"TorchServe key file {key_file} has no {kind} key") from None
+
+
+def read_inference_key(key_file: Path) -> str:
+    """The inference key from TorchServe's ``key_file.json``."""
+    return read_key(key_file, "inference")
+
+
+def _health_status(health: str) -> str:
+    """Ping's ``health`` is JSON text, ``{"status": "Healthy"}``; its status."""
+    try:
+        status = json.loads(health).get("status", "")
+    except (ValueError, AttributeError):
+        return health
+    return str(status)
+
+
+class TorchServeClient:
+    """Calls TorchServe's ``InferenceAPIsService`` over one gRPC channel.
+
+    ``target`` is a gRPC target (``127.0.0.1:7070``, or ``dns:///torchserve:7070`` to spread
+    calls round-robin over every address the name resolves to). ``inference_key`` is sent as
+    ``authorization: Bearer <key>``; ``None`` when TorchServe runs without tokens. Create it
+    inside the running event loop (the channel binds to it).
+    """
+
+    def __init__(
+        self, target: str, inference_key: str | None, max_message_bytes: int = 64 * 2**20
+    ) -> None:
+        self.target = target
+        self._max_message_bytes = max_message_bytes
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
+        ]
+        self._channel = grpc.aio.insecure_channel(target, options=options)
+        self._stub = pb_grpc.InferenceAPIsServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {inference_key}"),) if inference_key else ()
+        )
+
+    async def predict_batch(
+        self, model: str, batch: np.ndarray, timeout_s: float | None = None
+    ) -> np.ndarray:
+        """Run a float32 ``N×3×H×W`` batch through ``model``; its raw outputs, N first.
+
+        Raises :class:`InvalidInputError` when the handler rejects the batch,
+        :class:`UnknownModelError`, :class:`UnavailableError` (unreachable, not ready, key
+        refused), :class:`DeadlineExceededError` and :class:`PayloadTooLargeError`.
+        """
+        request = pb.PredictionsRequest(
+            model_name=model,
+            input={PACKED_INPUT_NAME: pack(batch, ndim=4, max_bytes=self._max_message_bytes)},
+        )
+        try:
+            response = await self._stub.Predictions(
+                request, timeout=timeout_s, metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(model, exc, timeout_s) from None
+        outputs = unpack_response(response.prediction, max_bytes=self._max_message_bytes)
+        if len(outputs) != len(batch):
+            raise CnnserveError(
+                f"TorchServe answered {len(outputs)} outputs for {len(batch)} items of {model}"
+            )
+        return outputs
+
+    async def ping(self) -> bool:
+        """Whether TorchServe answers and reports every model's workers running.
+
+        TorchServe reports healthy once workers *run*, before they have loaded the model;
+        :meth:`models_ready` is the check that a model can answer.
+        """
+        try:
+            response = await self._stub.Ping(
+                empty_pb2.Empty(), timeout=PROBE_TIMEOUT_S, metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        return _health_status(response.health) == HEALTHY
+
+    async def models_ready(self, models: list[str]) -> bool:
+        """Whether every one of ``models`` answers a one-item probe batch right now.
+
+        TorchServe's inference API has no per-model readiness call, so each model runs the
+        smallest input it accepts (one all-zero image) end to end; that also proves the key,
+        the handler and the artifact work. Models cnnserve does not know are never ready.
+        """
+        for model in models:
+            spec = MODELS.get(model)
+            if spec is None:
+                return False
+            height, width = spec.fixed_size or (spec.min_side, spec.min_side)
+            probe = np.zeros((1, 3, height, width), dtype=np.float32)
+            try:
+                await self.predict_batch(model, probe, timeout_s=PROBE_TIMEOUT_S)
+            except CnnserveError as exc:
+                logger.info("TorchServe model %s is not ready: %s", model, exc)
+                return False
+        return True
+
+    async def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        await self._channel.close()
+
+    def _error(
+        self, model: str, exc: grpc.aio.AioRpcError, timeout_s: float | None
+    ) -> CnnserveError:
+        code, details = exc.code(), exc.details() or ""
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return DeadlineExceededError(f"TorchServe did not answer {model} within {timeout_s} s")
+        if code == grpc.StatusCode.NOT_FOUND or (
+            code == grpc.StatusCode.INTERNAL and "Model not found" in details
+        ):
+            return UnknownModelError(f"TorchServe does not serve model {model!r}")
+        if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+            return UnavailableError(
+                f"TorchServe at {self.target} refused the inference key (missing, wrong or "
+                "expired); read it again from TorchServe's key_file.json"
+            )
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return PayloadTooLargeError(
+                f"the {model} batch or its answer exceeds the gRPC message limit: {details}"
+            )
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return UnavailableError(f"TorchServe at {self.target} is unavailable: {details}")
+        # TorchServe's own failures (a crashed worker, ...) stay internal; its log has them.
+        logger.warning("TorchServe failed on %s: %s %s", model, code.name, details)
+        return CnnserveError(f"TorchServe failed to run {model} ({code.name})")

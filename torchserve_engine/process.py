@@ -1,0 +1,364 @@
+"""Start, stop and inspect the TorchServe server that cnnserve runs.
+
+TorchServe's own launcher is unreliable as a readiness signal: ``torchserve --start`` exits 0
+even when a port is taken (the JVM dies seconds later) and ``/ping`` says healthy before any
+worker has loaded its model. So :func:`start` watches the JVM itself and returns only when
+the management API shows a READY worker for every model — or stops everything and raises
+with the reason from the logs.
+
+Each server gets a *run directory* beside its archives (``<model store>/.run``; hidden, so
+TorchServe never mistakes it for a model) holding ``config.properties``, ``log4j2.xml``,
+``key_file.json``, ``logs/`` and ``state.json``, and a private temporary directory for the
+pid file, worker sockets and unpacked archives — so several servers (tests running in
+parallel) never share files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from cnnserve.errors import UnavailableError
+from cnnserve.models.registry import MODELS
+from cnnserve.settings import Settings
+
+from . import TorchServeError
+from .archive import archive_name
+from .client import read_key
+from .config import config_properties, log4j2_xml
+
+RUN_DIR_NAME = ".run"
+STATE_FILE = "state.json"
+KEY_FILE = "key_file.json"
+LAUNCHER_OUTPUT = "torchserve.out"
+#: The Debian package to install when Java is missing.
+JAVA_PACKAGE = "openjdk-17-jre-headless"
+JVM_MAIN_CLASS = "org.pytorch.serve.ModelServer"
+#: TorchServe's launcher keeps the JVM's pid here, under the temporary directory.
+PID_FILE = ".model_server.pid"
+POLL_INTERVAL_S = 0.5
+STOP_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """A TorchServe started by :func:`start`; saved as ``state.json`` in its run directory."""
+
+    pid: int
+    run_dir: Path
+    tmp_dir: Path
+    model_store: Path
+    models: tuple[str, ...]
+    inference_url: str
+    management_url: str
+    metrics_url: str
+    grpc_target: str
+    #: TorchServe's ``key_file.json``; ``None`` when token authorization is off.
+    key_file: Path | None
+
+    def key(self, kind: str) -> str | None:
+        """The ``inference`` or ``management`` key; ``None`` without token authorization."""
+        if self.key_file is None:
+            return None
+        return read_key(self.key_file, "inference" if kind == "inference" else "management")
+
+    def save(self) -> None:
+        """Write ``state.json`` (stop and status read it)."""
+        state = {key: _jsonable(value) for key, value in asdict(self).items()}
+        (self.run_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, run_dir: Path) -> ServerInfo | None:
+        """The saved state in ``run_dir``; ``None`` when no server was started from it."""
+        try:
+            state = json.loads((run_dir / STATE_FILE).read_text())
+        except FileNotFoundError:
+            return None
+        for key in ("run_dir", "tmp_dir", "model_store"):
+            state[key] = Path(state[key])
+        state["key_file"] = Path(state["key_file"]) if state["key_file"] else None
+        state["models"] = tuple(state["models"])
+        return cls(**state)
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    """What :func:`status` found: whether the server runs and its workers' states by model."""
+
+    running: bool
+    info: ServerInfo | None
+    workers: dict[str, list[str]]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def run_dir_of(model_store: Path) -> Path:
+    """The run directory of the server serving ``model_store``."""
+    return model_store.resolve() / RUN_DIR_NAME
+
+
+def find_java() -> str:
+    """The ``java`` TorchServe will run (``$JAVA_HOME/bin/java``, else the one on PATH)."""
+    java_home = os.environ.get("JAVA_HOME")
+    java = str(Path(java_home) / "bin" / "java") if java_home else shutil.which("java")
+    if not java or not os.access(java, os.X_OK):
+        raise TorchServeError(
+            f"TorchServe needs Java 17, which is not installed; install it with "
+            f"`apt-get install -y {JAVA_PACKAGE}` (or set JAVA_HOME)"
+        )
+    return java
+
+
+def start(settings: Settings, model_store: Path | None = None) -> ServerInfo:
+    """Start TorchServe on ``model_store`` and return once every model has a READY worker.
+
+    Raises :class:`TorchServeError` with the reason when Java or an archive is missing, a
+    server already runs from this store, the JVM exits (e.g. a port is taken) or a model has
+    no READY worker within ``settings.torchserve_start_timeout_s``; nothing is left running.
+    """
+    find_java()
+    store = (model_store or settings.model_store_dir).resolve()
+    models = tuple(MODELS)
+    missing = [archive_name(m) for m in models if not (store / archive_name(m)).is_file()]
+    if missing:
+        raise TorchServeError(
+            f"{', '.join(missing)} not found in {store}; build them with `cnnserve archive`"
+        )
+    run_dir = run_dir_of(store)
+    previous = ServerInfo.load(run_dir)
+    if previous is not None:
+        if _jvm(previous.pid) is not None:
+            raise TorchServeError(
+                f"TorchServe already runs from {store} (pid {previous.pid}); "
+                "stop it with `cnnserve torchserve stop`"
+            )
+        _clean(previous)
+    info = _launch(settings, store, run_dir, models)
+    try:
+        _wait_until_ready(info, settings.torchserve_start_timeout_s)
+    except BaseException:
+        # Also on Ctrl-C: a half-started server must not outlive the command.
+        _terminate(info)
+        raise
+    info.save()
+    return info
+
+
+def _launch(settings: Settings, store: Path, run_dir: Path, models: tuple[str, ...]) -> ServerInfo:
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    (run_dir / KEY_FILE).unlink(missing_ok=True)
+    config = run_dir / "config.properties"
+    config.write_text(config_properties(settings, store, [archive_name(m) for m in models]))
+    log_config = run_dir / "log4j2.xml"
+    log_config.write_text(log4j2_xml(logs))
+    # Short and private: worker sockets live here and a socket path must stay under 108 bytes.
+    tmp_dir = Path(tempfile.mkdtemp(prefix="cnnserve-ts-"))
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TS_")}
+    env.update(TEMP=str(tmp_dir), TMPDIR=str(tmp_dir), LOG_LOCATION=str(logs))
+    env["METRICS_LOCATION"] = str(logs)
+    command = [
+        # TorchServe runs its workers with the Python that launched it: this one, which has
+        # cnnserve installed, so the handlers can import it.
+        sys.executable,
+        "-m",
+        "ts.model_server",
+        "--start",
+        "--ts-config",
+        str(config),
+        "--model-store",
+        str(store),
+        "--log-config",
+        str(log_config),
+        "--no-config-snapshots",
+    ]
+    with (logs / LAUNCHER_OUTPUT).open("ab") as output:
+        # A new session: the server is a daemon, not a child of this terminal's job.
+        launcher = subprocess.run(
+            command,
+            cwd=run_dir,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            timeout=60,
+            check=False,
+        )
+    try:
+        pid = int((tmp_dir / PID_FILE).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise TorchServeError(
+            f"TorchServe's launcher failed (exit {launcher.returncode}): "
+            f"{_log_tail(logs / LAUNCHER_OUTPUT)}"
+        ) from None
+    host = settings.torchserve_host
+    url_host = f"[{host}]" if ":" in host else host
+    return ServerInfo(
+        pid=pid,
+        run_dir=run_dir,
+        tmp_dir=tmp_dir,
+        model_store=store,
+        models=models,
+        inference_url=f"http://{url_host}:{settings.torchserve_inference_port}",
+        management_url=f"http://{url_host}:{settings.torchserve_management_port}",
+        metrics_url=f"http://{url_host}:{settings.torchserve_metrics_port}",
+        grpc_target=f"{url_host}:{settings.torchserve_grpc_inference_port}",
+        key_file=run_dir / KEY_FILE if settings.torchserve_token_auth else None,
+    )
+
+
+def _wait_until_ready(info: ServerInfo, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    workers: dict[str, list[str]] = {}
+    with httpx.Client(timeout=5.0) as http:
+        while time.monotonic() < deadline:
+            jvm = _jvm(info.pid)
+            if jvm is None:
+                raise TorchServeError(f"TorchServe exited while starting: {_failure_reason(info)}")
+            workers = _workers(http, info)
+            if all("READY" in states for states in workers.values()):
+                _check_listening(jvm, info)
+                return
+            time.sleep(POLL_INTERVAL_S)
+    waiting = [model for model in info.models if "READY" not in workers.get(model, [])]
+    raise TorchServeError(
+        f"no READY worker for {', '.join(waiting)} after {timeout_s:.0f} s; "
+        f"worker log: {_log_tail(info.run_dir / 'logs' / 'model_log.log')}"
+    )
+
+
+def _workers(http: httpx.Client, info: ServerInfo) -> dict[str, list[str]]:
+    """Worker states by model from the management API (empty lists when unanswered)."""
+    try:
+        key = info.key("management")
+    except UnavailableError:  # key file not written (completely) yet
+        return {model: [] for model in info.models}
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    states: dict[str, list[str]] = {}
+    for model in info.models:
+        try:
+            response = http.get(f"{info.management_url}/models/{model}", headers=headers)
+            described = response.json() if response.status_code == 200 else []
+        except (httpx.HTTPError, ValueError):
+            described = []
+        states[model] = [
+            str(worker.get("status")) for entry in described for worker in entry.get("workers", [])
+        ]
+    return states
+
+
+def _check_listening(jvm: psutil.Process, info: ServerInfo) -> None:
+    """Fail if another process, not our JVM, holds one of the ports we were answered on."""
+    ports = {int(url.rsplit(":", 1)[1]) for url in (info.inference_url, info.management_url)}
+    ports.add(int(info.grpc_target.rsplit(":", 1)[1]))
+    listening = {
+        conn.laddr.port
+        for conn in jvm.net_connections(kind="tcp")
+        if conn.status == psutil.CONN_LISTEN
+    }
+    if ports - listening:
+        raise TorchServeError(
+            f"port(s) {sorted(ports - listening)} answer but not from this TorchServe "
+            f"(pid {info.pid}); another server holds them"
+        )
+
+
+def stop(model_store: Path) -> bool:
+    """Stop the TorchServe serving ``model_store`` and its workers; ``False`` if none ran."""
+    info = ServerInfo.load(run_dir_of(model_store))
+    if info is None:
+        return False
+    _terminate(info)
+    return True
+
+
+def _terminate(info: ServerInfo) -> None:
+    """``torchserve --stop --foreground`` (it waits), then make sure no process survives."""
+    jvm = _jvm(info.pid)
+    processes = [jvm, *jvm.children(recursive=True)] if jvm is not None else []
+    if jvm is not None:
+        env = dict(os.environ, TEMP=str(info.tmp_dir), TMPDIR=str(info.tmp_dir))
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            subprocess.run(
+                [sys.executable, "-m", "ts.model_server", "--stop", "--foreground"],
+                cwd=info.run_dir,
+                env=env,
+                capture_output=True,
+                timeout=STOP_TIMEOUT_S + 10,
+                check=False,
+            )
+    _, alive = psutil.wait_procs(processes, timeout=STOP_TIMEOUT_S)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(alive, timeout=10)
+    _clean(info)
+
+
+def _clean(info: ServerInfo) -> None:
+    shutil.rmtree(info.tmp_dir, ignore_errors=True)
+    (info.run_dir / STATE_FILE).unlink(missing_ok=True)
+    (info.run_dir / KEY_FILE).unlink(missing_ok=True)
+
+
+def status(model_store: Path, timeout_s: float = 5.0) -> ServerStatus:
+    """Whether a server runs from ``model_store``, and its workers' states by model."""
+    info = ServerInfo.load(run_dir_of(model_store))
+    if info is None or _jvm(info.pid) is None:
+        return ServerStatus(running=False, info=info, workers={})
+    with httpx.Client(timeout=timeout_s) as http:
+        return ServerStatus(running=True, info=info, workers=_workers(http, info))
+
+
+def _jvm(pid: int) -> psutil.Process | None:
+    """The TorchServe JVM with ``pid``, or ``None`` if it is gone (or the pid was reused)."""
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE or JVM_MAIN_CLASS not in process.cmdline():
+            return None
+    except psutil.Error:
+        return None
+    return process
+
+
+def _failure_reason(info: ServerInfo) -> str:
+    """The most telling line of TorchServe's logs after it died."""
+    logs = info.run_dir / "logs"
+    lines = [
+        line
+        for path in (logs / LAUNCHER_OUTPUT, logs / "ts_log.log")
+        if path.exists()
+        for line in path.read_text(errors="replace").splitlines()
+    ]
+    for marker in ("Failed to bind", "Address already in use"):
+        for line in lines:
+            if marker in line:
+                return f"{line.split(' - ', 1)[-1].strip()} (is another server using the port?)"
+    return f"{_log_tail(logs / LAUNCHER_OUTPUT)} (logs in {logs})"
+
+
+def _log_tail(path: Path, lines: int = 3) -> str:
+    """The last lines of a log, on one line, for an error message."""
+    if not path.exists():
+        return f"{path} is empty"
+    tail = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return " | ".join(tail[-lines:]) or f"{path} is empty"
