@@ -22,6 +22,8 @@ from cnnserve.models.registry import MODELS, get_spec
 from cnnserve.models.runtime import ARTIFACT_SUFFIX, ArtifactFormat, Runner, load_runner
 from cnnserve.settings import Settings
 
+from .torchserve_backend import TorchServeBackend
+
 logger = logging.getLogger(__name__)
 
 
@@ -154,5 +156,4 @@ def create_backend(settings: Settings) -> Backend:
             device=settings.device,
             half=settings.half_precision,
         )
-    # The torchserve backend lands together with TorchServe's gRPC client (issue 3).
-    raise UnavailableError(f"the {settings.backend} backend is not available yet")
+    return TorchServeBackend.from_settings(settings)

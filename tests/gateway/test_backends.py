@@ -1,7 +1,10 @@
-"""The in-process backends run the real exported artifacts and agree with each other."""
+"""The backends: in-process ones on the real exported artifacts (agreeing with each other);
+the torchserve backend against a real TorchServe, and without one.
+"""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,6 +14,7 @@ import pytest_asyncio
 
 from cnnserve.errors import UnavailableError
 from cnnserve.gateway.backends import Backend, InProcessBackend, create_backend
+from cnnserve.gateway.torchserve_backend import TorchServeBackend
 from cnnserve.settings import Settings
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -86,3 +90,46 @@ async def test_missing_artifact_says_how_to_make_it(tmp_path: Path) -> None:
     with pytest.raises(UnavailableError, match=r"convnet\.pt is missing; run `cnnserve export"):
         await backend.start()
     await backend.close()
+
+
+def _closed_port() -> int:
+    """A local port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_torchserve_backend_without_torchserve_is_unavailable(tmp_path: Path) -> None:
+    settings = Settings(
+        backend="torchserve",
+        torchserve_grpc_target=f"127.0.0.1:{_closed_port()}",
+        torchserve_token_auth=False,
+        torchserve_response_timeout_s=5,
+    )
+    backend = create_backend(settings)
+    assert backend.describe() == "torchserve"
+    await backend.start()
+    try:
+        assert not await backend.ready("convnet")
+        with pytest.raises(UnavailableError, match="is unavailable"):
+            await backend.infer_batch("convnet", _batch(1, 28, 28, 0))
+    finally:
+        await backend.close()
+
+
+async def test_torchserve_backend_reads_the_key_when_it_appears(tmp_path: Path) -> None:
+    key_file = tmp_path / "key_file.json"
+    backend = TorchServeBackend(
+        f"127.0.0.1:{_closed_port()}", key_file, max_message_bytes=2**20, timeout_s=5
+    )
+    await backend.start()  # TorchServe not started yet: not fatal
+    try:
+        with pytest.raises(UnavailableError, match=r"key_file\.json not found"):
+            await backend.infer_batch("convnet", _batch(1, 28, 28, 0))
+        assert not await backend.ready("convnet")
+        key_file.write_text('{"inference": {"key": "k1"}, "management": {"key": "k2"}}')
+        # With the key read, the call now gets as far as the (absent) server.
+        with pytest.raises(UnavailableError, match="is unavailable"):
+            await backend.infer_batch("convnet", _batch(1, 28, 28, 0))
+    finally:
+        await backend.close()
