@@ -151,6 +151,13 @@ def decode_values(
         ) from None
     if given.size != count:
         raise _count_error(name, datatype, dims, given.size)
+    if dtype.kind in "iu" and given.size and given.dtype.kind in "fO":
+        # Integers past int64 make numpy guess float64 (losing digits) or object: when every
+        # value is a Python int, range-check the values as given.
+        exact = np.asarray(values, dtype=object).reshape(dims)
+        if all(type(v) is int for v in exact.flat):
+            _check_range(name, datatype, dtype, min(exact.flat), max(exact.flat))
+            return exact.astype(dtype)
     return _convert(name, datatype, dtype, given.reshape(dims))
 
 
@@ -176,19 +183,24 @@ def _convert(
             raise InvalidInputError(
                 f"tensor {name!r}: {datatype} data must be integers, got {_kind_name(kind)}"
             )
-        info = np.iinfo(dtype)  # type: ignore[type-var]
-        low, high = int(given.min()), int(given.max())
-        if low < info.min or high > info.max:
-            raise InvalidInputError(
-                f"tensor {name!r}: {datatype} values must lie in [{info.min}, {info.max}], "
-                f"got values in [{low}, {high}]"
-            )
+        _check_range(name, datatype, dtype, int(given.min()), int(given.max()))
         return given.astype(dtype)
     if kind not in "iuf":
         raise InvalidInputError(
             f"tensor {name!r}: {datatype} data must be numbers, got {_kind_name(kind)}"
         )
     return given.astype(dtype)
+
+
+def _check_range(
+    name: str, datatype: str, dtype: np.dtype[np.generic], low: int, high: int
+) -> None:
+    info = np.iinfo(dtype)  # type: ignore[type-var]
+    if low < info.min or high > info.max:
+        raise InvalidInputError(
+            f"tensor {name!r}: {datatype} values must lie in [{info.min}, {info.max}], "
+            f"got values in [{low}, {high}]"
+        )
 
 
 def _kind_name(kind: str) -> str:

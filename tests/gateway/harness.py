@@ -1,0 +1,136 @@
+"""A real gateway on free ports for transport tests, and what they read back from it."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from cnnserve.gateway.backends import Backend
+from cnnserve.gateway.core import InferenceCore, create_core
+from cnnserve.gateway.server import Gateway
+from cnnserve.models.steps import normalize
+from cnnserve.settings import Settings
+from tests.images import digit_png
+
+
+def gateway_settings(artifacts_dir: Path, **overrides: Any) -> Settings:
+    """Settings for an in-process onnxruntime gateway on free ports (port 0 everywhere)."""
+    values: dict[str, Any] = {
+        "artifacts_dir": artifacts_dir,
+        "backend": "onnxruntime",
+        "device": "cpu",
+        "host": "127.0.0.1",
+        "grpc_port": 0,
+        "http_port": 0,
+        "metrics_port": 0,
+        "drain_grace_s": 10.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@asynccontextmanager
+async def running_gateway(
+    settings: Settings, core: InferenceCore | None = None
+) -> AsyncIterator[Gateway]:
+    """A started gateway (the real core over ``settings.backend`` unless ``core`` is given)."""
+    gateway = Gateway(settings, core or await create_core(settings))
+    await gateway.start()
+    try:
+        yield gateway
+    finally:
+        await gateway.stop(5.0)
+
+
+class ExplodingBackend:
+    """A backend whose batches fail with an internal detail that must never reach a caller."""
+
+    SECRET = "secret-internal-detail-/opt/model/weights"
+
+    async def start(self) -> None:
+        """Nothing to load."""
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+    async def infer_batch(self, model: str, batch: np.ndarray) -> np.ndarray:
+        """Fail like a bug would."""
+        raise RuntimeError(self.SECRET)
+
+    async def ready(self, model: str) -> bool:
+        """Claims readiness so requests reach :meth:`infer_batch`."""
+        return True
+
+    def describe(self) -> str:
+        """Platform name for metadata."""
+        return "exploding"
+
+
+def exploding_core(settings: Settings) -> InferenceCore:
+    """A real inference core over :class:`ExplodingBackend`."""
+    backend: Backend = ExplodingBackend()
+    return InferenceCore(settings, backend)
+
+
+async def metric_samples(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample on the metrics endpoint: ``(name, labels) → value``."""
+    async with httpx.AsyncClient() as client:
+        reply = await client.get(f"http://127.0.0.1:{port}/metrics")
+    reply.raise_for_status()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(reply.text)
+        for sample in family.samples
+    }
+
+
+async def metric(port: int, name: str, **labels: str) -> float:
+    """One sample's value (0 when absent)."""
+    return (await metric_samples(port)).get((name, frozenset(labels.items())), 0.0)
+
+
+async def wait_for_metric(port: int, name: str, at_least: float, **labels: str) -> None:
+    """Poll until a sample reaches ``at_least`` (the tests' only way to wait on the server)."""
+    for _ in range(500):
+        if await metric(port, name, **labels) >= at_least:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{name}{labels} never reached {at_least}")
+
+
+def digit_pixels(indices: Sequence[int]) -> tuple[np.ndarray, list[int]]:
+    """Held-out digits as UINT8 ``N×3×28×28`` pixels (what the gateway makes of the PNGs)."""
+    from cnnserve.models.registry import get_spec
+
+    spec = get_spec("convnet")
+    pngs = [digit_png(i) for i in indices]
+    pixels = np.stack([spec.image_to_pixels(png) for png, _ in pngs])
+    return pixels, [label for _, label in pngs]
+
+
+def digit_input(indices: Sequence[int]) -> tuple[np.ndarray, list[int]]:
+    """Held-out digits as the FP32 ``N×3×28×28`` network input, and their labels."""
+    pixels, labels = digit_pixels(indices)
+    return normalize(pixels), labels
+
+
+def raw_bytes_elements(items: Sequence[bytes]) -> bytes:
+    """The OIP raw format of a BYTES tensor, written out by hand (independent of the codec)."""
+    return b"".join(struct.pack("<I", len(item)) + item for item in items)
+
+
+def free_port() -> int:
+    """A port free right now (for a subprocess that must be told its ports)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
