@@ -24,6 +24,7 @@ from cnnserve.errors import (
     DeadlineExceededError,
     InvalidInputError,
     OverloadedError,
+    PayloadTooLargeError,
     UnavailableError,
 )
 from cnnserve.gateway.batcher import BatchFn, DynamicBatcher
@@ -200,7 +201,11 @@ async def test_full_queue_answers_overloaded_at_once() -> None:
         model.release()
         np.testing.assert_array_equal(await queued, items(2, 4) * 2)
         await busy
+        # A request that could never fit is told so, rather than to retry.
+        with pytest.raises(PayloadTooLargeError, match="queue holds at most 4"):
+            await b.submit(items(5, 5))
     assert not model.saw(3)
+    assert not model.saw(5)
 
 
 async def test_failing_batch_fails_only_its_requests_and_the_loop_goes_on(
