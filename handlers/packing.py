@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import tokenize
 
 import numpy as np
 
@@ -106,7 +107,7 @@ def _read_header(data: bytes) -> tuple[np.dtype, tuple[int, ...], int]:
             shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
         else:
             raise InvalidInputError(f"packed batch uses unsupported .npy version {major}")
-    except (ValueError, SyntaxError) as exc:  # a malformed or oversized header
+    except (ValueError, SyntaxError, tokenize.TokenError) as exc:  # malformed/oversized header
         raise InvalidInputError(f"packed batch has a malformed .npy header: {exc}") from None
     if fortran_order:
         raise InvalidInputError("packed batch must be in C order, got Fortran order")
@@ -141,7 +142,7 @@ def _dtype_name(dtype: np.dtype) -> str:
 
 def error_body(code: int, message: str) -> bytes:
     """The JSON body of a failed request: ``{"code": 400, "message": "..."}``."""
-    return json.dumps({"code": code, "message": message}).encode()
+    return json.dumps({"code": code, "message": message}, ensure_ascii=False).encode()
 
 
 def unpack_response(data: bytes, max_bytes: int = MAX_PACKED_BYTES) -> np.ndarray:

@@ -1,7 +1,10 @@
-"""Fixtures shared across the suite: exported artifacts built once per session."""
+"""Fixtures shared across the suite: exported artifacts and a TorchServe, once per session."""
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,9 @@ import pytest
 from cnnserve.export.exporter import export_model
 from cnnserve.models.checkpoint import load_network
 from cnnserve.models.registry import MODELS
+from cnnserve.settings import Settings
+from cnnserve.torchserve_engine.archive import archive_models
+from cnnserve.torchserve_engine.process import KEY_FILE, ServerInfo, run_dir_of, start, stop
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +24,79 @@ def artifacts_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for spec in MODELS.values():
         export_model(spec, load_network(spec, spec.weights_path), out, spec.weights_path)
     return out
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct ports free on ``host`` right now (held together while chosen)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def torchserve_settings(model_store: Path) -> Settings:
+    """Settings for a test TorchServe on free ports, serving ``model_store`` with tokens on."""
+    inference, management, metrics, grpc_inference, grpc_management, workers = free_ports(6)
+    return Settings(
+        model_store_dir=model_store,
+        torchserve_host="127.0.0.1",
+        torchserve_inference_port=inference,
+        torchserve_management_port=management,
+        torchserve_metrics_port=metrics,
+        torchserve_grpc_inference_port=grpc_inference,
+        torchserve_grpc_management_port=grpc_management,
+        torchserve_initial_worker_port=workers,
+        torchserve_token_auth=True,
+        torchserve_key_file=run_dir_of(model_store) / KEY_FILE,
+        torchserve_grpc_target=None,
+    )
+
+
+@dataclass(frozen=True)
+class RunningTorchServe:
+    """The session's TorchServe: its settings (ports, key file), server and archives."""
+
+    settings: Settings
+    server: ServerInfo
+    model_store: Path
+    artifacts_dir: Path
+
+    @property
+    def inference_key(self) -> str:
+        """The key TorchServe expects on inference calls (REST and gRPC)."""
+        key = self.server.key("inference")
+        assert key is not None
+        return key
+
+    @property
+    def rest_url(self) -> str:
+        """Base URL of the REST inference API (``{rest_url}/predictions/<model>``)."""
+        return self.server.inference_url
+
+    @property
+    def grpc_target(self) -> str:
+        """The gRPC inference API's address."""
+        return self.server.grpc_target
+
+
+@pytest.fixture(scope="session")
+def torchserve(
+    artifacts_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningTorchServe]:
+    """A real TorchServe (JVM + one worker per model) serving the TorchScript archives.
+
+    Started once per session with ``cnnserve.torchserve_engine.process.start`` on free ports,
+    token authorization on; stopped (and checked gone) at the end.
+    """
+    model_store = tmp_path_factory.mktemp("model_store")
+    settings = torchserve_settings(model_store)
+    archive_models(artifacts_dir, model_store, "torchscript", False, settings)
+    server = start(settings, model_store)
+    try:
+        yield RunningTorchServe(settings, server, model_store, artifacts_dir)
+    finally:
+        stop(model_store)

@@ -1,0 +1,92 @@
+"""The ConvNet entry point: a digit image in, the right digit (top-k JSON) out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ts.context import Context
+
+from cnnserve.handlers import convnet_handler
+from cnnserve.handlers.convnet_handler import DEFAULT_TOP_K, render_classification
+from cnnserve.handlers.service import ModelHandler
+from cnnserve.models.registry import get_spec
+from cnnserve.models.runtime import load_runner
+from cnnserve.models.steps import normalize, softmax
+
+from ..images import digit_png
+from .harness import call, make_context, request
+
+DIGITS = range(10)
+
+
+@pytest.fixture(scope="module")
+def handler_and_context(artifacts_dir: Path) -> tuple[ModelHandler, Context]:
+    handler = ModelHandler("convnet", render_classification)
+    context = make_context("convnet", artifacts_dir, "convnet.pt")
+    handler.handle(None, context)
+    return handler, context
+
+
+def test_digits_come_back_right_with_the_in_process_probabilities(
+    handler_and_context: tuple[ModelHandler, Context], artifacts_dir: Path
+) -> None:
+    handler, context = handler_and_context
+    spec = get_spec("convnet")
+    runner = load_runner(artifacts_dir / "convnet.pt", "torchscript", "cpu")
+    images = [digit_png(i, invert=i % 2 == 1) for i in DIGITS]
+    answers = call(handler.handle, context, [request(png) for png, _ in images])
+    correct = 0
+    for (png, label), answer in zip(images, answers, strict=True):
+        assert answer.status == 200
+        predictions = json.loads(answer.body)["predictions"]
+        assert len(predictions) == DEFAULT_TOP_K
+        probabilities = softmax(runner.infer(normalize(spec.image_to_pixels(png))[None]))[0]
+        best = int(np.argmax(probabilities))
+        assert predictions[0]["index"] == best
+        assert predictions[0]["label"] == spec.labels[best]
+        assert predictions[0]["probability"] == pytest.approx(float(probabilities[best]), abs=1e-5)
+        assert [p["probability"] for p in predictions] == sorted(
+            (p["probability"] for p in predictions), reverse=True
+        )
+        correct += predictions[0]["label"] == str(label)
+    assert correct >= 9  # the demo weights score 98% on held-out digits
+
+
+def test_top_k_comes_from_the_x_top_k_header(
+    handler_and_context: tuple[ModelHandler, Context],
+) -> None:
+    handler, context = handler_and_context
+    png, _ = digit_png(4)
+    answers = call(
+        handler.handle,
+        context,
+        [
+            request(png, headers={"X-Top-K": "10"}),
+            request(png, headers={"x-top-k": "1"}),
+            request(png, headers={"X-Top-K": "many"}),
+            request(png, headers={"X-Top-K": "0"}),
+        ],
+    )
+    assert [a.status for a in answers] == [200, 200, 400, 400]
+    ten = json.loads(answers[0].body)["predictions"]
+    assert sorted(p["label"] for p in ten) == [str(d) for d in range(10)]
+    assert sum(p["probability"] for p in ten) == pytest.approx(1.0, abs=1e-5)
+    assert json.loads(answers[1].body)["predictions"] == ten[:1]
+    assert "X-Top-K must be an integer, got 'many'" in answers[2].body.decode()
+    assert "top-k must be at least 1, got 0" in answers[3].body.decode()
+
+
+def test_the_module_entry_point_serves_convnet(artifacts_dir: Path) -> None:
+    """What TorchServe imports from the archive: ``handle`` loads on ``None``, then answers."""
+    context = make_context("convnet", artifacts_dir, "convnet.onnx")
+    assert convnet_handler.handle(None, context) is None
+    spec = get_spec("convnet")
+    runner = load_runner(artifacts_dir / "convnet.onnx", "onnx", "cpu")
+    png, _ = digit_png(7)
+    (answer,) = call(convnet_handler.handle, context, [request(png)])
+    best = int(np.argmax(runner.infer(normalize(spec.image_to_pixels(png))[None])[0]))
+    assert answer.status == 200
+    assert json.loads(answer.body)["predictions"][0]["label"] == spec.labels[best]
