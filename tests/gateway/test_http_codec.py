@@ -108,9 +108,7 @@ def test_refuses_invalid_json() -> None:
 
 
 def test_refuses_header_length_past_the_body() -> None:
-    assert "Inference-Header-Content-Length is 99 but the body has 2 bytes" in _refusal(
-        b"{}", 99
-    )
+    assert "Inference-Header-Content-Length is 99 but the body has 2 bytes" in _refusal(b"{}", 99)
 
 
 def test_refuses_bytes_no_input_claims() -> None:
