@@ -16,6 +16,7 @@ from cnnserve.errors import UnavailableError
 from cnnserve.gateway.backends import Backend, InProcessBackend, create_backend
 from cnnserve.gateway.torchserve_backend import TorchServeBackend
 from cnnserve.settings import Settings
+from tests.conftest import RunningTorchServe
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -130,6 +131,45 @@ async def test_torchserve_backend_reads_the_key_when_it_appears(tmp_path: Path) 
         key_file.write_text('{"inference": {"key": "k1"}, "management": {"key": "k2"}}')
         # With the key read, the call now gets as far as the (absent) server.
         with pytest.raises(UnavailableError, match="is unavailable"):
+            await backend.infer_batch("convnet", _batch(1, 28, 28, 0))
+    finally:
+        await backend.close()
+
+
+@pytest.mark.torchserve
+async def test_torchserve_backend_agrees_with_the_in_process_ones(
+    torchserve: RunningTorchServe, backends: dict[str, Backend]
+) -> None:
+    backend = create_backend(torchserve.settings.model_copy(update={"backend": "torchserve"}))
+    await backend.start()
+    try:
+        assert await backend.ready("convnet")
+        assert await backend.ready("fcn")
+        cases = [("convnet", n, 28, 28) for n in (2, 3, 1)]
+        cases += [("fcn", 2, 7, 7), ("fcn", 3, 28, 45)]
+        for model, n, height, width in cases:
+            x = _batch(n, height, width, seed=n + height)
+            remote = await backend.infer_batch(model, x)
+            local = await backends["onnxruntime"].infer_batch(model, x)
+            assert remote.shape == local.shape
+            assert np.abs(remote - local).max() <= PARITY_TOLERANCE
+    finally:
+        await backend.close()
+
+
+@pytest.mark.torchserve
+async def test_torchserve_backend_with_a_wrong_key_is_unavailable(
+    torchserve: RunningTorchServe, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "key_file.json"
+    key_file.write_text('{"inference": {"key": "wrong"}, "management": {"key": "wrong"}}')
+    backend = TorchServeBackend(
+        torchserve.grpc_target, key_file, max_message_bytes=2**24, timeout_s=30
+    )
+    await backend.start()
+    try:
+        assert not await backend.ready("convnet")
+        with pytest.raises(UnavailableError, match="refused the inference key"):
             await backend.infer_batch("convnet", _batch(1, 28, 28, 0))
     finally:
         await backend.close()

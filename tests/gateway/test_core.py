@@ -27,6 +27,7 @@ from cnnserve.gateway.domain import DATATYPES, InferRequest, RequestedOutput, Te
 from cnnserve.models.registry import get_spec
 from cnnserve.models.steps import normalize, softmax
 from cnnserve.settings import Settings
+from tests.conftest import RunningTorchServe
 from tests.images import digit_png, encode, shapes_png
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -565,3 +566,26 @@ async def test_read_only_input_buffers_are_served(core: InferenceCore) -> None:
     plain = await core.infer(request("convnet", tensor("input", x), outputs=wanted))
     np.testing.assert_array_equal(frozen.outputs[0].data, plain.outputs[0].data)
     assert frozen.outputs[0].data.argmax(axis=1).tolist() == labels
+
+
+@pytest.mark.torchserve
+async def test_core_over_torchserve_classifies_and_segments(torchserve: RunningTorchServe) -> None:
+    settings = torchserve.settings.model_copy(
+        update={"backend": "torchserve", "max_batch_delay_ms": 20}
+    )
+    core = await create_core(settings)
+    await core.start()
+    try:
+        assert await core.server_ready()
+        assert core.model_metadata("convnet").platform == "torchserve"
+        pngs = [digit_png(i) for i in range(3)]
+        responses = await asyncio.gather(
+            *(core.infer(request("convnet", images(png))) for png, _ in pngs)
+        )
+        got = [by_name(r.outputs)["labels"].data[0, 0].decode() for r in responses]
+        assert got == [str(label) for _, label in pngs]
+        png, truth = shapes_png(seed=3, side=64)
+        response = await core.infer(request("fcn", images(png)))
+        assert float((by_name(response.outputs)["mask"].data[0] == truth).mean()) > 0.8
+    finally:
+        await core.stop(grace_s=5)
