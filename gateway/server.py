@@ -100,7 +100,18 @@ class Gateway:
         self.metrics_port = 0
 
     async def start(self) -> None:
-        """Start the core, then the listeners; ports of 0 are replaced by the bound ones."""
+        """Start the core, then the listeners; ports of 0 are replaced by the bound ones.
+
+        When any part fails to start (a port taken, a model missing) what did start is
+        stopped again before the error propagates.
+        """
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop(0.0)
+            raise
+
+    async def _start(self) -> None:
         s = self.settings
         await self.core.start()
         self._metrics = await _start_http(
