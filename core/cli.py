@@ -243,6 +243,81 @@ def torchserve_status(model_store: ModelStoreOption = None) -> None:
         typer.echo(f"  {model}: {', '.join(states) or 'no workers'}")
 
 
+BackendChoice = Literal["torchserve", "onnxruntime", "torchscript"]
+
+
+@app.command()
+def serve(
+    backend: Annotated[
+        BackendChoice | None,
+        typer.Option(help="Where batches run. Default: settings.backend (onnxruntime)."),
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Address to bind. Default: 127.0.0.1.")] = None,
+    grpc_port: Annotated[int | None, typer.Option(help="OIP gRPC port. Default: 8001.")] = None,
+    http_port: Annotated[int | None, typer.Option(help="OIP REST port. Default: 8000.")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Prometheus metrics port. Default: 8002.")
+    ] = None,
+) -> None:
+    """Run the gateway (gRPC, HTTP, metrics) until SIGTERM/Ctrl-C, then drain and exit.
+
+    Flags override the CNNSERVE_* environment; every other setting comes from there.
+    """
+    import asyncio
+    import logging
+
+    from cnnserve.gateway.server import run_gateway
+    from cnnserve.settings import Settings
+
+    overrides = {
+        "backend": backend,
+        "host": host,
+        "grpc_port": grpc_port,
+        "http_port": http_port,
+        "metrics_port": metrics_port,
+    }
+    settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    with user_errors():
+        asyncio.run(run_gateway(settings))
+
+
+@app.command()
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="PNG/JPEG files.", exists=True)],
+    model: Annotated[str, typer.Option(help="convnet (labels) or fcn (mask PNGs).")] = "convnet",
+    http: Annotated[bool, typer.Option("--http", help="Use REST instead of gRPC.")] = False,
+    host: Annotated[str, typer.Option(help="Gateway address.")] = "127.0.0.1",
+    port: Annotated[
+        int | None, typer.Option(help="Gateway port. Default: settings' gRPC or HTTP port.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="fcn: directory for masks. Default: beside each image.")
+    ] = None,
+) -> None:
+    """Classify digits (convnet) or write segmentation masks (fcn) through a running gateway."""
+    from cnnserve.client.inference import ServerError, connect
+    from cnnserve.client.predict import classify_files, segment_files
+    from cnnserve.settings import Settings
+
+    settings = Settings()
+    port = port or (settings.http_port if http else settings.grpc_port)
+    with connect(host, port, http=http) as client:
+        try:
+            lines = (
+                segment_files(client, images, model, out)
+                if model == "fcn"
+                else classify_files(client, images, model)
+            )
+            for line in lines:
+                typer.echo(line)
+        except ServerError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+
 def main() -> None:
     """Entry point for ``python -m cnnserve``."""
     sys.exit(app())

@@ -1,0 +1,227 @@
+"""Call cnnserve (or any Open Inference Protocol server) from a Python program.
+
+>>> with connect("127.0.0.1", 8001) as client:            # gRPC; http=True for REST
+...     client.classify([open("digit.png", "rb").read()])  # [Classification('7', 0.99)]
+...     client.segment(open("scene.png", "rb").read())     # H×W uint8 class mask
+...     client.infer("convnet", {"pixels": pixels})        # raw tensors in and out
+
+Tensors travel raw on both transports (gRPC ``raw_input_contents``; HTTP binary tensor
+extension), encoded by the same codecs the server decodes with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+import grpc
+import httpx
+import numpy as np
+
+from cnnserve.gateway.domain import DATATYPES, InferRequest, InferResponse, RequestedOutput, Tensor
+from cnnserve.gateway.grpc_codec import request_to_proto, response_from_proto
+from cnnserve.gateway.http_codec import HEADER_LENGTH, decode_infer_response, encode_infer_request
+from cnnserve.protocol import open_inference_pb2 as pb
+from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
+
+#: Largest message either side of a call may carry (the server has its own limit).
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+class ServerError(Exception):
+    """The server answered with an error: its status (gRPC code name or HTTP status) and
+    message."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Classification:
+    """An image's most probable label and its probability."""
+
+    label: str
+    probability: float
+
+
+def datatype_of(array: np.ndarray) -> str:
+    """The Open Inference Protocol datatype of a numpy array (``bytes``/``str`` → BYTES)."""
+    if array.dtype.kind in "OSU":
+        return "BYTES"
+    for name, dtype in DATATYPES.items():
+        if dtype == array.dtype:
+            return name
+    raise ValueError(f"numpy dtype {array.dtype} has no Open Inference Protocol datatype")
+
+
+def _bytes_tensor(name: str, items: Sequence[bytes]) -> Tensor:
+    data = np.empty(len(items), dtype=object)
+    data[:] = list(items)
+    return Tensor(name, "BYTES", (len(items),), data)
+
+
+class InferenceClient(ABC):
+    """The calls a program makes; :class:`GrpcClient` and :class:`HttpClient` carry them."""
+
+    @abstractmethod
+    def infer_request(self, request: InferRequest, timeout_s: float | None = None) -> InferResponse:
+        """Send one request as is; raises :class:`ServerError` when the server refuses it."""
+
+    @abstractmethod
+    def server_ready(self) -> bool:
+        """Whether every model is ready (false too when the server cannot be reached)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close the connection."""
+
+    def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str | RequestedOutput] | None = None,
+        timeout_s: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Named numpy inputs → named numpy outputs (``None``: the model's defaults)."""
+        tensors = [
+            Tensor(name, datatype_of(array), tuple(array.shape), array)
+            for name, array in inputs.items()
+        ]
+        requested = (
+            None
+            if outputs is None
+            else [o if isinstance(o, RequestedOutput) else RequestedOutput(o) for o in outputs]
+        )
+        response = self.infer_request(InferRequest(model, tensors, requested), timeout_s)
+        return {t.name: t.data for t in response.outputs}
+
+    def classify(
+        self, images: Sequence[bytes], model: str = "convnet", timeout_s: float | None = None
+    ) -> list[Classification]:
+        """PNG/JPEG images → the most probable label of each, with its probability."""
+        request = InferRequest(
+            model,
+            [_bytes_tensor("image", images)],
+            [RequestedOutput("probabilities", {"classification": 1})],
+        )
+        result = {t.name: t.data for t in self.infer_request(request, timeout_s).outputs}
+        classified = []
+        for row in result["probabilities"]:
+            # Triton's classification string: "<probability>:<index>:<label>".
+            probability, _, label = bytes(row[0]).decode().split(":", 2)
+            classified.append(Classification(label, float(probability)))
+        return classified
+
+    def segment(
+        self, image: bytes, model: str = "fcn", timeout_s: float | None = None
+    ) -> np.ndarray:
+        """A PNG/JPEG image → its ``H×W`` uint8 class mask."""
+        request = InferRequest(model, [_bytes_tensor("image", [image])], [RequestedOutput("mask")])
+        (mask,) = self.infer_request(request, timeout_s).outputs
+        return np.asarray(mask.data)[0]
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class GrpcClient(InferenceClient):
+    """The Open Inference Protocol over gRPC (``host:port``, default port 8001)."""
+
+    def __init__(self, target: str) -> None:
+        self._channel = grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)  # type: ignore[no-untyped-call]
+
+    def infer_request(self, request: InferRequest, timeout_s: float | None = None) -> InferResponse:
+        """Send one ModelInfer call."""
+        try:
+            reply = self._stub.ModelInfer(request_to_proto(request), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            raise ServerError(exc.code().name, exc.details() or "") from None
+        return response_from_proto(reply)
+
+    def server_ready(self) -> bool:
+        """ServerReady, false when the server cannot be reached."""
+        try:
+            return bool(self._stub.ServerReady(pb.ServerReadyRequest(), timeout=5).ready)
+        except grpc.RpcError:
+            return False
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+
+class HttpClient(InferenceClient):
+    """The Open Inference Protocol over HTTP/REST (``http://host:port``, default port 8000)."""
+
+    def __init__(self, base_url: str) -> None:
+        self._http = httpx.Client(base_url=base_url, timeout=None)
+
+    def infer_request(self, request: InferRequest, timeout_s: float | None = None) -> InferResponse:
+        """POST ``/v2/models/{model}[/versions/{v}]/infer`` with binary tensors."""
+        if timeout_s is not None:
+            # HTTP carries no deadline; the OIP "timeout" parameter (µs) gives the server one.
+            parameters = {**request.parameters, "timeout": max(1, round(timeout_s * 1e6))}
+            request = dataclasses.replace(request, parameters=parameters)
+        body, header_length = encode_infer_request(request)
+        version = f"/versions/{request.model_version}" if request.model_version else ""
+        try:
+            reply = self._http.post(
+                f"/v2/models/{request.model_name}{version}/infer",
+                content=body,
+                headers={HEADER_LENGTH: str(header_length)},
+                timeout=timeout_s,
+            )
+        except httpx.TimeoutException:
+            raise ServerError("timeout", f"no answer within {timeout_s} s") from None
+        if reply.status_code != 200:
+            raise ServerError(str(reply.status_code), _error_message(reply))
+        header = reply.headers.get(HEADER_LENGTH)
+        return decode_infer_response(reply.content, None if header is None else int(header))
+
+    def server_ready(self) -> bool:
+        """``GET /v2/health/ready``, false when the server cannot be reached."""
+        try:
+            return self._http.get("/v2/health/ready", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+
+def _error_message(reply: httpx.Response) -> str:
+    try:
+        return str(reply.json()["error"])
+    except (ValueError, KeyError, TypeError):
+        return reply.text
+
+
+def connect(
+    host: str = "127.0.0.1", port: int | None = None, http: bool = False
+) -> InferenceClient:
+    """A client for the gateway at ``host`` (port default: 8000 HTTP, 8001 gRPC)."""
+    if http:
+        return HttpClient(f"http://{host}:{port or 8000}")
+    return GrpcClient(f"{host}:{port or 8001}")
