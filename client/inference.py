@@ -124,7 +124,8 @@ class InferenceClient(ABC):
         """A PNG/JPEG image → its ``H×W`` uint8 class mask."""
         request = InferRequest(model, [_bytes_tensor("image", [image])], [RequestedOutput("mask")])
         (mask,) = self.infer_request(request, timeout_s).outputs
-        return np.asarray(mask.data)[0]
+        masks: np.ndarray = np.asarray(mask.data)
+        return masks[0]  # type: ignore[no-any-return]
 
     def __enter__(self) -> Self:
         return self

@@ -269,7 +269,7 @@ def serve(
     from cnnserve.gateway.server import run_gateway
     from cnnserve.settings import Settings
 
-    overrides = {
+    overrides: dict[str, Any] = {
         "backend": backend,
         "host": host,
         "grpc_port": grpc_port,
