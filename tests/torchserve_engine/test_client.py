@@ -1,0 +1,147 @@
+"""The gRPC client against a real TorchServe: packed batches, and each failure as our error."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from cnnserve.errors import (
+    DeadlineExceededError,
+    InvalidInputError,
+    UnavailableError,
+    UnknownModelError,
+)
+from cnnserve.models.runtime import load_runner
+from cnnserve.torchserve_engine.client import TorchServeClient, read_inference_key, read_key
+
+from ..conftest import RunningTorchServe, free_ports
+
+pytestmark = [pytest.mark.torchserve, pytest.mark.asyncio(loop_scope="module")]
+
+TOLERANCE = 1e-4
+
+
+def batch(count: int, height: int = 28, width: int = 28, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.uniform(-1, 1, (count, 3, height, width)).astype(np.float32)
+
+
+def reference(torchserve: RunningTorchServe, model: str, items: np.ndarray) -> np.ndarray:
+    """The same artifact run in-process (the archives carry the TorchScript files)."""
+    runner = load_runner(torchserve.artifacts_dir / f"{model}.pt", "torchscript", "cpu")
+    return runner.infer(items)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def client(torchserve: RunningTorchServe) -> AsyncIterator[TorchServeClient]:
+    key = read_inference_key(torchserve.settings.torchserve_key_path)
+    client = TorchServeClient(torchserve.settings.grpc_target, key)
+    yield client
+    await client.close()
+
+
+async def test_a_packed_batch_matches_the_in_process_runner(
+    torchserve: RunningTorchServe, client: TorchServeClient
+) -> None:
+    for model, items in (("convnet", batch(5)), ("fcn", batch(3, 45, 64))):
+        outputs = await client.predict_batch(model, items, timeout_s=60)
+        expected = reference(torchserve, model, items)
+        assert outputs.shape == expected.shape
+        assert np.abs(outputs - expected).max() <= TOLERANCE
+
+
+async def test_concurrent_uneven_batches_get_their_own_outputs(
+    torchserve: RunningTorchServe, client: TorchServeClient
+) -> None:
+    calls = [
+        ("convnet", batch(2, seed=1)),
+        ("fcn", batch(3, 16, 24, seed=2)),
+        ("convnet", batch(3, seed=3)),
+        ("fcn", batch(1, 7, 7, seed=4)),
+        ("convnet", batch(1, seed=5)),
+        ("fcn", batch(2, 33, 20, seed=6)),
+    ]
+    results = await asyncio.gather(*(client.predict_batch(m, b, timeout_s=60) for m, b in calls))
+    for (model, items), outputs in zip(calls, results, strict=True):
+        assert np.abs(outputs - reference(torchserve, model, items)).max() <= TOLERANCE
+
+
+async def test_a_rejected_batch_fails_alone(client: TorchServeClient) -> None:
+    """The handler's 400 travels in the body of an OK gRPC answer; the client raises it."""
+    good = [client.predict_batch("convnet", batch(2, seed=i), timeout_s=60) for i in range(3)]
+    bad = client.predict_batch("convnet", batch(2, 32, 32), timeout_s=60)
+    tiny = client.predict_batch("fcn", batch(1, 5, 5), timeout_s=60)
+    results = await asyncio.gather(*good, bad, tiny, return_exceptions=True)
+    assert all(isinstance(r, np.ndarray) and r.shape == (2, 10) for r in results[:3])
+    assert isinstance(results[3], InvalidInputError)
+    assert str(results[3]) == "convnet expects [N,3,28,28], got [N,3,32,32]"
+    assert isinstance(results[4], InvalidInputError)
+    assert "got [N,3,5,5]" in str(results[4])
+
+
+async def test_a_malformed_batch_is_refused_before_sending(client: TorchServeClient) -> None:
+    with pytest.raises(InvalidInputError, match="got FP64"):
+        await client.predict_batch("convnet", batch(1).astype(np.float64))
+    with pytest.raises(InvalidInputError, match="rank 4"):
+        await client.predict_batch("convnet", batch(1)[0])
+
+
+async def test_an_unknown_model_is_unknown(client: TorchServeClient) -> None:
+    """TorchServe answers INTERNAL "Model not found"; callers see NOT_FOUND's error."""
+    with pytest.raises(UnknownModelError, match="'resnet'"):
+        await client.predict_batch("resnet", batch(1))
+
+
+async def test_a_wrong_key_is_refused(torchserve: RunningTorchServe) -> None:
+    for key in ("wrong", None):
+        client = TorchServeClient(torchserve.settings.grpc_target, key)
+        try:
+            assert not await client.ping()
+            assert not await client.models_ready(["convnet"])
+            with pytest.raises(UnavailableError, match="refused the inference key"):
+                await client.predict_batch("convnet", batch(1))
+        finally:
+            await client.close()
+
+
+async def test_ping_and_readiness(client: TorchServeClient) -> None:
+    assert await client.ping()
+    assert await client.models_ready(["convnet", "fcn"])
+    assert not await client.models_ready(["convnet", "resnet"])
+
+
+async def test_an_unreachable_server_is_unavailable(torchserve: RunningTorchServe) -> None:
+    (port,) = free_ports(1)
+    client = TorchServeClient(f"127.0.0.1:{port}", torchserve.inference_key)
+    try:
+        assert not await client.ping()
+        assert not await client.models_ready(["convnet"])
+        with pytest.raises(UnavailableError, match=f"127.0.0.1:{port} is unavailable"):
+            await client.predict_batch("convnet", batch(1), timeout_s=10)
+    finally:
+        await client.close()
+
+
+async def test_a_deadline_that_passes_is_deadline_exceeded(client: TorchServeClient) -> None:
+    with pytest.raises(DeadlineExceededError, match=r"within 0\.001 s"):
+        await client.predict_batch("fcn", batch(8, 256, 256), timeout_s=0.001)
+    # The channel stays usable afterwards.
+    assert (await client.predict_batch("convnet", batch(1), timeout_s=60)).shape == (1, 10)
+
+
+async def test_keys_are_read_from_torchserves_key_file(
+    torchserve: RunningTorchServe, tmp_path: Path
+) -> None:
+    key_file = torchserve.settings.torchserve_key_path
+    assert read_inference_key(key_file) == torchserve.inference_key
+    assert read_key(key_file, "management") != torchserve.inference_key
+    with pytest.raises(UnavailableError, match="not found; is TorchServe running"):
+        read_inference_key(tmp_path / "missing.json")
+    (tmp_path / "empty.json").write_text("{}")
+    with pytest.raises(UnavailableError, match="has no inference key"):
+        read_inference_key(tmp_path / "empty.json")
