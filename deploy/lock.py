@@ -26,6 +26,7 @@ import tomllib
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK_DIR = ROOT / "deploy" / "requirements"
@@ -79,7 +80,8 @@ def resolve(variant: str) -> dict[str, str]:
     )
     report = json.loads(result.stdout)
     return {
-        item["metadata"]["name"].lower(): item["metadata"]["version"] for item in report["install"]
+        canonicalize_name(item["metadata"]["name"]): item["metadata"]["version"]
+        for item in report["install"]
     }
 
 

