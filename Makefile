@@ -10,7 +10,7 @@ ARTIFACTS ?= artifacts
 # that lays the top-level folders out as the one package they are installed as.
 TYPECHECK_TREE := build/typecheck
 
-.PHONY: help install test lint typecheck-tree format train export proto proto-check bench \
+.PHONY: help install test lint typecheck-tree format train export proto proto-check bench serve \
 	deploy undeploy logs deploy-check deploy-lock
 
 help: ## List the targets
@@ -63,6 +63,26 @@ proto: install ## Regenerate the gRPC stubs in protocol/ from the .proto sources
 proto-check: proto ## Fail when the committed stubs differ from what proto/ generates
 	@git diff --exit-code -- protocol/ && test -z "$$(git status --porcelain -- protocol/)" \
 		|| { echo "error: protocol/ stubs drifted from proto/; run 'make proto' and commit" >&2; exit 1; }
+
+MODEL_STORE ?= model_store
+# TorchServe's Java runtime; `make serve JAVA=none` tries the fallback on a machine with Java.
+JAVA ?= java
+
+# The README's "serve": TorchServe (Java 17) behind the gateway, both stopped by Ctrl-C; on a
+# machine without Java the gateway runs the models in-process with onnxruntime instead.
+serve: install ## Serve both models: gateway on 8000 (HTTP) 8001 (gRPC) 8002 (metrics); Ctrl-C stops
+	@for f in convnet.pt convnet.onnx fcn.pt fcn.onnx; do test -f $(ARTIFACTS)/$$f || exit 1; done \
+		|| $(MAKE) --no-print-directory export
+	@export CNNSERVE_ARTIFACTS_DIR=$(ARTIFACTS) CNNSERVE_MODEL_STORE_DIR=$(MODEL_STORE); \
+	if command -v $(JAVA) >/dev/null 2>&1; then \
+		test -f $(MODEL_STORE)/convnet.mar -a -f $(MODEL_STORE)/fcn.mar || $(BIN)/cnnserve archive || exit 1; \
+		trap '$(BIN)/cnnserve torchserve stop' EXIT; trap 'exit 130' INT TERM; \
+		$(BIN)/cnnserve torchserve start || exit 1; \
+		$(BIN)/cnnserve serve --backend torchserve; \
+	else \
+		echo "No Java runtime found (TorchServe needs Java 17): serving with the embedded onnxruntime backend instead." >&2; \
+		$(BIN)/cnnserve serve --backend onnxruntime; \
+	fi
 
 bench: export ## Benchmark the gateway against its baselines; regenerates docs/benchmarks.md
 	$(BIN)/cnnserve bench --profile $(or $(PROFILE),quick)
