@@ -6,11 +6,13 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 ARTIFACTS ?= artifacts
+MODEL_STORE ?= model_store
 # mypy cannot follow the editable install's import hook, so it checks a tree of symlinks
 # that lays the top-level folders out as the one package they are installed as.
 TYPECHECK_TREE := build/typecheck
 
-.PHONY: help install test lint typecheck-tree format train export proto proto-check bench serve \
+.PHONY: help install test lint typecheck-tree format train export archive torchserve-start torchserve-stop \
+	proto proto-check bench serve \
 	deploy undeploy logs deploy-check deploy-lock
 
 help: ## List the targets
@@ -51,6 +53,18 @@ train: install ## Retrain both demo models from seed 0 into models/weights/
 export: install ## Export both models to TorchScript + ONNX under artifacts/
 	$(BIN)/cnnserve export convnet --out $(ARTIFACTS)
 	$(BIN)/cnnserve export fcn --out $(ARTIFACTS)
+
+archive: install ## Build convnet.mar + fcn.mar into MODEL_STORE for TorchServe (FORMAT=onnx, HALF=1)
+	@for f in convnet.pt convnet.onnx fcn.pt fcn.onnx; do test -f $(ARTIFACTS)/$$f || exit 1; done \
+		|| $(MAKE) --no-print-directory export
+	$(BIN)/cnnserve archive --artifacts $(ARTIFACTS) --model-store $(MODEL_STORE) \
+		$(if $(FORMAT),--format $(FORMAT)) $(if $(HALF),--half)
+
+torchserve-start: archive ## Start TorchServe with both models; returns when they are ready
+	$(BIN)/cnnserve torchserve start --model-store $(MODEL_STORE)
+
+torchserve-stop: install ## Stop TorchServe and its workers
+	$(BIN)/cnnserve torchserve stop --model-store $(MODEL_STORE)
 
 PROTO_OUT := build/proto
 
