@@ -58,10 +58,15 @@ def test_real_looking_digit_pngs_classify_correctly(invert: bool, mode: str | No
     assert (predicted == np.array(labels)).mean() >= 0.95
 
 
-def test_fcn_segments_a_png_scene() -> None:
+def test_fcn_segments_png_scenes() -> None:
+    """Scenes sent as PNG bytes go through the serving path and segment as well as held out."""
     spec = MODELS["fcn"]
     model = load_network(spec, spec.weights_path)
-    data, truth = shapes_png(seed=123, side=96)
-    with torch.inference_mode():
-        scores = model(torch.from_numpy(normalize(spec.image_to_pixels(data)[None])))
-    assert mean_iou(scores.argmax(dim=1)[0].numpy(), truth, spec.num_classes) >= 0.7
+    predicted, truths = [], []
+    for seed in range(20):
+        data, truth = shapes_png(seed=500 + seed, side=96)
+        with torch.inference_mode():
+            scores = model(torch.from_numpy(normalize(spec.image_to_pixels(data)[None])))
+        predicted.append(scores.argmax(dim=1)[0].numpy())
+        truths.append(truth)
+    assert mean_iou(np.stack(predicted), np.stack(truths), spec.num_classes) >= 0.8
