@@ -36,7 +36,7 @@ from cnnserve.settings import Settings
 
 from . import TorchServeError
 from .archive import archive_name
-from .client import read_key
+from .client import KeyKind, read_key
 from .config import config_properties, log4j2_xml
 
 RUN_DIR_NAME = ".run"
@@ -68,11 +68,9 @@ class ServerInfo:
     #: TorchServe's ``key_file.json``; ``None`` when token authorization is off.
     key_file: Path | None
 
-    def key(self, kind: str) -> str | None:
+    def key(self, kind: KeyKind) -> str | None:
         """The ``inference`` or ``management`` key; ``None`` without token authorization."""
-        if self.key_file is None:
-            return None
-        return read_key(self.key_file, "inference" if kind == "inference" else "management")
+        return read_key(self.key_file, kind) if self.key_file is not None else None
 
     def save(self) -> None:
         """Write ``state.json`` (stop and status read it)."""
