@@ -41,11 +41,43 @@ class Settings(BaseSettings):
         description="Device for in-process backends, e.g. cuda:0 or cpu; default: GPU if present.",
     )
     half_precision: bool = Field(False, description="Run fp16 on GPU (torchscript backend only).")
+    inference_threads: int = Field(
+        0,
+        ge=0,
+        description="Threads one in-process batch may use (ONNX Runtime's intra-op threads; "
+        "torch.set_num_threads for torchscript); 0: the library's default, one per core.",
+    )
+    channels_last: bool = Field(
+        True, description="torchscript backend: run the convolutions in the NHWC memory layout."
+    )
+    device_preprocess: bool = Field(
+        True,
+        description="torchscript backend: UINT8 pixel and image inputs reach the model's device "
+        "as uint8 and are normalized there (on a GPU: 4× less to copy, arithmetic off the "
+        "CPU) instead of at the edge; results are identical.",
+    )
+    pinned_memory: bool = Field(
+        True,
+        description="torchscript backend on CUDA: stage batches in page-locked host memory so "
+        "the copy to the GPU is asynchronous; ignored on a CPU.",
+    )
+    cuda_graph_batch_sizes: list[int] = Field(
+        default_factory=list,
+        description="torchscript backend on CUDA: batch-size buckets replayed as CUDA graphs, "
+        "e.g. [1,2,4,8,16,32]; a batch is padded up to the next bucket, larger ones run "
+        "eagerly; empty: off; ignored on a CPU.",
+    )
 
     # --- dynamic batching, per model (and per input size for the FCN) ---
     max_batch_size: int = Field(32, ge=1, description="Largest batch sent to the backend.")
     max_batch_delay_ms: float = Field(
         2.0, ge=0, description="How long a partial batch waits for more requests."
+    )
+    adaptive_batch_delay: bool = Field(
+        True,
+        description="Send a partial batch at once when every caller seen in the last 0.25–0.5 s "
+        "is already queued, as waiting could only add latency (a lone caller never waits); "
+        "off: a partial batch always waits max_batch_delay_ms for its oldest request.",
     )
     max_queue_size: int = Field(
         512, ge=1, description="Items queued per model before new requests get RESOURCE_EXHAUSTED."

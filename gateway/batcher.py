@@ -11,7 +11,11 @@ item shape (an FCN batch never mixes H×W), and one background task forms batche
 5. loop-bound objects are created in :meth:`start`, inside the running loop; the task is owned,
    stopped by :meth:`stop`, and survives exceptions from the batch function;
 6. a synchronous batch function runs in a worker thread, never on the event loop;
-7. with ``max_batch_delay_ms = 0`` a busy model still batches what queued while it ran.
+7. with ``max_batch_delay_ms = 0`` a busy model still batches what queued while it ran;
+8. the delay is only spent when it can pay off (``adaptive_delay``): a partial batch goes at once
+   when every caller seen recently is already waiting in the queue. A lone caller (concurrency
+   1) never waits for company that cannot come, while concurrent callers still meet in one
+   batch — the delay bounds the wait for the ones still on their way.
 """
 
 from __future__ import annotations
@@ -46,7 +50,11 @@ SyncBatchFn = Callable[[np.ndarray], np.ndarray]
 #: ``N×…`` array in, array with the same N out; async, or sync (then run in a worker thread).
 BatchFn = AsyncBatchFn | SyncBatchFn
 
-ShapeKey = tuple[int, ...]
+#: Items share a batch only when their dtype and item shape agree (``("<f4", 3, 28, 28)``).
+ShapeKey = tuple[str | int, ...]
+#: Rule 8 remembers the peak of outstanding requests over the last one to two windows of this
+#: length, so a drop in load is noticed within half a second.
+PEAK_WINDOW_S = 0.25
 
 
 class BatchObserver(Protocol):
@@ -119,8 +127,8 @@ class _Request:
 
     @property
     def key(self) -> ShapeKey:
-        """The item shape; only requests with equal keys share a batch."""
-        return tuple(self.items.shape[1:])
+        """Dtype and item shape; only requests with equal keys share a batch."""
+        return (self.items.dtype.str, *self.items.shape[1:])
 
     @property
     def pending(self) -> int:
@@ -147,6 +155,8 @@ class DynamicBatcher:
         max_batch_size: int,
         max_batch_delay_ms: float,
         max_queue_size: int,
+        adaptive_delay: bool = True,
+        peak_window_s: float = PEAK_WINDOW_S,
         observer: BatchObserver | None = None,
         name: str = "model",
     ) -> None:
@@ -157,6 +167,10 @@ class DynamicBatcher:
         self.max_batch_size = max_batch_size
         self.max_queue_size = max_queue_size
         self._delay_s = max_batch_delay_ms / 1000.0
+        self._adaptive = adaptive_delay
+        # Rule 8: requests submitted and not yet answered, and their recent peak.
+        self._outstanding = 0
+        self._peak = _WindowedPeak(peak_window_s)
         self._observer: BatchObserver = observer or _NoObserver()
         self._groups: dict[ShapeKey, deque[_Request]] = {}
         self._group_items: dict[ShapeKey, int] = {}
@@ -235,7 +249,9 @@ class DynamicBatcher:
             )
         request = _Request(items, asyncio.get_running_loop().create_future(), deadline, now)
         # However the future ends (result, error, caller cancelled), its queue room frees up.
-        request.future.add_done_callback(lambda _: self._release(request))
+        request.future.add_done_callback(lambda _: self._answered(request))
+        self._outstanding += 1
+        self._peak.observe(self._outstanding, now)
         self._groups.setdefault(request.key, deque()).append(request)
         self._count_queued(request.key, count)
         self._wakeup.set()
@@ -278,7 +294,7 @@ class DynamicBatcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            if flush_at > now and not self._closing:
+            if flush_at > now and not self._closing and not self._everyone_waits(now):
                 self._wakeup.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), flush_at - now)
@@ -300,6 +316,11 @@ class DynamicBatcher:
             if head.enqueued_at + self._delay_s < flush_at:
                 chosen, flush_at = key, head.enqueued_at + self._delay_s
         return chosen, flush_at
+
+    def _everyone_waits(self, now: float) -> bool:
+        """Rule 8: no batch runs now, so every outstanding request is queued; when they are as
+        many as the recent peak, waiting longer would only add latency."""
+        return self._adaptive and self._outstanding >= self._peak.value(now)
 
     def _prune(self, key: ShapeKey) -> _Request | None:
         """Drop finished requests from the head of a group; delete the group when empty."""
@@ -397,6 +418,11 @@ class DynamicBatcher:
 
     # --- queue accounting ---
 
+    def _answered(self, request: _Request) -> None:
+        """The request's future is done (result, error or cancelled)."""
+        self._outstanding -= 1
+        self._release(request)
+
     def _finish(self, request: _Request, exc: CnnserveError) -> None:
         if not request.future.done():
             request.future.set_exception(exc)
@@ -413,3 +439,31 @@ class DynamicBatcher:
         self._group_items[key] = self._group_items.get(key, 0) + delta
         self._queued += delta
         self._observer.queue_changed(delta)
+
+
+class _WindowedPeak:
+    """The largest value observed during the current and the previous time window."""
+
+    def __init__(self, window_s: float) -> None:
+        self._window_s = window_s
+        self._window_start = -math.inf
+        self._current = 0
+        self._previous = 0
+
+    def _roll(self, now: float) -> None:
+        elapsed = now - self._window_start
+        if elapsed >= self._window_s:
+            # One window later the current peak becomes the previous; two later, both expire.
+            self._previous = self._current if elapsed < 2 * self._window_s else 0
+            self._current = 0
+            self._window_start = now
+
+    def observe(self, value: int, now: float) -> None:
+        """Record ``value`` at time ``now``."""
+        self._roll(now)
+        self._current = max(self._current, value)
+
+    def value(self, now: float) -> int:
+        """The peak over the last one to two windows."""
+        self._roll(now)
+        return max(self._current, self._previous)

@@ -30,6 +30,9 @@ from cnnserve.errors import (
 from cnnserve.gateway.batcher import BatchFn, DynamicBatcher
 from cnnserve.gateway.metrics import GatewayMetrics, ModelObserver
 
+#: A batch delay no test could wait out: a request answered at all did not wait for it.
+HOUR_S = 3600.0
+
 
 class Doubler:
     """Batch function: returns ``2 × batch``; records batches; ``hold()`` blocks the next ones."""
@@ -86,14 +89,17 @@ def make(
     batch: int = 8,
     delay_ms: float = 5.0,
     queue: int = 64,
+    adaptive: bool = True,
     observer: ModelObserver | None = None,
 ) -> DynamicBatcher:
-    """A batcher with the test's limits."""
+    """A batcher with the test's limits (rule 8 remembers callers for an hour here)."""
     return DynamicBatcher(
         fn,
         max_batch_size=batch,
         max_batch_delay_ms=delay_ms,
         max_queue_size=queue,
+        adaptive_delay=adaptive,
+        peak_window_s=HOUR_S,
         observer=observer,
         name="m",
     )
@@ -327,3 +333,50 @@ async def test_stop_after_grace_answers_leftovers_unavailable() -> None:
 async def test_submit_before_start_is_unavailable() -> None:
     with pytest.raises(UnavailableError):
         await make(Doubler()).submit(items(1))
+
+
+async def test_a_lone_caller_never_waits_out_the_delay() -> None:
+    model = Doubler()
+    async with running(make(model, batch=8, delay_ms=HOUR_S * 1000)) as b:
+        for value in range(3):
+            np.testing.assert_array_equal(await b.submit(items(value)), items(value) * 2)
+    assert model.sizes == [1, 1, 1]
+
+
+async def test_adaptive_delay_waits_for_every_recent_caller() -> None:
+    model = Doubler()
+    async with running(make(model, batch=8, delay_ms=HOUR_S * 1000)) as b:
+        # Four callers at once: all of them queued, so the batch goes without waiting.
+        await asyncio.gather(*(b.submit(items(i)) for i in range(4)))
+        # The same four come back one by one; the batch waits until the last has arrived.
+        first = asyncio.create_task(b.submit(items(10)))
+        await asyncio.sleep(0.05)
+        assert not first.done()
+        rest = [asyncio.create_task(b.submit(items(11 + i))) for i in range(3)]
+        for i, task in enumerate([first, *rest]):
+            np.testing.assert_array_equal(await task, items(10 + i) * 2)
+    assert model.sizes == [4, 4]
+
+
+async def test_without_adaptive_delay_a_lone_caller_waits_for_company() -> None:
+    model = Doubler()
+    async with running(make(model, batch=2, delay_ms=HOUR_S * 1000, adaptive=False)) as b:
+        first = asyncio.create_task(b.submit(items(1)))
+        await asyncio.sleep(0.05)
+        assert not first.done()
+        second = await b.submit(items(2))  # fills the batch, which then goes at once
+        np.testing.assert_array_equal(await first, items(1) * 2)
+        np.testing.assert_array_equal(second, items(2) * 2)
+    assert model.sizes == [2]
+
+
+async def test_dtypes_are_never_mixed_in_one_batch() -> None:
+    model = Doubler()
+    async with running(make(model, batch=8, delay_ms=10)) as b:
+        pixels = np.full((2, 3, 2, 2), 7, dtype=np.uint8)
+        floats = items(3, 2)
+        got_pixels, got_floats = await asyncio.gather(b.submit(pixels), b.submit(floats))
+    np.testing.assert_array_equal(got_pixels, pixels * 2)
+    assert got_pixels.dtype == np.uint8
+    np.testing.assert_array_equal(got_floats, floats * 2)
+    assert sorted(str(batch.dtype) for batch in model.batches) == ["float32", "uint8"]
