@@ -1,7 +1,8 @@
 """Where formed batches run: in this process (ONNX Runtime, TorchScript) or in TorchServe.
 
-Every backend takes a float32 ``N×3×H×W`` batch (already normalized) and returns the
-network's raw float32 output for it; pre- and post-processing stay in the inference core.
+Every backend takes a float32 ``N×3×H×W`` batch (already normalized) — or, when it says it
+``takes_pixels``, uint8 pixels it normalizes itself — and returns the network's raw float32
+output for it; pre- and post-processing stay in the inference core.
 The in-process backends call :mod:`cnnserve.models.runtime`, the same code the TorchServe
 handler runs, so all three give the same numbers.
 """
@@ -9,13 +10,16 @@ handler runs, so all three give the same numbers.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import torch
 
 from cnnserve.errors import UnavailableError
 from cnnserve.models.registry import MODELS, get_spec
@@ -46,6 +50,11 @@ class Backend(Protocol):
 
     def describe(self) -> str:
         """The platform reported in model metadata, e.g. ``onnxruntime_onnx``."""
+        ...
+
+    def takes_pixels(self) -> bool:
+        """Whether :meth:`infer_batch` also takes uint8 ``N×3×H×W`` pixels (and normalizes
+        them itself, e.g. on the GPU); otherwise the edge sends float32 only."""
         ...
 
 
@@ -81,6 +90,7 @@ class InProcessBackend:
         models: Iterable[str] = tuple(MODELS),
         device: str | None = None,
         half: bool = False,
+        options: RunnerOptions | None = None,
     ) -> None:
         self._artifacts_dir = artifacts_dir
         self._format: ArtifactFormat = artifact_format
@@ -88,12 +98,15 @@ class InProcessBackend:
         self._models = tuple(models)
         self._device = device
         self._half = half
+        self._options = options or RunnerOptions()
         self._runners: dict[str, Runner] = {}
         self._executors: dict[str, ThreadPoolExecutor] = {}
 
     async def start(self) -> None:
         """Load every model's artifact in its own worker thread."""
         loop = asyncio.get_running_loop()
+        if self._format == "torchscript" and self._options.threads:
+            torch.set_num_threads(self._options.threads)  # process-wide in torch
         for model in self._models:
             path = self._artifacts_dir / f"{model}{ARTIFACT_SUFFIX[self._format]}"
             if not path.is_file():
@@ -103,7 +116,18 @@ class InProcessBackend:
             executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{model}")
             self._executors[model] = executor
             self._runners[model] = await loop.run_in_executor(
-                executor, load_runner, path, self._format, self._device, self._half
+                executor,
+                functools.partial(
+                    load_runner,
+                    path,
+                    self._format,
+                    self._device,
+                    self._half,
+                    threads=self._options.threads,
+                    channels_last=self._options.channels_last,
+                    pinned_memory=self._options.pinned_memory,
+                    cuda_graph_batch_sizes=self._options.cuda_graph_batch_sizes,
+                ),
             )
             # ORT may fall back to CPU silently; the log says where the model really runs.
             logger.info("%s: %s on %s", model, self._platform, self._runners[model].device)
@@ -135,9 +159,39 @@ class InProcessBackend:
         """The platform name, as Triton spells it."""
         return self._platform
 
+    def takes_pixels(self) -> bool:
+        """True when every runner normalizes uint8 pixels itself and that is wanted."""
+        return (
+            self._options.device_preprocess
+            and bool(self._runners)
+            and all(runner.takes_pixels for runner in self._runners.values())
+        )
+
     def device(self, model: str) -> str:
         """Where ``model`` runs (``cpu``, ``cuda:0``, ``CUDAExecutionProvider``...)."""
         return self._runners[model].device
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    """How in-process runners are built (see :func:`cnnserve.models.runtime.load_runner`)."""
+
+    threads: int = 0
+    channels_last: bool = True
+    device_preprocess: bool = True
+    pinned_memory: bool = True
+    cuda_graph_batch_sizes: tuple[int, ...] = ()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RunnerOptions:
+        """The runner options ``settings`` give."""
+        return cls(
+            threads=settings.inference_threads,
+            channels_last=settings.channels_last,
+            device_preprocess=settings.device_preprocess,
+            pinned_memory=settings.pinned_memory,
+            cuda_graph_batch_sizes=tuple(settings.cuda_graph_batch_sizes),
+        )
 
 
 def create_backend(settings: Settings) -> Backend:
@@ -146,7 +200,11 @@ def create_backend(settings: Settings) -> Backend:
         if settings.half_precision:
             logger.warning("half_precision applies to the torchscript backend only; ignored")
         return InProcessBackend(
-            settings.artifacts_dir, "onnx", "onnxruntime_onnx", device=settings.device
+            settings.artifacts_dir,
+            "onnx",
+            "onnxruntime_onnx",
+            device=settings.device,
+            options=RunnerOptions.from_settings(settings),
         )
     if settings.backend == "torchscript":
         return InProcessBackend(
@@ -155,5 +213,6 @@ def create_backend(settings: Settings) -> Backend:
             "pytorch_libtorch",
             device=settings.device,
             half=settings.half_precision,
+            options=RunnerOptions.from_settings(settings),
         )
     return TorchServeBackend.from_settings(settings)

@@ -71,12 +71,15 @@ class InferenceCore:
         self._draining = False
         self._in_flight = 0
         self._idle: asyncio.Event | None = None
+        #: Whether UINT8 inputs reach the backend as pixels (it normalizes them itself).
+        self._keep_pixels = False
 
     # --- lifecycle ---
 
     async def start(self) -> None:
         """Start the backend, then one batcher per model (inside the running loop)."""
         await self.backend.start()
+        self._keep_pixels = self.backend.takes_pixels()
         self._idle = asyncio.Event()
         self._idle.set()
         for name in self.model_names():
@@ -85,6 +88,7 @@ class InferenceCore:
                 max_batch_size=self.settings.max_batch_size,
                 max_batch_delay_ms=self.settings.max_batch_delay_ms,
                 max_queue_size=self.settings.max_queue_size,
+                adaptive_delay=self.settings.adaptive_batch_delay,
                 observer=self.metrics.observer(name),
                 name=name,
             )
@@ -207,6 +211,7 @@ class InferenceCore:
             spec,
             tensor,
             self.settings.max_image_pixels,
+            self._keep_pixels,
         )
         raw = await self._batchers[spec.name].submit(batch, deadline)
         outputs = await _maybe_offload(

@@ -97,10 +97,17 @@ def item_count(spec: ModelSpec, tensor: Tensor, max_items: int) -> int:
     return count
 
 
-def to_batch(spec: ModelSpec, tensor: Tensor, max_image_pixels: int) -> np.ndarray:
-    """The validated input as the float32 ``N×3×H×W`` batch the network consumes."""
+def to_batch(
+    spec: ModelSpec, tensor: Tensor, max_image_pixels: int, keep_pixels: bool = False
+) -> np.ndarray:
+    """The validated input as the float32 ``N×3×H×W`` batch the network consumes.
+
+    With ``keep_pixels`` (a backend that normalizes on its device), UINT8 pixels and decoded
+    images stay uint8 ``N×3×H×W``.
+    """
     if tensor.datatype == "BYTES":
-        return normalize(_decode_images(spec, tensor.data, max_image_pixels))
+        pixels = _decode_images(spec, tensor.data, max_image_pixels)
+        return pixels if keep_pixels else normalize(pixels)
     shape = tensor.shape
     if shape[1] != 3:
         raise InvalidInputError(
@@ -116,9 +123,15 @@ def to_batch(spec: ModelSpec, tensor: Tensor, max_image_pixels: int) -> np.ndarr
         ) from None
     data = np.asarray(tensor.data, dtype=DATATYPES[tensor.datatype])
     if tensor.datatype == "UINT8":
-        return normalize(data)
+        # A read-only transport buffer is copied once, by normalize or here.
+        return _owned(data) if keep_pixels else normalize(data)
     if not np.isfinite(data).all():
         raise InvalidInputError(f"input {tensor.name!r} contains NaN or infinite values")
+    return _owned(data)
+
+
+def _owned(data: np.ndarray) -> np.ndarray:
+    """``data`` as a writable C-contiguous array, copied only when it is not one already."""
     if not data.flags.writeable:
         # Transports decode raw contents with np.frombuffer (read-only); torch.from_numpy
         # warns on those, and the batch should not pin the transport's message buffer.

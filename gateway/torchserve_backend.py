@@ -113,6 +113,10 @@ class TorchServeBackend:
         """The platform name reported in model metadata."""
         return PLATFORM
 
+    def takes_pixels(self) -> bool:
+        """No: the handler's packed format carries normalized float32 batches."""
+        return False
+
     def _connect(self) -> TorchServeClient:
         """The client for TorchServe's current key, rebuilt when the key file changed."""
         if not self._started:

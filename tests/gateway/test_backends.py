@@ -13,8 +13,10 @@ import pytest
 import pytest_asyncio
 
 from cnnserve.errors import UnavailableError
-from cnnserve.gateway.backends import Backend, InProcessBackend, create_backend
+from cnnserve.gateway.backends import Backend, InProcessBackend, RunnerOptions, create_backend
 from cnnserve.gateway.torchserve_backend import TorchServeBackend
+from cnnserve.models.runtime import load_runner
+from cnnserve.models.steps import normalize
 from cnnserve.settings import Settings
 from tests.conftest import RunningTorchServe
 
@@ -60,6 +62,52 @@ async def test_convnet_parity_on_uneven_batches(backends: dict[str, Backend]) ->
         assert ort.shape == ts.shape == (n, 10)
         assert ort.dtype == ts.dtype == np.float32
         assert np.abs(ort - ts).max() <= PARITY_TOLERANCE
+
+
+async def test_only_torchscript_takes_pixels_and_normalizes_them(
+    backends: dict[str, Backend],
+) -> None:
+    assert backends["torchscript"].takes_pixels()
+    assert not backends["onnxruntime"].takes_pixels()
+    pixels = np.random.default_rng(3).integers(0, 256, (3, 3, 28, 28), dtype=np.uint8)
+    from_pixels = await backends["torchscript"].infer_batch("convnet", pixels)
+    from_floats = await backends["onnxruntime"].infer_batch("convnet", normalize(pixels))
+    assert np.abs(from_pixels - from_floats).max() <= PARITY_TOLERANCE
+
+
+async def test_runner_options_come_from_settings(artifacts_dir: Path) -> None:
+    settings = Settings(
+        backend="torchscript",
+        artifacts_dir=artifacts_dir,
+        device="cpu",
+        inference_threads=1,
+        channels_last=False,
+        device_preprocess=False,
+        cuda_graph_batch_sizes=[4, 1, 2],
+    )
+    assert RunnerOptions.from_settings(settings) == RunnerOptions(
+        threads=1,
+        channels_last=False,
+        device_preprocess=False,
+        pinned_memory=True,
+        cuda_graph_batch_sizes=(4, 1, 2),
+    )
+    backend = create_backend(settings)
+    await backend.start()
+    try:
+        # device_preprocess off: the edge keeps normalizing; the CUDA options are inert here.
+        assert not backend.takes_pixels()
+        x = _batch(3, 28, 28, seed=9)
+        reference = load_runner(artifacts_dir / "convnet.pt", "torchscript", "cpu").infer(x)
+        out = await backend.infer_batch("convnet", x)
+        assert np.abs(out - reference).max() <= PARITY_TOLERANCE
+    finally:
+        await backend.close()
+
+
+def test_cuda_graph_buckets_parse_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CNNSERVE_CUDA_GRAPH_BATCH_SIZES", "[1,2,4,8]")
+    assert Settings().cuda_graph_batch_sizes == [1, 2, 4, 8]
 
 
 @pytest.mark.parametrize(("n", "height", "width"), [(2, 7, 7), (3, 28, 45), (1, 64, 64)])

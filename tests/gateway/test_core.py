@@ -123,6 +123,28 @@ async def test_three_input_forms_give_the_same_answer(core: InferenceCore) -> No
         np.testing.assert_allclose(other.outputs[0].data, first, atol=1e-5)
 
 
+async def test_torchscript_core_sends_pixels_to_the_backend_with_the_same_answers(
+    artifacts_dir: Path,
+) -> None:
+    # device_preprocess: UINT8 and image inputs travel as uint8 and are normalized by the
+    # runner; FP32 inputs of the same shape are batched apart and agree with them.
+    ts_core = await create_core(settings_for(artifacts_dir, backend="torchscript"))
+    await ts_core.start()
+    try:
+        assert ts_core.backend.takes_pixels()
+        pixels, labels = digit_pixels(1, 2, 3)
+        logits = [RequestedOutput("logits")]
+        forms = (tensor("input", normalize(pixels)), tensor("pixels", pixels))
+        answers = await asyncio.gather(
+            *(ts_core.infer(request("convnet", form, outputs=logits)) for form in forms),
+            ts_core.infer(request("convnet", images(*(digit_png(i)[0] for i in (1, 2, 3))))),
+        )
+    finally:
+        await ts_core.stop(grace_s=5)
+    np.testing.assert_allclose(answers[1].outputs[0].data, answers[0].outputs[0].data, atol=1e-5)
+    assert [int(row[0]) for row in by_name(answers[2].outputs)["labels"].data] == labels
+
+
 async def test_convnet_defaults_are_labels_and_probabilities(core: InferenceCore) -> None:
     pixels, labels = digit_pixels(8, 9)
     response = await core.infer(request("convnet", tensor("pixels", pixels)))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cnnserve.models.runtime import load_runner
+from cnnserve.models.steps import normalize
 
 
 def test_both_formats_agree_on_uneven_batches(artifacts_dir: Path) -> None:
@@ -27,3 +28,36 @@ def test_half_precision_needs_cuda(artifacts_dir: Path) -> None:
         load_runner(artifacts_dir / "convnet.pt", "torchscript", device="cpu", half=True)
     with pytest.raises(ValueError, match="TorchScript artifacts only"):
         load_runner(artifacts_dir / "convnet.onnx", "onnx", half=True)
+
+
+def test_torchscript_normalizes_uint8_pixels_exactly_as_the_edge(artifacts_dir: Path) -> None:
+    runner = load_runner(artifacts_dir / "fcn.pt", "torchscript", device="cpu")
+    assert runner.takes_pixels
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 3, 16, 20), dtype=np.uint8)
+    np.testing.assert_array_equal(runner.infer(pixels), runner.infer(normalize(pixels)))
+
+
+def test_onnx_runner_takes_float32_only(artifacts_dir: Path) -> None:
+    assert not load_runner(artifacts_dir / "convnet.onnx", "onnx", device="cpu").takes_pixels
+
+
+def test_gpu_options_are_inert_and_correct_on_cpu(artifacts_dir: Path) -> None:
+    plain = load_runner(artifacts_dir / "convnet.pt", "torchscript", device="cpu")
+    tuned = load_runner(
+        artifacts_dir / "convnet.pt",
+        "torchscript",
+        device="cpu",
+        channels_last=False,
+        pinned_memory=True,
+        cuda_graph_batch_sizes=(1, 2, 4),
+    )
+    for n in (2, 3, 1, 7):
+        x = np.random.default_rng(n).standard_normal((n, 3, 28, 28), dtype=np.float32)
+        np.testing.assert_allclose(tuned.infer(x), plain.infer(x), atol=1e-5)
+
+
+def test_onnx_threads_are_configurable(artifacts_dir: Path) -> None:
+    one = load_runner(artifacts_dir / "convnet.onnx", "onnx", device="cpu", threads=1)
+    default = load_runner(artifacts_dir / "convnet.onnx", "onnx", device="cpu")
+    x = np.random.default_rng(5).standard_normal((3, 3, 28, 28), dtype=np.float32)
+    np.testing.assert_allclose(one.infer(x), default.infer(x), atol=1e-5)
