@@ -75,7 +75,7 @@ def start_gateway(
     gateway = GatewayProcess(process, grpc_port, http_port, metrics_port)
     deadline = time.monotonic() + ready_timeout_s
     with grpc.insecure_channel(gateway.grpc_target) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise RuntimeError(f"gateway exited with {process.returncode}; see {log_path}")

@@ -63,8 +63,8 @@ def export_model(
     ts_path = out_dir / f"{spec.name}.pt"
     onnx_path = out_dir / f"{spec.name}.onnx"
     with torch.inference_mode():
-        traced = torch.jit.trace(network, example)
-    traced.save(str(ts_path))  # type: ignore[no-untyped-call]
+        traced = torch.jit.trace(network, example)  # type: ignore[no-untyped-call]
+    traced.save(str(ts_path))
     _export_onnx(spec, network, example, onnx_path)
     worst = check_parity(spec, network, ts_path, onnx_path)
     metadata_path = out_dir / f"{spec.name}.json"

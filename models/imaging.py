@@ -60,7 +60,8 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
         ink_mean = float(rgba[..., :3][opaque].mean()) if opaque.any() else 0.0
         background = 255.0 if ink_mean < 128 else 0.0
         rgb = rgba[..., :3] * alpha + background * (1.0 - alpha)
-        return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+        composited: np.ndarray = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+        return composited
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 

@@ -31,7 +31,8 @@ class ConvNet(nn.Module):
         """Return class logits for a batch of 28×28 RGB images."""
         x = self.pool1(self.conv1(x))
         x = self.pool2(self.conv2(x))
-        return self.fc2(self.fc1(self.flatten(x)))
+        logits: torch.Tensor = self.fc2(self.fc1(self.flatten(x)))
+        return logits
 
 
 class FCN(nn.Module):

@@ -78,7 +78,8 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax over the last axis, stable for large logits."""
     shifted = logits - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
-    return (exp / exp.sum(axis=-1, keepdims=True)).astype(np.float32)
+    probabilities: np.ndarray = (exp / exp.sum(axis=-1, keepdims=True)).astype(np.float32)
+    return probabilities
 
 
 def top_k(logits: np.ndarray, labels: tuple[str, ...], k: int) -> list[Classification]:
@@ -100,7 +101,8 @@ def top_k(logits: np.ndarray, labels: tuple[str, ...], k: int) -> list[Classific
 
 def class_mask(scores: np.ndarray) -> np.ndarray:
     """``N×C×H×W`` scores → ``N×H×W`` uint8 class indices (argmax over classes)."""
-    return scores.argmax(axis=1).astype(np.uint8)
+    mask: np.ndarray = scores.argmax(axis=1).astype(np.uint8)
+    return mask
 
 
 def pixel_counts(mask: np.ndarray, num_classes: int) -> list[int]:

@@ -14,13 +14,14 @@ from tqdm import tqdm
 
 from cnnserve.models.checkpoint import save_checkpoint
 from cnnserve.models.registry import MODELS, WEIGHTS_DIR
-from cnnserve.models.steps import normalize
+from cnnserve.models.steps import digit_pixels, normalize
 
 from .datasets import (
     DIGITS_RECIPE,
     SHAPES_RECIPE,
     digit_batch,
     digits_split,
+    render_digit,
     shapes_batch,
 )
 
@@ -57,10 +58,6 @@ def digits_accuracy(model: nn.Module, glyphs: np.ndarray, labels: np.ndarray) ->
 
 
 def _render_inverted(glyph: np.ndarray) -> np.ndarray:
-    from cnnserve.models.steps import digit_pixels
-
-    from .datasets import render_digit
-
     return digit_pixels(255 - render_digit(glyph, None))
 
 
