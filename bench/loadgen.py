@@ -1,25 +1,29 @@
-"""A load generator for the Open Inference Protocol over gRPC.
+"""A load generator for the Open Inference Protocol over gRPC, and for plain HTTP/1.1.
 
 Several client processes (so the client is not the bottleneck on a small machine) each run
-an asyncio loop that sends one pre-serialized ``ModelInfer`` request over and over:
+an asyncio loop that sends one pre-serialized request over and over:
 
 * closed loop — ``concurrency`` requests in flight at all times;
 * open loop — requests sent at ``rate_rps`` on a fixed schedule, latency measured from the
   scheduled send time so a stalled server cannot hide its queueing (no coordinated omission).
 
 Requests and responses travel as bytes (no protobuf parsing per call); one response is parsed
-up front to prove the request is valid.
+up front to prove the request is valid. The HTTP transport (closed loop only) keeps one
+keep-alive connection per concurrent stream and sends a complete pre-built request — how
+TorchServe's own REST API is measured as a baseline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 import numpy as np
@@ -44,6 +48,9 @@ class LoadSpec:
     rate_rps: float | None = None
     processes: int = 2
     timeout_s: float = 30.0
+    #: ``grpc``: ``request`` is a serialized ModelInferRequest; ``http``: a whole HTTP/1.1
+    #: request (see :func:`http_request`), closed loop only.
+    transport: Literal["grpc", "http"] = "grpc"
 
 
 @dataclass
@@ -92,6 +99,107 @@ def check_request(target: str, request: bytes, timeout_s: float = 60.0) -> pb.Mo
         return pb.ModelInferResponse.FromString(call(request, timeout=timeout_s))
 
 
+def http_request(
+    host: str, path: str, body: bytes, headers: Mapping[str, str] | None = None
+) -> bytes:
+    """A complete keep-alive HTTP/1.1 POST of ``body`` to ``path``, ready to send as is."""
+    lines = [
+        f"POST {path} HTTP/1.1",
+        f"Host: {host}",
+        f"Content-Length: {len(body)}",
+        *(f"{name}: {value}" for name, value in (headers or {}).items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def check_http_request(target: str, request: bytes, timeout_s: float = 60.0) -> tuple[int, bytes]:
+    """Send a pre-built HTTP request once; returns the status code and the body."""
+
+    async def once() -> tuple[int, bytes]:
+        connection = HttpConnection(target, request, timeout_s)
+        try:
+            return await connection.exchange()
+        finally:
+            await connection.close()
+
+    return asyncio.run(once())
+
+
+class CallFailedError(Exception):
+    """A call did not succeed; ``status`` is the gRPC code name or ``HTTP_<code>``."""
+
+    def __init__(self, status: str) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class HttpConnection:
+    """One keep-alive HTTP/1.1 connection sending the same request again and again."""
+
+    def __init__(self, target: str, request: bytes, timeout_s: float) -> None:
+        host, _, port = target.rpartition(":")
+        self._host, self._port = host.strip("[]"), int(port)
+        self._request = request
+        self._timeout_s = timeout_s
+        self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def send(self) -> None:
+        """One request/response; raises :class:`CallFailedError` unless the status is 200."""
+        try:
+            status, _ = await asyncio.wait_for(self.exchange(), self._timeout_s)
+        except TimeoutError:
+            await self.close()
+            raise CallFailedError("DEADLINE_EXCEEDED") from None
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            await self.close()
+            raise CallFailedError("CONNECTION_ERROR") from None
+        if status != 200:
+            raise CallFailedError(f"HTTP_{status}")
+
+    async def exchange(self) -> tuple[int, bytes]:
+        """Send the request (connecting first if needed) and read the whole response."""
+        if self._streams is None:
+            self._streams = await asyncio.open_connection(self._host, self._port)
+        reader, writer = self._streams
+        writer.write(self._request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        status = int(status_line.split(" ", 2)[1])
+        headers = {
+            name.strip().lower(): value.strip()
+            for name, _, value in (line.partition(":") for line in header_lines if line)
+        }
+        if "content-length" in headers:
+            body = await reader.readexactly(int(headers["content-length"]))
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            body = await _read_chunked(reader)
+        else:
+            raise ValueError("response has neither Content-Length nor chunked encoding")
+        if headers.get("connection", "").lower() == "close":
+            await self.close()
+        return status, body
+
+    async def close(self) -> None:
+        """Close the connection (the next call reconnects)."""
+        if self._streams is not None:
+            _, writer = self._streams
+            self._streams = None
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+
+async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    parts: list[bytes] = []
+    while True:
+        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+        if size == 0:
+            await reader.readuntil(b"\r\n")  # no trailers are expected
+            return b"".join(parts)
+        parts.append(await reader.readexactly(size))
+        await reader.readexactly(2)
+
+
 def _channel_options() -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", 256 << 20),
@@ -101,6 +209,8 @@ def _channel_options() -> list[tuple[str, int]]:
 
 def run_load(spec: LoadSpec) -> LoadResult:
     """Run ``spec`` across ``spec.processes`` client processes and aggregate their figures."""
+    if spec.transport == "http" and spec.rate_rps is not None:
+        raise ValueError("the HTTP transport runs closed loops only")
     context = multiprocessing.get_context("spawn")  # grpc is not fork-safe
     start_at = time.time() + 1.5  # let every process connect before the clock starts
     pipes: list[Connection] = []
@@ -160,22 +270,25 @@ def _worker_main(spec: LoadSpec, share: _Share, start_at: float, pipe: Connectio
     pipe.close()
 
 
+Sender = Callable[[], Awaitable[None]]
+
+
 async def _worker(spec: LoadSpec, share: _Share, start_at: float) -> dict[str, Any]:
     latencies: list[float] = []
     errors: Counter[str] = Counter()
-    async with grpc.aio.insecure_channel(spec.target, options=_channel_options()) as channel:
-        call = channel.unary_unary(MODEL_INFER)
+    async with contextlib.AsyncExitStack() as stack:
+        new_sender = await _senders(spec, stack)
         await asyncio.sleep(max(0.0, start_at - time.time()))
         clock_start = time.perf_counter()
         measure_from = clock_start + spec.warmup_s
         stop_at = measure_from + spec.duration_s
 
-        async def one(sent_at: float) -> None:
+        async def one(send: Sender, sent_at: float) -> None:
             try:
-                await call(spec.request, timeout=spec.timeout_s)
-            except grpc.aio.AioRpcError as exc:
+                await send()
+            except CallFailedError as exc:
                 if sent_at >= measure_from:
-                    errors[exc.code().name] += 1
+                    errors[exc.status] += 1
                 return
             done = time.perf_counter()
             if measure_from <= sent_at < stop_at:
@@ -184,11 +297,13 @@ async def _worker(spec: LoadSpec, share: _Share, start_at: float) -> dict[str, A
         if share.rate_rps is None:
 
             async def closed_loop() -> None:
+                send = new_sender()
                 while (now := time.perf_counter()) < stop_at:
-                    await one(now)
+                    await one(send, now)
 
             await asyncio.gather(*(closed_loop() for _ in range(share.concurrency)))
         elif share.rate_rps > 0:
+            send = new_sender()
             interval = 1.0 / share.rate_rps
             pending: set[asyncio.Task[None]] = set()
             next_send = clock_start
@@ -198,7 +313,7 @@ async def _worker(spec: LoadSpec, share: _Share, start_at: float) -> dict[str, A
                     if next_send >= measure_from:
                         errors["CLIENT_DROPPED"] += 1
                 else:
-                    task = asyncio.create_task(one(next_send))
+                    task = asyncio.create_task(one(send, next_send))
                     pending.add(task)
                     task.add_done_callback(pending.discard)
                 next_send += interval
@@ -209,3 +324,34 @@ async def _worker(spec: LoadSpec, share: _Share, start_at: float) -> dict[str, A
         "errors": dict(errors),
         "succeeded": len(latencies),
     }
+
+
+async def _senders(spec: LoadSpec, stack: contextlib.AsyncExitStack) -> Callable[[], Sender]:
+    """A factory of senders, one per stream: gRPC calls share a channel (HTTP/2 multiplexes
+    them); HTTP/1.1 streams each need their own connection."""
+    if spec.transport == "http":
+        connections: list[HttpConnection] = []
+
+        async def close_all() -> None:
+            for connection in connections:
+                await connection.close()
+
+        stack.push_async_callback(close_all)
+
+        def http_sender() -> Sender:
+            connections.append(HttpConnection(spec.target, spec.request, spec.timeout_s))
+            return connections[-1].send
+
+        return http_sender
+    channel = await stack.enter_async_context(
+        grpc.aio.insecure_channel(spec.target, options=_channel_options())
+    )
+    call = channel.unary_unary(MODEL_INFER)
+
+    async def grpc_send() -> None:
+        try:
+            await call(spec.request, timeout=spec.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise CallFailedError(exc.code().name) from None
+
+    return lambda: grpc_send
