@@ -13,8 +13,10 @@ import grpc
 import httpx
 import pytest
 
+from cnnserve.client.inference import connect
 from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
+from tests.conftest import RunningTorchServe
 from tests.gateway.harness import (
     digit_pixels,
     free_port,
@@ -23,6 +25,7 @@ from tests.gateway.harness import (
     running_gateway,
     wait_for_metric,
 )
+from tests.images import digit_png, shapes_png
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -135,3 +138,31 @@ async def test_sigterm_drains_a_real_process(artifacts_dir: Path) -> None:
     assert process.returncode == 0, output
     assert "SIGTERM received" in output
     assert "gateway stopped" in output
+
+
+@pytest.mark.torchserve
+async def test_gateway_over_a_real_torchserve(torchserve: RunningTorchServe) -> None:
+    """``--backend torchserve`` end to end: both transports, both models, a real TorchServe."""
+    settings = torchserve.settings.model_copy(
+        update={
+            "backend": "torchserve",
+            "artifacts_dir": torchserve.artifacts_dir,
+            "host": "127.0.0.1",
+            "grpc_port": 0,
+            "http_port": 0,
+            "metrics_port": 0,
+        }
+    )
+    digits = [digit_png(i) for i in (0, 1, 2)]
+    scene, truth = shapes_png(5, side=40)
+    async with running_gateway(settings) as gateway:
+        assert await gateway.core.server_ready()
+        for http in (False, True):
+            port = gateway.http_port if http else gateway.grpc_port
+            with connect("127.0.0.1", port, http=http) as client:
+                results = await asyncio.to_thread(client.classify, [png for png, _ in digits])
+                mask = await asyncio.to_thread(client.segment, scene)
+            assert [r.label for r in results] == [str(label) for _, label in digits]
+            assert mask.shape == truth.shape
+        batches = await metric(gateway.metrics_port, "cnnserve_batch_size_count", model="convnet")
+        assert batches >= 2

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
+from PIL import Image
 
 from cnnserve.errors import InvalidInputError
-from cnnserve.models.imaging import decode_rgb, encode_png
+from cnnserve.models.imaging import MASK_COLOURS, decode_rgb, encode_mask_png, encode_png
 
 from ..images import encode
 
@@ -66,3 +69,13 @@ def test_declared_size_is_checked_before_decoding() -> None:
 def test_png_round_trip() -> None:
     mask = np.array([[0, 1], [2, 3]], dtype=np.uint8)
     assert np.array_equal(decode_rgb(encode_png(mask))[..., 0], mask)
+
+
+def test_mask_png_keeps_class_indices_and_shows_colours() -> None:
+    mask = np.random.default_rng(0).integers(0, 4, (9, 13)).astype(np.uint8)
+    image = Image.open(io.BytesIO(encode_mask_png(mask)))
+    assert image.mode == "P"
+    np.testing.assert_array_equal(np.asarray(image), mask)
+    rgb = np.asarray(image.convert("RGB"))
+    np.testing.assert_array_equal(rgb[mask == 1][0], MASK_COLOURS[1])
+    assert (rgb[mask == 0] == 0).all()
