@@ -58,6 +58,13 @@ class DeadlineExceededError(CnnserveError):
     http_status = 504
 
 
+class UnauthenticatedError(CnnserveError):
+    """The call carries no valid API key (``authorization: Bearer <key>``)."""
+
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    http_status = 401
+
+
 GENERIC_INTERNAL_MESSAGE = "internal error; the server logged the details"
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BackendName = Literal["torchserve", "onnxruntime", "torchscript"]
@@ -100,6 +100,29 @@ class Settings(BaseSettings):
         30.0, ge=0, description="On SIGTERM, how long in-flight requests get to finish."
     )
 
+    # --- who may call the gateway (every field optional: off by default) ---
+    tls_cert_file: Path | None = Field(
+        None,
+        description="PEM server certificate (chain) for TLS on the gRPC and HTTP ports; set "
+        "with tls_key_file. Unset: plaintext. The metrics port stays plaintext.",
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: Path | None = Field(
+        None,
+        description="PEM CA bundle; when set (with TLS on), clients must present a certificate "
+        "it signed (mutual TLS), others are refused during the handshake.",
+    )
+    api_key: SecretStr | None = Field(
+        None,
+        description="API key callers send as `authorization: Bearer <key>` (gRPC metadata or "
+        "HTTP header). Health endpoints and metrics stay open. Never logged.",
+    )
+    api_keys_file: Path | None = Field(
+        None,
+        description="File of accepted API keys, one per line (# comments and blank lines "
+        "ignored), read at start; combines with api_key. Lets keys rotate one at a time.",
+    )
+
     # --- TorchServe, the engine behind the torchserve backend ---
     torchserve_host: str = Field(
         "127.0.0.1", description="Address TorchServe binds and is reached at."
@@ -164,6 +187,20 @@ class Settings(BaseSettings):
         description="First of the ports (or socket names) TorchServe gives its workers, one "
         "per worker from here on.",
     )
+
+    @model_validator(mode="after")
+    def _tls_files_go_together(self) -> Settings:
+        """A certificate needs its key (and vice versa); a client CA needs TLS on."""
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        return self
+
+    @property
+    def tls_enabled(self) -> bool:
+        """Whether the gRPC and HTTP listeners speak TLS."""
+        return self.tls_cert_file is not None
 
     @property
     def torchserve_key_path(self) -> Path:
