@@ -74,6 +74,21 @@ class ExplodingBackend:
         """Platform name for metadata."""
         return "exploding"
 
+    def takes_pixels(self) -> bool:
+        """Float32 batches only."""
+        return False
+
+
+def holding_settings(artifacts_dir: Path, delay_ms: float, **overrides: Any) -> Settings:
+    """A gateway whose lone requests wait ``delay_ms`` in the queue for company.
+
+    Adaptive delay (a partial batch leaves at once when no other caller is around) is off,
+    so a test can observe a request while it is queued: deterministic, not timed.
+    """
+    return gateway_settings(
+        artifacts_dir, max_batch_delay_ms=delay_ms, adaptive_batch_delay=False, **overrides
+    )
+
 
 def exploding_core(settings: Settings) -> InferenceCore:
     """A real inference core over :class:`ExplodingBackend`."""

@@ -34,6 +34,7 @@ from tests.gateway.harness import (
     digit_pixels,
     exploding_core,
     gateway_settings,
+    holding_settings,
     metric,
     raw_bytes_elements,
     running_gateway,
@@ -312,7 +313,7 @@ async def test_too_many_items_is_resource_exhausted(stub: Stub) -> None:
 
 async def test_expired_timeout_parameter_is_deadline_exceeded(artifacts_dir: Path) -> None:
     # A long batch delay keeps a lone request queued well past its 50 ms budget.
-    settings = gateway_settings(artifacts_dir, max_batch_delay_ms=2000.0)
+    settings = holding_settings(artifacts_dir, 2000.0)
     async with (
         running_gateway(settings) as gateway,
         grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel,
@@ -356,9 +357,7 @@ async def test_grpc_deadline_becomes_the_request_deadline() -> None:
 
 
 async def test_full_queue_is_resource_exhausted_at_once(artifacts_dir: Path) -> None:
-    settings = gateway_settings(
-        artifacts_dir, max_batch_size=8, max_queue_size=4, max_batch_delay_ms=1500.0
-    )
+    settings = holding_settings(artifacts_dir, 1500.0, max_batch_size=8, max_queue_size=4)
     async with (
         running_gateway(settings) as gateway,
         grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel,

@@ -27,6 +27,7 @@ from tests.gateway.harness import (
     digit_pixels,
     exploding_core,
     gateway_settings,
+    holding_settings,
     raw_bytes_elements,
     running_gateway,
     wait_for_metric,
@@ -356,9 +357,7 @@ async def test_body_over_the_limit_is_413(http: httpx.AsyncClient) -> None:
 
 
 async def test_queue_full_is_429_and_timeout_is_504(artifacts_dir: Path) -> None:
-    settings = gateway_settings(
-        artifacts_dir, max_batch_size=8, max_queue_size=4, max_batch_delay_ms=1500.0
-    )
+    settings = holding_settings(artifacts_dir, 1500.0, max_batch_size=8, max_queue_size=4)
     async with (
         running_gateway(settings) as gateway,
         httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}") as http,

@@ -21,6 +21,7 @@ from tests.gateway.harness import (
     digit_pixels,
     free_port,
     gateway_settings,
+    holding_settings,
     metric,
     running_gateway,
     wait_for_metric,
@@ -83,7 +84,7 @@ async def test_a_taken_port_fails_the_start(artifacts_dir: Path) -> None:
 
 async def test_stop_lets_in_flight_calls_finish(artifacts_dir: Path) -> None:
     """Stop while a call waits in the batcher: the call is answered, new ones are refused."""
-    settings = gateway_settings(artifacts_dir, max_batch_delay_ms=1500.0)
+    settings = holding_settings(artifacts_dir, 1500.0)
     async with running_gateway(settings) as gateway:
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}")
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -110,6 +111,7 @@ async def test_sigterm_drains_a_real_process(artifacts_dir: Path) -> None:
         "CNNSERVE_DEVICE": "cpu",
         # A lone call waits this long for company: long enough to be in flight at SIGTERM.
         "CNNSERVE_MAX_BATCH_DELAY_MS": "2000",
+        "CNNSERVE_ADAPTIVE_BATCH_DELAY": "false",
         "CNNSERVE_DRAIN_GRACE_S": "20",
     }
     command = [
