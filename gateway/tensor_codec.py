@@ -24,6 +24,11 @@ from .domain import DATATYPES
 BYTES = "BYTES"
 #: Length prefix of one BYTES element in the raw format.
 _LENGTH = struct.Struct("<I")
+#: Most dimensions a tensor may declare (numpy holds at most 64; no model here needs 5).
+MAX_RANK = 32
+#: Most elements a shape may declare, zero dimensions counted as 1: far beyond any message,
+#: and small enough that numpy can size the array (it refuses (0, 2**62) outright).
+MAX_ELEMENTS = 2**48
 
 
 def check_datatype(name: str, datatype: str) -> np.dtype[np.generic]:
@@ -45,6 +50,14 @@ def check_shape(name: str, shape: Iterable[int]) -> tuple[int, ...]:
             raise InvalidInputError(
                 f"tensor {name!r} has shape {list(dims)}; dimensions must be integers ≥ 0"
             )
+    if len(dims) > MAX_RANK:
+        raise InvalidInputError(
+            f"tensor {name!r} has {len(dims)} dimensions; at most {MAX_RANK} are accepted"
+        )
+    if math.prod(max(dim, 1) for dim in dims) > MAX_ELEMENTS:
+        raise InvalidInputError(
+            f"tensor {name!r} has shape {list(dims)}, more elements than any request can carry"
+        )
     return dims
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -19,8 +20,15 @@ from cnnserve.errors import InvalidInputError
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 
 
-def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+def decode_rgb(
+    data: bytes,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    check_size: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
     """Decode PNG/JPEG bytes to an ``H×W×3`` uint8 RGB array.
+
+    ``check_size(height, width)`` may refuse the declared size (raising
+    :class:`InvalidInputError`) before any pixel is decoded.
 
     Grayscale becomes three equal channels; an alpha channel is composited onto the
     background that contrasts with the opaque pixels (dark ink on transparency lands on
@@ -42,6 +50,8 @@ def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.nd
                 raise InvalidInputError(
                     f"image format {image.format} is not accepted; send PNG or JPEG"
                 )
+            if check_size is not None:
+                check_size(height, width)
             image.load()
     except InvalidInputError:
         raise

@@ -87,9 +87,9 @@ class ModelSpec:
         self, data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     ) -> np.ndarray:
         """Encoded PNG/JPEG bytes → ``3×H×W`` uint8 pixels ready for :func:`normalize`."""
-        rgb = decode_rgb(data, max_pixels)
-        if self.fixed_size is None:
-            self.check_size(rgb.shape[0], rgb.shape[1])
+        # Any size is resized to a fixed-size network's input; others are checked from the
+        # image's header, before its pixels are decoded.
+        rgb = decode_rgb(data, max_pixels, None if self.fixed_size else self.check_size)
         return self.rgb_to_pixels(rgb)
 
 

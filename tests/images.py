@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -38,3 +40,24 @@ def shapes_png(seed: int = 1, side: int = 64) -> tuple[bytes, np.ndarray]:
     """A synthetic segmentation scene as PNG bytes and its true class mask."""
     image, mask = shapes_scene(np.random.default_rng(seed), side)
     return encode(image), mask
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width×height`` RGB but whose data holds a few bytes.
+
+    Decoding it for real would allocate ``3·width·height`` bytes; a server must refuse it
+    from the header alone.
+    """
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )

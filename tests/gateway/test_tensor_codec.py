@@ -114,3 +114,25 @@ def test_empty_integer_tensor() -> None:
 
 def test_uint64_values_past_int64_keep_every_digit() -> None:
     assert decode_values("t", "UINT64", (2,), [1, 2**64 - 1]).tolist() == [1, 2**64 - 1]
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "BYTES"])
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ((0, 2**62), "more elements than any request can carry"),
+        ((0, 2**40, 2**40), "more elements than any request can carry"),
+        ((1,) * 70, "70 dimensions; at most 32"),
+    ],
+)
+def test_shapes_numpy_cannot_hold_are_bad_input(
+    datatype: str, shape: tuple[int, ...], message: str
+) -> None:
+    """Regression (found by tests/gateway/test_bad_input.py): numpy refuses these shapes
+    with a ValueError that used to surface as INTERNAL, even with zero elements."""
+    # One element in either format: an FP32 zero, or a BYTES element of length 0.
+    raw = b"" if 0 in shape else bytes(4)
+    with pytest.raises(InvalidInputError, match=message):
+        decode_raw("t", datatype, shape, raw)
+    with pytest.raises(InvalidInputError, match=message):
+        decode_values("t", datatype, shape, [])
