@@ -7,14 +7,20 @@
 
 Tensors travel raw on both transports (gRPC ``raw_input_contents``; HTTP binary tensor
 extension), encoded by the same codecs the server decodes with.
+
+A gateway with TLS is reached with ``tls=TlsConfig(ca_file=...)`` (plus ``cert_file`` and
+``key_file`` for mutual TLS); one with API keys with ``api_key=...``, sent as
+``authorization: Bearer <key>`` on every call.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ssl
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
@@ -40,6 +46,40 @@ class ServerError(Exception):
         super().__init__(f"{status}: {message}")
         self.status = status
         self.message = message
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """How a client speaks TLS: the CA that signed the server's certificate (``None``: the
+    system's trust store) and, for mutual TLS, the client's own certificate and key."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("a client certificate needs its key: give cert_file and key_file")
+
+    def grpc_credentials(self) -> grpc.ChannelCredentials:
+        """Channel credentials for :func:`grpc.secure_channel`."""
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca_file.read_bytes() if self.ca_file else None,
+            private_key=self.key_file.read_bytes() if self.key_file else None,
+            certificate_chain=self.cert_file.read_bytes() if self.cert_file else None,
+        )
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """An SSL context for HTTPS (server verified against ``ca_file``)."""
+        context = ssl.create_default_context(cafile=self.ca_file)
+        if self.cert_file is not None:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+
+def bearer(api_key: str) -> str:
+    """The ``authorization`` value carrying ``api_key``."""
+    return f"Bearer {api_key}"
 
 
 @dataclass(frozen=True)
@@ -142,20 +182,27 @@ class InferenceClient(ABC):
 class GrpcClient(InferenceClient):
     """The Open Inference Protocol over gRPC (``host:port``, default port 8001)."""
 
-    def __init__(self, target: str) -> None:
-        self._channel = grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ],
+    def __init__(
+        self, target: str, tls: TlsConfig | None = None, api_key: str | None = None
+    ) -> None:
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        self._channel = (
+            grpc.insecure_channel(target, options=options)
+            if tls is None
+            else grpc.secure_channel(target, tls.grpc_credentials(), options=options)
         )
+        self._metadata = () if api_key is None else (("authorization", bearer(api_key)),)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)  # type: ignore[no-untyped-call]
 
     def infer_request(self, request: InferRequest, timeout_s: float | None = None) -> InferResponse:
         """Send one ModelInfer call."""
         try:
-            reply = self._stub.ModelInfer(request_to_proto(request), timeout=timeout_s)
+            reply = self._stub.ModelInfer(
+                request_to_proto(request), timeout=timeout_s, metadata=self._metadata
+            )
         except grpc.RpcError as exc:
             raise ServerError(exc.code().name, exc.details() or "") from None
         return response_from_proto(reply)
@@ -175,8 +222,16 @@ class GrpcClient(InferenceClient):
 class HttpClient(InferenceClient):
     """The Open Inference Protocol over HTTP/REST (``http://host:port``, default port 8000)."""
 
-    def __init__(self, base_url: str) -> None:
-        self._http = httpx.Client(base_url=base_url, timeout=None)
+    def __init__(
+        self, base_url: str, tls: TlsConfig | None = None, api_key: str | None = None
+    ) -> None:
+        headers = {} if api_key is None else {"authorization": bearer(api_key)}
+        self._http = httpx.Client(
+            base_url=base_url,
+            timeout=None,
+            headers=headers,
+            verify=True if tls is None else tls.ssl_context(),
+        )
 
     def infer_request(self, request: InferRequest, timeout_s: float | None = None) -> InferResponse:
         """POST ``/v2/models/{model}[/versions/{v}]/infer`` with binary tensors."""
@@ -220,9 +275,15 @@ def _error_message(reply: httpx.Response) -> str:
 
 
 def connect(
-    host: str = "127.0.0.1", port: int | None = None, http: bool = False
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    http: bool = False,
+    tls: TlsConfig | None = None,
+    api_key: str | None = None,
 ) -> InferenceClient:
-    """A client for the gateway at ``host`` (port default: 8000 HTTP, 8001 gRPC)."""
+    """A client for the gateway at ``host`` (port default: 8000 HTTP, 8001 gRPC), over TLS
+    when ``tls`` is given, sending ``api_key`` when given."""
     if http:
-        return HttpClient(f"http://{host}:{port or 8000}")
-    return GrpcClient(f"{host}:{port or 8001}")
+        scheme = "http" if tls is None else "https"
+        return HttpClient(f"{scheme}://{host}:{port or 8000}", tls, api_key)
+    return GrpcClient(f"{host}:{port or 8001}", tls, api_key)

@@ -108,6 +108,14 @@ class InferenceCore:
         """Readiness turns false and new requests get UNAVAILABLE; in-flight ones go on."""
         self._draining = True
 
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` until no request is in flight; whether none is."""
+        if self._idle is None or self._idle.is_set():
+            return True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), max(0.0, timeout_s))
+        return self._idle.is_set()
+
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: refuse new requests, let in-flight ones finish (up to the grace), close.
 
@@ -117,9 +125,7 @@ class InferenceCore:
         self.begin_drain()
         grace = self.settings.drain_grace_s if grace_s is None else grace_s
         give_up_at = time.monotonic() + grace
-        if self._idle is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), grace)
+        await self.wait_idle(grace)
         left = max(0.0, give_up_at - time.monotonic())
         await asyncio.gather(*(b.stop(left) for b in self._batchers.values()))
         self._batchers.clear()

@@ -24,6 +24,7 @@ from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
 from cnnserve.settings import Settings
 
+from .auth import ApiKeyInterceptor, ApiKeys
 from .core import InferenceCore
 from .grpc_codec import (
     model_metadata_to_proto,
@@ -262,14 +263,19 @@ class ReadinessHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
 
 
 def create_grpc_server(core: InferenceCore, settings: Settings) -> grpc.aio.Server:
-    """A gRPC server with inference, health and reflection; ports are added by the caller."""
+    """A gRPC server with inference, health and reflection; ports are added by the caller.
+
+    With API keys configured, every call but liveness and readiness needs one (:mod:`.auth`).
+    """
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         # A port already taken must fail loudly, not be shared with another process.
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(options=options)
+    keys = ApiKeys.from_settings(settings)
+    interceptors = [] if keys is None else [ApiKeyInterceptor(keys)]
+    server = grpc.aio.server(options=options, interceptors=interceptors)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
         InferenceServicer(core), server
     )

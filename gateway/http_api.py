@@ -39,6 +39,7 @@ from cnnserve.models.imaging import encode_mask_png
 from cnnserve.models.registry import get_spec
 from cnnserve.settings import Settings
 
+from .auth import ApiKeyMiddleware, ApiKeys
 from .core import InferenceCore
 from .domain import InferRequest, RequestedOutput, Tensor
 from .http_codec import (
@@ -278,12 +279,16 @@ def _classifications(
 
 
 def create_http_app(core: InferenceCore, settings: Settings) -> FastAPI:
-    """The ASGI app: OIP REST, friendly routes, and uniform ``{"error"}`` bodies."""
+    """The ASGI app: OIP REST, friendly routes, and uniform ``{"error"}`` bodies; with API
+    keys configured, every route but ``/v2/health/*`` needs one (:mod:`.auth`)."""
     app = FastAPI(
         title="cnnserve",
         summary="The tutorial's ConvNet and FCN over the Open Inference Protocol",
         version=core.server_metadata().version,
     )
+    keys = ApiKeys.from_settings(settings)
+    if keys is not None:
+        app.add_middleware(ApiKeyMiddleware, keys=keys)
     app.include_router(_oip_router(core, settings))
     app.include_router(_predict_router(core, settings))
 

@@ -1,9 +1,16 @@
 """The running gateway: gRPC, HTTP and metrics servers on one event loop and one core.
 
-Shutdown (SIGTERM or Ctrl-C) drains: readiness turns false at once (``/v2/health/ready`` and
-``grpc.health.v1`` answer NOT_SERVING, new inference calls get UNAVAILABLE / 503), the
-listeners close, calls already running finish, and the process exits — all within
-``settings.drain_grace_s``; calls still running then are cancelled.
+Shutdown (SIGTERM or Ctrl-C) drains, all within ``settings.drain_grace_s``:
+
+1. readiness turns false at once — ``/v2/health/ready`` answers 503, ``ServerReady`` false,
+   ``grpc.health.v1`` NOT_SERVING — and new inference calls get UNAVAILABLE / 503;
+2. the listeners stay open while the calls already accepted finish, so probes and clients
+   see an explicit answer rather than a refused connection;
+3. when they have (or a moment before the grace runs out) whatever is still queued is
+   answered UNAVAILABLE, the listeners close, and the process exits with status 0.
+
+With the ``tls_*`` settings the gRPC and HTTP listeners speak TLS (mutual TLS with a client
+CA, :mod:`.tls`); with API keys, calls need ``authorization: Bearer <key>`` (:mod:`.auth`).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import uvicorn
@@ -27,12 +35,22 @@ from starlette.types import ASGIApp
 
 from cnnserve.settings import Settings
 
+from . import tls
+from .auth import ApiKeys, log_auth_mode
 from .core import InferenceCore, create_core
 from .grpc_service import create_grpc_server
 from .http_api import create_http_app
 from .metrics import GatewayMetrics
 
 logger = logging.getLogger(__name__)
+
+#: Part of the grace kept for closing: answers already written still reach their callers.
+CLOSE_SHARE = 0.1
+#: ... but never more than this many seconds of it.
+MAX_CLOSE_S = 1.0
+#: uvicorn checks ``should_exit`` every 0.1 s; give it at least this long to close its own
+#: sockets before its task is cancelled (a cancelled one leaves its listener open).
+MIN_UVICORN_CLOSE_S = 0.5
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -66,7 +84,9 @@ class _HttpServer:
     port: int
 
 
-async def _start_http(app: ASGIApp, host: str, port: int, grace_s: float) -> _HttpServer:
+async def _start_http(
+    app: ASGIApp, host: str, port: int, grace_s: float, **ssl_options: Any
+) -> _HttpServer:
     sock = _listen(host, port)
     bound = sock.getsockname()[1]
     config = uvicorn.Config(
@@ -75,6 +95,7 @@ async def _start_http(app: ASGIApp, host: str, port: int, grace_s: float) -> _Ht
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=max(1, round(grace_s)),
+        **ssl_options,
     )
     server = _EmbeddedUvicorn(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -113,45 +134,61 @@ class Gateway:
 
     async def _start(self) -> None:
         s = self.settings
+        # Bad key or certificate files fail the start before any model loads.
+        log_auth_mode(ApiKeys.from_settings(s))
+        credentials = tls.grpc_server_credentials(s)
         await self.core.start()
         self._metrics = await _start_http(
             create_metrics_app(self.core.metrics), s.host, s.metrics_port, s.drain_grace_s
         )
         self.metrics_port = self._metrics.port
         self._grpc = create_grpc_server(self.core, s)
-        # add_insecure_port raises when the address cannot be bound.
-        self.grpc_port = self._grpc.add_insecure_port(f"{_grpc_host(s.host)}:{s.grpc_port}")
+        address = f"{_grpc_host(s.host)}:{s.grpc_port}"
+        # add_*_port raises when the address cannot be bound.
+        if credentials is None:
+            self.grpc_port = self._grpc.add_insecure_port(address)
+        else:
+            self.grpc_port = self._grpc.add_secure_port(address, credentials)
         await self._grpc.start()
         self._http = await _start_http(
-            create_http_app(self.core, s), s.host, s.http_port, s.drain_grace_s
+            create_http_app(self.core, s),
+            s.host,
+            s.http_port,
+            s.drain_grace_s,
+            **tls.uvicorn_ssl_options(s),
         )
         self.http_port = self._http.port
         logger.info(
-            "cnnserve gateway on %s: HTTP %d, gRPC %d, metrics %d (%s backend)",
+            "cnnserve gateway on %s: HTTP %d, gRPC %d (%s), metrics %d (%s backend)",
             s.host,
             self.http_port,
             self.grpc_port,
+            tls.describe(s),
             self.metrics_port,
             s.backend,
         )
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Drain and close everything within ``grace_s`` (default ``drain_grace_s``)."""
+        """Drain and close everything within ``grace_s`` (default ``drain_grace_s``); see
+        the module docstring for the order."""
         grace = self.settings.drain_grace_s if grace_s is None else grace_s
         give_up_at = time.monotonic() + grace
         self.core.begin_drain()
         logger.info("draining: readiness false; in-flight calls get up to %.1f s", grace)
+        close_s = min(MAX_CLOSE_S, grace * CLOSE_SHARE)
+        if not await self.core.wait_idle(give_up_at - close_s - time.monotonic()):
+            logger.warning("drain grace ran out: calls still in flight get UNAVAILABLE")
+        await self.core.stop(0.0)
         closing = []
+        left = max(0.0, give_up_at - time.monotonic())
         if self._grpc is not None:
-            closing.append(self._grpc.stop(grace))
-        if self._http is not None:
-            self._http.server.should_exit = True
-            closing.append(_finish(self._http.task, grace))
+            # Streams still open (ModelStreamInfer, health Watch) are cut when this runs out.
+            closing.append(self._grpc.stop(left))
+        for http in (self._http, self._metrics):
+            if http is not None:
+                http.server.should_exit = True
+                closing.append(_finish(http.task, max(left, MIN_UVICORN_CLOSE_S)))
         await asyncio.gather(*closing)
-        await self.core.stop(max(0.0, give_up_at - time.monotonic()))
-        if self._metrics is not None:
-            self._metrics.server.should_exit = True
-            await _finish(self._metrics.task, 1.0)
         logger.info("gateway stopped")
 
 
@@ -161,7 +198,7 @@ def _grpc_host(host: str) -> str:
 
 async def _finish(task: asyncio.Task[None], timeout_s: float) -> None:
     """Wait for a uvicorn task; cancel it if it outlives the grace (its clients get cut)."""
-    done, _ = await asyncio.wait({task}, timeout=timeout_s + 1.0)
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
     if not done:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
