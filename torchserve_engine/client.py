@@ -39,6 +39,26 @@ KeyKind = Literal["inference", "management"]
 HEALTHY = "Healthy"
 #: How long a readiness probe may take before the model counts as not ready.
 PROBE_TIMEOUT_S = 10.0
+#: Spread calls over every address the target resolves to (every replica), and retry a call
+#: that failed UNAVAILABLE — its replica died or went away mid-call — on another one.
+#: Retrying is safe: a prediction changes nothing on the server.
+SERVICE_CONFIG = json.dumps(
+    {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [
+            {
+                "name": [{"service": "org.pytorch.serve.grpc.inference.InferenceAPIsService"}],
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "0.5s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+    }
+)
 
 
 def read_key(key_file: Path, kind: KeyKind) -> str:
@@ -86,7 +106,10 @@ class TorchServeClient:
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
+            ("grpc.service_config", SERVICE_CONFIG),
+            # Keep every batch retryable (gRPC's default buffer, 256 KiB, is under one
+            # 32-image ConvNet batch).
+            ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
         ]
         self._channel = grpc.aio.insecure_channel(target, options=options)
         self._stub = pb_grpc.InferenceAPIsServiceStub(self._channel)  # type: ignore[no-untyped-call]

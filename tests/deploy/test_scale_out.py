@@ -1,0 +1,311 @@
+"""Scale-out for real: three TorchServe replicas behind one gateway process.
+
+The deployments run several TorchServe replicas behind a gateway whose gRPC channel
+resolves every replica (``dns:///torchserve:7070`` in docker-compose.yml, the headless
+Service in Kubernetes) and round-robins batches over them. Here the same gateway
+(``cnnserve serve --backend torchserve`` in its own process) gets a target that lists three
+local TorchServes, ``ipv4:127.0.0.1:A,127.0.0.1:B,127.0.0.1:C``: the resolver hands the channel
+every address, exactly as DNS does with one A record per replica. One replica is then stopped
+and another killed, each in the middle of the load.
+
+Token authorization is off, as in the deployments: each replica draws its own random key and
+one round-robin channel can send only one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import psutil
+import pytest
+
+from cnnserve.models.runtime import load_runner
+from cnnserve.models.steps import normalize
+from cnnserve.protocol import open_inference_pb2 as pb
+from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
+from cnnserve.torchserve_engine.archive import archive_models
+from cnnserve.torchserve_engine.process import ServerInfo, start, stop
+from tests.conftest import free_ports, torchserve_settings
+from tests.gateway.harness import digit_pixels
+
+pytestmark = [pytest.mark.torchserve, pytest.mark.asyncio(loop_scope="session")]
+
+REPLICAS = 3
+READY_TIMEOUT_S = 120.0
+CALL_TIMEOUT_S = 60.0
+CALLERS = 6
+#: Items per request, uneven so batches of different sizes form.
+ITEM_COUNTS = (2, 3, 1)
+#: Upper bound on one caller's requests in the stop test: the load always ends by itself.
+MAX_REQUESTS_PER_CALLER = 400
+INFERENCE_COUNTER = re.compile(
+    r'^ts_inference_requests_total\{[^}]*model_name="convnet"[^}]*\}\s+([0-9.e+]+)$', re.M
+)
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One TorchServe serving its own copy of the archives."""
+
+    store: Path
+    server: ServerInfo
+
+    def inference_requests(self) -> float:
+        """convnet inference requests this replica has answered (its metrics API)."""
+        reply = httpx.get(f"{self.server.metrics_url}/metrics", timeout=10.0)
+        reply.raise_for_status()
+        return sum(float(value) for value in INFERENCE_COUNTER.findall(reply.text))
+
+
+@pytest.fixture(scope="module")
+def replicas(
+    artifacts_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[Replica]]:
+    """Three TorchServes on their own free ports, tokens off; stopped at the end."""
+    started: list[Replica] = []
+    try:
+        for index in range(REPLICAS):
+            store = tmp_path_factory.mktemp(f"replica{index}")
+            settings = torchserve_settings(store).model_copy(
+                update={"torchserve_token_auth": False, "torchserve_key_file": None}
+            )
+            archive_models(artifacts_dir, store, "torchscript", False, settings)
+            started.append(Replica(store, start(settings, store)))
+        yield started
+    finally:
+        for replica in started:
+            stop(replica.store)
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """The gateway process and the ports it serves."""
+
+    process: subprocess.Popen[str]
+    grpc_port: int
+    http_port: int
+
+
+def wait_until_ready(gateway: Gateway) -> None:
+    """Poll /v2/health/ready; fail if the process dies or it stays unready."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        assert gateway.process.poll() is None, "the gateway exited while starting"
+        try:
+            url = f"http://127.0.0.1:{gateway.http_port}/v2/health/ready"
+            if httpx.get(url, timeout=5.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"the gateway was not ready after {READY_TIMEOUT_S:.0f} s")
+
+
+@pytest.fixture(scope="module")
+def gateway(replicas: list[Replica]) -> Iterator[Gateway]:
+    """``cnnserve serve --backend torchserve`` with a gRPC target listing every replica."""
+    grpc_port, http_port, metrics_port = free_ports(3)
+    target = "ipv4:" + ",".join(replica.server.grpc_target for replica in replicas)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CNNSERVE_")}
+    env.update(
+        CNNSERVE_TORCHSERVE_GRPC_TARGET=target,
+        CNNSERVE_TORCHSERVE_TOKEN_AUTH="false",
+    )
+    # The command line docker-compose.yml's gateway amounts to, on this test's ports.
+    command = [sys.executable, "-m", "cnnserve", "serve", "--backend", "torchserve"]
+    command += ["--host", "127.0.0.1", "--grpc-port", str(grpc_port)]
+    command += ["--http-port", str(http_port), "--metrics-port", str(metrics_port)]
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    running = Gateway(process, grpc_port, http_port)
+    try:
+        wait_until_ready(running)
+        yield running
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+
+
+@pytest.fixture(scope="module")
+async def stub(gateway: Gateway) -> AsyncIterator[pb_grpc.GRPCInferenceServiceStub]:
+    """An Open Inference Protocol stub on the gateway's gRPC port."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
+        yield pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+
+
+@pytest.fixture(scope="module")
+def digits(artifacts_dir: Path) -> tuple[np.ndarray, list[int]]:
+    """Six digit images as UINT8 pixels, and the label the exported model gives each.
+
+    The labels come from the same TorchScript artifact run in this process, so an answer
+    from either replica must match them exactly.
+    """
+    pixels, _ = digit_pixels(range(6))
+    runner = load_runner(artifacts_dir / "convnet.pt", "torchscript", "cpu")
+    expected = runner.infer(normalize(pixels)).argmax(axis=1).tolist()
+    return pixels, expected
+
+
+async def classify(stub: pb_grpc.GRPCInferenceServiceStub, pixels: np.ndarray) -> list[int]:
+    """Top-1 label indices of ``pixels`` from the gateway (its ``logits`` output)."""
+    request = pb.ModelInferRequest(model_name="convnet")
+    request.inputs.add(name="pixels", datatype="UINT8", shape=pixels.shape)
+    request.raw_input_contents.append(pixels.tobytes())
+    request.outputs.add(name="logits")
+    response = await stub.ModelInfer(request, timeout=CALL_TIMEOUT_S)
+    (output,) = response.outputs
+    logits = np.frombuffer(response.raw_output_contents[0], dtype=np.float32)
+    return logits.reshape(tuple(output.shape)).argmax(axis=1).tolist()  # type: ignore[no-any-return]
+
+
+def request_items(
+    caller: int, number: int, digits: tuple[np.ndarray, list[int]]
+) -> tuple[np.ndarray, list[int]]:
+    """The pixels and expected labels of a caller's ``number``-th request (2, 3 or 1 items)."""
+    pixels, expected = digits
+    count = ITEM_COUNTS[(caller + number) % len(ITEM_COUNTS)]
+    rows = [(caller + number + i) % len(expected) for i in range(count)]
+    return pixels[rows], [expected[row] for row in rows]
+
+
+async def test_batches_spread_over_both_replicas(
+    replicas: list[Replica],
+    stub: pb_grpc.GRPCInferenceServiceStub,
+    digits: tuple[np.ndarray, list[int]],
+) -> None:
+    """Concurrent callers' batches reach every replica, and every answer is right."""
+    before = [replica.inference_requests() for replica in replicas]
+
+    async def caller(index: int) -> None:
+        for number in range(12):
+            pixels, expected = request_items(index, number, digits)
+            assert await classify(stub, pixels) == expected
+
+    await asyncio.gather(*(caller(index) for index in range(CALLERS)))
+    served = [replica.inference_requests() - b for replica, b in zip(replicas, before, strict=True)]
+    # Round robin takes turns; half a fair share each leaves room for probes and batching.
+    assert all(count >= sum(served) / (2 * REPLICAS) for count in served), served
+
+
+async def load_through(
+    disruption: Callable[[], Awaitable[None]],
+    victim: Replica,
+    stub: pb_grpc.GRPCInferenceServiceStub,
+    digits: tuple[np.ndarray, list[int]],
+) -> tuple[list[str], int]:
+    """Callers send requests; once ``victim`` is serving them, ``disruption`` runs.
+
+    Every caller goes on until it has had 10 answers after the disruption (bounded by
+    MAX_REQUESTS_PER_CALLER). Returns the failures (errors, wrong labels) and the number
+    of answers after the disruption.
+    """
+    victim_before = victim.inference_requests()
+    disrupted = asyncio.Event()
+    failures: list[str] = []
+    answered_after = 0
+
+    async def caller(index: int) -> None:
+        nonlocal answered_after
+        after = 0
+        for number in range(MAX_REQUESTS_PER_CALLER):
+            pixels, expected = request_items(index, number, digits)
+            try:
+                labels = await classify(stub, pixels)
+            except grpc.aio.AioRpcError as exc:
+                failures.append(f"{exc.code().name}: {exc.details()}")
+                continue
+            if labels != expected:
+                failures.append(f"labels {labels}, expected {expected}")
+            if disrupted.is_set():
+                after += 1
+                answered_after += 1
+                if after >= 10:
+                    return
+
+    load = [asyncio.create_task(caller(index)) for index in range(CALLERS)]
+    # Disrupt the victim only once the load demonstrably reaches it.
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while victim.inference_requests() <= victim_before:
+        assert time.monotonic() < deadline, "the load never reached the victim"
+        assert not any(task.done() for task in load), "the load ended before the disruption"
+        await asyncio.sleep(0.05)
+    await disruption()
+    disrupted.set()
+    await asyncio.gather(*load)
+    return failures, answered_after
+
+
+async def assert_survivors_serve(
+    survivors: list[Replica],
+    gateway: Gateway,
+    stub: pb_grpc.GRPCInferenceServiceStub,
+    digits: tuple[np.ndarray, list[int]],
+) -> None:
+    """The gateway stays ready and the replicas still running answer every new call."""
+    before = sum(replica.inference_requests() for replica in survivors)
+    calls = 4
+    for number in range(calls):  # one after another: one batch each
+        pixels, expected = request_items(0, number, digits)
+        assert await classify(stub, pixels) == expected
+    assert sum(replica.inference_requests() for replica in survivors) >= before + calls
+    reply = httpx.get(f"http://127.0.0.1:{gateway.http_port}/v2/health/ready", timeout=10.0)
+    assert reply.status_code == 200
+
+
+async def test_a_replica_stopped_mid_load_fails_no_request(
+    replicas: list[Replica],
+    gateway: Gateway,
+    stub: pb_grpc.GRPCInferenceServiceStub,
+    digits: tuple[np.ndarray, list[int]],
+) -> None:
+    """Stop a replica (`cnnserve torchserve stop`, as `docker compose stop` or a scale-down
+    would) while callers keep sending: every call still gets its right answer.
+
+    Leaves that replica stopped: the tests below run with the others.
+    """
+    victim = replicas[1]
+    failures, answered_after = await load_through(
+        lambda: asyncio.to_thread(stop, victim.store), victim, stub, digits
+    )
+    assert failures == []
+    assert answered_after >= 10 * CALLERS
+    await assert_survivors_serve([replicas[0], replicas[2]], gateway, stub, digits)
+
+
+async def test_a_replica_killed_mid_load_fails_no_request(
+    replicas: list[Replica],
+    gateway: Gateway,
+    stub: pb_grpc.GRPCInferenceServiceStub,
+    digits: tuple[np.ndarray, list[int]],
+) -> None:
+    """SIGKILL a replica's JVM and workers mid-load: calls it held are retried elsewhere."""
+    victim = replicas[2]
+
+    async def kill() -> None:
+        jvm = psutil.Process(victim.server.pid)
+        processes = [jvm, *jvm.children(recursive=True)]
+        for process in processes:
+            process.kill()
+        await asyncio.to_thread(psutil.wait_procs, processes, 30)
+
+    failures, answered_after = await load_through(kill, victim, stub, digits)
+    assert failures == []
+    assert answered_after >= 10 * CALLERS
+    await assert_survivors_serve([replicas[0]], gateway, stub, digits)

@@ -1,0 +1,202 @@
+"""The TorchServe container's entry point, run for real without a container.
+
+``deploy/torchserve_entrypoint.py`` is what the image runs as its command and HEALTHCHECK;
+here it runs as a process on free ports against a real TorchServe, with the same
+``CNNSERVE_*`` variables docker-compose.yml sets.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import psutil
+import pytest
+
+from cnnserve.settings import Settings
+from cnnserve.torchserve_engine.archive import archive_models
+from cnnserve.torchserve_engine.client import TorchServeClient, read_inference_key
+from cnnserve.torchserve_engine.process import KEY_FILE, ServerInfo, run_dir_of, status
+from tests.conftest import torchserve_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "deploy" / "torchserve_entrypoint.py"
+START_TIMEOUT_S = 300.0
+STOP_TIMEOUT_S = 90.0
+
+
+def load_entrypoint() -> ModuleType:
+    """The script as a module, for its helpers."""
+    spec = importlib.util.spec_from_file_location("torchserve_entrypoint", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+entrypoint = load_entrypoint()
+
+
+# --- publishing the key -----------------------------------------------------------------
+
+
+def test_publish_key_copies_atomically_for_the_owner_only(tmp_path: Path) -> None:
+    source = tmp_path / "run" / KEY_FILE
+    source.parent.mkdir()
+    source.write_text('{"inference": {"key": "abc"}}')
+    target = tmp_path / "auth" / KEY_FILE
+    entrypoint.publish_key(source, target)
+    assert target.read_text() == source.read_text()
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert [p.name for p in target.parent.iterdir()] == [KEY_FILE], "temporary file left"
+    source.write_text('{"inference": {"key": "new"}}')
+    entrypoint.publish_key(source, target)
+    assert read_inference_key(target) == "new"
+
+
+def test_publish_key_without_tokens_removes_a_stale_copy(tmp_path: Path) -> None:
+    target = tmp_path / KEY_FILE
+    target.write_text('{"inference": {"key": "old"}}')
+    entrypoint.publish_key(None, target)
+    assert not target.exists()
+    entrypoint.publish_key(None, target)  # nothing there: still fine
+
+
+def test_publish_key_to_itself_or_nowhere_changes_nothing(tmp_path: Path) -> None:
+    source = tmp_path / KEY_FILE
+    source.write_text('{"inference": {"key": "abc"}}')
+    entrypoint.publish_key(source, source)
+    entrypoint.publish_key(source, None)
+    assert source.read_text() == '{"inference": {"key": "abc"}}'
+
+
+def test_unknown_command_is_a_usage_error() -> None:
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "start"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 2
+    assert "usage: torchserve_entrypoint.py [serve|ready]" in result.stderr
+
+
+# --- the real thing ---------------------------------------------------------------------
+
+
+def container_env(settings: Settings, published_key: Path) -> dict[str, str]:
+    """The environment compose gives the container, with this test's ports and paths."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CNNSERVE_")}
+    env.update(
+        CNNSERVE_MODEL_STORE_DIR=str(settings.model_store_dir),
+        CNNSERVE_TORCHSERVE_HOST=settings.torchserve_host,
+        CNNSERVE_TORCHSERVE_TOKEN_AUTH="true",
+        CNNSERVE_TORCHSERVE_KEY_FILE=str(published_key),
+        CNNSERVE_TORCHSERVE_INFERENCE_PORT=str(settings.torchserve_inference_port),
+        CNNSERVE_TORCHSERVE_MANAGEMENT_PORT=str(settings.torchserve_management_port),
+        CNNSERVE_TORCHSERVE_METRICS_PORT=str(settings.torchserve_metrics_port),
+        CNNSERVE_TORCHSERVE_GRPC_INFERENCE_PORT=str(settings.torchserve_grpc_inference_port),
+        CNNSERVE_TORCHSERVE_GRPC_MANAGEMENT_PORT=str(settings.torchserve_grpc_management_port),
+        CNNSERVE_TORCHSERVE_INITIAL_WORKER_PORT=str(settings.torchserve_initial_worker_port),
+    )
+    return env
+
+
+def ready(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The HEALTHCHECK command, as Docker runs it."""
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "ready"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def wait_ready(process: subprocess.Popen[str], env: dict[str, str]) -> None:
+    """Poll the HEALTHCHECK until healthy; fail if the entry point exits first."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"entry point exited {process.returncode} while starting"
+        if ready(env).returncode == 0:
+            return
+        time.sleep(1.0)
+    pytest.fail(f"not healthy after {START_TIMEOUT_S:.0f} s")
+
+
+@pytest.fixture
+def container(
+    artifacts_dir: Path, tmp_path: Path
+) -> Iterator[tuple[subprocess.Popen[str], dict[str, str], Path]]:
+    """The entry point serving a fresh model store; (process, env, published key path)."""
+    store = tmp_path / "model_store"
+    store.mkdir()
+    settings = torchserve_settings(store)
+    archive_models(artifacts_dir, store, "torchscript", False, settings)
+    published_key = tmp_path / "auth" / KEY_FILE
+    env = container_env(settings, published_key)
+    assert ready(env).returncode == 1, "healthy before anything started"
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_ready(process, env)
+        yield process, env, published_key
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=STOP_TIMEOUT_S)
+        # Whatever the test did, no TorchServe outlives it.
+        info = ServerInfo.load(run_dir_of(store))
+        if info is not None and psutil.pid_exists(info.pid):
+            psutil.Process(info.pid).kill()
+
+
+@pytest.mark.torchserve
+async def test_serves_publishes_the_key_and_stops_on_sigterm(
+    container: tuple[subprocess.Popen[str], dict[str, str], Path],
+) -> None:
+    process, env, published_key = container
+    store = Path(env["CNNSERVE_MODEL_STORE_DIR"])
+    # The published copy is TorchServe's own key file, and the key works for inference.
+    assert published_key.read_text() == (run_dir_of(store) / KEY_FILE).read_text()
+    target = f"127.0.0.1:{env['CNNSERVE_TORCHSERVE_GRPC_INFERENCE_PORT']}"
+    client = TorchServeClient(target, read_inference_key(published_key))
+    try:
+        outputs = await client.predict_batch("convnet", np.zeros((2, 3, 28, 28), np.float32))
+    finally:
+        await client.close()
+    assert outputs.shape == (2, 10)
+
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=STOP_TIMEOUT_S)
+    assert process.returncode == 0, output
+    assert "SIGTERM: stopping TorchServe" in output
+    assert not status(store).running
+    assert ready(env).returncode == 1
+
+
+@pytest.mark.torchserve
+def test_exits_with_failure_when_torchserve_dies(
+    container: tuple[subprocess.Popen[str], dict[str, str], Path],
+) -> None:
+    """A dead JVM ends the container (exit 1), so the orchestrator restarts it."""
+    process, env, _ = container
+    info = ServerInfo.load(run_dir_of(Path(env["CNNSERVE_MODEL_STORE_DIR"])))
+    assert info is not None
+    psutil.Process(info.pid).kill()
+    output, _ = process.communicate(timeout=STOP_TIMEOUT_S)
+    assert process.returncode == 1, output
+    assert f"TorchServe (pid {info.pid}) exited" in output
+    assert ready(env).returncode == 1
