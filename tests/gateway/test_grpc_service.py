@@ -372,6 +372,30 @@ async def test_full_queue_is_resource_exhausted_at_once(artifacts_dir: Path) -> 
         assert len((await waiting).outputs) == 2  # the queued one is still answered
 
 
+async def test_a_caller_gone_mid_queue_strands_no_one(artifacts_dir: Path) -> None:
+    """A client cancels while queued with another: the other is answered, the gone one never
+    computed (counted as cancelled)."""
+    settings = holding_settings(artifacts_dir, 1500.0)
+    async with (
+        running_gateway(settings) as gateway,
+        grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel,
+    ):
+        stub = Stub(channel)
+        pixels, labels = digit_pixels([0, 1])
+        leaving = stub.ModelInfer(tensor_request("pixels", pixels[:1]))
+        staying = asyncio.ensure_future(stub.ModelInfer(tensor_request("pixels", pixels[1:])))
+        await wait_for_metric(gateway.metrics_port, "cnnserve_queue_depth", 2, model="convnet")
+        leaving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        answer = outputs_of(await staying)
+        assert [int(x) for x in answer["labels"][:, 0]] == labels[1:]
+        await wait_for_metric(
+            gateway.metrics_port, "cnnserve_requests_total", 1, model="convnet", outcome="cancelled"
+        )
+        assert await metric(gateway.metrics_port, "cnnserve_batch_size_sum", model="convnet") == 1
+
+
 async def test_message_over_the_limit_is_resource_exhausted(artifacts_dir: Path) -> None:
     settings = gateway_settings(artifacts_dir, max_message_bytes=64 * 1024)
     async with (
