@@ -31,7 +31,6 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parent.parent
 LOCK_DIR = ROOT / "deploy" / "requirements"
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
-PYPI_INDEX = "https://pypi.org/simple"
 #: The newest onnxruntime-gpu on PyPI; built for CUDA 13, as torch 2.13.0's PyPI wheel is.
 ONNXRUNTIME_GPU = "onnxruntime-gpu==1.31.1"
 
@@ -67,10 +66,10 @@ def resolve(variant: str) -> dict[str, str]:
         command += ["--extra-index-url", CPU_INDEX]
     else:
         # A local "+cpu" wheel (find-links in a pip config or PIP_* variable) satisfies
-        # torch==2.13.0 too, and pip prefers it: resolve the GPU variant from PyPI alone.
+        # torch==2.13.0 too, and pip prefers it: resolve the GPU variant with pip's defaults,
+        # from PyPI alone.
         env = {name: value for name, value in env.items() if not name.startswith("PIP_")}
         env["PIP_CONFIG_FILE"] = os.devnull
-        command += ["--index-url", PYPI_INDEX]
     result = subprocess.run(
         [*command, *variant_requirements(variant)],
         env=env,
