@@ -42,10 +42,12 @@ class Settings(BaseSettings):
     )
     half_precision: bool = Field(False, description="Run fp16 on GPU (torchscript backend only).")
     inference_threads: int = Field(
-        0,
+        1,
         ge=0,
-        description="Threads one in-process batch may use (ONNX Runtime's intra-op threads; "
-        "torch.set_num_threads for torchscript); 0: the library's default, one per core.",
+        description="Threads one batch may use on a CPU (ONNX Runtime's intra-op threads; "
+        "torch.set_num_threads for torchscript and in TorchServe's workers). 1 leaves the other "
+        "cores to the event loop and gRPC: spinning thread pools on a busy or shared host stall "
+        "for milliseconds (docs/benchmarks.md); 0: the library's default, one per core.",
     )
     channels_last: bool = Field(
         True, description="torchscript backend: run the convolutions in the NHWC memory layout."

@@ -181,6 +181,8 @@ def load_model(spec: ModelSpec, context: HandlerContext) -> LoadedModel:
 
     The archive's ``model-config.yaml`` may ask for fp16 (``handler: {half: true}``); that
     only applies on a GPU, so a CPU worker warns and runs fp32 instead of failing to load.
+    ``handler: {threads: n}`` bounds the threads one batch uses on a CPU (0: the library's
+    default); the worker process serves one model, so torch's process-wide count is its own.
     """
     model_dir = Path(context.system_properties["model_dir"])
     artifact = model_dir / context.manifest["model"]["serializedFile"]
@@ -192,7 +194,10 @@ def load_model(spec: ModelSpec, context: HandlerContext) -> LoadedModel:
     if half and device == "cpu":
         logger.warning("%s: half precision needs a GPU; running fp32 on the CPU", spec.name)
         half = False
-    runner = load_runner(artifact, artifact_format, device, half)
+    threads = int(options.get("threads", 0))
+    if threads > 0:
+        torch.set_num_threads(threads)
+    runner = load_runner(artifact, artifact_format, device, half, threads=threads)
     logger.info(
         "%s: serving %s (%s%s) on %s",
         spec.name,

@@ -80,13 +80,13 @@ async def test_runner_options_come_from_settings(artifacts_dir: Path) -> None:
         backend="torchscript",
         artifacts_dir=artifacts_dir,
         device="cpu",
-        inference_threads=1,
+        inference_threads=2,
         channels_last=False,
         device_preprocess=False,
         cuda_graph_batch_sizes=[4, 1, 2],
     )
     assert RunnerOptions.from_settings(settings) == RunnerOptions(
-        threads=1,
+        threads=2,
         channels_last=False,
         device_preprocess=False,
         pinned_memory=True,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from ts.context import Context
 
 from cnnserve.handlers.convnet_handler import render_classification
@@ -53,6 +54,18 @@ def test_half_precision_without_a_gpu_runs_fp32(artifacts_dir: Path) -> None:
     assert handler.model is not None and not handler.model.half
     (answer,) = call(handler.handle, context, [request(pack(items(2)), PACKED_INPUT_NAME)])
     assert unpack_response(answer.body).shape == (2, 10)
+
+
+def test_threads_option_bounds_the_worker_s_torch_threads(artifacts_dir: Path) -> None:
+    # A worker process serves one model, so the handler sets torch's process-wide count.
+    before = torch.get_num_threads()
+    try:
+        handler = ModelHandler("convnet", render_classification)
+        handler.handle(None, make_context("convnet", artifacts_dir, "convnet.pt", {"threads": 1}))
+        assert torch.get_num_threads() == 1
+        assert handler.model is not None
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("artifact", ["convnet.pt", "convnet.onnx"])
