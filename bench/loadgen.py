@@ -28,6 +28,7 @@ from typing import Any, Literal
 import grpc
 import numpy as np
 
+from cnnserve.gateway.tensor_codec import encode_raw
 from cnnserve.protocol import open_inference_pb2 as pb
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -79,14 +80,19 @@ def infer_request(
     input_name: str = "input",
     outputs: tuple[str, ...] = (),
 ) -> bytes:
-    """A serialized ``ModelInferRequest`` carrying ``items`` as raw contents."""
-    datatype = {np.dtype(np.float32): "FP32", np.dtype(np.uint8): "UINT8"}[items.dtype]
+    """A serialized ``ModelInferRequest`` carrying ``items`` as raw contents (an object array
+    of ``bytes`` travels as BYTES)."""
+    datatype = {
+        np.dtype(np.float32): "FP32",
+        np.dtype(np.uint8): "UINT8",
+        np.dtype(object): "BYTES",
+    }[items.dtype]
     request = pb.ModelInferRequest(model_name=model)
     tensor = request.inputs.add()
     tensor.name = input_name
     tensor.datatype = datatype
     tensor.shape.extend(items.shape)
-    request.raw_input_contents.append(np.ascontiguousarray(items).tobytes())
+    request.raw_input_contents.append(encode_raw(datatype, items))
     for name in outputs:
         request.outputs.add().name = name
     return request.SerializeToString()

@@ -8,8 +8,26 @@ import shlex
 import sys
 from pathlib import Path
 
+from cnnserve.torchserve_engine import TorchServeError
+from cnnserve.torchserve_engine.process import find_java
+
 from . import report
-from .suite import machine_description, profile, run_suite
+from .suite import GATEWAY_BACKENDS, machine_description, profile, run_suite
+
+logger = logging.getLogger(__name__)
+
+#: Hand-written sections (analysis, profiles, GPU) appended to the report in name order.
+NOTES_DIR = "notes"
+
+
+def default_backends() -> list[str]:
+    """Every gateway backend; torchserve (and TorchServe alone) only where Java is installed."""
+    try:
+        find_java()
+    except TorchServeError as exc:
+        logger.warning("skipping the torchserve backend and baseline: %s", exc)
+        return [b for b in GATEWAY_BACKENDS if b != "torchserve"]
+    return list(GATEWAY_BACKENDS)
 
 
 def run_benchmarks(
@@ -23,6 +41,7 @@ def run_benchmarks(
 ) -> Path:
     """Run the scenarios of ``profile_name`` and write the report; returns its path."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per metrics scrape
     missing = [
         p
         for p in ("convnet.onnx", "convnet.pt", "fcn.onnx", "fcn.pt")
@@ -33,15 +52,23 @@ def run_benchmarks(
             f"missing artifacts in {artifacts}: {', '.join(missing)}; run `make export`"
         )
     bench_dir = docs_dir / "bench"
+    machine = machine_description()
     rows = run_suite(
         profile(profile_name, backends), artifacts, bench_dir, duration_s, warmup_s, processes
     )
+    return write_report(rows, docs_dir, machine)
+
+
+def write_report(rows: list[report.Row], docs_dir: Path, machine: str) -> Path:
+    """Plots, ``benchmarks.md`` and ``bench/summary.json`` from measured rows."""
+    bench_dir = docs_dir / "bench"
     plots = report.plot(rows, bench_dir)
     command = "cnnserve " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    text = report.render(rows, machine_description(), command, plots)
+    notes = [path.read_text() for path in sorted((bench_dir / NOTES_DIR).glob("*.md"))]
+    text = report.render(rows, machine, command, plots, notes)
     path = docs_dir / "benchmarks.md"
     path.write_text(text)
     (bench_dir / "summary.json").write_text(
-        json.dumps({"rows": len(rows), "command": command}, indent=2) + "\n"
+        json.dumps({"rows": len(rows), "command": command, "machine": machine}, indent=2) + "\n"
     )
     return path

@@ -1,9 +1,16 @@
 """The benchmark suite: scenarios against real gateway processes, baselines, and the report.
 
 Every figure comes from one run on one machine, so ratios between them are meaningful even on
-a noisy shared host: each scenario's gateway is compared with the compute ceiling (the model
-alone at the batch sizes the batcher formed) and the RPC ceiling (a bare grpc.aio echo of the
-same payload) measured in the same run.
+a noisy shared host. Each scenario's gateway is compared with three baselines measured in the
+same run:
+
+(a) the compute ceiling — the model alone (same runner, same options) at the batch size the
+    batcher formed, measured right after the scenario while the idle gateway still runs;
+(b) the RPC ceiling — a bare ``grpc.aio`` echo of the same payload at the same concurrency;
+(c) TorchServe alone — its REST API with its own batching, fed PNG digits by HTTP clients.
+
+Batching **off** means ``max_batch_size`` equal to the items per request and a delay of 0:
+the batcher then never merges two requests, so every request is one model call.
 """
 
 from __future__ import annotations
@@ -11,24 +18,26 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import os
 import platform
 import statistics
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from cnnserve.models.registry import get_spec
-from cnnserve.models.runtime import ArtifactFormat, load_runner
+from cnnserve.models.runtime import ARTIFACT_SUFFIX, ArtifactFormat, Runner, load_runner
+from cnnserve.settings import Settings
 
 from .echo import serve_echo_forever
 from .gateway_process import GatewayProcess, free_port, start_gateway
-from .loadgen import LoadResult, LoadSpec, check_request, infer_request, run_load
+from .loadgen import LoadResult, LoadSpec, check_http_request, check_request, run_load
+from .payloads import oip_request, rest_request, tensor_items
+from .report import TORCHSERVE_REST
 from .scrape import batch_sizes
+from .torchserve_run import TorchServeRun, running_torchserve
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +46,23 @@ BACKEND_FORMAT: dict[str, ArtifactFormat] = {
     "onnxruntime": "onnx",
     "torchscript": "torchscript",
     "torchserve": "torchscript",
+    "torchserve_rest": "torchscript",
 }
+#: Backends a gateway serves; ``torchserve_rest`` is baseline (c), TorchServe without it.
+GATEWAY_BACKENDS = ("onnxruntime", "torchscript", "torchserve")
+#: Largest batch with batching on (the gateway's default) — also TorchServe's own batch size
+#: in baseline (c), whose delay is TorchServe's default in cnnserve's settings.
 BATCHING_MAX_BATCH_SIZE = 32
-BATCHING_DELAY_MS = 2.0
+TORCHSERVE_REST_DELAY_MS = 5
+#: Seconds the model-alone baseline runs per row.
+MODEL_ALONE_S = 2.0
+
+Overrides = tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True)
 class Scenario:
-    """One measured point."""
+    """One measured point; ``variant`` names ``overrides`` of the gateway's settings."""
 
     backend: str
     model: str
@@ -52,56 +70,107 @@ class Scenario:
     items: int
     concurrency: int
     batching: bool
+    payload: str = "tensor"
+    variant: str = ""
+    overrides: Overrides = field(default=())
 
     @property
     def label(self) -> str:
         """Short human-readable name."""
         mode = "batching" if self.batching else "no-batching"
-        return f"{self.backend}/{self.model}@{self.side}/{self.items}img/c{self.concurrency}/{mode}"
+        extra = f"/{self.variant}" if self.variant else ""
+        return (
+            f"{self.backend}/{self.model}@{self.side}/{self.items}img-{self.payload}/"
+            f"c{self.concurrency}/{mode}{extra}"
+        )
+
+    def gateway_env(self) -> dict[str, str]:
+        """The gateway's ``CNNSERVE_*`` settings for this scenario (artifacts aside)."""
+        if self.batching:
+            env = {"CNNSERVE_MAX_BATCH_SIZE": str(max(BATCHING_MAX_BATCH_SIZE, self.items))}
+        else:
+            env = {
+                "CNNSERVE_MAX_BATCH_SIZE": str(self.items),
+                "CNNSERVE_MAX_BATCH_DELAY_MS": "0",
+            }
+        env["CNNSERVE_MAX_QUEUE_SIZE"] = "8192"
+        env.update({f"CNNSERVE_{key.upper()}": value for key, value in self.overrides})
+        return env
+
+
+#: Delay trade-off variants (ORT ConvNet, single images): the default is adaptive with 2 ms.
+DELAY_VARIANTS: tuple[tuple[str, Overrides], ...] = (
+    ("delay 0", (("max_batch_delay_ms", "0"),)),
+    ("fixed 2 ms", (("max_batch_delay_ms", "2"), ("adaptive_batch_delay", "false"))),
+    ("adaptive 5 ms", (("max_batch_delay_ms", "5"),)),
+)
 
 
 def profile(name: str, backends: Iterable[str]) -> list[Scenario]:
-    """The scenario list: ``quick`` (minutes, for a check) or ``full`` (the issue's matrix)."""
+    """The scenario list: ``quick`` (minutes; every target once) or ``full`` (the matrix)."""
     backends = list(backends)
-    out: list[Scenario] = []
     if name == "quick":
-        for backend in backends:
-            for batching in (True, False):
-                for c in (1, 8, 64):
-                    out.append(Scenario(backend, "convnet", 28, 1, c, batching))
-            out.append(Scenario(backend, "convnet", 28, 32, 4, True))
-        out.append(Scenario(backends[0], "fcn", 128, 1, 8, True))
-        return out
+        return _quick(backends)
+    if name == "full":
+        return _full(backends)
+    raise ValueError(f"unknown profile {name!r}; use quick or full")
+
+
+def _quick(backends: list[str]) -> list[Scenario]:
+    out: list[Scenario] = []
     for backend in backends:
-        for batching in (True, False):
-            for c in (1, 8, 32, 64, 128):
-                out.append(Scenario(backend, "convnet", 28, 1, c, batching))
-            for c in (1, 8):
-                out.append(Scenario(backend, "convnet", 28, 32, c, batching))
-        for side in (28, 128, 256):
-            for c in (1, 8, 32):
-                out.append(Scenario(backend, "fcn", side, 1, c, True))
+        if backend == "onnxruntime":
+            for batching in (True, False):
+                out += [Scenario(backend, "convnet", 28, 1, c, batching) for c in (1, 8, 64)]
+            out.append(Scenario(backend, "convnet", 28, 32, 4, True))
+            out += [Scenario(backend, "fcn", side, 1, 4, True) for side in (28, 128, 256)]
+            for variant, overrides in DELAY_VARIANTS:
+                out += [
+                    Scenario(backend, "convnet", 28, 1, c, True, variant=variant,
+                             overrides=overrides)
+                    for c in (1, 8, 64)
+                ]  # fmt: skip
+        elif backend == "torchscript":
+            out += [Scenario(backend, "convnet", 28, 1, c, True) for c in (1, 64)]
+            out.append(Scenario(backend, "convnet", 28, 32, 4, True))
+        elif backend == "torchserve":
+            out += [Scenario(backend, "convnet", 28, 1, c, True) for c in (1, 64)]
+            out.append(Scenario(backend, "convnet", 28, 1, 64, False))
+            out.append(Scenario(backend, "convnet", 28, 1, 64, True, payload="png"))
+            out += [
+                Scenario(TORCHSERVE_REST, "convnet", 28, 1, c, True, payload="png") for c in (1, 64)
+            ]
     return out
 
 
-def _gateway_env(scenario: Scenario, artifacts: Path) -> dict[str, str]:
-    max_batch = BATCHING_MAX_BATCH_SIZE if scenario.batching else scenario.items
-    return {
-        "CNNSERVE_ARTIFACTS_DIR": str(artifacts),
-        "CNNSERVE_MAX_BATCH_SIZE": str(
-            max(max_batch, scenario.items) if scenario.batching else max_batch
-        ),
-        "CNNSERVE_MAX_BATCH_DELAY_MS": str(BATCHING_DELAY_MS if scenario.batching else 0.0),
-        "CNNSERVE_MAX_QUEUE_SIZE": "8192",
-    }
-
-
-def _payload(scenario: Scenario) -> bytes:
-    rng = np.random.default_rng(0)
-    items = rng.uniform(-1, 1, size=(scenario.items, 3, scenario.side, scenario.side)).astype(
-        np.float32
-    )
-    return infer_request(scenario.model, items)
+def _full(backends: list[str]) -> list[Scenario]:
+    out: list[Scenario] = []
+    for backend in backends:
+        for batching in (True, False):
+            for items in (1, 32):
+                out += [
+                    Scenario(backend, "convnet", 28, items, c, batching)
+                    for c in (1, 8, 32, 64, 128)
+                ]
+            # FCN work grows with the side squared: 32-image requests only at 28×28, and the
+            # largest sides at moderate concurrency, or one request outlives its deadline.
+            out += [Scenario(backend, "fcn", 28, 32, c, batching) for c in (1, 8)]
+            for side in (28, 128, 256):
+                out += [Scenario(backend, "fcn", side, 1, c, batching) for c in (1, 8, 32)]
+        if backend == "onnxruntime":
+            for variant, overrides in DELAY_VARIANTS:
+                out += [
+                    Scenario(backend, "convnet", 28, 1, c, True, variant=variant,
+                             overrides=overrides)
+                    for c in (1, 8, 32, 64, 128)
+                ]  # fmt: skip
+        if backend == "torchserve":
+            out += [Scenario(backend, "convnet", 28, 1, c, True, payload="png") for c in (1, 8, 64)]
+            out += [
+                Scenario(TORCHSERVE_REST, "convnet", 28, 1, c, True, payload="png")
+                for c in (1, 8, 32, 64, 128)
+            ]
+    return out
 
 
 @contextmanager
@@ -117,7 +186,7 @@ def echo_server() -> Iterator[str]:
         deadline = time.monotonic() + 30
         while True:
             try:
-                check_request(target, infer_request("echo", np.zeros((1, 3, 7, 7), np.float32)), 2)
+                check_request(target, oip_request("echo", 7, 1, "tensor"), 2)
                 break
             except Exception:
                 if time.monotonic() > deadline:
@@ -129,24 +198,55 @@ def echo_server() -> Iterator[str]:
         process.join()
 
 
-def model_alone(
-    backend: str, model: str, side: int, batch: int, artifacts: Path, seconds: float = 3.0
-) -> dict[str, float]:
-    """The compute ceiling: the runner alone on ``batch`` items, images/s and p50 ms per batch."""
-    fmt = BACKEND_FORMAT[backend]
-    suffix = ".onnx" if fmt == "onnx" else ".pt"
-    runner = load_runner(artifacts / f"{model}{suffix}", fmt, device="cpu")
-    x = np.random.default_rng(0).uniform(-1, 1, size=(batch, 3, side, side)).astype(np.float32)
-    for _ in range(3):
-        runner.infer(x)
-    times: list[float] = []
-    stop = time.perf_counter() + seconds
-    while time.perf_counter() < stop:
-        started = time.perf_counter()
-        runner.infer(x)
-        times.append(time.perf_counter() - started)
-    total = sum(times)
-    return {"images_per_s": batch * len(times) / total, "p50_ms": statistics.median(times) * 1000}
+class ModelAlone:
+    """Baseline (a): the backend's runner alone, loaded once per format and model."""
+
+    def __init__(self, artifacts: Path, settings: Settings) -> None:
+        self._artifacts = artifacts
+        self._settings = settings
+        self._runners: dict[tuple[ArtifactFormat, str], Runner] = {}
+
+    def measure(
+        self, backend: str, model: str, side: int, batch: int, seconds: float = MODEL_ALONE_S
+    ) -> dict[str, float]:
+        """Images/s (from the median batch time, robust to a noisy host) and p50 ms."""
+        fmt = BACKEND_FORMAT[backend]
+        runner = self._runner(fmt, model)
+        x = tensor_items(batch, side)
+        for _ in range(3):
+            runner.infer(x)
+        times: list[float] = []
+        stop = time.perf_counter() + seconds
+        while time.perf_counter() < stop or len(times) < 5:
+            started = time.perf_counter()
+            runner.infer(x)
+            times.append(time.perf_counter() - started)
+        median = statistics.median(times)
+        return {"images_per_s": batch / median, "p50_ms": median * 1000}
+
+    def _runner(self, fmt: ArtifactFormat, model: str) -> Runner:
+        key = (fmt, model)
+        if key not in self._runners:
+            s = self._settings
+            self._runners[key] = load_runner(
+                self._artifacts / f"{model}{ARTIFACT_SUFFIX[fmt]}",
+                fmt,
+                device="cpu",
+                threads=s.inference_threads,
+                channels_last=s.channels_last,
+            )
+        return self._runners[key]
+
+
+@dataclass
+class _Context:
+    artifacts: Path
+    out_dir: Path
+    duration_s: float
+    warmup_s: float
+    processes: int
+    alone: ModelAlone
+    rows: list[dict[str, Any]] = field(default_factory=list)
 
 
 def run_suite(
@@ -157,82 +257,142 @@ def run_suite(
     warmup_s: float,
     processes: int,
 ) -> list[dict[str, Any]]:
-    """Run every scenario (one gateway per configuration) and its baselines; return rows."""
+    """Run every scenario (one gateway per configuration) and its baselines; return rows.
+
+    Rows are also appended to ``out_dir/results.jsonl`` as they are measured.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    log_path = out_dir / "gateway.log"
-    rows: list[dict[str, Any]] = []
-    echo_cache: dict[tuple[str, int, int, int], LoadResult] = {}
-    groups: dict[tuple[str, bool, int], list[Scenario]] = {}
+    (out_dir / "results.jsonl").write_text("")
+    ctx = _Context(
+        artifacts, out_dir, duration_s, warmup_s, processes, ModelAlone(artifacts, Settings())
+    )
+    in_process = [s for s in scenarios if s.backend in ("onnxruntime", "torchscript")]
+    behind = [s for s in scenarios if s.backend == "torchserve"]
+    rest = [s for s in scenarios if s.backend == TORCHSERVE_REST]
+    _run_gateways(ctx, in_process, None)
+    if behind:
+        with running_torchserve(artifacts, out_dir / "torchserve", 1, 0) as torchserve:
+            _run_gateways(ctx, behind, torchserve)
+    if rest:
+        with running_torchserve(
+            artifacts, out_dir / "torchserve", BATCHING_MAX_BATCH_SIZE, TORCHSERVE_REST_DELAY_MS
+        ) as torchserve:
+            for scenario in rest:
+                _record(ctx, _measure_rest(ctx, scenario, torchserve))
+    _add_echo(ctx)
+    (out_dir / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ctx.rows))
+    return ctx.rows
+
+
+def _run_gateways(
+    ctx: _Context, scenarios: list[Scenario], torchserve: TorchServeRun | None
+) -> None:
+    """One gateway process per distinct configuration, its scenarios measured in order."""
+    groups: dict[tuple[str, tuple[tuple[str, str], ...]], list[Scenario]] = {}
     for scenario in scenarios:
-        groups.setdefault((scenario.backend, scenario.batching, scenario.items), []).append(
-            scenario
-        )
-    for (backend, _batching, _items), members in groups.items():
-        gateway = start_gateway(backend, _gateway_env(members[0], artifacts), log_path)
-        try:
+        key = (scenario.backend, tuple(sorted(scenario.gateway_env().items())))
+        groups.setdefault(key, []).append(scenario)
+    for (backend, env_items), members in groups.items():
+        env = {"CNNSERVE_ARTIFACTS_DIR": str(ctx.artifacts), **dict(env_items)}
+        if torchserve is not None:
+            env.update(torchserve.gateway_env())
+        with ExitStack() as stack:
+            gateway = start_gateway(backend, env, ctx.out_dir / "gateway.log")
+            stack.callback(gateway.stop)
             rss_start = gateway.rss_bytes()
             for scenario in members:
-                rows.append(_measure(scenario, gateway, duration_s, warmup_s, processes))
-                rows[-1]["gateway_rss_start_mb"] = rss_start / 2**20
-                logger.info("%s: %.0f req/s", scenario.label, rows[-1]["requests_per_s"])
-        finally:
-            gateway.stop()
-    with echo_server() as echo_target:
-        for row in rows:
-            key = (row["model"], row["side"], row["items"], row["concurrency"])
-            if key not in echo_cache:
-                scenario = Scenario(
-                    row["backend"],
-                    row["model"],
-                    row["side"],
-                    row["items"],
-                    row["concurrency"],
-                    True,
-                )
-                echo_cache[key] = run_load(
-                    LoadSpec(echo_target, _payload(scenario), scenario.items, duration_s, warmup_s,
-                             scenario.concurrency, processes=processes)
-                )  # fmt: skip
-            row["echo_requests_per_s"] = echo_cache[key].requests_per_s
-    alone_cache: dict[tuple[str, str, int, int], dict[str, float]] = {}
-    for row in rows:
-        batch = max(1, round(row["mean_batch_size"]))
-        key = (row["backend"], row["model"], row["side"], batch)
-        if key not in alone_cache:
-            alone_cache[key] = model_alone(
-                row["backend"], row["model"], row["side"], batch, artifacts
-            )
-        row["model_alone_batch"] = batch
-        row["model_alone_images_per_s"] = alone_cache[key]["images_per_s"]
-        row["model_alone_p50_ms"] = alone_cache[key]["p50_ms"]
-    with (out_dir / "results.jsonl").open("w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
-    return rows
+                row = _measure(ctx, scenario, gateway)
+                row["gateway_rss_start_mb"] = rss_start / 2**20
+                if torchserve is not None:
+                    row["torchserve_rss_mb"] = torchserve.rss_bytes() / 2**20
+                _record(ctx, row)
 
 
-def _measure(
-    scenario: Scenario, gateway: GatewayProcess, duration_s: float, warmup_s: float, processes: int
-) -> dict[str, Any]:
-    payload = _payload(scenario)
+def _record(ctx: _Context, row: dict[str, Any]) -> None:
+    ctx.rows.append(row)
+    with (ctx.out_dir / "results.jsonl").open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
+    logger.info(
+        "%s: %.0f req/s, p50 %.2f ms, p99 %.2f ms, batch %.1f",
+        row["label"],
+        row["requests_per_s"],
+        row["p50_ms"],
+        row["p99_ms"],
+        row.get("mean_batch_size") or 0.0,
+    )
+
+
+def _base_row(scenario: Scenario) -> dict[str, Any]:
+    row = asdict(scenario)
+    row["overrides"] = dict(scenario.overrides)
+    row["label"] = scenario.label
+    return row
+
+
+def _measure(ctx: _Context, scenario: Scenario, gateway: GatewayProcess) -> dict[str, Any]:
+    payload = oip_request(scenario.model, scenario.side, scenario.items, scenario.payload)
     check_request(gateway.grpc_target, payload)
     before = batch_sizes(gateway.metrics_url, scenario.model)
     result = run_load(
-        LoadSpec(gateway.grpc_target, payload, scenario.items, duration_s, warmup_s,
-                 scenario.concurrency, processes=processes)
+        LoadSpec(gateway.grpc_target, payload, scenario.items, ctx.duration_s, ctx.warmup_s,
+                 scenario.concurrency, processes=ctx.processes)
     )  # fmt: skip
     formed = batch_sizes(gateway.metrics_url, scenario.model).minus(before)
-    return {
-        **asdict(scenario),
+    row = {
+        **_base_row(scenario),
         **result.as_dict(),
         "mean_batch_size": formed.mean,
         "batch_size_buckets": formed.buckets,
         "gateway_rss_end_mb": gateway.rss_bytes() / 2**20,
     }
+    # Baseline (a) now, beside the scenario, while the gateway idles.
+    batch = max(1, round(formed.mean))
+    alone = ctx.alone.measure(scenario.backend, scenario.model, scenario.side, batch)
+    row["model_alone_batch"] = batch
+    row["model_alone_images_per_s"] = alone["images_per_s"]
+    row["model_alone_p50_ms"] = alone["p50_ms"]
+    return row
+
+
+def _measure_rest(ctx: _Context, scenario: Scenario, torchserve: TorchServeRun) -> dict[str, Any]:
+    request = rest_request(torchserve.rest_target, scenario.model, torchserve.inference_key)
+    status, body = check_http_request(torchserve.rest_target, request)
+    if status != 200:
+        raise RuntimeError(f"TorchServe REST answered {status}: {body[:200]!r}")
+    result = run_load(
+        LoadSpec(torchserve.rest_target, request, scenario.items, ctx.duration_s, ctx.warmup_s,
+                 scenario.concurrency, processes=ctx.processes, transport="http")
+    )  # fmt: skip
+    return {
+        **_base_row(scenario),
+        **result.as_dict(),
+        "torchserve_batch_size": torchserve.batch_size,
+        "torchserve_max_batch_delay_ms": torchserve.max_batch_delay_ms,
+        "torchserve_rss_mb": torchserve.rss_bytes() / 2**20,
+    }
+
+
+def _add_echo(ctx: _Context) -> None:
+    """Baseline (b) for every gRPC row: the echo of the same payload at the same concurrency."""
+    cache: dict[tuple[str, int, int, str, int], LoadResult] = {}
+    with echo_server() as target:
+        for row in ctx.rows:
+            if row["backend"] == TORCHSERVE_REST:
+                continue
+            key = (row["model"], row["side"], row["items"], row["payload"], row["concurrency"])
+            if key not in cache:
+                payload = oip_request(row["model"], row["side"], row["items"], row["payload"])
+                cache[key] = run_load(
+                    LoadSpec(target, payload, row["items"], ctx.duration_s, ctx.warmup_s,
+                             row["concurrency"], processes=ctx.processes)
+                )  # fmt: skip
+                logger.info("echo %s: %.0f req/s", key, cache[key].requests_per_s)
+            row["echo_requests_per_s"] = cache[key].requests_per_s
+            row["echo_p50_ms"] = cache[key].p50_ms
 
 
 def machine_description() -> str:
-    """CPU, cores, memory and library versions, for the report's header."""
+    """CPU, cores, memory, load and library versions, for the report's header."""
     import onnxruntime
     import psutil
     import torch
@@ -245,13 +405,11 @@ def machine_description() -> str:
                 break
     except OSError:
         pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     return (
         f"{cpu}; {psutil.cpu_count()} logical cores; "
-        f"{psutil.virtual_memory().total / 2**30:.0f} GiB; Python {platform.python_version()}; "
-        f"torch {torch.__version__}; onnxruntime {onnxruntime.__version__}; no GPU"
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB; {gpu}; load average at the start "
+        f"{load} (shared host); Python {platform.python_version()}; torch {torch.__version__}; "
+        f"onnxruntime {onnxruntime.__version__}"
     )
-
-
-def describe_spec(model: str) -> str:
-    """The input shape a model takes, for table captions."""
-    return get_spec(model).shape_text()

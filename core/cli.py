@@ -106,7 +106,10 @@ def bench(
     ] = "quick",
     backend: Annotated[
         list[str] | None,
-        typer.Option(help="Backends to measure (repeatable); default onnxruntime."),
+        typer.Option(
+            help="Backends to measure (repeatable); default: onnxruntime, torchscript and "
+            "torchserve (with TorchServe alone as a baseline), torchserve only with Java."
+        ),
     ] = None,
     artifacts: Annotated[Path, typer.Option(help="Exported models.")] = DEFAULT_ARTIFACTS,
     docs: Annotated[Path, typer.Option(help="Where benchmarks.md and bench/ go.")] = Path("docs"),
@@ -115,7 +118,7 @@ def bench(
     processes: Annotated[int, typer.Option(help="Client processes generating load.")] = 2,
 ) -> None:
     """Benchmark real gateway processes against their baselines; write docs/benchmarks.md."""
-    from cnnserve.bench.run import run_benchmarks
+    from cnnserve.bench.run import default_backends, run_benchmarks
 
     if profile_name not in {"quick", "full"}:
         typer.echo(f"error: unknown profile {profile_name!r}; use quick or full", err=True)
@@ -123,7 +126,7 @@ def bench(
     with user_errors():
         path = run_benchmarks(
             profile_name,
-            backend or ["onnxruntime"],
+            backend or default_backends(),
             artifacts,
             docs,
             duration_s,

@@ -1,0 +1,100 @@
+"""A real TorchServe for a benchmark run: behind the gateway, or alone with its own batching.
+
+Behind the gateway TorchServe keeps ``batchSize`` 1 (the gateway batches, DESIGN §2). For the
+baseline "TorchServe alone" it batches itself: ``batchSize`` and ``maxBatchDelay`` set to the
+gateway's own batching settings, so the two batchers get the same budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from cnnserve.settings import Settings
+from cnnserve.torchserve_engine.archive import archive_models
+from cnnserve.torchserve_engine.process import KEY_FILE, ServerInfo, run_dir_of, start, stop
+
+from .gateway_process import free_port
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TorchServeRun:
+    """A started TorchServe and how to reach it."""
+
+    settings: Settings
+    server: ServerInfo
+    batch_size: int
+    max_batch_delay_ms: int
+
+    @property
+    def rest_target(self) -> str:
+        """``host:port`` of the REST inference API."""
+        return self.server.inference_url.removeprefix("http://")
+
+    @property
+    def inference_key(self) -> str | None:
+        """The key inference calls must carry (``None`` without token authorization)."""
+        return self.server.key("inference")
+
+    def gateway_env(self) -> dict[str, str]:
+        """``CNNSERVE_*`` variables pointing a gateway's torchserve backend at this server."""
+        env = {
+            "CNNSERVE_TORCHSERVE_GRPC_TARGET": self.server.grpc_target,
+            "CNNSERVE_MODEL_STORE_DIR": str(self.server.model_store),
+        }
+        if self.server.key_file is not None:
+            env["CNNSERVE_TORCHSERVE_KEY_FILE"] = str(self.server.key_file)
+        return env
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the JVM and its Python workers together."""
+        try:
+            jvm = psutil.Process(self.server.pid)
+            processes = [jvm, *jvm.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return 0
+        total = 0
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                total += process.memory_info().rss
+        return total
+
+
+@contextlib.contextmanager
+def running_torchserve(
+    artifacts: Path, work_dir: Path, batch_size: int, max_batch_delay_ms: int
+) -> Iterator[TorchServeRun]:
+    """Archive the TorchScript models, start TorchServe on free ports, stop it on exit."""
+    store = work_dir / f"model_store-b{batch_size}"
+    inference, management, metrics, grpc_inference, grpc_management = (
+        free_port() for _ in range(5)
+    )
+    settings = Settings(
+        model_store_dir=store,
+        torchserve_host="127.0.0.1",
+        torchserve_inference_port=inference,
+        torchserve_management_port=management,
+        torchserve_metrics_port=metrics,
+        torchserve_grpc_inference_port=grpc_inference,
+        torchserve_grpc_management_port=grpc_management,
+        torchserve_initial_worker_port=free_port(),
+        torchserve_token_auth=True,
+        torchserve_key_file=run_dir_of(store) / KEY_FILE,
+        torchserve_batch_size=batch_size,
+        torchserve_max_batch_delay_ms=max_batch_delay_ms,
+    )
+    archive_models(artifacts, store, "torchscript", False, settings)
+    logger.info("starting TorchServe (batchSize %d, maxBatchDelay %d ms)", batch_size,
+                max_batch_delay_ms)  # fmt: skip
+    server = start(settings, store)
+    try:
+        yield TorchServeRun(settings, server, batch_size, max_batch_delay_ms)
+    finally:
+        stop(store)
