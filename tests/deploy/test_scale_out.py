@@ -155,7 +155,7 @@ def digits(artifacts_dir: Path) -> tuple[np.ndarray, list[int]]:
     """Six digit images as UINT8 pixels, and the label the exported model gives each.
 
     The labels come from the same TorchScript artifact run in this process, so an answer
-    from either replica must match them exactly.
+    from any replica must match them exactly.
     """
     pixels, _ = digit_pixels(range(6))
     runner = load_runner(artifacts_dir / "convnet.pt", "torchscript", "cpu")
@@ -172,7 +172,7 @@ async def classify(stub: pb_grpc.GRPCInferenceServiceStub, pixels: np.ndarray) -
     response = await stub.ModelInfer(request, timeout=CALL_TIMEOUT_S)
     (output,) = response.outputs
     logits = np.frombuffer(response.raw_output_contents[0], dtype=np.float32)
-    return logits.reshape(tuple(output.shape)).argmax(axis=1).tolist()  # type: ignore[no-any-return]
+    return [int(label) for label in logits.reshape(tuple(output.shape)).argmax(axis=1)]
 
 
 def request_items(
@@ -185,7 +185,7 @@ def request_items(
     return pixels[rows], [expected[row] for row in rows]
 
 
-async def test_batches_spread_over_both_replicas(
+async def test_batches_spread_over_every_replica(
     replicas: list[Replica],
     stub: pb_grpc.GRPCInferenceServiceStub,
     digits: tuple[np.ndarray, list[int]],
