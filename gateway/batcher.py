@@ -259,6 +259,12 @@ class DynamicBatcher:
             return await request.future
         try:
             return await asyncio.wait_for(request.future, deadline - time.monotonic())
+        except asyncio.CancelledError:
+            # The transport may end the call at the same deadline first (gRPC does): still
+            # a request that expired before it was computed.
+            if not request.started and time.monotonic() >= deadline:
+                self._observer.request_expired()
+            raise
         except TimeoutError:
             if not request.started:
                 self._observer.request_expired()

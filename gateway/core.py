@@ -21,6 +21,7 @@ import numpy as np
 from cnnserve.errors import (
     GENERIC_INTERNAL_MESSAGE,
     CnnserveError,
+    DeadlineExceededError,
     InvalidInputError,
     UnavailableError,
     UnknownModelError,
@@ -190,7 +191,12 @@ class InferenceCore:
         try:
             response = await self._infer(request)
         except asyncio.CancelledError:
-            self.metrics.request_cancelled(label)
+            if request.deadline is not None and time.monotonic() >= request.deadline:
+                # The transport ended the call at its deadline (gRPC does): count it so.
+                expired = DeadlineExceededError("deadline passed")
+                self.metrics.request_finished(label, expired, time.monotonic() - started)
+            else:
+                self.metrics.request_cancelled(label)
             raise
         except CnnserveError as exc:
             self.metrics.request_finished(label, exc, time.monotonic() - started)

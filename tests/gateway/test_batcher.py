@@ -192,6 +192,30 @@ async def test_expired_request_never_reaches_the_model() -> None:
     assert expired == 2
 
 
+async def test_a_call_cancelled_at_its_deadline_counts_as_expired() -> None:
+    """gRPC may cancel a call at its deadline before the batcher's own timer fires: the
+    request is still dropped unseen and counted as expired, not merely cancelled."""
+    model = Doubler()
+    metrics = GatewayMetrics()
+    async with running(make(model, delay_ms=0, observer=metrics.observer("m"))) as b:
+        model.hold()
+        busy = asyncio.create_task(b.submit(items(1)))
+        await model.entered.wait()
+        late = asyncio.create_task(b.submit(items(7), deadline=time.monotonic() + 0.05))
+        await asyncio.sleep(0)  # queued
+        time.sleep(0.1)  # the deadline passes while the loop is busy ...
+        late.cancel()  # ... and the transport's cancellation is handled before the timer
+        with pytest.raises(asyncio.CancelledError):
+            await late
+        model.release()
+        await busy
+    assert not model.saw(7)
+    expired = metrics.registry.get_sample_value(
+        "cnnserve_expired_before_compute_total", {"model": "m"}
+    )
+    assert expired == 1
+
+
 async def test_full_queue_answers_overloaded_at_once() -> None:
     model = Doubler()
     async with running(make(model, batch=1, delay_ms=0, queue=4)) as b:

@@ -1,0 +1,431 @@
+"""Deadlines and graceful drain (issue 7 §4), on real servers and real ``cnnserve serve`` processes.
+
+- A request whose deadline passes while it waits behind a slow batch is never computed: the
+  backend never sees it, the caller gets DEADLINE_EXCEEDED / 504, and
+  ``cnnserve_expired_before_compute_total`` counts it.
+- SIGTERM under load: readiness turns false first (ServerReady, grpc.health.v1, HTTP
+  /v2/health/ready), new calls are refused UNAVAILABLE / 503 while every accepted call is
+  answered, and the process exits 0 — within ``drain_grace_s`` even when a client holds a
+  stream open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cnnserve.gateway.core import InferenceCore
+from cnnserve.protocol import open_inference_pb2 as pb
+from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
+from tests.gateway.harness import (
+    digit_pixels,
+    free_port,
+    holding_settings,
+    metric,
+    running_gateway,
+    wait_for_metric,
+)
+
+Stub = pb_grpc.GRPCInferenceServiceStub
+#: Refusal message of a draining core (new calls after SIGTERM).
+DRAINING = "not accepting requests"
+#: Pixel value marking the items of a request, so the backend's inputs say who reached it.
+MARKS = {"first": 10, "grpc_late": 20, "http_late": 30, "after": 40}
+
+
+def _marked_request(mark: int, count: int = 1) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="convnet")
+    request.inputs.add(name="pixels", datatype="UINT8", shape=[count, 3, 28, 28])
+    request.raw_input_contents.append(np.full((count, 3, 28, 28), mark, np.uint8).tobytes())
+    return request
+
+
+def _digits_request(count: int) -> pb.ModelInferRequest:
+    pixels, _ = digit_pixels(range(count))
+    request = pb.ModelInferRequest(model_name="convnet")
+    request.inputs.add(name="pixels", datatype="UINT8", shape=pixels.shape)
+    request.raw_input_contents.append(pixels.tobytes())
+    request.outputs.add(name="labels")
+    return request
+
+
+@dataclass
+class HeldBackend:
+    """A backend that holds each batch until released and records the pixels it saw."""
+
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    entered: asyncio.Event = field(default_factory=asyncio.Event)
+    seen: list[int] = field(default_factory=list)
+
+    async def start(self) -> None:
+        """Nothing to load."""
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+    async def infer_batch(self, model: str, batch: np.ndarray) -> np.ndarray:
+        """Record each item's mark, wait for the release, answer zeros."""
+        self.seen += [int(item.flat[0]) for item in batch]
+        self.entered.set()
+        await self.release.wait()
+        return np.zeros((len(batch), 10), np.float32)
+
+    async def ready(self, model: str) -> bool:
+        """Always ready."""
+        return True
+
+    def describe(self) -> str:
+        """Platform name."""
+        return "held"
+
+    def takes_pixels(self) -> bool:
+        """Pixels arrive as they were sent, so the marks survive."""
+        return True
+
+
+async def test_expired_while_queued_is_never_computed(artifacts_dir: Path) -> None:
+    """A slow batch keeps two requests queued past their deadlines (a gRPC deadline and the
+    OIP ``timeout`` parameter over HTTP): both time out, neither reaches the backend, both
+    are counted; a request queued without a deadline is computed once the batch finishes."""
+    settings = holding_settings(artifacts_dir, 0.0, max_batch_size=1)
+    backend = HeldBackend()
+    core = InferenceCore(settings, backend)
+    async with (
+        running_gateway(settings, core) as gateway,
+        grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}") as http,
+    ):
+        stub = Stub(channel)
+        first = asyncio.ensure_future(stub.ModelInfer(_marked_request(MARKS["first"])))
+        await backend.entered.wait()
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            await stub.ModelInfer(_marked_request(MARKS["grpc_late"]), timeout=0.3)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        body = {
+            "parameters": {"timeout": 300_000},  # µs
+            "inputs": [
+                {
+                    "name": "pixels",
+                    "datatype": "UINT8",
+                    "shape": [1, 3, 28, 28],
+                    "data": [MARKS["http_late"]] * 2352,
+                }
+            ],
+        }
+        reply = await http.post("/v2/models/convnet/infer", json=body)
+        assert reply.status_code == 504
+        assert "deadline exceeded" in reply.json()["error"]
+        after = asyncio.ensure_future(stub.ModelInfer(_marked_request(MARKS["after"])))
+        await wait_for_metric(gateway.metrics_port, "cnnserve_queue_depth", 1, model="convnet")
+        backend.release.set()
+        assert (await first).outputs[0].name == "labels"
+        assert (await after).outputs[0].name == "labels"
+        expired = await metric(
+            gateway.metrics_port, "cnnserve_expired_before_compute_total", model="convnet"
+        )
+        timed_out = await metric(
+            gateway.metrics_port,
+            "cnnserve_requests_total",
+            model="convnet",
+            outcome="deadline_exceeded",
+        )
+    assert backend.seen == [MARKS["first"], MARKS["after"]]
+    assert expired == 2
+    assert timed_out == 2
+
+
+async def test_stop_answers_in_flight_and_refuses_new_calls_over_the_wire(
+    artifacts_dir: Path,
+) -> None:
+    """While a call waits in the batcher, stop(): readiness is false on every probe and new
+    calls are refused (UNAVAILABLE / 503) on the still-open listeners; the call is answered."""
+    async with (
+        running_gateway(holding_settings(artifacts_dir, 1500.0)) as gateway,
+        grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}") as http,
+    ):
+        stub = Stub(channel)
+        in_flight = asyncio.ensure_future(stub.ModelInfer(_digits_request(2)))
+        await wait_for_metric(gateway.metrics_port, "cnnserve_queue_depth", 2, model="convnet")
+        stopping = asyncio.ensure_future(gateway.stop(10.0))
+        await asyncio.sleep(0)  # let stop() turn readiness false
+        await _assert_draining(stub, health_pb2_grpc.HealthStub(channel), http)
+        assert not in_flight.done()
+        response = await in_flight
+        assert list(response.outputs[0].shape) == [2, 1]
+        await stopping
+
+
+async def test_grace_runs_out_for_a_stuck_batch(artifacts_dir: Path) -> None:
+    """A batch that never finishes: stop() returns after the grace and its caller gets
+    UNAVAILABLE, not a hang."""
+    settings = holding_settings(artifacts_dir, 0.0)
+    backend = HeldBackend()  # never released
+    async with (
+        running_gateway(settings, InferenceCore(settings, backend)) as gateway,
+        grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel,
+    ):
+        stuck = asyncio.ensure_future(Stub(channel).ModelInfer(_marked_request(1)))
+        await backend.entered.wait()
+        await asyncio.wait_for(gateway.stop(1.0), 30)
+        with pytest.raises(grpc.aio.AioRpcError) as cut:
+            await stuck
+    assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "shut down" in (cut.value.details() or "")
+
+
+async def _assert_draining(
+    stub: pb_grpc.GRPCInferenceServiceStub,
+    health: health_pb2_grpc.HealthStub,
+    http: httpx.AsyncClient,
+) -> None:
+    """Readiness false on every probe; a new call refused on both transports."""
+    assert not (await stub.ServerReady(pb.ServerReadyRequest())).ready
+    assert (await stub.ServerLive(pb.ServerLiveRequest())).live
+    check = await health.Check(health_pb2.HealthCheckRequest(service=""))
+    assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    ready = await http.get("/v2/health/ready")
+    assert ready.status_code == 503
+    assert ready.json() == {"ready": False}
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.ModelInfer(_digits_request(1))
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert DRAINING in (refused.value.details() or "")
+    reply = await http.post("/predict/convnet", content=b"\x89PNG")
+    assert reply.status_code == 503
+    assert DRAINING in reply.json()["error"]
+
+
+# --- real processes ---
+
+
+@dataclass
+class ServeProcess:
+    """``cnnserve serve --backend onnxruntime`` on free ports, its output in a file."""
+
+    process: subprocess.Popen[bytes]
+    grpc_port: int
+    http_port: int
+    metrics_port: int
+    log: Path
+
+    def output(self) -> str:
+        """Everything the process printed so far."""
+        return self.log.read_text()
+
+
+@contextlib.contextmanager
+def serve_process(artifacts_dir: Path, log: Path, **env: str) -> Iterator[ServeProcess]:
+    """Start the gateway in its own process (killed at the end if it is still running)."""
+    ports = free_port(), free_port(), free_port()
+    environment = {
+        **os.environ,
+        "CNNSERVE_ARTIFACTS_DIR": str(artifacts_dir),
+        "CNNSERVE_DEVICE": "cpu",
+        **{f"CNNSERVE_{k.upper()}": v for k, v in env.items()},
+    }
+    command = [
+        sys.executable, "-m", "cnnserve", "serve", "--backend", "onnxruntime",
+        "--grpc-port", str(ports[0]), "--http-port", str(ports[1]),
+        "--metrics-port", str(ports[2]),
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, env=environment, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield ServeProcess(process, *ports, log)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+async def _wait_ready(stub: pb_grpc.GRPCInferenceServiceStub, served: ServeProcess) -> None:
+    for _ in range(600):
+        assert served.process.poll() is None, served.output()
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            if (await stub.ServerReady(pb.ServerReadyRequest(), timeout=2)).ready:
+                return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"gateway never became ready:\n{served.output()}")
+
+
+async def _exit_status(served: ServeProcess, within_s: float) -> int:
+    """The exit status, waiting at most ``within_s`` (a bound, not a measurement)."""
+    return await asyncio.to_thread(served.process.wait, within_s)
+
+
+@dataclass
+class CallerLog:
+    """What one load-generating caller saw, request by request."""
+
+    answered: list[int] = field(default_factory=list)  # item counts of successful calls
+    refused: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+#: gRPC codes a refused call may get: UNAVAILABLE (draining, or the listener already closed).
+REFUSED_GRPC = {grpc.StatusCode.UNAVAILABLE}
+
+
+async def _grpc_caller(stub: pb_grpc.GRPCInferenceServiceStub, count: int, out: CallerLog) -> None:
+    """Call until refused; every answer must carry ``count`` correct labels."""
+    _, labels = digit_pixels(range(count))
+    for _ in range(200):  # bounded: the drain refuses long before
+        try:
+            response = await stub.ModelInfer(_digits_request(count), timeout=60)
+        except grpc.aio.AioRpcError as exc:
+            kind = out.refused if exc.code() in REFUSED_GRPC else out.failed
+            kind.append(f"{exc.code().name}: {exc.details()}")
+            return
+        got = [int(c) for c in response.raw_output_contents[0][4::5].decode()]
+        if got != labels:
+            out.failed.append(f"wrong labels {got}")
+            return
+        out.answered.append(count)
+
+
+async def _http_caller(http: httpx.AsyncClient, count: int, out: CallerLog) -> None:
+    """Call until refused (503 or a closed listener)."""
+    pixels, labels = digit_pixels(range(count))
+    body = {
+        "inputs": [
+            {
+                "name": "pixels",
+                "datatype": "UINT8",
+                "shape": list(pixels.shape),
+                "data": pixels.ravel().tolist(),
+            }
+        ],
+        "outputs": [{"name": "labels"}],
+    }
+    for _ in range(200):
+        try:
+            reply = await http.post("/v2/models/convnet/infer", json=body, timeout=60)
+        except httpx.TransportError as exc:
+            # Only once the drain is over: the listener closed, or closed this idle
+            # keep-alive connection as the request went out. An accepted call must never
+            # end like this, and the first one is accepted (it was queued at SIGTERM).
+            kind = out.refused if out.answered else out.failed
+            kind.append(f"{type(exc).__name__}: {exc}")
+            return
+        if reply.status_code == 503:
+            out.refused.append(reply.json()["error"])
+            return
+        if reply.status_code != 200:
+            out.failed.append(f"{reply.status_code}: {reply.text}")
+            return
+        got = [int(label) for label in reply.json()["outputs"][0]["data"]]
+        if got != labels:
+            out.failed.append(f"wrong labels {got}")
+            return
+        out.answered.append(count)
+
+
+async def test_sigterm_under_load_answers_every_accepted_call(
+    artifacts_dir: Path, tmp_path: Path
+) -> None:
+    """Six gRPC and three HTTP callers in a loop (2, 3, 1 items), SIGTERM while all of them
+    wait in the queue: readiness false first, new calls refused on both transports, every
+    accepted call answered with the right labels, exit status 0 within the grace."""
+    grace_s = 30.0
+    with serve_process(
+        artifacts_dir,
+        tmp_path / "gateway.log",
+        # Batches leave only when the 3 s delay ends (never full): callers are in flight.
+        max_batch_delay_ms="3000",
+        adaptive_batch_delay="false",
+        max_batch_size="256",
+        drain_grace_s=str(grace_s),
+    ) as served:
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{served.grpc_port}") as channel,
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{served.http_port}") as http,
+        ):
+            stub = Stub(channel)
+            await _wait_ready(stub, served)
+            counts = [2, 3, 1] * 3
+            logs = [CallerLog() for _ in counts]
+            callers = [
+                _grpc_caller(stub, n, log) if i < 6 else _http_caller(http, n, log)
+                for i, (n, log) in enumerate(zip(counts, logs, strict=True))
+            ]
+            load = asyncio.gather(*callers)
+            await wait_for_metric(
+                served.metrics_port, "cnnserve_queue_depth", sum(counts), model="convnet"
+            )
+            served.process.send_signal(signal.SIGTERM)
+            # Readiness is false and new calls are refused while the queued calls still wait.
+            await _wait_not_ready(stub)
+            await _assert_draining(stub, health_pb2_grpc.HealthStub(channel), http)
+            await asyncio.wait_for(load, 60)
+        status = await _exit_status(served, grace_s + 15)
+    output = served.output()
+    assert status == 0, output
+    for count, log in zip(counts, logs, strict=True):
+        assert not log.failed, log.failed
+        assert log.answered == [count]  # the call in flight at SIGTERM was answered ...
+        assert len(log.refused) == 1  # ... and the next one refused
+    assert "SIGTERM received" in output
+    assert "drain grace ran out" not in output
+    assert "gateway stopped" in output
+
+
+async def _wait_not_ready(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    """Poll ServerReady until false (the signal reaches the process asynchronously)."""
+    for _ in range(500):
+        if not (await stub.ServerReady(pb.ServerReadyRequest(), timeout=5)).ready:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("readiness never turned false after SIGTERM")
+
+
+async def _open_stream(
+    stub: pb_grpc.GRPCInferenceServiceStub, hold: asyncio.Event
+) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    async def requests() -> AsyncIterator[pb.ModelInferRequest]:
+        yield _digits_request(1)
+        await hold.wait()  # keep the stream open: the client never half-closes it
+
+    async for response in stub.ModelStreamInfer(requests()):
+        yield response
+
+
+async def test_sigterm_exits_within_the_grace_despite_an_open_stream(
+    artifacts_dir: Path, tmp_path: Path
+) -> None:
+    """A client keeps a ModelStreamInfer stream open forever: the process still exits 0
+    once ``drain_grace_s`` has passed, cutting the stream."""
+    grace_s = 3.0
+    with serve_process(
+        artifacts_dir, tmp_path / "gateway.log", drain_grace_s=str(grace_s)
+    ) as served:
+        hold = asyncio.Event()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{served.grpc_port}") as channel:
+            stub = Stub(channel)
+            await _wait_ready(stub, served)
+            stream = _open_stream(stub, hold)
+            first = await anext(stream)
+            assert not first.error_message
+            served.process.send_signal(signal.SIGTERM)
+            await _wait_not_ready(stub)
+            # Without the grace the process would wait for this stream forever.
+            status = await _exit_status(served, grace_s + 20)
+            with pytest.raises(grpc.aio.AioRpcError) as cut:
+                await anext(stream)
+            hold.set()
+    assert status == 0, served.output()
+    assert cut.value.code() in {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+    assert "gateway stopped" in served.output()
