@@ -49,6 +49,7 @@ from .http_codec import (
     model_metadata_to_json,
     server_metadata_to_json,
 )
+from .openapi import describe_api
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,8 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise _too_large(size, limit)
         chunks.append(chunk)
     body = b"".join(chunks)
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    # An empty Content-Encoding lists no coding (RFC 9110 §8.4): the body is as sent.
+    encoding = request.headers.get("content-encoding", "").strip().lower() or "identity"
     if encoding == "identity":
         return body
     if encoding not in _ENCODINGS:
@@ -291,6 +293,7 @@ def create_http_app(core: InferenceCore, settings: Settings) -> FastAPI:
         app.add_middleware(ApiKeyMiddleware, keys=keys)
     app.include_router(_oip_router(core, settings))
     app.include_router(_predict_router(core, settings))
+    describe_api(app, core.model_names())
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -301,6 +304,9 @@ def create_http_app(core: InferenceCore, settings: Settings) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+        # Its headers carry what the status needs, e.g. Allow on a 405 (RFC 9110 §15.5.6).
+        return JSONResponse(
+            {"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
+        )
 
     return app

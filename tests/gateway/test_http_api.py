@@ -463,3 +463,35 @@ async def test_tritonclient_http_works_unmodified(gateway: Gateway) -> None:
     status, message = out["error"]  # type: ignore[misc]
     assert status == "404"
     assert "unknown model 'resnet'" in message
+
+
+async def test_empty_content_encoding_is_identity(http: httpx.AsyncClient) -> None:
+    """Regression (found by tests/gateway/test_bad_input.py's header fuzzer): an empty
+    Content-Encoding lists no coding, so the body is read as sent instead of refused."""
+    pixels, labels = digit_pixels([6])
+    tensor = {"name": "pixels", "datatype": "UINT8", "shape": [1, 3, 28, 28]}
+    body = {
+        "inputs": [{**tensor, "data": pixels.ravel().tolist()}],
+        "outputs": [{"name": "labels"}],
+    }
+    reply = await http.post(
+        "/v2/models/convnet/infer",
+        content=json.dumps(body).encode(),
+        headers={"Content-Encoding": ""},
+    )
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["outputs"][0]["data"] == [str(labels[0])]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [("DELETE", "/v2/models/convnet/infer", "POST"), ("TRACE", "/v2/health/ready", "GET")],
+)
+async def test_method_not_allowed_names_the_allowed_ones(
+    http: httpx.AsyncClient, method: str, path: str, allowed: str
+) -> None:
+    """Regression (schemathesis, tests/gateway/test_openapi.py): a 405 carries the Allow
+    header RFC 9110 requires; the gateway's error handler used to drop it."""
+    reply = await http.request(method, path)
+    assert _error(reply, 405) == "Method Not Allowed"
+    assert reply.headers["allow"] == allowed

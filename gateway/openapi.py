@@ -1,0 +1,221 @@
+"""The REST API's OpenAPI description, completed where FastAPI cannot see the API.
+
+FastAPI describes routes from their signatures. The inference and image routes read their
+bodies themselves (JSON, JSON + binary tensors, images), and every error is answered as
+``{"error": ...}`` with the error table's status (DESIGN.md §4) — never FastAPI's 422. So
+:func:`describe_api` adds what is missing to the generated document: the request bodies,
+the error statuses each route really returns, the response bodies, the served model names,
+and drops the 422s. Client generators and fuzzers (schemathesis) read ``/openapi.json``;
+it has to be the API as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from cnnserve.gateway.domain import DATATYPES
+
+#: What each error status means, from the error table.
+ERROR_MEANINGS = {
+    "400": "Bad input: the body, a tensor's shape, datatype or size, or an undecodable image.",
+    "404": "The model (or version) is not served here.",
+    "413": "The request is over a size limit (body bytes or items per request).",
+    "429": "The model's queue is full; retry later.",
+    "503": "The model is not ready, its backend is down, or the server is shutting down.",
+    "504": "The request's deadline passed before it could be answered.",
+    "500": "An unexpected error; the server logged the details.",
+}
+ERROR_SCHEMA = {"$ref": "#/components/schemas/Error"}
+_SCALAR = {"anyOf": [{"type": t} for t in ("string", "number", "integer", "boolean")]}
+_PARAMETERS = {"type": "object", "additionalProperties": _SCALAR}
+#: The Open Inference Protocol's REST bodies ($inference_request, $inference_response).
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {"error": {"type": "string", "description": "What went wrong."}},
+    },
+    "Parameters": _PARAMETERS,
+    "InferenceRequest": {
+        "type": "object",
+        "required": ["inputs"],
+        "properties": {
+            "id": {"type": "string"},
+            "parameters": {"$ref": "#/components/schemas/Parameters"},
+            "inputs": {"type": "array", "items": {"$ref": "#/components/schemas/RequestInput"}},
+            "outputs": {
+                "type": "array",
+                "items": {"$ref": "#/components/schemas/RequestOutput"},
+            },
+        },
+    },
+    "RequestInput": {
+        "type": "object",
+        "required": ["name", "shape", "datatype"],
+        "properties": {
+            "name": {"type": "string", "enum": ["input", "pixels", "image"]},
+            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+            "datatype": {"type": "string", "enum": list(DATATYPES)},
+            "parameters": {"$ref": "#/components/schemas/Parameters"},
+            "data": {"type": "array", "description": "Elements, flat or nested, row-major."},
+        },
+    },
+    "RequestOutput": {
+        "type": "object",
+        "required": ["name"],
+        "properties": {
+            "name": {"type": "string"},
+            "parameters": {"$ref": "#/components/schemas/Parameters"},
+        },
+    },
+    "InferenceResponse": {
+        "type": "object",
+        "required": ["model_name", "outputs"],
+        "properties": {
+            "model_name": {"type": "string"},
+            "model_version": {"type": "string"},
+            "id": {"type": "string"},
+            "parameters": {"$ref": "#/components/schemas/Parameters"},
+            "outputs": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["name", "shape", "datatype"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "shape": {"type": "array", "items": {"type": "integer"}},
+                        "datatype": {"type": "string"},
+                        "parameters": {"$ref": "#/components/schemas/Parameters"},
+                        "data": {"type": "array"},
+                    },
+                },
+            },
+        },
+    },
+}
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_INFER_BODY = {
+    "required": True,
+    "description": "JSON, or Triton's binary tensor extension: the JSON header (its length "
+    "in the Inference-Header-Content-Length header), then the raw tensors.",
+    "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}},
+        "application/octet-stream": _BINARY,
+    },
+}
+_IMAGE_BODY = {
+    "required": True,
+    "description": "One PNG/JPEG as the raw body, or image files in a multipart form.",
+    "content": {
+        "image/png": _BINARY,
+        "image/jpeg": _BINARY,
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {"file": {"type": "string", "format": "binary"}},
+            }
+        },
+    },
+}
+
+
+def _errors(*codes: str) -> dict[str, Any]:
+    return {
+        code: {
+            "description": ERROR_MEANINGS[code],
+            "content": {"application/json": {"schema": ERROR_SCHEMA}},
+        }
+        for code in codes
+    }
+
+
+def _health(key: str, *extra: str) -> dict[str, Any]:
+    schema = {
+        "type": "object",
+        "required": [key, *extra],
+        "properties": {key: {"type": "boolean"}, **{e: {"type": "string"} for e in extra}},
+    }
+    content = {"application/json": {"schema": schema}}
+    return {
+        "200": {"description": f"{key}: true", "content": content},
+        "503": {"description": f"{key}: false", "content": content},
+    }
+
+
+def _operation_extras(path: str) -> dict[str, Any]:
+    """The request body and responses of one operation, by the shape of its path."""
+    if path.endswith("/infer"):
+        ok = {
+            "description": "The requested outputs (binary tensors follow the JSON when asked).",
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/InferenceResponse"}},
+                "application/octet-stream": _BINARY,
+            },
+        }
+        responses = {"200": ok, **_errors("400", "404", "413", "429", "500", "503", "504")}
+        return {"requestBody": _INFER_BODY, "responses": responses}
+    if path.startswith("/predict/"):
+        ok = {
+            "description": "convnet: labels as JSON; fcn: the mask as a PNG, or counts as JSON.",
+            "content": {"application/json": {"schema": {"type": "object"}}, "image/png": _BINARY},
+        }
+        responses = {"200": ok, **_errors("400", "404", "413", "429", "500", "503", "504")}
+        return {"requestBody": _IMAGE_BODY, "responses": responses}
+    if path.endswith("/ready") and "/models/" in path:
+        return {"responses": {**_health("ready", "name"), **_errors("404", "500")}}
+    if path.startswith("/v2/health/"):
+        return {"responses": _health(path.rsplit("/", 1)[-1])}
+    if "/models/" in path:
+        return {"responses": {**_errors("404", "500")}}
+    return {}
+
+
+def describe_api(app: FastAPI, models: Sequence[str]) -> None:
+    """Make ``app.openapi()`` return the completed description (built once, then cached)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _complete(
+                get_openapi(
+                    title=app.title,
+                    version=app.version,
+                    summary=app.summary,
+                    routes=app.routes,
+                ),
+                models,
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _complete(document: dict[str, Any], models: Sequence[str]) -> dict[str, Any]:
+    for path, operations in document.get("paths", {}).items():
+        for operation in operations.values():
+            extras = _operation_extras(path)
+            responses = operation.setdefault("responses", {})
+            responses.pop("422", None)  # validation errors are 400s here
+            responses.update(extras.get("responses", {}))
+            if "requestBody" in extras:
+                operation["requestBody"] = extras["requestBody"]
+            for parameter in operation.get("parameters", []):
+                _describe_parameter(parameter, models)
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    schemas.update(SCHEMAS)
+    return document
+
+
+def _describe_parameter(parameter: dict[str, Any], models: Sequence[str]) -> None:
+    if parameter.get("in") != "path":
+        return
+    schema = parameter.setdefault("schema", {})
+    if parameter.get("name") == "model":
+        schema["enum"] = list(models)
+    elif parameter.get("name") == "version":
+        schema["enum"] = ["1"]

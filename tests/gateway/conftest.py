@@ -1,0 +1,64 @@
+"""A real ``cnnserve serve`` process for the bad-input fuzzers (gRPC, HTTP and OpenAPI)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+
+from cnnserve.bench.gateway_process import GatewayProcess, start_gateway
+from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
+from tests.gateway.bad_input import Clients, assert_still_serving
+
+#: The fuzzed gateway's limits: small, so the fuzzers reach them with small requests.
+FUZZ_MAX_MESSAGE_BYTES = 1 << 20
+FUZZ_MAX_ITEMS = 8
+
+
+@pytest.fixture(scope="session")
+def fuzz_gateway(
+    artifacts_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    """``cnnserve serve --backend onnxruntime`` in its own process: a crash there is seen
+    as a dead process, not hidden inside the test's own event loop."""
+    log = tmp_path_factory.mktemp("fuzz_gateway") / "gateway.log"
+    gateway = start_gateway(
+        "onnxruntime",
+        {
+            "CNNSERVE_ARTIFACTS_DIR": str(artifacts_dir),
+            "CNNSERVE_DEVICE": "cpu",
+            "CNNSERVE_MAX_MESSAGE_BYTES": str(FUZZ_MAX_MESSAGE_BYTES),
+            "CNNSERVE_MAX_ITEMS_PER_REQUEST": str(FUZZ_MAX_ITEMS),
+            "CNNSERVE_INFERENCE_THREADS": "1",
+        },
+        log,
+    )
+    try:
+        yield gateway
+    finally:
+        gateway.stop()
+        # Any traceback means an exception escaped the error table somewhere.
+        text = log.read_text(errors="replace")
+        assert "Traceback" not in text, text[-4000:]
+
+
+@pytest.fixture(scope="session")
+def fuzz_clients(fuzz_gateway: GatewayProcess) -> Iterator[Clients]:
+    """A gRPC stub (client-side limits far above the server's) and an HTTP client."""
+    big = 64 << 20
+    options = [("grpc.max_send_message_length", big), ("grpc.max_receive_message_length", big)]
+    with (
+        grpc.insecure_channel(fuzz_gateway.grpc_target, options=options) as channel,
+        httpx.Client(base_url=f"http://127.0.0.1:{fuzz_gateway.http_port}") as http,
+    ):
+        yield Clients(pb_grpc.GRPCInferenceServiceStub(channel), http)  # type: ignore[no-untyped-call]
+
+
+@pytest.fixture
+def serving(fuzz_clients: Clients, fuzz_gateway: GatewayProcess) -> Callable[[], None]:
+    """Call after a test's examples: checks the gateway still serves (see above)."""
+    before = fuzz_gateway.rss_bytes()
+    return lambda: assert_still_serving(fuzz_clients, fuzz_gateway, before)

@@ -1,0 +1,87 @@
+"""The REST API fuzzed from its own OpenAPI description (schemathesis) on a real gateway.
+
+schemathesis reads ``/openapi.json`` from the ``cnnserve serve`` process and, for every
+operation, sends requests generated from it — schema-valid ones and deliberately invalid
+ones (wrong types, missing bodies, unknown models, undeclared methods) — and checks each
+answer: never a 5xx, only documented statuses and content types, bodies that match the
+documented schemas, invalid data rejected, a 405 that says which methods are allowed.
+
+Not checked: that every schema-valid request is accepted. A JSON Schema cannot say that a
+tensor's ``data`` must hold as many elements as its ``shape`` declares, so schema-valid
+infer bodies are rightly refused with 400.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis import BaseSchema, GenerationMode
+from schemathesis.checks import CHECKS
+from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+from cnnserve.bench.gateway_process import GatewayProcess
+from cnnserve.gateway.openapi import ERROR_MEANINGS
+from tests.gateway.bad_input import CALL_TIMEOUT_S
+
+#: Every built-in check but the one the docstring explains.
+CHECKED = [check for check in CHECKS.get_all() if check is not positive_data_acceptance]
+EXAMPLES_PER_OPERATION = 25
+
+
+@pytest.fixture(scope="module")
+def api_schema(fuzz_gateway: GatewayProcess) -> BaseSchema:
+    """The gateway's description, loaded from the running server."""
+    url = f"http://127.0.0.1:{fuzz_gateway.http_port}/openapi.json"
+    return schemathesis.openapi.from_url(url)
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+def test_rest_api_conforms_to_its_description(
+    api_schema: BaseSchema, mode: GenerationMode, serving: Callable[[], None]
+) -> None:
+    """Generated requests, schema-valid (positive) and not (negative), to every operation:
+    documented answers only, invalid data rejected, never a 5xx."""
+    operations = [result.ok() for result in api_schema.get_all_operations()]
+    assert len(operations) >= 10
+    if mode is GenerationMode.NEGATIVE:
+        # Only what takes input can be sent invalid input.
+        operations = [op for op in operations if any(op.iter_parameters()) or len(op.body)]
+
+    for operation in operations:
+
+        @settings(
+            max_examples=EXAMPLES_PER_OPERATION,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(case=operation.as_strategy(generation_mode=mode))
+        def check(case: schemathesis.Case) -> None:
+            case.call_and_validate(checks=CHECKED, timeout=CALL_TIMEOUT_S)
+
+        check()
+    serving()
+
+
+def _document(gateway: GatewayProcess) -> dict:
+    reply = httpx.get(f"http://127.0.0.1:{gateway.http_port}/openapi.json", timeout=10)
+    reply.raise_for_status()
+    return reply.json()  # type: ignore[no-any-return]
+
+
+def test_description_has_bodies_errors_and_models(fuzz_gateway: GatewayProcess) -> None:
+    """What FastAPI cannot infer is described: the infer and image bodies, the error table's
+    statuses with the ``{"error"}`` body, the served models — and no 422, never sent."""
+    paths = _document(fuzz_gateway)["paths"]
+    infer = paths["/v2/models/{model}/infer"]["post"]
+    assert set(infer["requestBody"]["content"]) == {"application/json", "application/octet-stream"}
+    assert set(infer["responses"]) == {"200", "400", "404", "413", "429", "500", "503", "504"}
+    assert infer["responses"]["429"]["description"] == ERROR_MEANINGS["429"]
+    model = next(p for p in infer["parameters"] if p["name"] == "model")
+    assert model["schema"]["enum"] == ["convnet", "fcn"]
+    predict = paths["/predict/{model}"]["post"]
+    assert "image/png" in predict["requestBody"]["content"]
+    assert all("422" not in op["responses"] for ops in paths.values() for op in ops.values())
