@@ -232,7 +232,11 @@ def torchserve_stop(model_store: ModelStoreOption = None) -> None:
 
 @torchserve_app.command("status")
 def torchserve_status(model_store: ModelStoreOption = None) -> None:
-    """Show whether TorchServe runs and its workers' states; exit 1 when it does not run."""
+    """Show whether TorchServe runs and its workers' states.
+
+    Exit 0 when every model has a READY worker, 1 when TorchServe does not run, 3 when it runs
+    but some model is not ready yet (so the command can serve as a readiness probe).
+    """
     from cnnserve.settings import Settings
     from cnnserve.torchserve_engine.process import status
 
@@ -244,6 +248,10 @@ def torchserve_status(model_store: ModelStoreOption = None) -> None:
     typer.echo(f"TorchServe is running (pid {found.info.pid}) at {found.info.inference_url}")
     for model, states in found.workers.items():
         typer.echo(f"  {model}: {', '.join(states) or 'no workers'}")
+    not_ready = sorted(model for model, states in found.workers.items() if "READY" not in states)
+    if not found.workers or not_ready:
+        typer.echo(f"not ready: {', '.join(not_ready) or 'no models registered'}")
+        raise typer.Exit(3)
 
 
 BackendChoice = Literal["torchserve", "onnxruntime", "torchscript"]
@@ -261,6 +269,24 @@ def serve(
     metrics_port: Annotated[
         int | None, typer.Option(help="Prometheus metrics port. Default: 8002.")
     ] = None,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(
+            help="PEM server certificate: TLS on the gRPC and HTTP ports (with --tls-key)."
+        ),
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert.")] = None,
+    tls_client_ca: Annotated[
+        Path | None,
+        typer.Option(help="PEM CA: mutual TLS, clients need a certificate it signed."),
+    ] = None,
+    api_keys_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="File of accepted API keys, one per line: calls need `authorization: Bearer "
+            "<key>` (health stays open). A single key: CNNSERVE_API_KEY."
+        ),
+    ] = None,
 ) -> None:
     """Run the gateway (gRPC, HTTP, metrics) until SIGTERM/Ctrl-C, then drain and exit.
 
@@ -268,6 +294,8 @@ def serve(
     """
     import asyncio
     import logging
+
+    from pydantic import ValidationError
 
     from cnnserve.gateway.server import run_gateway
     from cnnserve.settings import Settings
@@ -278,8 +306,16 @@ def serve(
         "grpc_port": grpc_port,
         "http_port": http_port,
         "metrics_port": metrics_port,
+        "tls_cert_file": tls_cert,
+        "tls_key_file": tls_key,
+        "tls_client_ca_file": tls_client_ca,
+        "api_keys_file": api_keys_file,
     }
-    settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
+    try:
+        settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
+    except ValidationError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -299,15 +335,41 @@ def predict(
     out: Annotated[
         Path | None, typer.Option(help="fcn: directory for masks. Default: beside each image.")
     ] = None,
+    tls: Annotated[
+        bool, typer.Option("--tls", help="Use TLS (implied by --ca-file or --cert-file).")
+    ] = False,
+    ca_file: Annotated[
+        Path | None,
+        typer.Option(help="PEM CA that signed the gateway's certificate. Default: system CAs."),
+    ] = None,
+    cert_file: Annotated[
+        Path | None, typer.Option(help="PEM client certificate, for mutual TLS (with --key-file).")
+    ] = None,
+    key_file: Annotated[Path | None, typer.Option(help="PEM private key of --cert-file.")] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CNNSERVE_CLIENT_API_KEY",
+            show_envvar=True,
+            help="API key sent as `authorization: Bearer <key>`; prefer the variable (a flag "
+            "shows in the process list).",
+        ),
+    ] = None,
 ) -> None:
     """Classify digits (convnet) or write segmentation masks (fcn) through a running gateway."""
-    from cnnserve.client.inference import ServerError, connect
+    from cnnserve.client.inference import ServerError, TlsConfig, connect
     from cnnserve.client.predict import classify_files, segment_files
     from cnnserve.settings import Settings
 
     settings = Settings()
     port = port or (settings.http_port if http else settings.grpc_port)
-    with connect(host, port, http=http) as client:
+    secure = tls or ca_file is not None or cert_file is not None
+    try:
+        tls_config = TlsConfig(ca_file, cert_file, key_file) if secure else None
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    with connect(host, port, http=http, tls=tls_config, api_key=api_key) as client:
         try:
             lines = (
                 segment_files(client, images, model, out)
