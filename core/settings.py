@@ -17,7 +17,10 @@ BackendName = Literal["torchserve", "onnxruntime", "torchscript"]
 class Settings(BaseSettings):
     """cnnserve's configuration; each field documents its meaning and default."""
 
-    model_config = SettingsConfigDict(env_prefix="CNNSERVE_", extra="ignore")
+    # hide_input_in_errors: a validation error must not echo the environment (API keys).
+    model_config = SettingsConfigDict(
+        env_prefix="CNNSERVE_", extra="ignore", hide_input_in_errors=True
+    )
 
     # --- the gateway's listeners (Triton's ports) ---
     host: str = Field("127.0.0.1", description="Address the gateway binds; 0.0.0.0 in containers.")

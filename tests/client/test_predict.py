@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from cnnserve.cli import app
 from cnnserve.client.predict import mask_path
 from cnnserve.gateway.server import Gateway
+from tests.gateway.certs import CertificateAuthority
 from tests.gateway.harness import gateway_settings, running_gateway
 from tests.images import digit_png, shapes_png
 
@@ -84,3 +85,38 @@ async def test_predict_reports_server_errors(gateway: Gateway, tmp_path: Path) -
 
 async def test_mask_path_defaults_beside_the_image() -> None:
     assert mask_path(Path("/a/b/scene.jpg"), None) == Path("/a/b/scene.mask.png")
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+async def test_predict_over_mutual_tls_with_an_api_key(
+    artifacts_dir: Path, tmp_path: Path, transport: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--ca-file, --cert-file/--key-file and CNNSERVE_CLIENT_API_KEY against a gateway that
+    requires all three; without the key the command fails with the server's reason."""
+    ca = CertificateAuthority(tmp_path / "pki")
+    server, client = ca.issue("server", server=True), ca.issue("client", server=False)
+    settings = gateway_settings(
+        artifacts_dir,
+        tls_cert_file=server.cert,
+        tls_key_file=server.key,
+        tls_client_ca_file=ca.pem.cert,
+        api_key="predict-key",
+    )
+    png, label = digit_png(6)
+    image = tmp_path / "digit.png"
+    image.write_bytes(png)
+    async with running_gateway(settings) as gateway:
+        port = gateway.http_port if transport == "http" else gateway.grpc_port
+        flags = [
+            *(["--http"] if transport == "http" else []),
+            "--port", str(port), "--ca-file", str(ca.pem.cert),
+            "--cert-file", str(client.cert), "--key-file", str(client.key), str(image),
+        ]  # fmt: skip
+        code, _, err = await _predict(*flags)
+        assert code == 2
+        assert "UNAUTHENTICATED" in err or "401" in err
+        assert "missing API key" in err
+        monkeypatch.setenv("CNNSERVE_CLIENT_API_KEY", "predict-key")
+        code, out, err = await _predict(*flags)
+    assert code == 0, err
+    assert out.split(": ")[1].split()[0] == str(label)
