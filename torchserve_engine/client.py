@@ -39,6 +39,11 @@ KeyKind = Literal["inference", "management"]
 HEALTHY = "Healthy"
 #: How long a readiness probe may take before the model counts as not ready.
 PROBE_TIMEOUT_S = 10.0
+#: What TorchServe says when the worker running a request crashed.
+WORKER_DIED = "Worker died"
+#: Longest wait between reconnection attempts to a TorchServe that went away (gRPC's default,
+#: 120 s, would leave a restarted TorchServe unused for up to two minutes).
+MAX_RECONNECT_BACKOFF_MS = 1000
 #: Spread calls over every address the target resolves to (every replica), and retry a call
 #: that failed UNAVAILABLE — its replica died or went away mid-call — on another one.
 #: Retrying is safe: a prediction changes nothing on the server.
@@ -110,6 +115,8 @@ class TorchServeClient:
             # Keep every batch retryable (gRPC's default buffer, 256 KiB, is under one
             # 32-image ConvNet batch).
             ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
+            ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+            ("grpc.initial_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS // 10),
         ]
         self._channel = grpc.aio.insecure_channel(target, options=options)
         self._stub = pb_grpc.InferenceAPIsServiceStub(self._channel)  # type: ignore[no-untyped-call]
@@ -196,12 +203,19 @@ class TorchServeClient:
                 f"TorchServe at {self.target} refused the inference key (missing, wrong or "
                 "expired); read it again from TorchServe's key_file.json"
             )
+        if code == grpc.StatusCode.UNAVAILABLE or WORKER_DIED in details:
+            # TorchServe reports a worker that crashed mid-batch as RESOURCE_EXHAUSTED: not the
+            # message size nor the caller's fault, and a retry succeeds once it is restarted.
+            what = (
+                f"its {model} worker died while running this batch (TorchServe restarts it)"
+                if WORKER_DIED in details
+                else details
+            )
+            return UnavailableError(f"TorchServe at {self.target} is unavailable: {what}")
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             return PayloadTooLargeError(
                 f"the {model} batch or its answer exceeds the gRPC message limit: {details}"
             )
-        if code == grpc.StatusCode.UNAVAILABLE:
-            return UnavailableError(f"TorchServe at {self.target} is unavailable: {details}")
-        # TorchServe's own failures (a crashed worker, ...) stay internal; its log has them.
+        # TorchServe's own failures (a handler exception, ...) stay internal; its log has them.
         logger.warning("TorchServe failed on %s: %s %s", model, code.name, details)
         return CnnserveError(f"TorchServe failed to run {model} ({code.name})")
