@@ -2,8 +2,10 @@
 
 Two files, both regenerated on every start so they never drift from the settings:
 
-- ``config.properties`` — every listener on ``settings.torchserve_host`` (127.0.0.1 unless
-  configured), token authorization on unless ``torchserve_token_auth`` is off, the model
+- ``config.properties`` — the inference and metrics listeners on ``settings.torchserve_host``
+  (127.0.0.1 unless configured), the management APIs (REST and gRPC) on the loopback
+  interface only, whatever the host: they are never reachable from another machine or
+  container. Token authorization on unless ``torchserve_token_auth`` is off, the model
   registration API off, size limits raised to fit an FCN batch, metrics for Prometheus;
 - ``log4j2.xml`` — each log line once, in files under the run directory, with only warnings
   on the console (TorchServe's default writes every server line twice into ``ts_log``).
@@ -23,17 +25,29 @@ def _host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
+def loopback_for(host: str) -> str:
+    """The loopback address of ``host``'s family: where the management APIs listen."""
+    return "::1" if ":" in host else "127.0.0.1"
+
+
+def management_address(settings: Settings) -> str:
+    """The management REST API's URL: on the loopback interface, never ``torchserve_host``."""
+    loopback = _host(loopback_for(settings.torchserve_host))
+    return f"http://{loopback}:{settings.torchserve_management_port}"
+
+
 def config_properties(settings: Settings, model_store: Path, archives: Sequence[str]) -> str:
     """The text of ``config.properties`` for serving ``archives`` from ``model_store``."""
     host = _host(settings.torchserve_host)
     limit = settings.torchserve_max_message_bytes
     properties = {
         "inference_address": f"http://{host}:{settings.torchserve_inference_port}",
-        "management_address": f"http://{host}:{settings.torchserve_management_port}",
+        # Management (scale workers, describe, ...) only from inside the machine/container.
+        "management_address": management_address(settings),
         "metrics_address": f"http://{host}:{settings.torchserve_metrics_port}",
         "grpc_inference_address": settings.torchserve_host,
         "grpc_inference_port": settings.torchserve_grpc_inference_port,
-        "grpc_management_address": settings.torchserve_host,
+        "grpc_management_address": loopback_for(settings.torchserve_host),
         "grpc_management_port": settings.torchserve_grpc_management_port,
         "model_store": model_store.resolve(),
         # Explicit archives, not "all": the store also holds the hidden run directory.

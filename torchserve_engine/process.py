@@ -37,7 +37,7 @@ from cnnserve.settings import Settings
 from . import TorchServeError
 from .archive import archive_name
 from .client import KeyKind, read_key
-from .config import config_properties, log4j2_xml
+from .config import config_properties, log4j2_xml, management_address
 
 RUN_DIR_NAME = ".run"
 STATE_FILE = "state.json"
@@ -217,7 +217,7 @@ def _launch(settings: Settings, store: Path, run_dir: Path, models: tuple[str, .
         model_store=store,
         models=models,
         inference_url=f"http://{url_host}:{settings.torchserve_inference_port}",
-        management_url=f"http://{url_host}:{settings.torchserve_management_port}",
+        management_url=management_address(settings),
         metrics_url=f"http://{url_host}:{settings.torchserve_metrics_port}",
         grpc_target=f"{url_host}:{settings.torchserve_grpc_inference_port}",
         key_file=run_dir / KEY_FILE if settings.torchserve_token_auth else None,

@@ -36,9 +36,13 @@ VERSION = PYPROJECT["project"]["version"]
 #: Settings' defaults, read from the class: the test environment's CNNSERVE_* never leak in.
 DEFAULTS = {name: info.default for name, info in Settings.model_fields.items()}
 GATEWAY_PORTS = {DEFAULTS["http_port"], DEFAULTS["grpc_port"], DEFAULTS["metrics_port"]}
+#: TorchServe's ports other containers may reach: inference (REST, gRPC) and metrics.
 TORCHSERVE_PORTS = {
-    DEFAULTS[f"torchserve_{name}_port"]
-    for name in ("inference", "management", "metrics", "grpc_inference", "grpc_management")
+    DEFAULTS[f"torchserve_{name}_port"] for name in ("inference", "metrics", "grpc_inference")
+}
+#: Its management APIs listen on loopback only (torchserve_engine/config.py): never exposed.
+TORCHSERVE_MANAGEMENT_PORTS = {
+    DEFAULTS[f"torchserve_{name}_port"] for name in ("management", "grpc_management")
 }
 COMPOSE_VARIANTS = {
     "gpu": ["-f", "docker-compose.yml"],
@@ -251,6 +255,47 @@ def test_only_the_gateway_publishes_its_ports(composes: dict[str, dict[str, Any]
         assert {int(p["published"]) for p in services["gateway"]["ports"]} == GATEWAY_PORTS
         assert not services["torchserve"].get("ports"), f"{variant}: TorchServe publishes ports"
         assert {int(port) for port in services["torchserve"]["expose"]} == TORCHSERVE_PORTS
+
+
+def test_torchserve_management_api_is_never_published(
+    composes: dict[str, dict[str, Any]],
+    dockerfile: dict[str, Stage],
+    manifests: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    """No compose service, image, Kubernetes port, Service or NetworkPolicy names TorchServe's
+    management ports; TorchServe binds them to loopback whatever its host."""
+    from cnnserve.torchserve_engine.config import config_properties
+
+    for variant, model in composes.items():
+        for name, service in model["services"].items():
+            exposed = {int(p) for p in service.get("expose", [])}
+            exposed |= {int(p["target"]) for p in service.get("ports", [])}
+            exposed |= {int(p["published"]) for p in service.get("ports", []) if "published" in p}
+            assert not exposed & TORCHSERVE_MANAGEMENT_PORTS, f"{variant} {name}: {exposed}"
+    for stage in dockerfile.values():
+        for ports in stage.args("EXPOSE"):
+            assert not set(map(int, ports.split())) & TORCHSERVE_MANAGEMENT_PORTS, stage.name
+    for (kind, name), document in manifests.items():
+        if kind == "Deployment":
+            for container in pod_containers(document):
+                numbers = {p["containerPort"] for p in container.get("ports", [])}
+                assert not numbers & TORCHSERVE_MANAGEMENT_PORTS, f"{name}: {numbers}"
+        if kind == "Service":
+            for port in document["spec"]["ports"]:
+                assert port["port"] not in TORCHSERVE_MANAGEMENT_PORTS, name
+        if kind == "NetworkPolicy":
+            for rule in document["spec"].get("ingress", []):
+                admitted = {p["port"] for p in rule["ports"]}
+                assert not admitted & TORCHSERVE_MANAGEMENT_PORTS, name
+    # What the containers run: the TorchServe image's host is 0.0.0.0 (every replica).
+    image_settings = Settings(torchserve_host="0.0.0.0")
+    lines = config_properties(image_settings, ROOT, []).splitlines()
+    props = dict(line.split("=", 1) for line in lines if "=" in line)
+    assert (
+        props["management_address"] == f"http://127.0.0.1:{DEFAULTS['torchserve_management_port']}"
+    )
+    assert props["grpc_management_address"] == "127.0.0.1"
+    assert props["enable_model_api"] == "false"
 
 
 def test_torchserve_scales_and_stays_internal(composes: dict[str, dict[str, Any]]) -> None:

@@ -49,7 +49,11 @@ def test_settings_flow_into_the_file(tmp_path: Path) -> None:
     )
     props = properties(settings, tmp_path)
     assert props["inference_address"] == "http://0.0.0.0:9180"
+    assert props["metrics_address"] == "http://0.0.0.0:8082"
     assert (props["grpc_inference_address"], props["grpc_inference_port"]) == ("0.0.0.0", "9170")
+    # Management stays on loopback whatever the host: never reachable from outside.
+    assert props["management_address"] == "http://127.0.0.1:8081"
+    assert props["grpc_management_address"] == "127.0.0.1"
     assert props["disable_token_authorization"] == "true"
     assert props["default_workers_per_model"] == "2"
     assert props["initial_worker_port"] == "9500"
