@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
@@ -243,6 +243,13 @@ def run_load(spec: LoadSpec) -> LoadResult:
     p50, p90, p99 = (
         float(np.percentile(latencies, q)) if latencies.size else float("nan") for q in (50, 90, 99)
     )
+    failed_after = {
+        status: np.concatenate(
+            [p["failed_after"][status] for p in parts if status in p["failed_after"]]
+        )
+        for status in errors
+        if status != "CLIENT_DROPPED"
+    }
     return LoadResult(
         requests=requests,
         succeeded=succeeded,
@@ -253,6 +260,14 @@ def run_load(spec: LoadSpec) -> LoadResult:
         p50_ms=p50,
         p90_ms=p90,
         p99_ms=p99,
+        extra={
+            # Latency of failed calls by status: p50 and p99 in ms.
+            "failed_ms": {
+                status: [float(np.percentile(ms, q)) for q in (50, 99)]
+                for status, ms in failed_after.items()
+                if ms.size
+            }
+        },
     )
 
 
@@ -282,6 +297,7 @@ Sender = Callable[[], Awaitable[None]]
 async def _worker(spec: LoadSpec, share: _Share, start_at: float) -> dict[str, Any]:
     latencies: list[float] = []
     errors: Counter[str] = Counter()
+    failed_after: defaultdict[str, list[float]] = defaultdict(list)
     async with contextlib.AsyncExitStack() as stack:
         new_sender = await _senders(spec, stack)
         await asyncio.sleep(max(0.0, start_at - time.time()))
@@ -295,6 +311,9 @@ async def _worker(spec: LoadSpec, share: _Share, start_at: float) -> dict[str, A
             except CallFailedError as exc:
                 if sent_at >= measure_from:
                     errors[exc.status] += 1
+                    # How fast a refusal comes matters too (an overloaded server must say no
+                    # at once, not after a queue's worth of waiting).
+                    failed_after[exc.status].append((time.perf_counter() - sent_at) * 1000.0)
                 return
             done = time.perf_counter()
             if measure_from <= sent_at < stop_at:
@@ -328,6 +347,7 @@ async def _worker(spec: LoadSpec, share: _Share, start_at: float) -> dict[str, A
     return {
         "latencies": np.asarray(latencies, dtype=np.float64),
         "errors": dict(errors),
+        "failed_after": {status: np.asarray(ms) for status, ms in failed_after.items()},
         "succeeded": len(latencies),
     }
 
