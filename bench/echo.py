@@ -52,11 +52,17 @@ async def start_echo_server(host: str = "127.0.0.1", port: int = 0) -> tuple[grp
     return server, bound
 
 
-def serve_echo_forever(host: str, port: int) -> None:
-    """Run the echo server in the foreground (used by the suite in a separate process)."""
+def serve_echo_forever(host: str, port: int, event_loop: str = "uvloop") -> None:
+    """Run the echo server in the foreground (used by the suite in a separate process), on
+    the same kind of event loop as the gateway (``settings.event_loop``)."""
 
     async def main() -> None:
         server, _ = await start_echo_server(host, port)
         await server.wait_for_termination()
 
-    asyncio.run(main())
+    if event_loop == "uvloop":
+        import uvloop
+
+        uvloop.run(main())
+    else:
+        asyncio.run(main())

@@ -292,12 +292,11 @@ def serve(
 
     Flags override the CNNSERVE_* environment; every other setting comes from there.
     """
-    import asyncio
     import logging
 
     from pydantic import ValidationError
 
-    from cnnserve.gateway.server import run_gateway
+    from cnnserve.gateway.server import serve_forever
     from cnnserve.settings import Settings
 
     overrides: dict[str, Any] = {
@@ -320,7 +319,7 @@ def serve(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     with user_errors():
-        asyncio.run(run_gateway(settings))
+        serve_forever(settings)
 
 
 @app.command()

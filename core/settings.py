@@ -73,6 +73,12 @@ class Settings(BaseSettings):
         "eagerly; empty: off; ignored on a CPU.",
     )
 
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop",
+        description="The gateway's event loop: uvloop (libuv; ~1.4× the requests/s of the "
+        "standard loop on the benchmark host, docs/benchmarks.md) or asyncio's own.",
+    )
+
     # --- dynamic batching, per model (and per input size for the FCN) ---
     max_batch_size: int = Field(32, ge=1, description="Largest batch sent to the backend.")
     max_batch_delay_ms: float = Field(

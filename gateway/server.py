@@ -205,6 +205,16 @@ async def _finish(task: asyncio.Task[None], timeout_s: float) -> None:
             await task
 
 
+def serve_forever(settings: Settings) -> None:
+    """Run :func:`run_gateway` on the event loop ``settings.event_loop`` names."""
+    if settings.event_loop == "uvloop":
+        import uvloop
+
+        uvloop.run(run_gateway(settings))
+    else:
+        asyncio.run(run_gateway(settings))
+
+
 async def run_gateway(settings: Settings) -> None:
     """Serve until SIGTERM or SIGINT, then drain and return (a second signal is not caught)."""
     core = await create_core(settings)
