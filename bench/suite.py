@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cnnserve.models.runtime import ARTIFACT_SUFFIX, ArtifactFormat, Runner, load_runner
 from cnnserve.settings import Settings
 
@@ -174,11 +176,11 @@ def _full(backends: list[str]) -> list[Scenario]:
 
 
 @contextmanager
-def echo_server() -> Iterator[str]:
+def echo_server(event_loop: str) -> Iterator[str]:
     """A bare gRPC echo server in its own process; yields its target."""
     port = free_port()
     process = multiprocessing.get_context("spawn").Process(
-        target=serve_echo_forever, args=("127.0.0.1", port), daemon=True
+        target=serve_echo_forever, args=("127.0.0.1", port, event_loop), daemon=True
     )
     process.start()
     target = f"127.0.0.1:{port}"
@@ -205,6 +207,9 @@ class ModelAlone:
         self._artifacts = artifacts
         self._settings = settings
         self._runners: dict[tuple[ArtifactFormat, str], Runner] = {}
+        if settings.inference_threads:
+            # As the gateway and TorchServe's workers do: torch's count is process-wide.
+            torch.set_num_threads(settings.inference_threads)
 
     def measure(
         self, backend: str, model: str, side: int, batch: int, seconds: float = MODEL_ALONE_S
@@ -375,7 +380,8 @@ def _measure_rest(ctx: _Context, scenario: Scenario, torchserve: TorchServeRun) 
 def _add_echo(ctx: _Context) -> None:
     """Baseline (b) for every gRPC row: the echo of the same payload at the same concurrency."""
     cache: dict[tuple[str, int, int, str, int], LoadResult] = {}
-    with echo_server() as target:
+    # The same event loop as the gateways measured (settings' default unless overridden).
+    with echo_server(Settings().event_loop) as target:
         for row in ctx.rows:
             if row["backend"] == TORCHSERVE_REST:
                 continue
