@@ -257,21 +257,35 @@ class DynamicBatcher:
         self._wakeup.set()
         if deadline is None:
             return await request.future
+        # One timer per request (cheaper than wait_for's extra future and callbacks): when it
+        # fires first, the request fails and its queue room frees up.
+        timer = asyncio.get_running_loop().call_later(
+            deadline - time.monotonic(), self._expire, request
+        )
         try:
-            return await asyncio.wait_for(request.future, deadline - time.monotonic())
+            return await request.future
         except asyncio.CancelledError:
             # The transport may end the call at the same deadline first (gRPC does): still
             # a request that expired before it was computed.
             if not request.started and time.monotonic() >= deadline:
                 self._observer.request_expired()
             raise
-        except TimeoutError:
-            if not request.started:
-                self._observer.request_expired()
-            waited_ms = (time.monotonic() - now) * 1000
-            raise DeadlineExceededError(
+        finally:
+            timer.cancel()
+
+    def _expire(self, request: _Request) -> None:
+        """The request's deadline passed before its answer: fail it (never computed if it
+        had not started)."""
+        if request.future.done():
+            return
+        if not request.started:
+            self._observer.request_expired()
+        waited_ms = (time.monotonic() - request.enqueued_at) * 1000
+        request.future.set_exception(
+            DeadlineExceededError(
                 f"deadline exceeded after {waited_ms:.0f} ms waiting for {self.name}"
-            ) from None
+            )
+        )
 
     # --- the background task ---
 

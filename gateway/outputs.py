@@ -29,7 +29,7 @@ import numpy as np
 
 from cnnserve.errors import InvalidInputError
 from cnnserve.models.registry import ModelSpec
-from cnnserve.models.steps import class_mask, pixel_counts, softmax, top_k
+from cnnserve.models.steps import class_mask, softmax
 
 from .domain import ParameterValue, RequestedOutput, Tensor, TensorMetadata
 
@@ -86,14 +86,31 @@ def _probabilities(out: _Raw, k: int | None) -> np.ndarray:
     return out.probabilities if k is None else _classified(out.probabilities, out.spec.labels, k)
 
 
+@functools.cache
+def _label_bytes(labels: tuple[str, ...]) -> np.ndarray:
+    """The labels as a BYTES array, so a whole batch's top-k is one fancy index."""
+    encoded = np.empty(len(labels), dtype=object)
+    encoded[:] = [label.encode() for label in labels]
+    return encoded
+
+
 def _labels(out: _Raw, k: int | None) -> np.ndarray:
-    ranked = top_k(out.raw, out.spec.labels, k or 1)
-    return np.array([[label.encode() for label in r.labels] for r in ranked], dtype=object)
+    # The ranking steps.top_k gives (stable order of the probabilities), without a Python
+    # loop per row.
+    probabilities = out.probabilities
+    k = min(k or 1, probabilities.shape[-1])
+    order = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k]
+    ranked: np.ndarray = _label_bytes(out.spec.labels)[order]
+    return ranked
 
 
 def _counts(out: _Raw, _k: int | None) -> np.ndarray:
+    # One bincount for the whole batch: item n's classes are shifted to n·C … n·C + C - 1.
+    mask = out.mask
     num_classes = out.spec.num_classes
-    return np.array([pixel_counts(m, num_classes) for m in out.mask], dtype=np.int64)
+    offsets = (np.arange(len(mask), dtype=np.int64) * num_classes)[:, None, None]
+    counts = np.bincount((mask + offsets).ravel(), minlength=len(mask) * num_classes)
+    return counts.reshape(len(mask), num_classes).astype(np.int64)
 
 
 _CLASSIFIER = (
