@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from pydantic import SecretStr
 
 from cnnserve.errors import UnauthenticatedError
@@ -131,10 +132,20 @@ async def test_grpc_health_stays_open(gateway: Gateway) -> None:
         health = health_pb2_grpc.HealthStub(channel)
         reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        # Per-model readiness says which models exist: it is not a probe, so it needs a key.
+        # Per-model readiness says which models exist: it is not a probe, so it needs a key;
+        # so does reflection (grpcurl sends it with -H).
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await stub.ModelReady(pb.ModelReadyRequest(name="convnet"))
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        listing = reflection_pb2.ServerReflectionRequest(list_services="")
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in reflection.ServerReflectionInfo(iter([listing])):
+                pass
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        answers = reflection.ServerReflectionInfo(iter([listing]), metadata=_auth(KEY))
+        services = [s.name async for a in answers for s in a.list_services_response.service]
+        assert "inference.GRPCInferenceService" in services
 
 
 @module_loop
