@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .batch_buckets import StaticBatches, cuda_graph_step, normalize_buckets
-from .steps import PIXEL_MEAN, PIXEL_STD
+from .pixels import PIXEL_MEAN, PIXEL_STD
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class TorchScriptRunner:
 
 
 def normalize_tensor(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels → float32 in [-1, 1] on their device, exactly as ``steps.normalize``."""
+    """uint8 pixels → float32 in [-1, 1] on their device, exactly as ``pixels.normalize``."""
     scaled = pixels.float() * (1.0 / 255.0)
     return (scaled - PIXEL_MEAN) / PIXEL_STD
 

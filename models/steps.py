@@ -13,19 +13,28 @@ import numpy as np
 from cnnserve.errors import InvalidInputError
 
 from .imaging import resize_rgb
+from .pixels import PIXEL_MEAN, PIXEL_STD, normalize
+
+# Normalization lives in .pixels (importable without Pillow) and is re-exported here, where
+# every other step is.
+__all__ = [
+    "CONVNET_SIDE",
+    "DIGIT_BOX",
+    "PIXEL_MEAN",
+    "PIXEL_STD",
+    "Classification",
+    "class_mask",
+    "digit_pixels",
+    "normalize",
+    "pixel_counts",
+    "softmax",
+    "to_chw",
+    "top_k",
+]
 
 #: ConvNet's input side; the digit's longer side is scaled to DIGIT_BOX inside it.
 CONVNET_SIDE = 28
 DIGIT_BOX = 20
-#: Pixels are mapped from [0, 255] to [-1, 1].
-PIXEL_MEAN = 0.5
-PIXEL_STD = 0.5
-
-
-def normalize(pixels: np.ndarray) -> np.ndarray:
-    """uint8 pixels (any layout) → float32 in [-1, 1], the networks' input scale."""
-    scaled = pixels.astype(np.float32) * np.float32(1.0 / 255.0)
-    return (scaled - np.float32(PIXEL_MEAN)) / np.float32(PIXEL_STD)
 
 
 def to_chw(rgb: np.ndarray) -> np.ndarray:
