@@ -12,7 +12,7 @@ MODEL_STORE ?= model_store
 TYPECHECK_TREE := build/typecheck
 
 .PHONY: help install test lint typecheck-tree format train export archive torchserve-start torchserve-stop \
-	proto proto-check bench serve \
+	proto proto-check bench soak overload serve \
 	deploy undeploy logs deploy-check deploy-lock
 
 help: ## List the targets
@@ -100,6 +100,15 @@ serve: install ## Serve both models: gateway on 8000 (HTTP) 8001 (gRPC) 8002 (me
 
 bench: export ## Benchmark the gateway against its baselines; regenerates docs/benchmarks.md
 	$(BIN)/cnnserve bench --profile $(or $(PROFILE),quick)
+
+# A bounded soak (time and requests): mixed valid/invalid traffic, faults injected; exits 1
+# if any request failed or was lost. TorchServe replicas when Java is there, else onnxruntime.
+soak: export ## Soak the gateway with faults injected (DURATION_S=60 MAX_REQUESTS=100000)
+	$(BIN)/python -m cnnserve.bench.soak --artifacts $(ARTIFACTS) \
+		--duration-s $(or $(DURATION_S),60) --max-requests $(or $(MAX_REQUESTS),100000)
+
+overload: export ## Open-loop overload at 2×, 4×, 8× capacity; prints the figures (docs/reliability.md)
+	$(BIN)/python -m cnnserve.bench.overload --artifacts $(ARTIFACTS)
 
 # --- deployment (README "Deploy") -------------------------------------------------------
 # COMPOSE_FILES="-f docker-compose.yml -f docker-compose.cpu.yml" deploys without a GPU.

@@ -69,9 +69,16 @@ class TorchServeRun:
 
 @contextlib.contextmanager
 def running_torchserve(
-    artifacts: Path, work_dir: Path, batch_size: int, max_batch_delay_ms: int
+    artifacts: Path,
+    work_dir: Path,
+    batch_size: int,
+    max_batch_delay_ms: int,
+    token_auth: bool = True,
 ) -> Iterator[TorchServeRun]:
-    """Archive the TorchScript models, start TorchServe on free ports, stop it on exit."""
+    """Archive the TorchScript models, start TorchServe on free ports, stop it on exit.
+
+    ``token_auth=False`` for replicas behind one gateway channel (each would draw its own key).
+    """
     store = work_dir / f"model_store-b{batch_size}"
     inference, management, metrics, grpc_inference, grpc_management = (
         free_port() for _ in range(5)
@@ -85,8 +92,8 @@ def running_torchserve(
         torchserve_grpc_inference_port=grpc_inference,
         torchserve_grpc_management_port=grpc_management,
         torchserve_initial_worker_port=free_port(),
-        torchserve_token_auth=True,
-        torchserve_key_file=run_dir_of(store) / KEY_FILE,
+        torchserve_token_auth=token_auth,
+        torchserve_key_file=run_dir_of(store) / KEY_FILE if token_auth else None,
         torchserve_batch_size=batch_size,
         torchserve_max_batch_delay_ms=max_batch_delay_ms,
     )
