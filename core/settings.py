@@ -159,6 +159,19 @@ class Settings(BaseSettings):
         None,
         description="TorchServe's key_file.json; default: the one in the model store's run dir.",
     )
+    torchserve_key_dir: Path | None = Field(
+        None,
+        description="Directory where every TorchServe replica publishes its inference key as "
+        "<ip>_<port>.json, named after the address the gateway reaches it at (a volume shared "
+        "by the replicas and the gateway); the gateway looks each replica's key up there. "
+        "Unset: one key for every address, from torchserve_key_file.",
+    )
+    torchserve_resolve_interval_s: float = Field(
+        5.0,
+        gt=0,
+        description="How often the gateway re-resolves a dns:/// TorchServe target, so "
+        "replicas added or removed (scale-out) join or leave the rotation.",
+    )
     torchserve_artifact_format: Literal["torchscript", "onnx"] = Field(
         "torchscript", description="Which exported artifact the TorchServe archives carry."
     )

@@ -1,8 +1,10 @@
 """An async client for TorchServe's gRPC inference API, as the gateway's backend uses it.
 
 One ``Predictions`` call carries a whole batch in the packed format
-(:mod:`cnnserve.handlers.packing`) and returns the raw outputs for every item. TorchServe's
-ways of failing are turned into cnnserve's errors here, so callers see one error table:
+(:mod:`cnnserve.handlers.packing`) and returns the raw outputs for every item. Batches take
+turns over every replica behind the target (:mod:`.replicas`), each called with its own
+inference key (:mod:`.keys`). TorchServe's ways of failing are turned into cnnserve's errors
+here, so callers see one error table:
 
 - the handler rejects the batch (4xx): gRPC status is still OK and the error is in the body;
 - the model is unknown: INTERNAL with "Model not found" (not NOT_FOUND);
@@ -11,10 +13,9 @@ ways of failing are turned into cnnserve's errors here, so callers see one error
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from pathlib import Path
-from typing import Literal
 
 import grpc
 import numpy as np
@@ -30,11 +31,12 @@ from cnnserve.errors import (
 from cnnserve.handlers.packing import PACKED_INPUT_NAME, pack, unpack_response
 from cnnserve.models.registry import MODELS
 from cnnserve.protocol import torchserve_inference_pb2 as pb
-from cnnserve.protocol import torchserve_inference_pb2_grpc as pb_grpc
+
+from .keys import FixedKey, KeyStore
+from .replicas import Replica, ReplicaPool, Resolver
 
 logger = logging.getLogger(__name__)
 
-KeyKind = Literal["inference", "management"]
 #: Ping's status when every model has its minimum of running workers.
 HEALTHY = "Healthy"
 #: How long a readiness probe may take before the model counts as not ready.
@@ -44,12 +46,13 @@ WORKER_DIED = "Worker died"
 #: Longest wait between reconnection attempts to a TorchServe that went away (gRPC's default,
 #: 120 s, would leave a restarted TorchServe unused for up to two minutes).
 MAX_RECONNECT_BACKOFF_MS = 1000
-#: Spread calls over every address the target resolves to (every replica), and retry a call
-#: that failed UNAVAILABLE — its replica died or went away mid-call — on another one.
-#: Retrying is safe: a prediction changes nothing on the server.
+#: Replicas one batch may be sent to: a batch that one answered UNAVAILABLE (it died or went
+#: away) is retried once on another. Retrying is safe: a prediction changes nothing.
+ATTEMPTS = 2
+#: Within one replica's channel, retry a call that failed UNAVAILABLE (a connection reset
+#: while TorchServe restarts) before giving up on that replica.
 SERVICE_CONFIG = json.dumps(
     {
-        "loadBalancingConfig": [{"round_robin": {}}],
         "methodConfig": [
             {
                 "name": [{"service": "org.pytorch.serve.grpc.inference.InferenceAPIsService"}],
@@ -66,25 +69,6 @@ SERVICE_CONFIG = json.dumps(
 )
 
 
-def read_key(key_file: Path, kind: KeyKind) -> str:
-    """One key from TorchServe's ``key_file.json`` (written at start when tokens are on)."""
-    try:
-        keys = json.loads(key_file.read_text())
-        return str(keys[kind]["key"])
-    except FileNotFoundError:
-        raise UnavailableError(
-            f"TorchServe key file {key_file} not found; is TorchServe running with token "
-            "authorization (cnnserve torchserve start)?"
-        ) from None
-    except (ValueError, KeyError, TypeError):
-        raise UnavailableError(f"TorchServe key file {key_file} has no {kind} key") from None
-
-
-def read_inference_key(key_file: Path) -> str:
-    """The inference key from TorchServe's ``key_file.json``."""
-    return read_key(key_file, "inference")
-
-
 def _health_status(health: str) -> str:
     """Ping's ``health`` is JSON text, ``{"status": "Healthy"}``; its status."""
     try:
@@ -95,19 +79,27 @@ def _health_status(health: str) -> str:
 
 
 class TorchServeClient:
-    """Calls TorchServe's ``InferenceAPIsService`` over one gRPC channel.
+    """Calls TorchServe's ``InferenceAPIsService`` on every replica behind ``target``.
 
-    ``target`` is a gRPC target (``127.0.0.1:7070``, or ``dns:///torchserve:7070`` to spread
-    calls round-robin over every address the name resolves to). ``inference_key`` is sent as
-    ``authorization: Bearer <key>``; ``None`` when TorchServe runs without tokens. Create it
-    inside the running event loop (the channel binds to it).
+    ``target`` is ``127.0.0.1:7070``, ``ipv4:a:p,b:p`` (a fixed list of replicas) or
+    ``dns:///torchserve:7070`` (every address the name resolves to, re-resolved every
+    ``resolve_interval_s``); ``resolver`` replaces the target's resolution. ``keys`` gives
+    each replica's inference key, sent as ``authorization: Bearer <key>``: a
+    :class:`~.keys.KeyStore`, one key for all, or ``None`` when TorchServe runs without
+    tokens. Create it inside the running event loop (the channels bind to it).
     """
 
     def __init__(
-        self, target: str, inference_key: str | None, max_message_bytes: int = 64 * 2**20
+        self,
+        target: str,
+        keys: KeyStore | str | None,
+        max_message_bytes: int = 64 * 2**20,
+        resolve_interval_s: float = 5.0,
+        resolver: Resolver | None = None,
     ) -> None:
         self.target = target
         self._max_message_bytes = max_message_bytes
+        self._keys = keys if keys is not None and not isinstance(keys, str) else FixedKey(keys)
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -118,51 +110,68 @@ class TorchServeClient:
             ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
             ("grpc.initial_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS // 10),
         ]
-        self._channel = grpc.aio.insecure_channel(target, options=options)
-        self._stub = pb_grpc.InferenceAPIsServiceStub(self._channel)  # type: ignore[no-untyped-call]
-        self._metadata: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {inference_key}"),) if inference_key else ()
-        )
+        self.replicas = ReplicaPool(target, options, resolve_interval_s, resolver)
 
     async def predict_batch(
         self, model: str, batch: np.ndarray, timeout_s: float | None = None
     ) -> np.ndarray:
         """Run a float32 ``N×3×H×W`` batch through ``model``; its raw outputs, N first.
 
-        Raises :class:`InvalidInputError` when the handler rejects the batch,
-        :class:`UnknownModelError`, :class:`UnavailableError` (unreachable, not ready, key
-        refused), :class:`DeadlineExceededError` and :class:`PayloadTooLargeError`.
+        The batch goes to the next replica in turn; if that one answers UNAVAILABLE (or its
+        key is not published yet), once more to another. Raises :class:`InvalidInputError`
+        when the handler rejects the batch, :class:`UnknownModelError`,
+        :class:`UnavailableError` (unreachable, not ready, key refused),
+        :class:`DeadlineExceededError` and :class:`PayloadTooLargeError`.
         """
         request = pb.PredictionsRequest(
             model_name=model,
             input={PACKED_INPUT_NAME: pack(batch, ndim=4, max_bytes=self._max_message_bytes)},
         )
-        try:
-            response = await self._stub.Predictions(
-                request, timeout=timeout_s, metadata=self._metadata
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise self._error(model, exc, timeout_s) from None
-        outputs = unpack_response(response.prediction, max_bytes=self._max_message_bytes)
-        if len(outputs) != len(batch):
-            raise CnnserveError(
-                f"TorchServe answered {len(outputs)} outputs for {len(batch)} items of {model}"
-            )
-        return outputs
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        tried: list[Replica] = []
+        failure: CnnserveError = UnavailableError(
+            f"TorchServe at {self.target} resolves to no replica"
+        )
+        while len(tried) < ATTEMPTS:
+            replica = await self.replicas.pick(exclude=tried)
+            if replica is None:
+                break
+            tried.append(replica)
+            try:
+                metadata = self._metadata(replica)
+            except UnavailableError as exc:
+                failure = exc
+                continue
+            remaining = None if deadline is None else max(deadline - loop.time(), 0.0)
+            try:
+                with self.replicas.calling(replica):
+                    response = await replica.stub.Predictions(
+                        request, timeout=remaining, metadata=metadata
+                    )
+            except grpc.aio.AioRpcError as exc:
+                failure = self._error(replica, model, exc, timeout_s)
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise failure from None
+                self.replicas.mark_down(replica)
+                continue
+            outputs = unpack_response(response.prediction, max_bytes=self._max_message_bytes)
+            if len(outputs) != len(batch):
+                raise CnnserveError(
+                    f"TorchServe answered {len(outputs)} outputs for {len(batch)} items of {model}"
+                )
+            return outputs
+        raise failure
 
     async def ping(self) -> bool:
-        """Whether TorchServe answers and reports every model's workers running.
+        """Whether some replica answers and reports every model's workers running.
 
         TorchServe reports healthy once workers *run*, before they have loaded the model;
         :meth:`models_ready` is the check that a model can answer.
         """
-        try:
-            response = await self._stub.Ping(
-                empty_pb2.Empty(), timeout=PROBE_TIMEOUT_S, metadata=self._metadata
-            )
-        except grpc.aio.AioRpcError:
-            return False
-        return _health_status(response.health) == HEALTHY
+        await self.replicas.pick()  # resolves a dns: target the first time
+        answers = await asyncio.gather(*(self._ping(r) for r in self.replicas.all()))
+        return any(answers)
 
     async def models_ready(self, models: list[str]) -> bool:
         """Whether every one of ``models`` answers a one-item probe batch right now.
@@ -185,12 +194,30 @@ class TorchServeClient:
         return True
 
     async def close(self) -> None:
-        """Close the channel; calls in flight are cancelled."""
-        await self._channel.close()
+        """Close every replica's channel; calls in flight are cancelled."""
+        await self.replicas.close()
+
+    async def _ping(self, replica: Replica) -> bool:
+        """Whether ``replica`` answers Ping healthy (with its key)."""
+        try:
+            metadata = self._metadata(replica)
+            with self.replicas.calling(replica):
+                response = await replica.stub.Ping(
+                    empty_pb2.Empty(), timeout=PROBE_TIMEOUT_S, metadata=metadata
+                )
+        except (grpc.aio.AioRpcError, UnavailableError):
+            return False
+        return _health_status(response.health) == HEALTHY
+
+    def _metadata(self, replica: Replica) -> tuple[tuple[str, str], ...]:
+        """The call metadata carrying ``replica``'s inference key (none without tokens)."""
+        key = self._keys.key_for(replica.address.host, replica.address.port)
+        return (("authorization", f"Bearer {key}"),) if key else ()
 
     def _error(
-        self, model: str, exc: grpc.aio.AioRpcError, timeout_s: float | None
+        self, replica: Replica, model: str, exc: grpc.aio.AioRpcError, timeout_s: float | None
     ) -> CnnserveError:
+        """``exc`` from ``replica`` as cnnserve's error."""
         code, details = exc.code(), exc.details() or ""
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return DeadlineExceededError(f"TorchServe did not answer {model} within {timeout_s} s")
@@ -200,7 +227,7 @@ class TorchServeClient:
             return UnknownModelError(f"TorchServe does not serve model {model!r}")
         if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
             return UnavailableError(
-                f"TorchServe at {self.target} refused the inference key (missing, wrong or "
+                f"TorchServe at {replica.address} refused the inference key (missing, wrong or "
                 "expired); read it again from TorchServe's key_file.json"
             )
         if code == grpc.StatusCode.UNAVAILABLE or WORKER_DIED in details:
@@ -211,7 +238,7 @@ class TorchServeClient:
                 if WORKER_DIED in details
                 else details
             )
-            return UnavailableError(f"TorchServe at {self.target} is unavailable: {what}")
+            return UnavailableError(f"TorchServe at {replica.address} is unavailable: {what}")
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             return PayloadTooLargeError(
                 f"the {model} batch or its answer exceeds the gRPC message limit: {details}"

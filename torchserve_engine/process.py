@@ -36,8 +36,8 @@ from cnnserve.settings import Settings
 
 from . import TorchServeError
 from .archive import archive_name
-from .client import KeyKind, read_key
 from .config import config_properties, log4j2_xml, management_address
+from .keys import KeyKind, read_key
 
 RUN_DIR_NAME = ".run"
 STATE_FILE = "state.json"

@@ -24,7 +24,8 @@ import pytest
 
 from cnnserve.settings import Settings
 from cnnserve.torchserve_engine.archive import archive_models
-from cnnserve.torchserve_engine.client import TorchServeClient, read_inference_key
+from cnnserve.torchserve_engine.client import TorchServeClient
+from cnnserve.torchserve_engine.keys import read_inference_key
 from cnnserve.torchserve_engine.process import KEY_FILE, ServerInfo, run_dir_of, status
 from tests.conftest import torchserve_settings
 

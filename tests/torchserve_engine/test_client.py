@@ -17,7 +17,8 @@ from cnnserve.errors import (
     UnknownModelError,
 )
 from cnnserve.models.runtime import load_runner
-from cnnserve.torchserve_engine.client import TorchServeClient, read_inference_key, read_key
+from cnnserve.torchserve_engine.client import TorchServeClient
+from cnnserve.torchserve_engine.keys import read_inference_key, read_key
 
 from ..conftest import RunningTorchServe, free_ports
 
