@@ -1,0 +1,81 @@
+"""The GPU check runs on a CPU in its dry mode: every figure line, skips named, tables written.
+
+The same entry points a GPU host uses: ``python -m cnnserve.bench.gpu_check`` and
+``bench/gpu.sh``, the latter with a Python where cnnserve is not installed (as on the lent
+GPU hosts), so its symlinked package tree is what gets imported.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+from cnnserve.bench.gpu_check import VARIANTS
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _figures(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "gpu_check.jsonl").read_text().splitlines()]
+
+
+def test_dry_run_measures_what_a_cpu_can_and_names_what_it_cannot(
+    artifacts_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "gpu"
+    run = subprocess.run(
+        [sys.executable, "-m", "cnnserve.bench.gpu_check", "--dry-run", "--out", str(out),
+         "--artifacts", str(artifacts_dir)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    figures = _figures(out)
+    # Every figure went to stdout as one JSON line, too.
+    assert [json.loads(line) for line in run.stdout.splitlines()] == figures
+    assert figures[0]["phase"] == "machine"
+    assert figures[0]["device"] == "cpu"
+    model = [f for f in figures if f["phase"] == "model"]
+    for variant in VARIANTS:
+        mine = [f for f in model if f["variant"] == variant.name and f["model"] == "convnet"]
+        if variant.needs_cuda:
+            assert mine == [
+                {"phase": "model", "model": "convnet", "side": 28, "variant": variant.name,
+                 "skipped": "needs CUDA"}
+            ]  # fmt: skip
+        else:
+            assert [f["batch"] for f in mine] == [1, 4]
+            assert all(f["images_per_s"] > 0 and f["p50_ms"] > 0 for f in mine)
+    gateway = [f for f in figures if f["phase"] == "gateway"]
+    assert [f["load"] for f in gateway] == ["1-image FP32", "1-image UINT8", "4-image UINT8"]
+    assert all(f["errors"] == {} and f["requests_per_s"] > 0 for f in gateway)
+    assert [f["phase"] for f in figures[-1:]] == ["echo"]
+    report = (out / "gpu_check.md").read_text()
+    assert "| channels_last fp16 | needs CUDA | needs CUDA |" in report
+    assert "| 4-image UINT8 | 2 |" in report
+    assert "--dry-run" in report
+
+
+def test_gpu_sh_runs_without_an_installed_cnnserve(artifacts_dir: Path, tmp_path: Path) -> None:
+    # A Python that sees the dependencies but not the editable install (no .pth processing).
+    python = tmp_path / "python-without-cnnserve"
+    site_packages = sysconfig.get_paths()["purelib"]
+    python.write_text(
+        f'#!/bin/sh\nPYTHONPATH="${{PYTHONPATH:+$PYTHONPATH:}}{site_packages}" '
+        f'exec {sys.executable} -S "$@"\n'
+    )
+    python.chmod(0o755)
+    assert subprocess.run([str(python), "-c", "import cnnserve"], check=False).returncode != 0
+    out = tmp_path / "gpu"
+    run = subprocess.run(
+        ["bash", str(REPO / "bench" / "gpu.sh"), str(out), "--dry-run", "--skip-gateway"],
+        env={"PYTHON": str(python), "ARTIFACTS": str(artifacts_dir), "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    figures = _figures(out)
+    assert {f["phase"] for f in figures} == {"machine", "model"}
+    assert any(f.get("variant") == "eager fp32" and f.get("batch") == 4 for f in figures)
