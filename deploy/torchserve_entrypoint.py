@@ -4,9 +4,13 @@
 does — configuration from the ``CNNSERVE_*`` settings, back only once every model has a READY
 worker — then:
 
-- with token authorization on, copies TorchServe's ``key_file.json`` to
-  ``CNNSERVE_TORCHSERVE_KEY_FILE`` (a volume the gateway mounts read-only), so the key reaches
-  the gateway without being baked into an image; with it off, removes a stale copy there;
+- with token authorization on, publishes TorchServe's inference key (never the management
+  key) into ``CNNSERVE_TORCHSERVE_KEY_DIR`` as ``<ip>_<port>.json``, named after the address
+  the gateway reaches this replica at (its own IP, the gRPC inference port): a volume every
+  replica writes and the gateway mounts read-only, so each replica's key reaches the gateway
+  without being baked into an image. Without a key directory it goes to
+  ``CNNSERVE_TORCHSERVE_KEY_FILE`` (one replica). With tokens off, a stale copy is removed;
+  on SIGTERM the replica removes its published key;
 - stays in the foreground while the JVM lives. When the JVM dies it exits 1, so the
   orchestrator restarts the container; on SIGTERM/SIGINT it stops TorchServe and exits 0.
 
@@ -16,9 +20,10 @@ a READY worker (TorchServe's ``/ping`` says healthy before any worker has loaded
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -29,6 +34,7 @@ import psutil
 
 from cnnserve.settings import Settings
 from cnnserve.torchserve_engine import TorchServeError
+from cnnserve.torchserve_engine.keys import key_file_name, read_inference_key
 from cnnserve.torchserve_engine.process import start, status, stop
 
 #: How often the foreground loop checks that the JVM still lives.
@@ -43,8 +49,22 @@ def _on_signal(signum: int, _frame: FrameType | None) -> None:
     raise StopRequested(signal.Signals(signum).name)
 
 
+def own_address() -> str:
+    """The IP address other containers reach this one at (what DNS answers for it)."""
+    return socket.gethostbyname(socket.gethostname())
+
+
+def published_key_path(settings: Settings) -> Path | None:
+    """Where this replica publishes its inference key (``None``: nowhere)."""
+    if settings.torchserve_key_dir is not None:
+        name = key_file_name(own_address(), settings.torchserve_grpc_inference_port)
+        return settings.torchserve_key_dir / name
+    return settings.torchserve_key_file
+
+
 def publish_key(source: Path | None, target: Path | None) -> None:
-    """Copy TorchServe's key file ``source`` to ``target`` atomically, readable by owner only.
+    """Write the inference key of TorchServe's key file ``source`` to ``target`` atomically,
+    readable by owner only; the management key stays behind.
 
     ``source`` is ``None`` when token authorization is off: then an old copy at ``target`` is
     removed, so no gateway keeps sending a key of an earlier run.
@@ -58,8 +78,8 @@ def publish_key(source: Path | None, target: Path | None) -> None:
     # Written beside the target and renamed: a gateway reading it never sees half a file.
     fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=".key_file.")
     try:
-        with os.fdopen(fd, "wb") as out, source.open("rb") as src:
-            shutil.copyfileobj(src, out)
+        with os.fdopen(fd, "w") as out:
+            json.dump({"inference": {"key": read_inference_key(source)}}, out)
         os.chmod(temporary, 0o600)
         os.replace(temporary, target)
     except BaseException:
@@ -93,7 +113,8 @@ def serve(settings: Settings) -> int:
         signal.signal(signum, _on_signal)
     try:
         info = start(settings, store)
-        publish_key(info.key_file, settings.torchserve_key_file)
+        published = published_key_path(settings)
+        publish_key(info.key_file, published)
         print(f"TorchServe ready (pid {info.pid}): {', '.join(info.models)}", flush=True)
         while jvm_alive(info.pid):
             reap_children()
@@ -103,6 +124,9 @@ def serve(settings: Settings) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, signal.SIG_IGN)
         print(f"{request}: stopping TorchServe", flush=True)
+        if settings.torchserve_key_dir is not None:
+            # This address leaves the rotation; its key must not outlive it.
+            publish_key(None, published_key_path(settings))
         stop(store)
         return 0
     except TorchServeError as exc:

@@ -25,7 +25,7 @@ import pytest
 from cnnserve.settings import Settings
 from cnnserve.torchserve_engine.archive import archive_models
 from cnnserve.torchserve_engine.client import TorchServeClient
-from cnnserve.torchserve_engine.keys import read_inference_key
+from cnnserve.torchserve_engine.keys import key_file_name, read_inference_key
 from cnnserve.torchserve_engine.process import KEY_FILE, ServerInfo, run_dir_of, status
 from tests.conftest import torchserve_settings
 
@@ -50,13 +50,16 @@ entrypoint = load_entrypoint()
 # --- publishing the key -----------------------------------------------------------------
 
 
-def test_publish_key_copies_atomically_for_the_owner_only(tmp_path: Path) -> None:
+def test_publish_key_writes_the_inference_key_atomically_for_the_owner_only(
+    tmp_path: Path,
+) -> None:
     source = tmp_path / "run" / KEY_FILE
     source.parent.mkdir()
-    source.write_text('{"inference": {"key": "abc"}}')
+    source.write_text('{"inference": {"key": "abc"}, "management": {"key": "secret"}}')
     target = tmp_path / "auth" / KEY_FILE
     entrypoint.publish_key(source, target)
-    assert target.read_text() == source.read_text()
+    assert read_inference_key(target) == "abc"
+    assert "secret" not in target.read_text(), "the management key left TorchServe"
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
     assert [p.name for p in target.parent.iterdir()] == [KEY_FILE], "temporary file left"
     source.write_text('{"inference": {"key": "new"}}')
@@ -91,14 +94,14 @@ def test_unknown_command_is_a_usage_error() -> None:
 # --- the real thing ---------------------------------------------------------------------
 
 
-def container_env(settings: Settings, published_key: Path) -> dict[str, str]:
+def container_env(settings: Settings, key_dir: Path) -> dict[str, str]:
     """The environment compose gives the container, with this test's ports and paths."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CNNSERVE_")}
     env.update(
         CNNSERVE_MODEL_STORE_DIR=str(settings.model_store_dir),
         CNNSERVE_TORCHSERVE_HOST=settings.torchserve_host,
         CNNSERVE_TORCHSERVE_TOKEN_AUTH="true",
-        CNNSERVE_TORCHSERVE_KEY_FILE=str(published_key),
+        CNNSERVE_TORCHSERVE_KEY_DIR=str(key_dir),
         CNNSERVE_TORCHSERVE_INFERENCE_PORT=str(settings.torchserve_inference_port),
         CNNSERVE_TORCHSERVE_MANAGEMENT_PORT=str(settings.torchserve_management_port),
         CNNSERVE_TORCHSERVE_METRICS_PORT=str(settings.torchserve_metrics_port),
@@ -141,8 +144,11 @@ def container(
     store.mkdir()
     settings = torchserve_settings(store)
     archive_models(artifacts_dir, store, "torchscript", False, settings)
-    published_key = tmp_path / "auth" / KEY_FILE
-    env = container_env(settings, published_key)
+    key_dir = tmp_path / "auth"
+    env = container_env(settings, key_dir)
+    # Named after the address the gateway reaches this replica at, as in a container.
+    name = key_file_name(entrypoint.own_address(), settings.torchserve_grpc_inference_port)
+    published_key = key_dir / name
     assert ready(env).returncode == 1, "healthy before anything started"
     process = subprocess.Popen(
         [sys.executable, str(SCRIPT)],
@@ -170,8 +176,9 @@ async def test_serves_publishes_the_key_and_stops_on_sigterm(
 ) -> None:
     process, env, published_key = container
     store = Path(env["CNNSERVE_MODEL_STORE_DIR"])
-    # The published copy is TorchServe's own key file, and the key works for inference.
-    assert published_key.read_text() == (run_dir_of(store) / KEY_FILE).read_text()
+    # The published key is TorchServe's own inference key, and it works for inference.
+    assert read_inference_key(published_key) == read_inference_key(run_dir_of(store) / KEY_FILE)
+    assert [p.name for p in published_key.parent.iterdir()] == [published_key.name]
     target = f"127.0.0.1:{env['CNNSERVE_TORCHSERVE_GRPC_INFERENCE_PORT']}"
     client = TorchServeClient(target, read_inference_key(published_key))
     try:
@@ -186,6 +193,7 @@ async def test_serves_publishes_the_key_and_stops_on_sigterm(
     assert "SIGTERM: stopping TorchServe" in output
     assert not status(store).running
     assert ready(env).returncode == 1
+    assert not published_key.exists(), "a stopped replica's key stayed published"
 
 
 @pytest.mark.torchserve
