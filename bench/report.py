@@ -4,7 +4,7 @@ gateway), plots, and the hand-written notes kept beside the figures in ``docs/be
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,7 +137,7 @@ def _variant(row: Row) -> str:
 
 
 def render(
-    rows: list[Row], machine: str, command: str, plots: list[str], notes: list[str] = ()
+    rows: list[Row], machine: str, command: str, plots: list[str], notes: Sequence[str] = ()
 ) -> str:
     """The whole Markdown report; ``notes`` are Markdown sections appended verbatim."""
     lines = [

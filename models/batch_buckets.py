@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import logging
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -123,21 +124,21 @@ def cuda_graph_step(
     Every graph shares one memory pool: batches run one at a time per runner and each output
     is copied out before the next replay, so the graphs never need their memory at once.
     """
-    pool: list[object] = []
+    pool: list[Any] = []  # one handle, made on the first capture (it needs CUDA)
 
     def compile_step(static_input: torch.Tensor) -> Callable[[], torch.Tensor]:
         # Warm up on a side stream, as PyTorch's capture recipe requires (lazy init, autotune).
-        stream = torch.cuda.Stream(static_input.device)
+        stream = torch.cuda.Stream(static_input.device)  # type: ignore[no-untyped-call]
         stream.wait_stream(torch.cuda.current_stream(static_input.device))
         with torch.cuda.stream(stream):
             for _ in range(warmup_iterations):
                 forward(static_input)
         torch.cuda.current_stream(static_input.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool[0] if pool else None):
-            static_output = forward(static_input)
         if not pool:
-            pool.append(graph.pool())
+            pool.append(torch.cuda.graph_pool_handle())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool[0]):
+            static_output = forward(static_input)
 
         def replay() -> torch.Tensor:
             graph.replay()

@@ -80,7 +80,7 @@ class TorchScriptRunner:
         self._channels_last = channels_last
         self._pinned = pinned_memory and on_cuda
         self._staging: dict[tuple[tuple[int, ...], torch.dtype], torch.Tensor] = {}
-        module = torch.jit.load(str(path), map_location=self.device).eval()
+        module = torch.jit.load(str(path), map_location=self.device).eval()  # type: ignore[no-untyped-call]
         if channels_last:
             module = module.to(memory_format=torch.channels_last)
         self._module = module.half() if half else module
