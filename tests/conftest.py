@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from cnnserve.export.exporter import export_model
@@ -14,6 +17,7 @@ from cnnserve.models.checkpoint import load_network
 from cnnserve.models.registry import MODELS
 from cnnserve.settings import Settings
 from cnnserve.torchserve_engine.archive import archive_models
+from cnnserve.torchserve_engine.keys import key_file_name
 from cnnserve.torchserve_engine.process import KEY_FILE, ServerInfo, run_dir_of, start, stop
 
 
@@ -54,6 +58,30 @@ def torchserve_settings(model_store: Path) -> Settings:
         torchserve_key_file=run_dir_of(model_store) / KEY_FILE,
         torchserve_grpc_target=None,
     )
+
+
+#: TorchServe's count of inference requests answered, per model (its metrics API).
+INFERENCE_COUNTER = (
+    r'^ts_inference_requests_total\{{[^}}]*model_name="{model}"[^}}]*\}}\s+([0-9.e+]+)$'
+)
+
+
+def served_requests(server: ServerInfo, model: str = "convnet") -> float:
+    """How many ``model`` inference requests ``server`` has answered (its metrics API)."""
+    reply = httpx.get(f"{server.metrics_url}/metrics", timeout=10.0)
+    reply.raise_for_status()
+    counter = re.compile(INFERENCE_COUNTER.format(model=re.escape(model)), re.M)
+    return sum(float(value) for value in counter.findall(reply.text))
+
+
+def publish_key(server: ServerInfo, key_dir: Path) -> Path:
+    """Publish ``server``'s inference key in ``key_dir`` under its gRPC address, as the
+    container entry point does for a replica; the file written."""
+    host, _, port = server.grpc_target.rpartition(":")
+    path = key_dir / key_file_name(host, int(port))
+    key_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"inference": {"key": server.key("inference")}}))
+    return path
 
 
 @dataclass(frozen=True)

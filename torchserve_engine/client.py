@@ -46,9 +46,18 @@ WORKER_DIED = "Worker died"
 #: Longest wait between reconnection attempts to a TorchServe that went away (gRPC's default,
 #: 120 s, would leave a restarted TorchServe unused for up to two minutes).
 MAX_RECONNECT_BACKOFF_MS = 1000
-#: Replicas one batch may be sent to: a batch that one answered UNAVAILABLE (it died or went
-#: away) is retried once on another. Retrying is safe: a prediction changes nothing.
+#: Replicas one batch may be sent to: a batch that one did not run (NOT_RUN) is retried once
+#: on another. Retrying is safe: a prediction changes nothing.
 ATTEMPTS = 2
+#: A replica that died or went away (UNAVAILABLE), or refused its key (a restarted replica
+#: whose new key is not published yet), did not run the batch.
+NOT_RUN = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+    }
+)
 #: Within one replica's channel, retry a call that failed UNAVAILABLE (a connection reset
 #: while TorchServe restarts) before giving up on that replica.
 SERVICE_CONFIG = json.dumps(
@@ -117,8 +126,8 @@ class TorchServeClient:
     ) -> np.ndarray:
         """Run a float32 ``N×3×H×W`` batch through ``model``; its raw outputs, N first.
 
-        The batch goes to the next replica in turn; if that one answers UNAVAILABLE (or its
-        key is not published yet), once more to another. Raises :class:`InvalidInputError`
+        The batch goes to the next replica in turn; if that one did not run it (unavailable,
+        key refused or not published yet), once more to another. Raises :class:`InvalidInputError`
         when the handler rejects the batch, :class:`UnknownModelError`,
         :class:`UnavailableError` (unreachable, not ready, key refused),
         :class:`DeadlineExceededError` and :class:`PayloadTooLargeError`.
@@ -151,7 +160,7 @@ class TorchServeClient:
                     )
             except grpc.aio.AioRpcError as exc:
                 failure = self._error(replica, model, exc, timeout_s)
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                if exc.code() not in NOT_RUN:
                     raise failure from None
                 self.replicas.mark_down(replica)
                 continue
