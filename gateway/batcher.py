@@ -220,6 +220,24 @@ class DynamicBatcher:
         self._group_items.clear()
         self._task = None
 
+    def check_room(self, count: int) -> None:
+        """Raise now if ``count`` items cannot be queued: :class:`PayloadTooLargeError` when
+        they exceed the whole queue, :class:`OverloadedError` when it is too full for them.
+
+        :meth:`submit` checks this too; callers check it first to refuse a request before
+        preparing its items (decoding images) when the queue is full anyway.
+        """
+        if count > self.max_queue_size:
+            raise PayloadTooLargeError(
+                f"request has {count} items; {self.name}'s queue holds at most "
+                f"{self.max_queue_size}"
+            )
+        if self._queued + count > self.max_queue_size:
+            raise OverloadedError(
+                f"{self.name} is overloaded: {self._queued} of {self.max_queue_size} items "
+                "queued; retry later"
+            )
+
     async def submit(self, items: np.ndarray, deadline: float | None = None) -> np.ndarray:
         """Queue ``items`` (``N×…``) and return the batch function's N result rows for them.
 
@@ -237,16 +255,7 @@ class DynamicBatcher:
         if deadline is not None and deadline <= now:
             self._observer.request_expired()
             raise DeadlineExceededError("deadline passed before the request was queued")
-        if count > self.max_queue_size:
-            raise PayloadTooLargeError(
-                f"request has {count} items; {self.name}'s queue holds at most "
-                f"{self.max_queue_size}"
-            )
-        if self._queued + count > self.max_queue_size:
-            raise OverloadedError(
-                f"{self.name} is overloaded: {self._queued} of {self.max_queue_size} items "
-                "queued; retry later"
-            )
+        self.check_room(count)
         request = _Request(items, asyncio.get_running_loop().create_future(), deadline, now)
         # However the future ends (result, error, caller cancelled), its queue room frees up.
         request.future.add_done_callback(lambda _: self._answered(request))

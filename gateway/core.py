@@ -215,7 +215,10 @@ class InferenceCore:
         deadline = self._deadline(request)
         plans = plan_outputs(spec, request.outputs)
         tensor = select_input(spec, request.inputs)
-        item_count(spec, tensor, self.settings.max_items_per_request)
+        count = item_count(spec, tensor, self.settings.max_items_per_request)
+        batcher = self._batchers[spec.name]
+        # A full queue refuses at once, before images are decoded for nothing.
+        batcher.check_room(count)
         # Image decoding and big array conversions would stall every other request.
         batch = await _maybe_offload(
             tensor.datatype == "BYTES" or tensor.data.nbytes > OFFLOAD_BYTES,
@@ -225,7 +228,7 @@ class InferenceCore:
             self.settings.max_image_pixels,
             self._keep_pixels,
         )
-        raw = await self._batchers[spec.name].submit(batch, deadline)
+        raw = await batcher.submit(batch, deadline)
         outputs = await _maybe_offload(
             raw.nbytes > OFFLOAD_BYTES, compute_outputs, spec, raw, plans
         )

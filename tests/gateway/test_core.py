@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import pytest_asyncio
+from prometheus_client.parser import text_string_to_metric_families
 
 from cnnserve.errors import (
     DeadlineExceededError,
     InvalidInputError,
+    OverloadedError,
     PayloadTooLargeError,
     UnavailableError,
     UnknownModelError,
@@ -611,3 +613,41 @@ async def test_core_over_torchserve_classifies_and_segments(torchserve: RunningT
         assert float((by_name(response.outputs)["mask"].data[0] == truth).mean()) > 0.8
     finally:
         await core.stop(grace_s=5)
+
+
+def _sample(core: InferenceCore, name: str, **labels: str) -> float:
+    """One sample of the core's own metrics (0 when absent)."""
+    for family in text_string_to_metric_families(core.metrics.render().decode()):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return 0.0
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    for _ in range(3000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition never held")
+
+
+async def test_a_full_queue_refuses_before_decoding(artifacts_dir: Path) -> None:
+    """Regression (issue 7 §2, overload): with the queue full, a request is refused
+    OverloadedError at once — even one whose image is broken, which shows it was never
+    decoded (decoding what will be refused spends the CPU an overloaded server lacks)."""
+    settings = settings_for(artifacts_dir, max_queue_size=2, max_batch_size=2, max_batch_delay_ms=0)
+    started = await create_core(settings)
+    await started.start()
+    try:
+        big = tensor("pixels", np.zeros((2, 3, 512, 512), np.uint8))
+        running = asyncio.create_task(started.infer(InferRequest("fcn", [big])))
+        await _until(lambda: _sample(started, "cnnserve_queue_seconds_count", model="fcn") >= 1)
+        queued = asyncio.create_task(started.infer(InferRequest("fcn", [big])))
+        await _until(lambda: _sample(started, "cnnserve_queue_depth", model="fcn") >= 2)
+        with pytest.raises(OverloadedError, match="fcn is overloaded: 2 of 2 items queued"):
+            await started.infer(InferRequest("fcn", [images(b"not an image")]))
+        for answered in await asyncio.gather(running, queued):
+            assert answered.outputs[0].data.shape[0] == 2
+    finally:
+        await started.stop(grace_s=30)
