@@ -1,22 +1,22 @@
 """Scale-out for real: three TorchServe replicas behind one gateway process.
 
-The deployments run several TorchServe replicas behind a gateway whose gRPC channel
-resolves every replica (``dns:///torchserve:7070`` in docker-compose.yml, the headless
-Service in Kubernetes) and round-robins batches over them. Here the same gateway
-(``cnnserve serve --backend torchserve`` in its own process) gets a target that lists three
-local TorchServes, ``ipv4:127.0.0.1:A,127.0.0.1:B,127.0.0.1:C``: the resolver hands the channel
-every address, exactly as DNS does with one A record per replica. One replica is then stopped
-and another killed, each in the middle of the load.
+The deployments run several TorchServe replicas behind a gateway that resolves every replica
+(``dns:///torchserve:7070`` in docker-compose.yml, the headless Service in Kubernetes) and
+takes turns over them, one channel per replica. Here the same gateway (``cnnserve serve
+--backend torchserve`` in its own process) gets a target that lists three local TorchServes,
+``ipv4:127.0.0.1:A,127.0.0.1:B,127.0.0.1:C``: every address at once, exactly as DNS answers
+with one A record per replica. One replica is then stopped and another killed, each in the
+middle of the load.
 
-Token authorization is off, as in the deployments: each replica draws its own random key and
-one round-robin channel can send only one.
+Token authorization is on, as in the deployments: each replica draws its own random key and
+publishes it in a shared key directory under its address (``CNNSERVE_TORCHSERVE_KEY_DIR``),
+where the gateway finds the key to send each replica.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -37,7 +37,7 @@ from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
 from cnnserve.torchserve_engine.archive import archive_models
 from cnnserve.torchserve_engine.process import ServerInfo, start, stop
-from tests.conftest import free_ports, torchserve_settings
+from tests.conftest import free_ports, publish_key, served_requests, torchserve_settings
 from tests.gateway.harness import digit_pixels
 
 pytestmark = [pytest.mark.torchserve, pytest.mark.asyncio(loop_scope="session")]
@@ -50,9 +50,6 @@ CALLERS = 6
 ITEM_COUNTS = (2, 3, 1)
 #: Upper bound on one caller's requests in the stop test: the load always ends by itself.
 MAX_REQUESTS_PER_CALLER = 400
-INFERENCE_COUNTER = re.compile(
-    r'^ts_inference_requests_total\{[^}]*model_name="convnet"[^}]*\}\s+([0-9.e+]+)$', re.M
-)
 
 
 @dataclass(frozen=True)
@@ -64,23 +61,19 @@ class Replica:
 
     def inference_requests(self) -> float:
         """convnet inference requests this replica has answered (its metrics API)."""
-        reply = httpx.get(f"{self.server.metrics_url}/metrics", timeout=10.0)
-        reply.raise_for_status()
-        return sum(float(value) for value in INFERENCE_COUNTER.findall(reply.text))
+        return served_requests(self.server)
 
 
 @pytest.fixture(scope="module")
 def replicas(
     artifacts_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[list[Replica]]:
-    """Three TorchServes on their own free ports, tokens off; stopped at the end."""
+    """Three TorchServes on their own free ports, tokens on; stopped at the end."""
     started: list[Replica] = []
     try:
         for index in range(REPLICAS):
             store = tmp_path_factory.mktemp(f"replica{index}")
-            settings = torchserve_settings(store).model_copy(
-                update={"torchserve_token_auth": False, "torchserve_key_file": None}
-            )
+            settings = torchserve_settings(store)
             archive_models(artifacts_dir, store, "torchscript", False, settings)
             started.append(Replica(store, start(settings, store)))
         yield started
@@ -114,14 +107,20 @@ def wait_until_ready(gateway: Gateway) -> None:
 
 
 @pytest.fixture(scope="module")
-def gateway(replicas: list[Replica]) -> Iterator[Gateway]:
-    """``cnnserve serve --backend torchserve`` with a gRPC target listing every replica."""
+def gateway(replicas: list[Replica], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """``cnnserve serve --backend torchserve`` with a gRPC target listing every replica, and
+    the key directory every replica published its own inference key in."""
+    key_dir = tmp_path_factory.mktemp("keys")
+    for replica in replicas:
+        publish_key(replica.server, key_dir)
+    assert len({replica.server.key("inference") for replica in replicas}) == REPLICAS
     grpc_port, http_port, metrics_port = free_ports(3)
     target = "ipv4:" + ",".join(replica.server.grpc_target for replica in replicas)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CNNSERVE_")}
     env.update(
         CNNSERVE_TORCHSERVE_GRPC_TARGET=target,
-        CNNSERVE_TORCHSERVE_TOKEN_AUTH="false",
+        CNNSERVE_TORCHSERVE_TOKEN_AUTH="true",
+        CNNSERVE_TORCHSERVE_KEY_DIR=str(key_dir),
     )
     # The command line docker-compose.yml's gateway amounts to, on this test's ports.
     command = [sys.executable, "-m", "cnnserve", "serve", "--backend", "torchserve"]
