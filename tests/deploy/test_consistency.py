@@ -3,7 +3,7 @@
 No Docker engine or cluster is needed: the compose files are rendered by Docker Compose v2's
 own binary (``config --format json``, which also validates them), the Dockerfile, manifests,
 locks and Prometheus configuration are parsed. A wrong port, a misspelt ``CNNSERVE_*``
-variable, a key file path outside the shared volume or a stale lock fails here, long before
+variable, a key directory outside the shared volume or a stale lock fails here, long before
 anyone runs ``make deploy`` on a GPU host.
 """
 
@@ -338,36 +338,35 @@ def test_gpu_is_reserved_only_in_the_gpu_variant(composes: dict[str, dict[str, A
     assert gpu["image"] != cpu["image"]
 
 
-def test_key_file_travels_through_a_shared_volume(
+def test_tokens_are_on_and_keys_travel_through_a_shared_volume(
     composes: dict[str, dict[str, Any]], dockerfile: dict[str, Stage]
 ) -> None:
-    """TorchServe writes the key into a named volume the gateway mounts read-only."""
+    """Token authorization is on; every replica publishes its key into one named volume
+    that the gateway mounts read-only, at the key directory both are configured with."""
     for variant, model in composes.items():
         services = model["services"]
-        key_files = {
-            name: PurePosixPath(services[name]["environment"]["CNNSERVE_TORCHSERVE_KEY_FILE"])
-            for name in ("torchserve", "gateway")
-        }
-        assert key_files["torchserve"] == key_files["gateway"], variant
-        token = {services[n]["environment"]["CNNSERVE_TORCHSERVE_TOKEN_AUTH"] for n in key_files}
-        assert len(token) == 1, f"{variant}: TorchServe and gateway disagree on tokens"
+        key_dirs = {}
+        for name in ("torchserve", "gateway"):
+            env = services[name]["environment"]
+            assert env["CNNSERVE_TORCHSERVE_TOKEN_AUTH"] == "true", f"{variant} {name}"
+            assert "CNNSERVE_TORCHSERVE_KEY_FILE" not in env, "one key cannot serve replicas"
+            key_dirs[name] = PurePosixPath(env["CNNSERVE_TORCHSERVE_KEY_DIR"])
+        assert key_dirs["torchserve"] == key_dirs["gateway"], variant
         mounts = {}
-        for name, key_file in key_files.items():
+        for name, key_dir in key_dirs.items():
             (mount,) = [
-                v
-                for v in services[name]["volumes"]
-                if key_file.is_relative_to(PurePosixPath(v["target"]))
+                v for v in services[name]["volumes"] if PurePosixPath(v["target"]) == key_dir
             ]
             assert mount["type"] == "volume" and mount["source"] in model["volumes"]
             mounts[name] = mount
         assert mounts["torchserve"]["source"] == mounts["gateway"]["source"]
         assert mounts["gateway"].get("read_only") is True
         assert not mounts["torchserve"].get("read_only")
-    image_key_file = dockerfile["torchserve"].env()["CNNSERVE_TORCHSERVE_KEY_FILE"]
-    assert PurePosixPath(image_key_file) == key_files["torchserve"]
+    image_key_dir = dockerfile["torchserve"].env()["CNNSERVE_TORCHSERVE_KEY_DIR"]
+    assert PurePosixPath(image_key_dir) == key_dirs["torchserve"]
     # The image creates the directory owned by the service user, so the volume inherits it.
     (creates,) = [r for r in dockerfile["base"].args("RUN") if "install -d" in r]
-    assert str(key_files["torchserve"].parent) in creates
+    assert str(key_dirs["torchserve"]) in creates
 
 
 def test_images_are_tagged_with_the_version(composes: dict[str, dict[str, Any]]) -> None:
@@ -580,13 +579,34 @@ def test_k8s_torchserve_gets_a_gpu_and_autoscales(
                 assert "memory" in resources["limits"], name
 
 
-def test_k8s_network_policy_guards_torchserve_without_tokens(
+def test_k8s_tokens_are_on_and_keys_travel_through_a_read_write_many_claim(
     manifests: dict[tuple[str, str], dict[str, Any]],
 ) -> None:
-    """With token authorization off, only gateway pods may call TorchServe's gRPC port."""
-    (torchserve,) = pod_containers(manifests[("Deployment", "torchserve")])
-    if container_env(torchserve)["CNNSERVE_TORCHSERVE_TOKEN_AUTH"] != "false":
-        return
+    """Every TorchServe pod writes its key into one ReadWriteMany claim, mounted at the key
+    directory; the gateway pods mount the same claim read-only there."""
+    mounted_claims = {}
+    for name in ("torchserve", "gateway"):
+        pod = manifests[("Deployment", name)]["spec"]["template"]["spec"]
+        (container,) = pod_containers(manifests[("Deployment", name)])
+        env = container_env(container)
+        assert env["CNNSERVE_TORCHSERVE_TOKEN_AUTH"] == "true", name
+        key_dir = env["CNNSERVE_TORCHSERVE_KEY_DIR"]
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == key_dir]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        claim = volume["persistentVolumeClaim"]
+        read_only = bool(mount.get("readOnly")) and bool(claim.get("readOnly"))
+        assert read_only == (name == "gateway"), f"{name} mounts the keys read_only={read_only}"
+        mounted_claims[name] = (claim["claimName"], key_dir)
+    assert mounted_claims["torchserve"] == mounted_claims["gateway"]
+    claim_name, _ = mounted_claims["torchserve"]
+    claim = manifests[("PersistentVolumeClaim", claim_name)]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"], "pods on many nodes share it"
+
+
+def test_k8s_network_policy_admits_only_the_gateway_to_torchserve(
+    manifests: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    """Besides the tokens, only gateway pods may call TorchServe's gRPC port."""
     policy = manifests[("NetworkPolicy", "torchserve")]["spec"]
     assert policy["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "torchserve"}
     gateway_labels = manifests[("Deployment", "gateway")]["spec"]["template"]["metadata"]["labels"]
