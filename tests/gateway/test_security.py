@@ -186,7 +186,7 @@ def test_no_secret_in_the_log_of_a_real_process(
 @pytest.mark.torchserve
 @pytest.mark.asyncio(loop_scope="module")
 async def test_no_secret_in_debug_logs(
-    torchserve: RunningTorchServe, caplog: pytest.LogCaptureFixture
+    torchserve: RunningTorchServe, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     """Every logger at DEBUG (grpc, httpx, uvicorn, cnnserve) over the same calls."""
     caplog.set_level(logging.DEBUG)
@@ -203,7 +203,18 @@ async def test_no_secret_in_debug_logs(
     )
     async with running_gateway(settings) as gateway:
         await asyncio.to_thread(_calls, gateway.grpc_port, gateway.http_port)
+    # A gateway holding a key TorchServe refuses: the refusal is logged, the key is not.
+    stale = "ts-stale-key-4c1d"
+    stale_file = tmp_path / "key_file.json"
+    stale_file.write_text(json.dumps({"inference": {"key": stale}}))
+    refused_settings = settings.model_copy(update={"torchserve_key_file": stale_file})
+    async with running_gateway(refused_settings) as gateway:
+        with (
+            connect("127.0.0.1", gateway.grpc_port, api_key=API_KEY) as client,
+            pytest.raises(ServerError, match="refused the inference key"),
+        ):
+            await asyncio.to_thread(client.classify, [digit_png(0)[0]])
     assert "API-key authentication on" in caplog.text
     assert len(caplog.records) > 20  # DEBUG really was on
-    for name, secret in _secrets(torchserve, API_KEY).items():
+    for name, secret in {**_secrets(torchserve, API_KEY), "refused key": stale}.items():
         assert secret not in caplog.text, f"the {name} is in a log record"
