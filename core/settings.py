@@ -73,6 +73,14 @@ class Settings(BaseSettings):
         "eagerly; empty: off; ignored on a CPU.",
     )
 
+    gateway_processes: int = Field(
+        1,
+        ge=1,
+        description="Gateway processes sharing the gRPC and HTTP ports (SO_REUSEPORT; the "
+        "ports must be fixed), each with its own batchers and backend: they spread the RPC "
+        "work over more cores but split the traffic, so each forms smaller batches "
+        "(docs/benchmarks.md). The metrics port serves all of them, summed.",
+    )
     event_loop: Literal["uvloop", "asyncio"] = Field(
         "uvloop",
         description="The gateway's event loop: uvloop (libuv; ~1.4× the requests/s of the "

@@ -270,8 +270,9 @@ def create_grpc_server(core: InferenceCore, settings: Settings) -> grpc.aio.Serv
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        # A port already taken must fail loudly, not be shared with another process.
-        ("grpc.so_reuseport", 0),
+        # A port already taken must fail loudly, not be shared with another process — unless
+        # this gateway runs as several processes on purpose (gateway_processes).
+        ("grpc.so_reuseport", int(settings.gateway_processes > 1)),
     ]
     keys = ApiKeys.from_settings(settings)
     interceptors = [] if keys is None else [ApiKeyInterceptor(keys)]

@@ -6,8 +6,10 @@ gateways in one process — as in the tests — from colliding, and keeps librar
 
 from __future__ import annotations
 
+import os
+
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 
 from cnnserve.errors import (
     CnnserveError,
@@ -19,6 +21,8 @@ from cnnserve.errors import (
     UnknownModelError,
 )
 
+#: Set (to a directory) when several gateway processes record their metrics there.
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 #: Batch sizes are powers of two up to the largest sensible ``max_batch_size``.
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 #: Seconds, from a fraction of a millisecond (a queued request picked up at once) to 10 s.
@@ -137,6 +141,8 @@ class GatewayMetrics:
             "Items waiting in the model's batcher queue.",
             ["model"],
             registry=self.registry,
+            # Summed over live processes when several gateway processes share the ports.
+            multiprocess_mode="livesum",
         )
         self.expired = Counter(
             "cnnserve_expired_before_compute",
@@ -159,7 +165,12 @@ class GatewayMetrics:
         self.requests.labels(model=model, outcome=CANCELLED).inc()
 
     def render(self) -> bytes:
-        """The registry in the Prometheus text exposition format."""
+        """The registry in the Prometheus text exposition format — every gateway process's
+        metrics summed when several share the ports (prometheus_client's multiprocess mode)."""
+        if MULTIPROCESS_DIR_ENV in os.environ:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return prometheus_client.generate_latest(registry)
         return prometheus_client.generate_latest(self.registry)
 
     #: The ``Content-Type`` to serve :meth:`render`'s output with.

@@ -35,7 +35,7 @@ from starlette.types import ASGIApp
 
 from cnnserve.settings import Settings
 
-from . import tls
+from . import processes, tls
 from .auth import ApiKeys, log_auth_mode
 from .core import InferenceCore, create_core
 from .grpc_service import create_grpc_server
@@ -71,10 +71,13 @@ def create_metrics_app(metrics: GatewayMetrics) -> Starlette:
     return Starlette(routes=[Route("/metrics", render)])
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """A listening TCP socket; binding here (not in uvicorn) lets port 0 report its port."""
+def _listen(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket; binding here (not in uvicorn) lets port 0 report its port.
+
+    ``reuse_port``: several gateway processes share the port (``gateway_processes``).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host, port), family=family, backlog=1024)
+    return socket.create_server((host, port), family=family, backlog=1024, reuse_port=reuse_port)
 
 
 @dataclass
@@ -85,9 +88,14 @@ class _HttpServer:
 
 
 async def _start_http(
-    app: ASGIApp, host: str, port: int, grace_s: float, **ssl_options: Any
+    app: ASGIApp,
+    host: str,
+    port: int,
+    grace_s: float,
+    reuse_port: bool = False,
+    **ssl_options: Any,
 ) -> _HttpServer:
-    sock = _listen(host, port)
+    sock = _listen(host, port, reuse_port)
     bound = sock.getsockname()[1]
     config = uvicorn.Config(
         app,
@@ -108,11 +116,16 @@ async def _start_http(
 
 
 class Gateway:
-    """One inference core behind the gRPC, HTTP and metrics listeners."""
+    """One inference core behind the gRPC, HTTP and metrics listeners.
 
-    def __init__(self, settings: Settings, core: InferenceCore) -> None:
+    ``serve_metrics=False``: no metrics listener (another process of the same gateway serves
+    every process's metrics, see :mod:`.processes`).
+    """
+
+    def __init__(self, settings: Settings, core: InferenceCore, serve_metrics: bool = True) -> None:
         self.settings = settings
         self.core = core
+        self._serve_metrics = serve_metrics
         self._grpc: grpc.aio.Server | None = None
         self._http: _HttpServer | None = None
         self._metrics: _HttpServer | None = None
@@ -138,10 +151,11 @@ class Gateway:
         log_auth_mode(ApiKeys.from_settings(s))
         credentials = tls.grpc_server_credentials(s)
         await self.core.start()
-        self._metrics = await _start_http(
-            create_metrics_app(self.core.metrics), s.host, s.metrics_port, s.drain_grace_s
-        )
-        self.metrics_port = self._metrics.port
+        if self._serve_metrics:
+            self._metrics = await _start_http(
+                create_metrics_app(self.core.metrics), s.host, s.metrics_port, s.drain_grace_s
+            )
+            self.metrics_port = self._metrics.port
         self._grpc = create_grpc_server(self.core, s)
         address = f"{_grpc_host(s.host)}:{s.grpc_port}"
         # add_*_port raises when the address cannot be bound.
@@ -155,6 +169,7 @@ class Gateway:
             s.host,
             s.http_port,
             s.drain_grace_s,
+            s.gateway_processes > 1,
             **tls.uvicorn_ssl_options(s),
         )
         self.http_port = self._http.port
@@ -205,20 +220,24 @@ async def _finish(task: asyncio.Task[None], timeout_s: float) -> None:
             await task
 
 
-def serve_forever(settings: Settings) -> None:
-    """Run :func:`run_gateway` on the event loop ``settings.event_loop`` names."""
+def serve_forever(settings: Settings, serve_metrics: bool = True) -> None:
+    """Run :func:`run_gateway` on the event loop ``settings.event_loop`` names — in
+    ``settings.gateway_processes`` processes sharing the ports when that is above 1."""
+    if settings.gateway_processes > 1 and not processes.in_worker():
+        processes.run_processes(settings, serve_forever)
+        return
     if settings.event_loop == "uvloop":
         import uvloop
 
-        uvloop.run(run_gateway(settings))
+        uvloop.run(run_gateway(settings, serve_metrics))
     else:
-        asyncio.run(run_gateway(settings))
+        asyncio.run(run_gateway(settings, serve_metrics))
 
 
-async def run_gateway(settings: Settings) -> None:
+async def run_gateway(settings: Settings, serve_metrics: bool = True) -> None:
     """Serve until SIGTERM or SIGINT, then drain and return (a second signal is not caught)."""
     core = await create_core(settings)
-    gateway = Gateway(settings, core)
+    gateway = Gateway(settings, core, serve_metrics)
     await gateway.start()
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()

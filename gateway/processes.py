@@ -1,0 +1,119 @@
+"""Several gateway processes on one set of ports (``settings.gateway_processes`` > 1).
+
+A Python process serves RPCs on about one core; on a many-core host (a GPU server) the RPC
+layer, not the model, is the wall. This supervisor starts N gateway processes that bind the
+same gRPC and HTTP ports with ``SO_REUSEPORT`` — the kernel spreads incoming connections over
+them — each with its own batchers and backend. Process 0 also serves the metrics port, with
+every process's metrics summed (prometheus_client's multiprocess mode, files in a private
+temporary directory).
+
+The trade-off: each process batches only its own share of the traffic, so batches are smaller
+than one process would form (docs/benchmarks.md measures it).
+
+Signals: the workers run in their own process group, so a terminal's Ctrl-C reaches the
+supervisor only, which sends each worker one SIGTERM; every worker then drains as a single
+gateway does. Workers also get SIGTERM when the supervisor dies (Linux), so none outlives it
+holding the ports. When a worker exits on its own, the others are stopped too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import tempfile
+import threading
+from collections.abc import Callable
+from multiprocessing.process import BaseProcess
+
+from cnnserve.settings import Settings
+
+from .metrics import MULTIPROCESS_DIR_ENV
+
+logger = logging.getLogger(__name__)
+
+#: ``serve_forever(settings, serve_metrics)``: how a worker runs its gateway.
+Serve = Callable[[Settings, bool], None]
+#: Seconds past the drain grace a worker gets before it is killed.
+STOP_MARGIN_S = 10.0
+_PR_SET_PDEATHSIG = 1
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+
+#: Set in a worker process: its gateway must not start workers of its own.
+_role = {"worker": False}
+
+
+def in_worker() -> bool:
+    """Whether this process is one of a supervisor's gateway workers."""
+    return _role["worker"]
+
+
+def run_processes(settings: Settings, serve: Serve) -> None:
+    """Run ``settings.gateway_processes`` workers until SIGTERM/SIGINT or one of them exits.
+
+    Raises ``ValueError`` when a port is 0 (each worker would bind its own) and
+    ``RuntimeError`` when a worker exited by itself.
+    """
+    if 0 in (settings.grpc_port, settings.http_port, settings.metrics_port):
+        raise ValueError("gateway_processes > 1 needs fixed gRPC, HTTP and metrics ports, not 0")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: stop.set())
+    with tempfile.TemporaryDirectory(prefix="cnnserve-metrics-") as metrics_dir:
+        # Inherited by the spawned workers before they import prometheus_client.
+        os.environ[MULTIPROCESS_DIR_ENV] = metrics_dir
+        context = multiprocessing.get_context("spawn")
+        workers = [
+            context.Process(
+                target=_worker_main, args=(settings, index == 0, serve), name=f"gateway-{index}"
+            )
+            for index in range(settings.gateway_processes)
+        ]
+        for worker in workers:
+            worker.start()
+        logger.info(
+            "%d gateway processes (pids %s) share gRPC %d and HTTP %d",
+            len(workers),
+            ", ".join(str(w.pid) for w in workers),
+            settings.grpc_port,
+            settings.http_port,
+        )
+        while not stop.is_set() and all(w.is_alive() for w in workers):
+            stop.wait(0.5)
+        exited = [w for w in workers if not w.is_alive()]
+        _stop_all(workers, settings.drain_grace_s + STOP_MARGIN_S)
+    if not stop.is_set():
+        codes = ", ".join(f"{w.name} exited with {w.exitcode}" for w in exited)
+        raise RuntimeError(f"a gateway process stopped by itself ({codes}); stopped the others")
+
+
+def _stop_all(workers: list[BaseProcess], timeout_s: float) -> None:
+    """One SIGTERM each (they drain), then wait; kill what outlives the timeout."""
+    for worker in workers:
+        if worker.is_alive() and worker.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGTERM)
+    for worker in workers:
+        worker.join(timeout_s)
+        if worker.is_alive():
+            logger.warning("%s did not stop within %.0f s; killing it", worker.name, timeout_s)
+            worker.kill()
+            worker.join()
+
+
+def _worker_main(settings: Settings, serve_metrics: bool, serve: Serve) -> None:
+    _role["worker"] = True
+    os.setpgrp()  # a terminal's Ctrl-C goes to the supervisor, which sends one SIGTERM
+    _die_with_parent()
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    serve(settings, serve_metrics)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux for a SIGTERM when the supervisor dies (elsewhere: not available)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
