@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -44,9 +45,29 @@ class GatewayProcess:
         """URL of the Prometheus text endpoint."""
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
+    def processes(self) -> list[psutil.Process]:
+        """The gateway process and its children (the workers when it runs several)."""
+        root = psutil.Process(self.process.pid)
+        return [root, *root.children(recursive=True)]
+
     def rss_bytes(self) -> int:
-        """Resident memory of the gateway process."""
-        return int(psutil.Process(self.process.pid).memory_info().rss)
+        """Resident memory of the gateway, all its processes together."""
+        total = 0
+        for process in self.processes():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                total += process.memory_info().rss
+        return total
+
+    def grpc_listeners(self) -> int:
+        """How many of its processes listen on the gRPC port."""
+        count = 0
+        for process in self.processes():
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                count += any(
+                    c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == self.grpc_port
+                    for c in process.net_connections(kind="tcp")
+                )
+        return count
 
     def stop(self) -> None:
         """SIGTERM, then wait (the gateway drains); kill if it does not exit."""
@@ -62,9 +83,12 @@ class GatewayProcess:
 def start_gateway(
     backend: str, env_overrides: dict[str, str], log_path: Path, ready_timeout_s: float = 120.0
 ) -> GatewayProcess:
-    """Run ``cnnserve serve`` on free ports and wait until gRPC ServerReady says true."""
+    """Run ``cnnserve serve`` on free ports and wait until gRPC ServerReady says true (and,
+    with ``CNNSERVE_GATEWAY_PROCESSES``, until every process listens, so the load reaches
+    all of them)."""
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     env = {**os.environ, **env_overrides}
+    listeners = int(env.get("CNNSERVE_GATEWAY_PROCESSES", "1"))
     command = [
         sys.executable, "-m", "cnnserve", "serve", "--backend", backend, "--host", "127.0.0.1",
         "--grpc-port", str(grpc_port), "--http-port", str(http_port),
@@ -80,7 +104,8 @@ def start_gateway(
             if process.poll() is not None:
                 raise RuntimeError(f"gateway exited with {process.returncode}; see {log_path}")
             try:
-                if stub.ServerReady(pb.ServerReadyRequest(), timeout=2).ready:
+                ready = stub.ServerReady(pb.ServerReadyRequest(), timeout=2).ready
+                if ready and gateway.grpc_listeners() >= listeners:
                     return gateway
             except grpc.RpcError:
                 pass

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import multiprocessing
 import time
 from collections import Counter, defaultdict
@@ -52,6 +53,9 @@ class LoadSpec:
     #: ``grpc``: ``request`` is a serialized ModelInferRequest; ``http``: a whole HTTP/1.1
     #: request (see :func:`http_request`), closed loop only.
     transport: Literal["grpc", "http"] = "grpc"
+    #: gRPC connections per client process, streams spread over them; more than one lets a
+    #: server of several processes sharing the port (SO_REUSEPORT) see every process loaded.
+    channels: int = 1
 
 
 @dataclass
@@ -353,8 +357,8 @@ async def _worker(spec: LoadSpec, share: _Share, start_at: float) -> dict[str, A
 
 
 async def _senders(spec: LoadSpec, stack: contextlib.AsyncExitStack) -> Callable[[], Sender]:
-    """A factory of senders, one per stream: gRPC calls share a channel (HTTP/2 multiplexes
-    them); HTTP/1.1 streams each need their own connection."""
+    """A factory of senders, one per stream: gRPC streams share ``spec.channels`` channels
+    round robin (HTTP/2 multiplexes them); HTTP/1.1 streams each need their own connection."""
     if spec.transport == "http":
         connections: list[HttpConnection] = []
 
@@ -369,15 +373,23 @@ async def _senders(spec: LoadSpec, stack: contextlib.AsyncExitStack) -> Callable
             return connections[-1].send
 
         return http_sender
-    channel = await stack.enter_async_context(
-        grpc.aio.insecure_channel(spec.target, options=_channel_options())
-    )
-    call = channel.unary_unary(MODEL_INFER)
+    calls = []
+    for index in range(spec.channels):
+        # A distinct channel argument keeps gRPC from sharing one connection between them.
+        options = [*_channel_options(), ("cnnserve.bench.connection", index)]
+        channel = await stack.enter_async_context(
+            grpc.aio.insecure_channel(spec.target, options=options)
+        )
+        calls.append(channel.unary_unary(MODEL_INFER))
 
-    async def grpc_send() -> None:
-        try:
-            await call(spec.request, timeout=spec.timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            raise CallFailedError(exc.code().name) from None
+    def grpc_sender(call: grpc.aio.UnaryUnaryMultiCallable) -> Sender:
+        async def grpc_send() -> None:
+            try:
+                await call(spec.request, timeout=spec.timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                raise CallFailedError(exc.code().name) from None
 
-    return lambda: grpc_send
+        return grpc_send
+
+    senders = itertools.cycle([grpc_sender(call) for call in calls])
+    return lambda: next(senders)

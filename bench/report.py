@@ -210,7 +210,8 @@ def _all_table(rows: list[Row]) -> list[str]:
 
 
 def _delay_table(rows: list[Row]) -> list[str]:
-    """The batch-delay trade-off: ORT ConvNet, single tensors, every variant measured."""
+    """The batching trade-offs: ORT ConvNet, single tensors, every variant measured (delays,
+    several gateway processes)."""
     chosen = [
         r
         for r in rows
@@ -223,9 +224,10 @@ def _delay_table(rows: list[Row]) -> list[str]:
     if len(variants) < 2:
         return []
     lines = [
-        "## Batching delay: the trade-off",
+        "## Batching delay and gateway processes: the trade-off",
         "",
         "1-image ConvNet over ORT; each cell is req/s · p50 ms · p99 ms · mean batch size.",
+        "Variants change one setting from the defaults (adaptive delay of 2 ms, one process).",
         "",
         "| batching | " + " | ".join(f"c={c}" for c in _concurrencies(chosen)) + " |",
         "|" + " --- |" * (1 + len(_concurrencies(chosen))),

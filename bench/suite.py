@@ -6,7 +6,8 @@ same run:
 
 (a) the compute ceiling — the model alone (same runner, same options) at the batch size the
     batcher formed, measured right after the scenario while the idle gateway still runs;
-(b) the RPC ceiling — a bare ``grpc.aio`` echo of the same payload at the same concurrency;
+(b) the RPC ceiling — a bare ``grpc.aio`` echo of the same payload at the same concurrency
+    (one process, on the gateway's kind of event loop);
 (c) TorchServe alone — its REST API with its own batching, fed PNG digits by HTTP clients.
 
 Batching **off** means ``max_batch_size`` equal to the items per request and a delay of 0:
@@ -106,6 +107,12 @@ DELAY_VARIANTS: tuple[tuple[str, Overrides], ...] = (
     ("fixed 2 ms", (("max_batch_delay_ms", "2"), ("adaptive_batch_delay", "false"))),
     ("adaptive 5 ms", (("max_batch_delay_ms", "5"),)),
 )
+#: Several gateway processes sharing the port (SO_REUSEPORT), at the default delay.
+PROCESS_VARIANTS: tuple[tuple[str, Overrides], ...] = (
+    ("2 processes", (("gateway_processes", "2"),)),
+)
+#: gRPC connections per client process, so a gateway of several processes gets load on each.
+CLIENT_CHANNELS = 4
 
 
 def profile(name: str, backends: Iterable[str]) -> list[Scenario]:
@@ -131,6 +138,12 @@ def _quick(backends: list[str]) -> list[Scenario]:
                     Scenario(backend, "convnet", 28, 1, c, True, variant=variant,
                              overrides=overrides)
                     for c in (1, 8, 64)
+                ]  # fmt: skip
+            for variant, overrides in PROCESS_VARIANTS:
+                out += [
+                    Scenario(backend, "convnet", 28, 1, c, True, variant=variant,
+                             overrides=overrides)
+                    for c in (8, 64)
                 ]  # fmt: skip
         elif backend == "torchscript":
             out += [Scenario(backend, "convnet", 28, 1, c, True) for c in (1, 64)]
@@ -160,7 +173,7 @@ def _full(backends: list[str]) -> list[Scenario]:
             for side in (28, 128, 256):
                 out += [Scenario(backend, "fcn", side, 1, c, batching) for c in (1, 8, 32)]
         if backend == "onnxruntime":
-            for variant, overrides in DELAY_VARIANTS:
+            for variant, overrides in (*DELAY_VARIANTS, *PROCESS_VARIANTS):
                 out += [
                     Scenario(backend, "convnet", 28, 1, c, True, variant=variant,
                              overrides=overrides)
@@ -340,7 +353,7 @@ def _measure(ctx: _Context, scenario: Scenario, gateway: GatewayProcess) -> dict
     before = batch_sizes(gateway.metrics_url, scenario.model)
     result = run_load(
         LoadSpec(gateway.grpc_target, payload, scenario.items, ctx.duration_s, ctx.warmup_s,
-                 scenario.concurrency, processes=ctx.processes)
+                 scenario.concurrency, processes=ctx.processes, channels=CLIENT_CHANNELS)
     )  # fmt: skip
     formed = batch_sizes(gateway.metrics_url, scenario.model).minus(before)
     row = {
@@ -390,7 +403,8 @@ def _add_echo(ctx: _Context) -> None:
                 payload = oip_request(row["model"], row["side"], row["items"], row["payload"])
                 cache[key] = run_load(
                     LoadSpec(target, payload, row["items"], ctx.duration_s, ctx.warmup_s,
-                             row["concurrency"], processes=ctx.processes)
+                             row["concurrency"], processes=ctx.processes,
+                             channels=CLIENT_CHANNELS)
                 )  # fmt: skip
                 logger.info("echo %s: %.0f req/s", key, cache[key].requests_per_s)
             row["echo_requests_per_s"] = cache[key].requests_per_s

@@ -85,7 +85,7 @@ def test_delay_trade_off_table_lists_every_variant(tmp_path: Path) -> None:
         for v, b in (("", 1.0), ("delay 0", 1.5), ("fixed 2 ms", 4.0))
     ]
     text = report.render(rows, "m", "cnnserve bench", [], ["## Notes\n\nhand-written"])
-    assert "## Batching delay: the trade-off" in text
+    assert "## Batching delay and gateway processes: the trade-off" in text
     assert "| batching | c=1 | c=8 |" in text
     assert f"| {report.DEFAULT_VARIANT} | 100 · 1.00 · 3.0 · 1.0 | 800 · 1.00 · 3.0 · 1.0 |" in text
     assert "| fixed 2 ms | 100 · 1.00 · 3.0 · 4.0 | 800 · 1.00 · 3.0 · 4.0 |" in text

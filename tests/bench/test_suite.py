@@ -10,7 +10,13 @@ import numpy as np
 
 from cnnserve.bench.payloads import digit_pngs, oip_request, rest_request
 from cnnserve.bench.report import TORCHSERVE_REST
-from cnnserve.bench.suite import DELAY_VARIANTS, Scenario, profile, run_suite
+from cnnserve.bench.suite import (
+    DELAY_VARIANTS,
+    PROCESS_VARIANTS,
+    Scenario,
+    profile,
+    run_suite,
+)
 from cnnserve.gateway.grpc_codec import request_from_proto
 from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.settings import Settings
@@ -29,7 +35,7 @@ def test_batching_off_never_merges_requests() -> None:
 
 def test_variant_overrides_name_real_settings() -> None:
     fields = set(Settings.model_fields)
-    for _, overrides in DELAY_VARIANTS:
+    for _, overrides in (*DELAY_VARIANTS, *PROCESS_VARIANTS):
         for key, _value in overrides:
             assert key in fields
     env = Scenario("onnxruntime", "convnet", 28, 1, 8, True, overrides=DELAY_VARIANTS[1][1])
@@ -50,7 +56,8 @@ def test_quick_profile_measures_every_target() -> None:
     assert has(backend="torchserve", items=1, concurrency=64, payload="png")
     assert has(backend=TORCHSERVE_REST, concurrency=64, payload="png")
     assert {s.side for s in scenarios if s.model == "fcn"} == {28, 128, 256}
-    assert {s.variant for s in scenarios} == {"", *(name for name, _ in DELAY_VARIANTS)}
+    variants = {name for name, _ in (*DELAY_VARIANTS, *PROCESS_VARIANTS)}
+    assert {s.variant for s in scenarios} == {"", *variants}
 
 
 def test_full_profile_spans_the_issue_matrix() -> None:
