@@ -48,8 +48,9 @@ from tests.gateway.harness import digit_pixels
 
 pytestmark = [pytest.mark.torchserve, pytest.mark.asyncio(loop_scope="session")]
 
-#: The gateway's timeout on one TorchServe call: short, so a hang is answered within a test.
-BACKEND_TIMEOUT_S = 5
+#: The gateway's timeout on one TorchServe call: short, so a hang is answered within a test,
+#: and well above what an FCN batch below takes on a busy CPU.
+BACKEND_TIMEOUT_S = 15
 #: Long enough that concurrent callers share one batch.
 BATCH_DELAY_MS = 300
 #: Bounds every wait on something that must happen (a restart, a recovery).
@@ -57,7 +58,7 @@ RECOVERY_TIMEOUT_S = 120.0
 CALL_TIMEOUT_S = 60.0
 #: FCN batches big enough to keep the worker busy for a while on a CPU.
 FCN_CALLERS = 4
-FCN_ITEMS = (4, 3, 256, 256)
+FCN_ITEMS = (3, 3, 192, 192)
 
 
 @dataclass
@@ -179,11 +180,18 @@ async def test_a_hung_worker_is_answered_by_the_gateways_timeout(
     HTTP callers get 504; fcn keeps serving; after SIGCONT convnet serves again."""
     pid = deployment.worker_pid("convnet")
     os.kill(pid, signal.SIGSTOP)
+    tensor = {"name": "pixels", "datatype": "UINT8", "shape": list(DIGITS.shape)}
     try:
-        own, short, other = await asyncio.gather(
+        own, short, other, reply = await asyncio.gather(
             stub.ModelInfer(pixels_request("convnet", DIGITS, "labels"), timeout=CALL_TIMEOUT_S),
             stub.ModelInfer(pixels_request("convnet", DIGITS, "labels"), timeout=1.0),
             segment(stub, 0),
+            asyncio.to_thread(
+                httpx.post,
+                f"http://127.0.0.1:{deployment.gateway.http_port}/v2/models/convnet/infer",
+                json={"inputs": [{**tensor, "data": DIGITS.ravel().tolist()}]},
+                timeout=CALL_TIMEOUT_S,
+            ),
             return_exceptions=True,
         )
         assert isinstance(own, grpc.aio.AioRpcError), own
@@ -192,12 +200,7 @@ async def test_a_hung_worker_is_answered_by_the_gateways_timeout(
         assert isinstance(short, grpc.aio.AioRpcError), short
         assert short.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert isinstance(other, bytes), other  # the other model is not held up
-        tensor = {"name": "pixels", "datatype": "UINT8", "shape": list(DIGITS.shape)}
-        reply = httpx.post(
-            f"http://127.0.0.1:{deployment.gateway.http_port}/v2/models/convnet/infer",
-            json={"inputs": [{**tensor, "data": DIGITS.ravel().tolist()}]},
-            timeout=CALL_TIMEOUT_S,
-        )
+        assert isinstance(reply, httpx.Response), reply
         assert reply.status_code == 504, reply.text
         assert "did not answer convnet" in reply.json()["error"]
     finally:
@@ -226,8 +229,12 @@ async def test_a_worker_killed_mid_batch_fails_that_batch_only(
         try:
             await segment(stub, 0)
         except grpc.aio.AioRpcError as exc:
-            # While the worker restarts: refused at once, never a hang or an INTERNAL.
-            assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+            # While the worker restarts: refused, or held by TorchServe past the backend
+            # timeout on a busy machine — rows of the table, never INTERNAL.
+            assert exc.code() in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            ), exc
             return False
         return True
 
