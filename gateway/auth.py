@@ -97,19 +97,22 @@ class ApiKeys:
             raise UnauthenticatedError(WRONG_KEY)
 
 
+#: ``(request_streaming, response_streaming)`` → the factory of that kind of handler.
+_HANDLER_FACTORIES: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]] = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
 def _refusal(handler: grpc.RpcMethodHandler, exc: UnauthenticatedError) -> grpc.RpcMethodHandler:
     """A handler of the same kind as ``handler`` that only aborts with ``exc``'s status."""
 
     async def abort(_request: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort(exc.grpc_code, str(exc))
 
-    kinds: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]] = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
-    make = kinds[(handler.request_streaming, handler.response_streaming)]
+    make = _HANDLER_FACTORIES[(handler.request_streaming, handler.response_streaming)]
     return make(
         abort,
         request_deserializer=handler.request_deserializer,
