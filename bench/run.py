@@ -56,14 +56,26 @@ def run_benchmarks(
     rows = run_suite(
         profile(profile_name, backends), artifacts, bench_dir, duration_s, warmup_s, processes
     )
-    return write_report(rows, docs_dir, machine)
+    command = "cnnserve " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return write_report(rows, docs_dir, machine, command)
 
 
-def write_report(rows: list[report.Row], docs_dir: Path, machine: str) -> Path:
+def rerender(docs_dir: Path) -> Path:
+    """The report again from the last run's rows (``bench/results.jsonl``) and the notes."""
+    bench_dir = docs_dir / "bench"
+    try:
+        summary = json.loads((bench_dir / "summary.json").read_text())
+        lines = (bench_dir / "results.jsonl").read_text().splitlines()
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{exc.filename} not found: run the benchmarks first") from None
+    rows = [json.loads(line) for line in lines if line.strip()]
+    return write_report(rows, docs_dir, summary["machine"], summary["command"])
+
+
+def write_report(rows: list[report.Row], docs_dir: Path, machine: str, command: str) -> Path:
     """Plots, ``benchmarks.md`` and ``bench/summary.json`` from measured rows."""
     bench_dir = docs_dir / "bench"
     plots = report.plot(rows, bench_dir)
-    command = "cnnserve " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     notes = [path.read_text() for path in sorted((bench_dir / NOTES_DIR).glob("*.md"))]
     text = report.render(rows, machine, command, plots, notes)
     path = docs_dir / "benchmarks.md"

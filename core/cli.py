@@ -116,10 +116,20 @@ def bench(
     duration_s: Annotated[float, typer.Option(help="Measured seconds per scenario.")] = 8.0,
     warmup_s: Annotated[float, typer.Option(help="Unmeasured seconds before each.")] = 2.0,
     processes: Annotated[int, typer.Option(help="Client processes generating load.")] = 2,
+    report_only: Annotated[
+        bool,
+        typer.Option(
+            "--report-only", help="Re-render the report from the last run's rows and notes."
+        ),
+    ] = False,
 ) -> None:
     """Benchmark real gateway processes against their baselines; write docs/benchmarks.md."""
-    from cnnserve.bench.run import default_backends, run_benchmarks
+    from cnnserve.bench.run import default_backends, rerender, run_benchmarks
 
+    if report_only:
+        with user_errors():
+            typer.echo(f"wrote {rerender(docs)}")
+        return
     if profile_name not in {"quick", "full"}:
         typer.echo(f"error: unknown profile {profile_name!r}; use quick or full", err=True)
         raise typer.Exit(2)
