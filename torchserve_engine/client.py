@@ -178,8 +178,7 @@ class TorchServeClient:
         TorchServe reports healthy once workers *run*, before they have loaded the model;
         :meth:`models_ready` is the check that a model can answer.
         """
-        await self.replicas.pick()  # resolves a dns: target the first time
-        answers = await asyncio.gather(*(self._ping(r) for r in self.replicas.all()))
+        answers = await asyncio.gather(*(self._ping(r) for r in await self.replicas.all()))
         return any(answers)
 
     async def models_ready(self, models: list[str]) -> bool:

@@ -142,8 +142,10 @@ class ReplicaPool:
         """The addresses in the rotation now (down or not), sorted."""
         return sorted(self._replicas)
 
-    def all(self) -> list[Replica]:
-        """Every replica in the rotation."""
+    async def all(self) -> list[Replica]:
+        """Every replica in the rotation (a ``dns:`` target is resolved the first time)."""
+        if not self._resolved and self._refresher is not None:
+            await self.refresh()
         return [self._replicas[address] for address in sorted(self._replicas)]
 
     async def refresh(self) -> None:
@@ -163,9 +165,7 @@ class ReplicaPool:
         Replicas marked down are passed over while others are usable; when all are down, the
         one down longest is tried anyway (it may be back, and a caller learns fast if not).
         """
-        if not self._resolved and self._refresher is not None:
-            await self.refresh()
-        candidates = [r for r in self.all() if r not in exclude]
+        candidates = [r for r in await self.all() if r not in exclude]
         if not candidates:
             return None
         now = time.monotonic()
