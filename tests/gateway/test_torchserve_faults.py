@@ -1,9 +1,10 @@
 """Faults behind a real gateway process: a TorchServe worker that hangs or crashes mid-batch,
 a caller that goes away mid-batch, and the only TorchServe killed and started again.
 
-One TorchServe (JVM + one worker per model, token authorization off as in the deployments,
-so the gateway keeps one channel to it across restarts) and one ``cnnserve serve --backend
-torchserve`` process for the module. The tests run in file order; the last one kills
+One TorchServe (JVM + one worker per model, token authorization off, so the restart test
+exercises the gateway's channel reconnecting to the same address; a new key after a restart
+is the replica tests' subject) and one ``cnnserve serve --backend torchserve`` process for
+the module. The tests run in file order; the last one kills
 TorchServe and starts it again. (One of several replicas killed under load is
 tests/deploy/test_scale_out.py's: the client retries such calls on another replica.)
 
