@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 from .gateway_process import start_gateway
 from .loadgen import LoadResult, LoadSpec, check_request, run_load
 from .payloads import oip_request
+from .suite import CLIENT_CHANNELS
 
 #: Samples per second py-spy takes (its default is 100).
 SAMPLE_RATE_HZ = 200
@@ -93,14 +95,16 @@ def record(profile: Profile, artifacts: Path, out: Path, duration_s: float) -> L
         time.sleep(0.5)
         result = run_load(
             LoadSpec(gateway.grpc_target, request, profile.items, duration_s, warmup_s,
-                     profile.concurrency, processes=2)
+                     profile.concurrency, processes=2, channels=CLIENT_CHANNELS)
         )  # fmt: skip
         sampler.wait(timeout=duration_s + 30)
     finally:
         gateway.stop()
     text = collapsed.read_text()
+    loop = os.environ.get("CNNSERVE_EVENT_LOOP", "default (uvloop)")
     header = (
-        f"{profile}\nmeasured while sampling: {result.requests_per_s:.0f} req/s, "
+        f"{profile}\nevent loop: {loop}\n"
+        f"measured while sampling: {result.requests_per_s:.0f} req/s, "
         f"p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms, errors {result.errors}\n\n"
     )
     (out / f"{profile.name}.txt").write_text(header + top_functions(text))
@@ -108,6 +112,7 @@ def record(profile: Profile, artifacts: Path, out: Path, duration_s: float) -> L
 
 
 PROFILES = {
+    "ort-c1-tensor": Profile("ort-c1-tensor", "onnxruntime", "convnet", 28, 1, 1, "tensor"),
     "ort-c64-tensor": Profile("ort-c64-tensor", "onnxruntime", "convnet", 28, 1, 64, "tensor"),
     "ort-c4-32img": Profile("ort-c4-32img", "onnxruntime", "convnet", 28, 32, 4, "tensor"),
     "ort-c64-png": Profile("ort-c64-png", "onnxruntime", "convnet", 28, 1, 64, "png"),
