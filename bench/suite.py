@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -297,15 +298,17 @@ def run_suite(
     behind = [s for s in scenarios if s.backend == "torchserve"]
     rest = [s for s in scenarios if s.backend == TORCHSERVE_REST]
     _run_gateways(ctx, in_process, None)
-    if behind:
-        with running_torchserve(artifacts, out_dir / "torchserve", 1, 0) as torchserve:
-            _run_gateways(ctx, behind, torchserve)
-    if rest:
-        with running_torchserve(
-            artifacts, out_dir / "torchserve", BATCHING_MAX_BATCH_SIZE, TORCHSERVE_REST_DELAY_MS
-        ) as torchserve:
-            for scenario in rest:
-                _record(ctx, _measure_rest(ctx, scenario, torchserve))
+    # TorchServe's model stores and logs are scratch, not part of the report.
+    with tempfile.TemporaryDirectory(prefix="cnnserve-bench-ts-") as scratch:
+        if behind:
+            with running_torchserve(artifacts, Path(scratch), 1, 0) as torchserve:
+                _run_gateways(ctx, behind, torchserve)
+        if rest:
+            with running_torchserve(
+                artifacts, Path(scratch), BATCHING_MAX_BATCH_SIZE, TORCHSERVE_REST_DELAY_MS
+            ) as torchserve:
+                for scenario in rest:
+                    _record(ctx, _measure_rest(ctx, scenario, torchserve))
     _add_echo(ctx)
     (out_dir / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ctx.rows))
     return ctx.rows
