@@ -516,7 +516,7 @@ def test_k8s_gateway_reaches_the_headless_service(
     assert namespace == kustomization()["namespace"] and domain == ["svc", "cluster", "local"]
     assert env["CNNSERVE_TORCHSERVE_HOST"] == host
     service = manifests[("Service", service_name)]
-    assert service["spec"]["clusterIP"] == "None", "round_robin needs a headless Service"
+    assert service["spec"]["clusterIP"] == "None", "per-replica channels need a headless Service"
     deployment = manifests[("Deployment", service_name)]
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= labels.items()
