@@ -187,7 +187,7 @@ def _all_table(rows: list[Row]) -> list[str]:
         "(batch) | RSS MB (gateway start→end; TorchServe) |",
         "|" + " --- |" * 17,
     ]
-    for r in rows:
+    for r in sorted(rows, key=_table_order):
         errors = ", ".join(f"{k}:{v}" for k, v in r["errors"].items()) or "0"
         alone = (
             f"{r['model_alone_images_per_s']:.0f} ({r['model_alone_batch']})"
@@ -207,6 +207,16 @@ def _all_table(rows: list[Row]) -> list[str]:
             f"{_num(r.get('echo_requests_per_s'))} | {alone} | {'; '.join(rss) or '—'} |"
         )
     return [*lines, ""]
+
+
+BACKEND_ORDER = ("onnxruntime", "torchscript", "torchserve", TORCHSERVE_REST)
+
+
+def _table_order(r: Row) -> tuple[Any, ...]:
+    """Rows are measured interleaved (side by side); the table groups them by configuration."""
+    backend = BACKEND_ORDER.index(r["backend"]) if r["backend"] in BACKEND_ORDER else 99
+    return (backend, r["model"], r["side"], r["items"], r["payload"], not r["batching"],
+            r.get("variant", ""), r["concurrency"])  # fmt: skip
 
 
 def _delay_table(rows: list[Row]) -> list[str]:

@@ -285,57 +285,82 @@ def run_suite(
     warmup_s: float,
     processes: int,
 ) -> list[dict[str, Any]]:
-    """Run every scenario (one gateway per configuration) and its baselines; return rows.
+    """Run every scenario and its baselines, side by side; return the rows.
 
-    Rows are also appended to ``out_dir/results.jsonl`` as they are measured.
+    Every server is started first — one gateway process per distinct configuration, the
+    TorchServes, the echo — and left idle while not measured. Scenarios are then measured
+    in an order that puts comparable ones next to each other (same model, size, items and
+    concurrency: batching on and off, each variant, TorchServe with and without the
+    gateway), each followed by its model-alone and echo baselines, so a slow minute on a
+    shared host hits both sides of a ratio. Rows are appended to ``out_dir/results.jsonl``
+    as they are measured.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.jsonl").write_text("")
     ctx = _Context(
         artifacts, out_dir, duration_s, warmup_s, processes, ModelAlone(artifacts, Settings())
     )
-    in_process = [s for s in scenarios if s.backend in ("onnxruntime", "torchscript")]
-    behind = [s for s in scenarios if s.backend == "torchserve"]
-    rest = [s for s in scenarios if s.backend == TORCHSERVE_REST]
-    _run_gateways(ctx, in_process, None)
-    # TorchServe's model stores and logs are scratch, not part of the report.
-    with tempfile.TemporaryDirectory(prefix="cnnserve-bench-ts-") as scratch:
-        if behind:
-            with running_torchserve(artifacts, Path(scratch), 1, 0) as torchserve:
-                _run_gateways(ctx, behind, torchserve)
-        if rest:
-            with running_torchserve(
-                artifacts, Path(scratch), BATCHING_MAX_BATCH_SIZE, TORCHSERVE_REST_DELAY_MS
-            ) as torchserve:
-                for scenario in rest:
-                    _record(ctx, _measure_rest(ctx, scenario, torchserve))
-    _add_echo(ctx)
-    (out_dir / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ctx.rows))
+    with ExitStack() as stack:
+        # TorchServe's model stores and logs are scratch, not part of the report.
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cnnserve-ts-")))
+        behind = alone = None
+        if any(s.backend == "torchserve" for s in scenarios):
+            behind = stack.enter_context(running_torchserve(artifacts, scratch, 1, 0))
+        if any(s.backend == TORCHSERVE_REST for s in scenarios):
+            alone = stack.enter_context(
+                running_torchserve(
+                    artifacts, scratch, BATCHING_MAX_BATCH_SIZE, TORCHSERVE_REST_DELAY_MS
+                )
+            )
+        gateways = _start_gateways(ctx, scenarios, behind, stack)
+        echo = stack.enter_context(echo_server(Settings().event_loop))
+        echo_cache: dict[tuple[str, int, int, str, int], LoadResult] = {}
+        for scenario in sorted(scenarios, key=_side_by_side):
+            if scenario.backend == TORCHSERVE_REST:
+                assert alone is not None
+                row = _measure_rest(ctx, scenario, alone)
+            else:
+                gateway, rss_start = gateways[_gateway_key(scenario)]
+                row = _measure(ctx, scenario, gateway)
+                row["gateway_rss_start_mb"] = rss_start / 2**20
+                if behind is not None and scenario.backend == "torchserve":
+                    row["torchserve_rss_mb"] = behind.rss_bytes() / 2**20
+                _add_echo(ctx, row, echo, echo_cache)
+            _record(ctx, row)
     return ctx.rows
 
 
-def _run_gateways(
-    ctx: _Context, scenarios: list[Scenario], torchserve: TorchServeRun | None
-) -> None:
-    """One gateway process per distinct configuration, its scenarios measured in order."""
-    groups: dict[tuple[str, tuple[tuple[str, str], ...]], list[Scenario]] = {}
+def _side_by_side(scenario: Scenario) -> tuple[str, int, int, int]:
+    """Comparable scenarios sort together; the sort is stable, so profile order decides
+    within (the default configuration first)."""
+    return (scenario.model, scenario.side, scenario.items, scenario.concurrency)
+
+
+GatewayKey = tuple[str, tuple[tuple[str, str], ...]]
+
+
+def _gateway_key(scenario: Scenario) -> GatewayKey:
+    return (scenario.backend, tuple(sorted(scenario.gateway_env().items())))
+
+
+def _start_gateways(
+    ctx: _Context, scenarios: list[Scenario], torchserve: TorchServeRun | None, stack: ExitStack
+) -> dict[GatewayKey, tuple[GatewayProcess, int]]:
+    """One gateway process per distinct configuration (stopped with ``stack``), and its RSS
+    once started."""
+    gateways: dict[GatewayKey, tuple[GatewayProcess, int]] = {}
     for scenario in scenarios:
-        key = (scenario.backend, tuple(sorted(scenario.gateway_env().items())))
-        groups.setdefault(key, []).append(scenario)
-    for (backend, env_items), members in groups.items():
-        env = {"CNNSERVE_ARTIFACTS_DIR": str(ctx.artifacts), **dict(env_items)}
-        if torchserve is not None:
+        key = _gateway_key(scenario)
+        if scenario.backend == TORCHSERVE_REST or key in gateways:
+            continue
+        env = {"CNNSERVE_ARTIFACTS_DIR": str(ctx.artifacts), **dict(key[1])}
+        if scenario.backend == "torchserve":
+            assert torchserve is not None
             env.update(torchserve.gateway_env())
-        with ExitStack() as stack:
-            gateway = start_gateway(backend, env, ctx.out_dir / "gateway.log")
-            stack.callback(gateway.stop)
-            rss_start = gateway.rss_bytes()
-            for scenario in members:
-                row = _measure(ctx, scenario, gateway)
-                row["gateway_rss_start_mb"] = rss_start / 2**20
-                if torchserve is not None:
-                    row["torchserve_rss_mb"] = torchserve.rss_bytes() / 2**20
-                _record(ctx, row)
+        gateway = start_gateway(scenario.backend, env, ctx.out_dir / "gateway.log")
+        stack.callback(gateway.stop)
+        gateways[key] = (gateway, gateway.rss_bytes())
+    return gateways
 
 
 def _record(ctx: _Context, row: dict[str, Any]) -> None:
@@ -402,25 +427,23 @@ def _measure_rest(ctx: _Context, scenario: Scenario, torchserve: TorchServeRun) 
     }
 
 
-def _add_echo(ctx: _Context) -> None:
-    """Baseline (b) for every gRPC row: the echo of the same payload at the same concurrency."""
-    cache: dict[tuple[str, int, int, str, int], LoadResult] = {}
-    # The same event loop as the gateways measured (settings' default unless overridden).
-    with echo_server(Settings().event_loop) as target:
-        for row in ctx.rows:
-            if row["backend"] == TORCHSERVE_REST:
-                continue
-            key = (row["model"], row["side"], row["items"], row["payload"], row["concurrency"])
-            if key not in cache:
-                payload = oip_request(row["model"], row["side"], row["items"], row["payload"])
-                cache[key] = run_load(
-                    LoadSpec(target, payload, row["items"], ctx.duration_s, ctx.warmup_s,
-                             row["concurrency"], processes=ctx.processes,
-                             channels=CLIENT_CHANNELS)
-                )  # fmt: skip
-                logger.info("echo %s: %.0f req/s", key, cache[key].requests_per_s)
-            row["echo_requests_per_s"] = cache[key].requests_per_s
-            row["echo_p50_ms"] = cache[key].p50_ms
+def _add_echo(
+    ctx: _Context,
+    row: dict[str, Any],
+    target: str,
+    cache: dict[tuple[str, int, int, str, int], LoadResult],
+) -> None:
+    """Baseline (b): the echo of the row's payload at its concurrency, measured right after
+    the first row that needs it."""
+    key = (row["model"], row["side"], row["items"], row["payload"], row["concurrency"])
+    if key not in cache:
+        payload = oip_request(row["model"], row["side"], row["items"], row["payload"])
+        cache[key] = run_load(
+            LoadSpec(target, payload, row["items"], ctx.duration_s, ctx.warmup_s,
+                     row["concurrency"], processes=ctx.processes, channels=CLIENT_CHANNELS)
+        )  # fmt: skip
+    row["echo_requests_per_s"] = cache[key].requests_per_s
+    row["echo_p50_ms"] = cache[key].p50_ms
 
 
 def machine_description() -> str:
