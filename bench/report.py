@@ -170,6 +170,8 @@ def render(
         value, detail = got
         verdict = _met(target.goal, value)
         lines.append(f"| {target.name} | {target.goal} | {value:.2f} | {verdict} | {detail} |")
+    if notes:
+        lines += ["", "The notes after the tables say what limits each target, with profiles."]
     lines += ["", *_delay_table(rows), *_torchserve_table(rows), *_all_table(rows)]
     for plot in plots:
         lines += [f"![{plot}](bench/{plot})", ""]
@@ -230,9 +232,11 @@ def _delay_table(rows: list[Row]) -> list[str]:
         and r["items"] == 1
         and r["payload"] == "tensor"
     ]
-    variants = sorted({_variant(r) for r in chosen})
-    if len(variants) < 2:
+    found = {_variant(r) for r in chosen}
+    if len(found) < 2:
         return []
+    # The default first, batching off last, the variants between.
+    variants = sorted(found, key=lambda v: (v != DEFAULT_VARIANT, v == "off", v))
     lines = [
         "## Batching delay and gateway processes: the trade-off",
         "",
@@ -343,7 +347,8 @@ def plot(rows: list[Row], out_dir: Path) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for name, points in sorted(series.items()):
-        points.sort(key=lambda r: r["requests_per_s"])
+        # In order of load, so each curve walks from concurrency 1 upwards.
+        points.sort(key=lambda r: r["concurrency"])
         ax.plot(
             [p["requests_per_s"] for p in points],
             [p["p99_ms"] for p in points],
