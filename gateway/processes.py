@@ -26,7 +26,7 @@ import os
 import signal
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing.process import BaseProcess
 
 from cnnserve.settings import Settings
@@ -90,7 +90,7 @@ def run_processes(settings: Settings, serve: Serve) -> None:
         raise RuntimeError(f"a gateway process stopped by itself ({codes}); stopped the others")
 
 
-def _stop_all(workers: list[BaseProcess], timeout_s: float) -> None:
+def _stop_all(workers: Sequence[BaseProcess], timeout_s: float) -> None:
     """One SIGTERM each (they drain), then wait; kill what outlives the timeout."""
     for worker in workers:
         if worker.is_alive() and worker.pid is not None:

@@ -105,11 +105,6 @@ async def test_runner_options_come_from_settings(artifacts_dir: Path) -> None:
         await backend.close()
 
 
-def test_cuda_graph_buckets_parse_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CNNSERVE_CUDA_GRAPH_BATCH_SIZES", "[1,2,4,8]")
-    assert Settings().cuda_graph_batch_sizes == [1, 2, 4, 8]
-
-
 @pytest.mark.parametrize(("n", "height", "width"), [(2, 7, 7), (3, 28, 45), (1, 64, 64)])
 async def test_fcn_parity_at_several_sizes(
     backends: dict[str, Backend], n: int, height: int, width: int

@@ -10,12 +10,7 @@ import pytest
 import uvloop
 
 from cnnserve.client.inference import connect
-from cnnserve.settings import Settings
 from tests.gateway.harness import gateway_settings, running_gateway
-
-
-def test_uvloop_is_the_default() -> None:
-    assert Settings().event_loop == "uvloop"
 
 
 @pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])

@@ -1,0 +1,38 @@
+"""Performance settings parse from the environment as documented and refuse nonsense."""
+
+from __future__ import annotations
+
+import pydantic
+import pytest
+
+from cnnserve.settings import Settings
+
+
+def test_cuda_graph_buckets_parse_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CNNSERVE_CUDA_GRAPH_BATCH_SIZES", "[1,2,4,8]")
+    assert Settings().cuda_graph_batch_sizes == [1, 2, 4, 8]
+
+
+def test_performance_defaults_are_the_measured_ones() -> None:
+    # docs/benchmarks.md, "Defaults chosen from these figures"; read from the class, so no
+    # CNNSERVE_* variable of the environment running the tests leaks in.
+    defaults = {
+        name: field.get_default(call_default_factory=True)
+        for name, field in Settings.model_fields.items()
+    }
+    assert defaults["adaptive_batch_delay"] is True
+    assert defaults["max_batch_delay_ms"] == 2.0
+    assert defaults["inference_threads"] == 1
+    assert defaults["event_loop"] == "uvloop"
+    assert defaults["gateway_processes"] == 1
+    assert defaults["cuda_graph_batch_sizes"] == []
+    assert defaults["device_preprocess"] is True
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("gateway_processes", 0), ("inference_threads", -1), ("event_loop", "trio")],
+)
+def test_impossible_values_are_refused(name: str, value: object) -> None:
+    with pytest.raises(pydantic.ValidationError, match=name):
+        Settings(**{name: value})  # type: ignore[arg-type]
