@@ -17,7 +17,12 @@ import psutil
 
 from cnnserve.settings import Settings
 from cnnserve.torchserve_engine.archive import archive_models
-from cnnserve.torchserve_engine.process import KEY_FILE, ServerInfo, run_dir_of, start, stop
+from cnnserve.torchserve_engine.process import (
+    ServerInfo,
+    loopback_settings,
+    start,
+    stop,
+)
 
 from .gateway_process import free_port
 
@@ -80,20 +85,10 @@ def running_torchserve(
     ``token_auth=False`` for replicas behind one gateway channel (each would draw its own key).
     """
     store = work_dir / f"model_store-b{batch_size}"
-    inference, management, metrics, grpc_inference, grpc_management = (
-        free_port() for _ in range(5)
-    )
-    settings = Settings(
-        model_store_dir=store,
-        torchserve_host="127.0.0.1",
-        torchserve_inference_port=inference,
-        torchserve_management_port=management,
-        torchserve_metrics_port=metrics,
-        torchserve_grpc_inference_port=grpc_inference,
-        torchserve_grpc_management_port=grpc_management,
-        torchserve_initial_worker_port=free_port(),
-        torchserve_token_auth=token_auth,
-        torchserve_key_file=run_dir_of(store) / KEY_FILE if token_auth else None,
+    settings = loopback_settings(
+        store,
+        [free_port() for _ in range(6)],
+        token_auth,
         torchserve_batch_size=batch_size,
         torchserve_max_batch_delay_ms=max_batch_delay_ms,
     )

@@ -18,7 +18,12 @@ from cnnserve.models.registry import MODELS
 from cnnserve.settings import Settings
 from cnnserve.torchserve_engine.archive import archive_models
 from cnnserve.torchserve_engine.keys import key_file_name
-from cnnserve.torchserve_engine.process import KEY_FILE, ServerInfo, run_dir_of, start, stop
+from cnnserve.torchserve_engine.process import (
+    ServerInfo,
+    loopback_settings,
+    start,
+    stop,
+)
 
 
 @pytest.fixture(scope="session")
@@ -44,20 +49,7 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 
 def torchserve_settings(model_store: Path) -> Settings:
     """Settings for a test TorchServe on free ports, serving ``model_store`` with tokens on."""
-    inference, management, metrics, grpc_inference, grpc_management, workers = free_ports(6)
-    return Settings(
-        model_store_dir=model_store,
-        torchserve_host="127.0.0.1",
-        torchserve_inference_port=inference,
-        torchserve_management_port=management,
-        torchserve_metrics_port=metrics,
-        torchserve_grpc_inference_port=grpc_inference,
-        torchserve_grpc_management_port=grpc_management,
-        torchserve_initial_worker_port=workers,
-        torchserve_token_auth=True,
-        torchserve_key_file=run_dir_of(model_store) / KEY_FILE,
-        torchserve_grpc_target=None,
-    )
+    return loopback_settings(model_store, free_ports(6), torchserve_grpc_target=None)
 
 
 #: TorchServe's count of inference requests answered, per model (its metrics API).

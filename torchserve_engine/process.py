@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,30 @@ def _jsonable(value: Any) -> Any:
 def run_dir_of(model_store: Path) -> Path:
     """The run directory of the server serving ``model_store``."""
     return model_store.resolve() / RUN_DIR_NAME
+
+
+def loopback_settings(
+    model_store: Path, ports: Sequence[int], token_auth: bool = True, **overrides: Any
+) -> Settings:
+    """Settings for a TorchServe on 127.0.0.1 serving ``model_store`` on the six ``ports``.
+
+    The ports are, in order: inference, management, metrics, gRPC inference, gRPC management
+    and the first worker port. With ``token_auth`` the gateway reads the key from the run dir.
+    """
+    inference, management, metrics, grpc_inference, grpc_management, workers = ports
+    return Settings(
+        model_store_dir=model_store,
+        torchserve_host="127.0.0.1",
+        torchserve_inference_port=inference,
+        torchserve_management_port=management,
+        torchserve_metrics_port=metrics,
+        torchserve_grpc_inference_port=grpc_inference,
+        torchserve_grpc_management_port=grpc_management,
+        torchserve_initial_worker_port=workers,
+        torchserve_token_auth=token_auth,
+        torchserve_key_file=run_dir_of(model_store) / KEY_FILE if token_auth else None,
+        **overrides,
+    )
 
 
 def find_java() -> str:
