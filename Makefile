@@ -55,7 +55,7 @@ export: install ## Export both models to TorchScript + ONNX under artifacts/
 	$(BIN)/cnnserve export fcn --out $(ARTIFACTS)
 
 archive: install ## Build convnet.mar + fcn.mar into MODEL_STORE for TorchServe (FORMAT=onnx, HALF=1)
-	@for f in convnet.pt convnet.onnx fcn.pt fcn.onnx; do test -f $(ARTIFACTS)/$$f || exit 1; done \
+	@(for f in convnet.pt convnet.onnx fcn.pt fcn.onnx; do test -f $(ARTIFACTS)/$$f || exit 1; done) \
 		|| $(MAKE) --no-print-directory export
 	$(BIN)/cnnserve archive --artifacts $(ARTIFACTS) --model-store $(MODEL_STORE) \
 		$(if $(FORMAT),--format $(FORMAT)) $(if $(HALF),--half)
@@ -78,14 +78,13 @@ proto-check: proto ## Fail when the committed stubs differ from what proto/ gene
 	@git diff --exit-code -- protocol/ && test -z "$$(git status --porcelain -- protocol/)" \
 		|| { echo "error: protocol/ stubs drifted from proto/; run 'make proto' and commit" >&2; exit 1; }
 
-MODEL_STORE ?= model_store
 # TorchServe's Java runtime; `make serve JAVA=none` tries the fallback on a machine with Java.
 JAVA ?= java
 
 # The README's "serve": TorchServe (Java 17) behind the gateway, both stopped by Ctrl-C; on a
 # machine without Java the gateway runs the models in-process with onnxruntime instead.
 serve: install ## Serve both models: gateway on 8000 (HTTP) 8001 (gRPC) 8002 (metrics); Ctrl-C stops
-	@for f in convnet.pt convnet.onnx fcn.pt fcn.onnx; do test -f $(ARTIFACTS)/$$f || exit 1; done \
+	@(for f in convnet.pt convnet.onnx fcn.pt fcn.onnx; do test -f $(ARTIFACTS)/$$f || exit 1; done) \
 		|| $(MAKE) --no-print-directory export
 	@export CNNSERVE_ARTIFACTS_DIR=$(ARTIFACTS) CNNSERVE_MODEL_STORE_DIR=$(MODEL_STORE); \
 	if command -v $(JAVA) >/dev/null 2>&1; then \
