@@ -335,15 +335,12 @@ def plot(rows: list[Row], out_dir: Path) -> list[str]:
     if echo:
         ax.plot([c for c, _ in echo], [v for _, v in echo], "k--", label="bare gRPC echo")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("concurrent requests")
-    ax.set_ylabel("requests/s (1-image ConvNet)")
-    ax.set_title("Throughput vs concurrency")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "throughput.png", dpi=110)
-    plt.close(fig)
-    names.append("throughput.png")
+    names.append(
+        _save_plot(
+            fig, ax, out_dir / "throughput.png", "concurrent requests",
+            "requests/s (1-image ConvNet)", "Throughput vs concurrency",
+        )
+    )  # fmt: skip
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for name, points in sorted(series.items()):
@@ -355,14 +352,26 @@ def plot(rows: list[Row], out_dir: Path) -> list[str]:
             marker="o",
             label=name,
         )
-    ax.set_xlabel("requests/s")
-    ax.set_ylabel("p99 latency (ms)")
     ax.set_yscale("log")
-    ax.set_title("p99 latency vs throughput (1-image ConvNet)")
+    names.append(
+        _save_plot(
+            fig, ax, out_dir / "latency.png", "requests/s", "p99 latency (ms)",
+            "p99 latency vs throughput (1-image ConvNet)",
+        )
+    )  # fmt: skip
+    return names
+
+
+def _save_plot(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str) -> str:
+    """Label, grid and legend one plot, write it as PNG, close it; returns the file name."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_dir / "latency.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    names.append("latency.png")
-    return names
+    return path.name
