@@ -7,13 +7,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 ARTIFACTS ?= artifacts
 MODEL_STORE ?= model_store
-# mypy cannot follow the editable install's import hook, so it checks a tree of symlinks
-# that lays the top-level folders out as the one package they are installed as.
-TYPECHECK_TREE := build/typecheck
+# The editable install is setuptools' strict mode: a tree of links under build/ that lays the
+# top-level folders out as the one package they are installed as, which mypy can follow (the
+# default mode's import hook it cannot). New modules need new links: LINKED re-runs the
+# install whenever the set of package files changes.
+LINKED := $(VENV)/.linked
+PACKAGE_FILES = $$($(PYTHON) -c 'import tomllib, pathlib; dirs = tomllib.load(open("pyproject.toml", "rb"))["tool"]["setuptools"]["package-dir"].values(); print(*sorted(str(p) for d in dirs for p in pathlib.Path(d).glob("*.py*")))')
 
-.PHONY: help install test lint typecheck-tree format train export archive torchserve-start torchserve-stop \
+.PHONY: help install test lint format train export archive torchserve-start torchserve-stop \
 	proto proto-check bench soak overload serve \
-	deploy undeploy logs deploy-check deploy-lock
+	deploy undeploy logs deploy-check deploy-lock dockerignore
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -24,10 +27,18 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and exactly pinned: a CPU wheel of 2.13.0 lies on local disk.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev]' --config-settings editable_mode=strict
 	touch $@
 
-install: $(VENV)/.installed ## Create .venv/ with cnnserve (editable) and the dev tools
+# Cheap when nothing was added or removed: compares the list of package files with the last one.
+$(LINKED): $(VENV)/.installed FORCE
+	@echo $(PACKAGE_FILES) > $@.new
+	@cmp -s $@.new $@ || $(BIN)/pip install --quiet --no-deps -e . --config-settings editable_mode=strict
+	@mv $@.new $@
+
+FORCE:
+
+install: $(LINKED) ## Create .venv/ with cnnserve (editable) and the dev tools
 
 test: install ## Run the test suite
 	$(BIN)/pytest -q
@@ -35,12 +46,7 @@ test: install ## Run the test suite
 lint: install ## ruff (lint + format check) and mypy
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(MAKE) --no-print-directory typecheck-tree
-	cd $(TYPECHECK_TREE) && $(abspath $(BIN))/mypy --config-file $(CURDIR)/pyproject.toml -p cnnserve
-
-typecheck-tree:
-	@rm -rf $(TYPECHECK_TREE) && mkdir -p $(TYPECHECK_TREE)/cnnserve
-	@$(BIN)/python -c 'import tomllib, pathlib, os; dirs = tomllib.load(open("pyproject.toml", "rb"))["tool"]["setuptools"]["package-dir"]; root = pathlib.Path("$(TYPECHECK_TREE)"); [os.symlink(pathlib.Path(src).resolve(), root / pkg.replace(".", "/")) for pkg, src in dirs.items() if pkg != "cnnserve"]; [os.symlink(f.resolve(), root / "cnnserve" / f.name) for f in pathlib.Path(dirs["cnnserve"]).iterdir() if f.suffix in {".py", ".pyi"}]'
+	$(BIN)/mypy -p cnnserve
 
 format: install ## Apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
@@ -141,6 +147,9 @@ deploy-check: install ## Validate compose files, Dockerfile, k8s manifests offli
 	$(BIN)/hadolint deploy/Dockerfile
 	$(BIN)/kubernetes-validate --strict $(K8S_MANIFESTS)
 	$(BIN)/pytest -q tests/deploy/test_consistency.py
+
+dockerignore: install ## Rewrite .dockerignore (the image build context) from pyproject's package folders
+	$(BIN)/python tools/dockerignore.py
 
 deploy-lock: install ## Re-pin the images' packages (deploy/requirements/) after a dependency change
 	$(BIN)/python deploy/lock.py

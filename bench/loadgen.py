@@ -29,8 +29,8 @@ from typing import Any, Literal
 import grpc
 import numpy as np
 
-from cnnserve.gateway.tensor_codec import encode_raw
 from cnnserve.protocol import open_inference_pb2 as pb
+from cnnserve.protocol.tensor_codec import encode_raw
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 #: Outstanding requests one open-loop process allows before it counts a send as dropped.

@@ -15,10 +15,11 @@ A gateway with TLS is reached with ``tls=TlsConfig(ca_file=...)`` (plus ``cert_f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ssl
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -28,14 +29,19 @@ import grpc
 import httpx
 import numpy as np
 
-from cnnserve.gateway.domain import DATATYPES, InferRequest, InferResponse, RequestedOutput, Tensor
-from cnnserve.gateway.grpc_codec import request_to_proto, response_from_proto
-from cnnserve.gateway.http_codec import HEADER_LENGTH, decode_infer_response, encode_infer_request
 from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
+from cnnserve.protocol.domain import DATATYPES, InferRequest, InferResponse, RequestedOutput, Tensor
+from cnnserve.protocol.errors import CodecError
+from cnnserve.protocol.grpc_codec import request_to_proto, response_from_proto
+from cnnserve.protocol.http_codec import HEADER_LENGTH, decode_infer_response, encode_infer_request
 
 #: Largest message either side of a call may carry (the server has its own limit).
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+class MalformedResponseError(Exception):
+    """The server's answer does not follow the Open Inference Protocol (a server fault)."""
 
 
 class ServerError(Exception):
@@ -205,7 +211,8 @@ class GrpcClient(InferenceClient):
             )
         except grpc.RpcError as exc:
             raise ServerError(exc.code().name, exc.details() or "") from None
-        return response_from_proto(reply)
+        with _server_answer():
+            return response_from_proto(reply)
 
     def server_ready(self) -> bool:
         """ServerReady, false when the server cannot be reached."""
@@ -253,7 +260,8 @@ class HttpClient(InferenceClient):
         if reply.status_code != 200:
             raise ServerError(str(reply.status_code), _error_message(reply))
         header = reply.headers.get(HEADER_LENGTH)
-        return decode_infer_response(reply.content, None if header is None else int(header))
+        with _server_answer():
+            return decode_infer_response(reply.content, None if header is None else int(header))
 
     def server_ready(self) -> bool:
         """``GET /v2/health/ready``, false when the server cannot be reached."""
@@ -265,6 +273,15 @@ class HttpClient(InferenceClient):
     def close(self) -> None:
         """Close the connection pool."""
         self._http.close()
+
+
+@contextlib.contextmanager
+def _server_answer() -> Iterator[None]:
+    """Decode the server's answer: a protocol violation in it is the server's fault."""
+    try:
+        yield
+    except CodecError as exc:
+        raise MalformedResponseError(f"the server's answer is malformed: {exc}") from exc
 
 
 def _error_message(reply: httpx.Response) -> str:

@@ -25,6 +25,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cnnserve.errors import UnauthenticatedError
 from cnnserve.protocol import open_inference_pb2 as pb
+from cnnserve.protocol.grpc_codec import grpc_status
+from cnnserve.protocol.status import ERROR_TABLE
 from cnnserve.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -110,7 +112,7 @@ def _refusal(handler: grpc.RpcMethodHandler, exc: UnauthenticatedError) -> grpc.
     """A handler of the same kind as ``handler`` that only aborts with ``exc``'s status."""
 
     async def abort(_request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(exc.grpc_code, str(exc))
+        await context.abort(grpc_status(exc), str(exc))
 
     make = _HANDLER_FACTORIES[(handler.request_streaming, handler.response_streaming)]
     return make(
@@ -173,7 +175,7 @@ async def _send_401(send: Send, message: str) -> None:
     await send(
         {
             "type": "http.response.start",
-            "status": UnauthenticatedError.http_status,
+            "status": ERROR_TABLE[UnauthenticatedError.status].http_status,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),

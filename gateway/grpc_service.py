@@ -1,7 +1,7 @@
 """The gRPC transport: ``inference.GRPCInferenceService``, ``grpc.health.v1`` and reflection.
 
 Thin by design: each RPC converts protobuf ↔ domain (:mod:`.grpc_codec`) and calls the one
-:class:`~cnnserve.gateway.core.InferenceCore`. Statuses come from the error table
+:class:`~cnnserve.gateway.dataplane.DataPlane`. Statuses come from the error table
 (:mod:`cnnserve.errors`); an exception that is not ours is logged with its traceback and
 answered INTERNAL with a generic message.
 """
@@ -19,19 +19,20 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from typing_extensions import override
 
-from cnnserve.errors import CnnserveError, UnknownModelError, grpc_status, public_message
+from cnnserve.errors import CnnserveError, UnknownModelError, public_message
 from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
-from cnnserve.settings import Settings
-
-from .auth import ApiKeyInterceptor, ApiKeys
-from .core import InferenceCore
-from .grpc_codec import (
+from cnnserve.protocol.grpc_codec import (
+    grpc_status,
     model_metadata_to_proto,
     request_from_proto,
     response_to_proto,
     server_metadata_to_proto,
 )
+from cnnserve.settings import Settings
+
+from .auth import ApiKeyInterceptor, ApiKeys
+from .dataplane import DataPlane, caller_input
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +81,9 @@ async def _abort(
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """``inference.GRPCInferenceService`` over one :class:`InferenceCore`."""
+    """``inference.GRPCInferenceService`` over one :class:`DataPlane`."""
 
-    def __init__(self, core: InferenceCore) -> None:
+    def __init__(self, core: DataPlane) -> None:
         self._core = core
 
     @override
@@ -206,7 +207,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(
         self, request: pb.ModelInferRequest, deadline: float | None
     ) -> pb.ModelInferResponse:
-        domain_request = request_from_proto(request, deadline)
+        with caller_input():
+            domain_request = request_from_proto(request, deadline)
         return response_to_proto(await self._core.infer(domain_request))
 
 
@@ -217,7 +219,7 @@ class ReadinessHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
     name is that model. Draining turns readiness — and so every status — NOT_SERVING.
     """
 
-    def __init__(self, core: InferenceCore) -> None:
+    def __init__(self, core: DataPlane) -> None:
         self._core = core
 
     async def _status(self, service: str) -> health_pb2.HealthCheckResponse.ServingStatus:
@@ -262,7 +264,7 @@ class ReadinessHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
             await asyncio.sleep(HEALTH_WATCH_INTERVAL_S)
 
 
-def create_grpc_server(core: InferenceCore, settings: Settings) -> grpc.aio.Server:
+def create_grpc_server(core: DataPlane, settings: Settings) -> grpc.aio.Server:
     """A gRPC server with inference, health and reflection; ports are added by the caller.
 
     With API keys configured, every call but liveness and readiness needs one (:mod:`.auth`).

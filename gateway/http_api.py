@@ -1,7 +1,7 @@
 """The HTTP transport: Open Inference Protocol REST (``/v2/...``) and friendly image routes.
 
 Thin by design, like the gRPC servicer: each route converts HTTP ↔ domain
-(:mod:`.http_codec`) and calls the one :class:`~cnnserve.gateway.core.InferenceCore`.
+(:mod:`.http_codec`) and calls the one :class:`~cnnserve.gateway.dataplane.DataPlane`.
 
 - Errors: body ``{"error": "<message>"}`` with the error table's status
   (:mod:`cnnserve.errors`); unknown exceptions are logged with their traceback and answered
@@ -32,23 +32,23 @@ from cnnserve.errors import (
     CnnserveError,
     InvalidInputError,
     PayloadTooLargeError,
-    http_status,
     public_message,
 )
 from cnnserve.models.imaging import encode_mask_png
 from cnnserve.models.registry import get_spec
-from cnnserve.settings import Settings
-
-from .auth import ApiKeyMiddleware, ApiKeys
-from .core import InferenceCore
-from .domain import InferRequest, RequestedOutput, Tensor
-from .http_codec import (
+from cnnserve.protocol.domain import InferRequest, RequestedOutput, Tensor
+from cnnserve.protocol.http_codec import (
     HEADER_LENGTH,
     decode_infer_request,
     encode_infer_response,
     model_metadata_to_json,
     server_metadata_to_json,
 )
+from cnnserve.protocol.status import http_status
+from cnnserve.settings import Settings
+
+from .auth import ApiKeyMiddleware, ApiKeys
+from .dataplane import DataPlane, caller_input
 from .openapi import describe_api
 
 logger = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ def _health(ok: bool, key: str, **extra: Any) -> JSONResponse:
     return JSONResponse({**extra, key: ok}, status_code=200 if ok else 503)
 
 
-def _oip_router(core: InferenceCore, settings: Settings) -> APIRouter:
+def _oip_router(core: DataPlane, settings: Settings) -> APIRouter:
     router = APIRouter(route_class=ErrorTableRoute, tags=["Open Inference Protocol"])
 
     @router.get("/v2/health/live")
@@ -170,7 +170,8 @@ def _oip_router(core: InferenceCore, settings: Settings) -> APIRouter:
     async def infer(model: str, request: Request, version: str = "") -> Response:
         """Inference with a JSON body, or JSON + binary tensors (Triton's extension)."""
         body = await read_body(request, settings.max_message_bytes)
-        decoded = decode_infer_request(body, _header_length(request), model, version)
+        with caller_input():
+            decoded = decode_infer_request(body, _header_length(request), model, version)
         content, header_length = encode_infer_response(await core.infer(decoded.request), decoded)
         if header_length is None:
             return Response(content, media_type="application/json")
@@ -202,7 +203,7 @@ async def _uploaded_images(request: Request, limit: int) -> list[bytes]:
     return images
 
 
-def _predict_router(core: InferenceCore, settings: Settings) -> APIRouter:
+def _predict_router(core: DataPlane, settings: Settings) -> APIRouter:
     router = APIRouter(route_class=ErrorTableRoute, tags=["For people"])
 
     @router.post(
@@ -280,7 +281,7 @@ def _classifications(
     return predictions
 
 
-def create_http_app(core: InferenceCore, settings: Settings) -> FastAPI:
+def create_http_app(core: DataPlane, settings: Settings) -> FastAPI:
     """The ASGI app: OIP REST, friendly routes, and uniform ``{"error"}`` bodies; with API
     keys configured, every route but ``/v2/health/*`` needs one (:mod:`.auth`)."""
     app = FastAPI(

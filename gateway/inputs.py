@@ -17,8 +17,7 @@ import numpy as np
 from cnnserve.errors import InvalidInputError, PayloadTooLargeError
 from cnnserve.models.registry import ModelSpec
 from cnnserve.models.steps import normalize
-
-from .domain import DATATYPES, Tensor, TensorMetadata
+from cnnserve.protocol.domain import DATATYPES, Tensor, TensorMetadata
 
 TENSOR_INPUT = "input"
 PIXELS_INPUT = "pixels"

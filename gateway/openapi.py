@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from cnnserve.gateway.domain import DATATYPES
+from cnnserve.protocol.domain import DATATYPES
 
 #: What each error status means, from the error table.
 ERROR_MEANINGS = {

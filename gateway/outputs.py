@@ -30,8 +30,7 @@ import numpy as np
 from cnnserve.errors import InvalidInputError
 from cnnserve.models.registry import ModelSpec
 from cnnserve.models.steps import class_mask, softmax
-
-from .domain import ParameterValue, RequestedOutput, Tensor, TensorMetadata
+from cnnserve.protocol.domain import ParameterValue, RequestedOutput, Tensor, TensorMetadata
 
 TOP_K = "top_k"
 CLASSIFICATION = "classification"

@@ -37,7 +37,7 @@ from cnnserve.settings import Settings
 
 from . import processes, tls
 from .auth import ApiKeys, log_auth_mode
-from .core import InferenceCore, create_core
+from .dataplane import DataPlane, create_core
 from .grpc_service import create_grpc_server
 from .http_api import create_http_app
 from .metrics import GatewayMetrics
@@ -122,7 +122,7 @@ class Gateway:
     every process's metrics, see :mod:`.processes`).
     """
 
-    def __init__(self, settings: Settings, core: InferenceCore, serve_metrics: bool = True) -> None:
+    def __init__(self, settings: Settings, core: DataPlane, serve_metrics: bool = True) -> None:
         self.settings = settings
         self.core = core
         self._serve_metrics = serve_metrics

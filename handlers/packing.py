@@ -6,7 +6,8 @@ One TorchServe request carries a whole batch, so the two ends agree on these byt
   ``N×3×H×W`` already-normalized items, sent under the input name :data:`PACKED_INPUT_NAME`;
 - **success** — a ``.npy`` file of the network's float32 output for all N items
   (``N×C`` for the ConvNet, ``N×C×H×W`` for the FCN);
-- **failure** — a small JSON object ``{"code": 400, "message": "..."}``. TorchServe's gRPC
+- **failure** — a small JSON object ``{"code": 400, "status": "invalid_argument",
+  "message": "..."}``. TorchServe's gRPC
   API answers status OK whatever HTTP status the handler sets, so the error must travel in
   the body; :func:`unpack_response` turns it back into the matching cnnserve error.
 
@@ -23,14 +24,15 @@ import tokenize
 import numpy as np
 
 from cnnserve.errors import (
+    ERROR_CLASSES,
     CnnserveError,
-    DeadlineExceededError,
     InvalidInputError,
-    OverloadedError,
     PayloadTooLargeError,
-    UnavailableError,
-    UnknownModelError,
+    Status,
+    public_message,
+    status_of,
 )
+from cnnserve.protocol.status import http_status
 
 #: Input name of a packed batch in a TorchServe request (gRPC ``input`` map key).
 PACKED_INPUT_NAME = "batch"
@@ -42,18 +44,6 @@ NPY_MAGIC = b"\x93NUMPY"
 #: Ranks a packed array may have: ConvNet outputs are N×C, inputs and FCN outputs N×C×H×W.
 _RANKS = (2, 4)
 _FLOAT32 = np.dtype("<f4")
-
-_ERRORS_BY_CODE: dict[int, type[CnnserveError]] = {
-    cls.http_status: cls
-    for cls in (
-        InvalidInputError,
-        UnknownModelError,
-        PayloadTooLargeError,
-        OverloadedError,
-        UnavailableError,
-        DeadlineExceededError,
-    )
-}
 
 
 def is_packed(data: bytes) -> bool:
@@ -140,9 +130,11 @@ def _dtype_name(dtype: np.dtype) -> str:
     return f"big-endian {name}" if dtype.byteorder == ">" else name
 
 
-def error_body(code: int, message: str) -> bytes:
-    """The JSON body of a failed request: ``{"code": 400, "message": "..."}``."""
-    return json.dumps({"code": code, "message": message}, ensure_ascii=False).encode()
+def error_body(exc: BaseException) -> bytes:
+    """The JSON body of a failed request: ``{"code": 400, "status": "invalid_argument",
+    "message": "..."}`` (the HTTP status for people, the status for the gateway)."""
+    body = {"code": http_status(exc), "status": status_of(exc), "message": public_message(exc)}
+    return json.dumps(body, ensure_ascii=False).encode()
 
 
 def unpack_response(data: bytes, max_bytes: int = MAX_PACKED_BYTES) -> np.ndarray:
@@ -151,9 +143,9 @@ def unpack_response(data: bytes, max_bytes: int = MAX_PACKED_BYTES) -> np.ndarra
         return unpack(data, ndim=None, max_bytes=max_bytes)
     try:
         error = json.loads(data)
-        code, message = int(error["code"]), str(error["message"])
+        status, message = Status(error["status"]), str(error["message"])
     except (ValueError, TypeError, KeyError):
         raise CnnserveError(
             f"TorchServe answered neither a packed output nor an error ({len(data)} bytes)"
         ) from None
-    raise _ERRORS_BY_CODE.get(code, CnnserveError)(message)
+    raise ERROR_CLASSES[status](message)

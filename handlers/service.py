@@ -25,10 +25,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from cnnserve.errors import CnnserveError, InvalidInputError, public_message
+from cnnserve.errors import CnnserveError, InvalidInputError
 from cnnserve.models.registry import ModelSpec, get_spec
 from cnnserve.models.runtime import ARTIFACT_SUFFIX, ArtifactFormat, Runner, load_runner
 from cnnserve.models.steps import normalize
+from cnnserve.protocol.status import http_status
 
 from .packing import (
     PACKED_CONTENT_TYPE,
@@ -260,10 +261,9 @@ def _by_item_shape(jobs: Sequence[_Job]) -> list[list[_Job]]:
 
 def _fail(context: HandlerContext, index: int, exc: BaseException) -> bytes:
     """Mark request ``index`` failed with the error table's status; return its JSON body."""
-    code = exc.http_status if isinstance(exc, CnnserveError) else 500
-    message = public_message(exc)
+    code = http_status(exc)
     # The reason phrase stays the standard one: messages may hold non-ASCII (×, ≤), which an
     # HTTP status line cannot carry; the body has the full message.
     context.set_response_status(code, HTTPStatus(code).phrase, index)
     context.set_response_content_type(index, JSON_CONTENT_TYPE)
-    return error_body(code, message)
+    return error_body(exc)

@@ -17,8 +17,8 @@ from cnnserve.bench.suite import (
     profile,
     run_suite,
 )
-from cnnserve.gateway.grpc_codec import request_from_proto
 from cnnserve.protocol import open_inference_pb2 as pb
+from cnnserve.protocol.grpc_codec import request_from_proto
 from cnnserve.settings import Settings
 
 BACKENDS = ["onnxruntime", "torchscript", "torchserve"]

@@ -15,7 +15,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from cnnserve.gateway.backends import Backend
-from cnnserve.gateway.core import InferenceCore, create_core
+from cnnserve.gateway.dataplane import DataPlane, create_core
 from cnnserve.gateway.server import Gateway
 from cnnserve.models.steps import normalize
 from cnnserve.settings import Settings
@@ -40,7 +40,7 @@ def gateway_settings(artifacts_dir: Path, **overrides: Any) -> Settings:
 
 @asynccontextmanager
 async def running_gateway(
-    settings: Settings, core: InferenceCore | None = None
+    settings: Settings, core: DataPlane | None = None
 ) -> AsyncIterator[Gateway]:
     """A started gateway (the real core over ``settings.backend`` unless ``core`` is given)."""
     gateway = Gateway(settings, core or await create_core(settings))
@@ -90,10 +90,10 @@ def holding_settings(artifacts_dir: Path, delay_ms: float, **overrides: Any) -> 
     )
 
 
-def exploding_core(settings: Settings) -> InferenceCore:
+def exploding_core(settings: Settings) -> DataPlane:
     """A real inference core over :class:`ExplodingBackend`."""
     backend: Backend = ExplodingBackend()
-    return InferenceCore(settings, backend)
+    return DataPlane(settings, backend)
 
 
 async def metric_samples(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

@@ -22,9 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cnnserve.errors import InvalidInputError
-from cnnserve.gateway.http_codec import HEADER_LENGTH
 from cnnserve.models.registry import get_spec
 from cnnserve.protocol import open_inference_pb2 as pb
+from cnnserve.protocol.http_codec import HEADER_LENGTH
 from tests.gateway.bad_input import (
     MODELS,
     WIRES,

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cnnserve.gateway.core import InferenceCore
+from cnnserve.gateway.dataplane import DataPlane
 from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
 from tests.gateway.harness import (
@@ -102,7 +102,7 @@ async def test_expired_while_queued_is_never_computed(artifacts_dir: Path) -> No
     are counted; a request queued without a deadline is computed once the batch finishes."""
     settings = holding_settings(artifacts_dir, 0.0, max_batch_size=1)
     backend = HeldBackend()
-    core = InferenceCore(settings, backend)
+    core = DataPlane(settings, backend)
     async with (
         running_gateway(settings, core) as gateway,
         grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel,
@@ -175,7 +175,7 @@ async def test_grace_runs_out_for_a_stuck_batch(artifacts_dir: Path) -> None:
     settings = holding_settings(artifacts_dir, 0.0)
     backend = HeldBackend()  # never released
     async with (
-        running_gateway(settings, InferenceCore(settings, backend)) as gateway,
+        running_gateway(settings, DataPlane(settings, backend)) as gateway,
         grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel,
     ):
         stuck = asyncio.ensure_future(Stub(channel).ModelInfer(_marked_request(1)))

@@ -38,9 +38,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cnnserve.bench.gateway_process import GatewayProcess, start_gateway
-from cnnserve.gateway.grpc_codec import response_from_proto
 from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
+from cnnserve.protocol.grpc_codec import response_from_proto
 from cnnserve.settings import Settings
 from cnnserve.torchserve_engine.archive import archive_models
 from cnnserve.torchserve_engine.process import ServerInfo, start, stop

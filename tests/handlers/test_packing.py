@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
 
 from cnnserve.errors import (
+    ERROR_CLASSES,
+    GENERIC_INTERNAL_MESSAGE,
     CnnserveError,
     InvalidInputError,
     PayloadTooLargeError,
-    UnavailableError,
-    UnknownModelError,
 )
 from cnnserve.handlers.packing import (
     error_body,
@@ -21,6 +22,7 @@ from cnnserve.handlers.packing import (
     unpack,
     unpack_response,
 )
+from cnnserve.protocol.status import http_status
 
 
 def npy(array: np.ndarray) -> bytes:
@@ -125,20 +127,23 @@ def test_a_malformed_header_is_refused() -> None:
         unpack(bytes(data))
 
 
-@pytest.mark.parametrize(
-    ("code", "error"),
-    [
-        (400, InvalidInputError),
-        (404, UnknownModelError),
-        (413, PayloadTooLargeError),
-        (503, UnavailableError),
-        (500, CnnserveError),
-    ],
-)
-def test_error_bodies_raise_the_matching_error(code: int, error: type[CnnserveError]) -> None:
+@pytest.mark.parametrize("error", list(ERROR_CLASSES.values()))
+def test_error_bodies_raise_the_matching_error(error: type[CnnserveError]) -> None:
+    body = error_body(error("item 2 is bad"))
     with pytest.raises(error, match="item 2 is bad") as info:
-        unpack_response(error_body(code, "item 2 is bad"))
+        unpack_response(body)
     assert type(info.value) is error
+    # People calling TorchServe directly read the HTTP status in the body too.
+    assert json.loads(body)["code"] == http_status(error("x"))
+
+
+def test_an_error_that_is_not_ours_travels_as_internal_with_no_details() -> None:
+    body = error_body(RuntimeError("CUDA out of memory at 0x7f3a"))
+    with pytest.raises(CnnserveError) as info:
+        unpack_response(body)
+    assert type(info.value) is CnnserveError
+    assert str(info.value) == GENERIC_INTERNAL_MESSAGE
+    assert json.loads(body)["code"] == 500
 
 
 def test_an_answer_that_is_neither_output_nor_error_is_internal() -> None:

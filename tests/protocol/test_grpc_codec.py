@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cnnserve.errors import InvalidInputError
-from cnnserve.gateway.domain import InferRequest, InferResponse, RequestedOutput, Tensor
-from cnnserve.gateway.grpc_codec import (
+from cnnserve.protocol import open_inference_pb2 as pb
+from cnnserve.protocol.domain import InferRequest, InferResponse, RequestedOutput, Tensor
+from cnnserve.protocol.errors import CodecError
+from cnnserve.protocol.grpc_codec import (
     CONTENTS_FIELD,
     parameters_from_proto,
     parameters_to_proto,
@@ -16,7 +17,6 @@ from cnnserve.gateway.grpc_codec import (
     response_from_proto,
     response_to_proto,
 )
-from cnnserve.protocol import open_inference_pb2 as pb
 from tests.gateway.harness import raw_bytes_elements
 
 
@@ -102,7 +102,7 @@ def test_typed_and_raw_decode_to_the_same_array() -> None:
 
 
 def _refusal(message: pb.ModelInferRequest) -> str:
-    with pytest.raises(InvalidInputError) as caught:
+    with pytest.raises(CodecError) as caught:
         request_from_proto(message, None)
     return str(caught.value)
 

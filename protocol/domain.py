@@ -1,7 +1,7 @@
 """Wire-neutral request and response types: what transports and the inference core exchange.
 
 Transports (gRPC servicer, HTTP routes) only convert their wire format to and from these
-types and call :class:`~cnnserve.gateway.core.InferenceCore`. Datatype names are the Open
+types and call :class:`~cnnserve.gateway.dataplane.DataPlane`. Datatype names are the Open
 Inference Protocol's (``FP32``, ``UINT8``, ``BYTES``, ...).
 """
 

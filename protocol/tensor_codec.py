@@ -6,7 +6,7 @@ padding; a BYTES element is a 4-byte little-endian length followed by its bytes)
 *list of values* (gRPC typed ``contents``, HTTP JSON ``data``). Fixed-size datatypes decode
 with one :func:`numpy.frombuffer` call — no Python per element on the fast path — after the
 byte count is checked against shape × element size, so a lying header costs nothing.
-Every failure is an :class:`InvalidInputError` naming the tensor.
+Every failure is a :class:`~cnnserve.protocol.errors.CodecError` naming the tensor.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from cnnserve.errors import InvalidInputError
-
 from .domain import DATATYPES
+from .errors import CodecError
 
 BYTES = "BYTES"
 #: Length prefix of one BYTES element in the raw format.
@@ -36,7 +35,7 @@ def check_datatype(name: str, datatype: str) -> np.dtype[np.generic]:
     try:
         return DATATYPES[datatype]
     except KeyError:
-        raise InvalidInputError(
+        raise CodecError(
             f"tensor {name!r} has unknown datatype {datatype!r}; "
             f"expected one of {', '.join(DATATYPES)}"
         ) from None
@@ -47,15 +46,15 @@ def check_shape(name: str, shape: Iterable[int]) -> tuple[int, ...]:
     dims = tuple(shape)
     for dim in dims:
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
-            raise InvalidInputError(
+            raise CodecError(
                 f"tensor {name!r} has shape {list(dims)}; dimensions must be integers ≥ 0"
             )
     if len(dims) > MAX_RANK:
-        raise InvalidInputError(
+        raise CodecError(
             f"tensor {name!r} has {len(dims)} dimensions; at most {MAX_RANK} are accepted"
         )
     if math.prod(max(dim, 1) for dim in dims) > MAX_ELEMENTS:
-        raise InvalidInputError(
+        raise CodecError(
             f"tensor {name!r} has shape {list(dims)}, more elements than any request can carry"
         )
     return dims
@@ -76,13 +75,13 @@ def decode_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np
     dtype = _wire_dtype(datatype)
     expected = count * dtype.itemsize
     if len(raw) != expected:
-        raise InvalidInputError(
+        raise CodecError(
             f"tensor {name!r}: {datatype} {list(dims)} needs {expected} bytes of raw data, "
             f"got {len(raw)}"
         )
     array = np.frombuffer(raw, dtype=dtype).reshape(dims)
     if datatype == "BOOL" and array.view(np.uint8).max(initial=0) > 1:
-        raise InvalidInputError(f"tensor {name!r}: BOOL elements must be bytes 0 or 1")
+        raise CodecError(f"tensor {name!r}: BOOL elements must be bytes 0 or 1")
     return array
 
 
@@ -93,26 +92,26 @@ def _decode_bytes_elements(name: str, raw: bytes, count: int) -> np.ndarray:
     offset = 0
     while offset < len(view):
         if len(elements) == count:
-            raise InvalidInputError(
+            raise CodecError(
                 f"tensor {name!r}: raw BYTES data continues after the {count} elements its "
                 "shape declares"
             )
         if offset + _LENGTH.size > len(view):
-            raise InvalidInputError(
+            raise CodecError(
                 f"tensor {name!r}: raw BYTES data ends inside the 4-byte length of element "
                 f"{len(elements)}"
             )
         (length,) = _LENGTH.unpack_from(view, offset)
         offset += _LENGTH.size
         if offset + length > len(view):
-            raise InvalidInputError(
+            raise CodecError(
                 f"tensor {name!r}: BYTES element {len(elements)} declares {length} bytes but "
                 f"only {len(view) - offset} remain"
             )
         elements.append(bytes(view[offset : offset + length]))
         offset += length
     if len(elements) != count:
-        raise InvalidInputError(
+        raise CodecError(
             f"tensor {name!r}: shape declares {count} BYTES elements, raw data holds "
             f"{len(elements)}"
         )
@@ -159,7 +158,7 @@ def decode_values(
     try:
         given = np.asarray(values)
     except ValueError:
-        raise InvalidInputError(
+        raise CodecError(
             f"tensor {name!r}: data is a ragged nested list; send a flat list or a rectangular one"
         ) from None
     if given.size != count:
@@ -174,8 +173,8 @@ def decode_values(
     return _convert(name, datatype, dtype, given.reshape(dims))
 
 
-def _count_error(name: str, datatype: str, dims: tuple[int, ...], got: int) -> InvalidInputError:
-    return InvalidInputError(
+def _count_error(name: str, datatype: str, dims: tuple[int, ...], got: int) -> CodecError:
+    return CodecError(
         f"tensor {name!r}: {datatype} {list(dims)} needs {math.prod(dims)} elements, got {got}"
     )
 
@@ -189,17 +188,17 @@ def _convert(
         return given.astype(dtype)
     if dtype.kind == "b":
         if kind != "b":
-            raise InvalidInputError(f"tensor {name!r}: BOOL data must be true/false values")
+            raise CodecError(f"tensor {name!r}: BOOL data must be true/false values")
         return given.astype(dtype)
     if dtype.kind in "iu":
         if kind not in "iu":
-            raise InvalidInputError(
+            raise CodecError(
                 f"tensor {name!r}: {datatype} data must be integers, got {_kind_name(kind)}"
             )
         _check_range(name, datatype, dtype, int(given.min()), int(given.max()))
         return given.astype(dtype)
     if kind not in "iuf":
-        raise InvalidInputError(
+        raise CodecError(
             f"tensor {name!r}: {datatype} data must be numbers, got {_kind_name(kind)}"
         )
     return given.astype(dtype)
@@ -210,7 +209,7 @@ def _check_range(
 ) -> None:
     info = np.iinfo(dtype)  # type: ignore[type-var]
     if low < info.min or high > info.max:
-        raise InvalidInputError(
+        raise CodecError(
             f"tensor {name!r}: {datatype} values must lie in [{info.min}, {info.max}], "
             f"got values in [{low}, {high}]"
         )
@@ -235,7 +234,7 @@ def _flatten_bytes(name: str, values: Sequence[object] | np.ndarray) -> list[byt
         elif isinstance(item, list | tuple | np.ndarray):
             stack.extend(reversed(list(item)))
         else:
-            raise InvalidInputError(
+            raise CodecError(
                 f"tensor {name!r}: BYTES data must be strings, got {type(item).__name__}"
             )
     return flat

@@ -10,9 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from cnnserve.errors import InvalidInputError
-from cnnserve.gateway.domain import DATATYPES
-from cnnserve.gateway.tensor_codec import decode_raw, decode_values, encode_raw
+from cnnserve.protocol.domain import DATATYPES
+from cnnserve.protocol.errors import CodecError
+from cnnserve.protocol.tensor_codec import decode_raw, decode_values, encode_raw
 
 FIXED = [name for name in DATATYPES if name != "BYTES"]
 
@@ -68,7 +68,7 @@ def test_bytes_reshaped_to_declared_shape() -> None:
 def test_raw_errors_name_the_problem(
     datatype: str, shape: tuple[int, ...], raw: bytes, message: str
 ) -> None:
-    with pytest.raises(InvalidInputError, match="tensor 'x'") as caught:
+    with pytest.raises(CodecError, match="tensor 'x'") as caught:
         decode_raw("x", datatype, shape, raw)
     assert message in str(caught.value)
 
@@ -103,7 +103,7 @@ def test_values_of_each_kind() -> None:
 def test_value_errors_name_the_problem(
     datatype: str, shape: tuple[int, ...], values: list[object], message: str
 ) -> None:
-    with pytest.raises(InvalidInputError, match="tensor 'x'") as caught:
+    with pytest.raises(CodecError, match="tensor 'x'") as caught:
         decode_values("x", datatype, shape, values)
     assert message in str(caught.value)
 
@@ -132,7 +132,7 @@ def test_shapes_numpy_cannot_hold_are_bad_input(
     with a ValueError that used to surface as INTERNAL, even with zero elements."""
     # One element in either format: an FP32 zero, or a BYTES element of length 0.
     raw = b"" if 0 in shape else bytes(4)
-    with pytest.raises(InvalidInputError, match=message):
+    with pytest.raises(CodecError, match=message):
         decode_raw("t", datatype, shape, raw)
-    with pytest.raises(InvalidInputError, match=message):
+    with pytest.raises(CodecError, match=message):
         decode_values("t", datatype, shape, [])

@@ -13,7 +13,7 @@ import contextlib
 import importlib.metadata
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
 import numpy as np
@@ -27,16 +27,17 @@ from cnnserve.errors import (
     UnknownModelError,
 )
 from cnnserve.models.registry import MODELS, ModelSpec, get_spec
-from cnnserve.settings import Settings
-
-from .backends import Backend, create_backend
-from .batcher import DynamicBatcher
-from .domain import (
+from cnnserve.protocol.domain import (
     InferRequest,
     InferResponse,
     ModelMetadata,
     ServerMetadata,
 )
+from cnnserve.protocol.errors import CodecError
+from cnnserve.settings import Settings
+
+from .backends import Backend, create_backend
+from .batcher import DynamicBatcher
 from .inputs import input_metadata, item_count, select_input, to_batch
 from .metrics import GatewayMetrics
 from .outputs import compute_outputs, output_metadata, plan_outputs
@@ -58,7 +59,16 @@ UNKNOWN_MODEL_LABEL = "_unknown"
 T = TypeVar("T")
 
 
-class InferenceCore:
+@contextlib.contextmanager
+def caller_input() -> Iterator[None]:
+    """Decode a caller's message: a protocol violation in it is the caller's invalid input."""
+    try:
+        yield
+    except CodecError as exc:
+        raise InvalidInputError(str(exc)) from exc
+
+
+class DataPlane:
     """Models, batchers and backend behind every transport; see the module docstring."""
 
     def __init__(
@@ -285,6 +295,6 @@ async def _maybe_offload(offload: bool, fn: Callable[..., T], *args: object) -> 
     return fn(*args)
 
 
-async def create_core(settings: Settings, metrics: GatewayMetrics | None = None) -> InferenceCore:
+async def create_core(settings: Settings, metrics: GatewayMetrics | None = None) -> DataPlane:
     """An inference core over the backend ``settings.backend`` names; not started yet."""
-    return InferenceCore(settings, create_backend(settings), metrics)
+    return DataPlane(settings, create_backend(settings), metrics)

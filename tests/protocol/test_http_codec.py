@@ -8,9 +8,9 @@ import struct
 import numpy as np
 import pytest
 
-from cnnserve.errors import InvalidInputError
-from cnnserve.gateway.domain import InferRequest, InferResponse, RequestedOutput, Tensor
-from cnnserve.gateway.http_codec import (
+from cnnserve.protocol.domain import InferRequest, InferResponse, RequestedOutput, Tensor
+from cnnserve.protocol.errors import CodecError
+from cnnserve.protocol.http_codec import (
     decode_infer_request,
     decode_infer_response,
     encode_infer_request,
@@ -75,7 +75,7 @@ def test_binary_inputs_follow_the_header_in_input_order() -> None:
 
 
 def _refusal(body: bytes, header_length: int | None = None) -> str:
-    with pytest.raises(InvalidInputError) as caught:
+    with pytest.raises(CodecError) as caught:
         decode_infer_request(body, header_length, "m", "")
     return str(caught.value)
 

@@ -24,10 +24,10 @@ from cnnserve.errors import (
     UnavailableError,
     UnknownModelError,
 )
-from cnnserve.gateway.core import InferenceCore, create_core
-from cnnserve.gateway.domain import DATATYPES, InferRequest, RequestedOutput, Tensor
+from cnnserve.gateway.dataplane import DataPlane, create_core
 from cnnserve.models.registry import get_spec
 from cnnserve.models.steps import normalize, softmax
+from cnnserve.protocol.domain import DATATYPES, InferRequest, RequestedOutput, Tensor
 from cnnserve.settings import Settings
 from tests.conftest import RunningTorchServe
 from tests.images import digit_png, encode, shapes_png
@@ -52,7 +52,7 @@ def settings_for(artifacts_dir: Path, **overrides: object) -> Settings:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def core(artifacts_dir: Path) -> AsyncIterator[InferenceCore]:
+async def core(artifacts_dir: Path) -> AsyncIterator[DataPlane]:
     """One started core shared by this module's tests."""
     started = await create_core(settings_for(artifacts_dir))
     await started.start()
@@ -96,7 +96,7 @@ def digit_pixels(*indices: int) -> tuple[np.ndarray, list[int]]:
 # --- input forms and outputs ---
 
 
-async def test_digit_png_classifies_correctly(core: InferenceCore) -> None:
+async def test_digit_png_classifies_correctly(core: DataPlane) -> None:
     pngs = [digit_png(i) for i in range(4)] + [digit_png(4, invert=True)]
     response = await core.infer(request("convnet", images(*(png for png, _ in pngs))))
     labels = by_name(response.outputs)["labels"]
@@ -107,7 +107,7 @@ async def test_digit_png_classifies_correctly(core: InferenceCore) -> None:
     assert response.model_version == "1"
 
 
-async def test_three_input_forms_give_the_same_answer(core: InferenceCore) -> None:
+async def test_three_input_forms_give_the_same_answer(core: DataPlane) -> None:
     pixels, _ = digit_pixels(5, 6, 7)
     pngs = [digit_png(i)[0] for i in (5, 6, 7)]
     logits = [RequestedOutput("logits")]
@@ -147,7 +147,7 @@ async def test_torchscript_core_sends_pixels_to_the_backend_with_the_same_answer
     assert [int(row[0]) for row in by_name(answers[2].outputs)["labels"].data] == labels
 
 
-async def test_convnet_defaults_are_labels_and_probabilities(core: InferenceCore) -> None:
+async def test_convnet_defaults_are_labels_and_probabilities(core: DataPlane) -> None:
     pixels, labels = digit_pixels(8, 9)
     response = await core.infer(request("convnet", tensor("pixels", pixels)))
     outputs = by_name(response.outputs)
@@ -158,7 +158,7 @@ async def test_convnet_defaults_are_labels_and_probabilities(core: InferenceCore
     assert [int(row[0]) for row in outputs["labels"].data] == labels
 
 
-async def test_every_convnet_output_is_consistent(core: InferenceCore) -> None:
+async def test_every_convnet_output_is_consistent(core: DataPlane) -> None:
     pixels, labels = digit_pixels(10, 11, 12)
     wanted = [
         RequestedOutput("logits"),
@@ -177,7 +177,7 @@ async def test_every_convnet_output_is_consistent(core: InferenceCore) -> None:
     assert [int(row[0]) for row in top.data] == labels
 
 
-async def test_triton_classification_parameter(core: InferenceCore) -> None:
+async def test_triton_classification_parameter(core: DataPlane) -> None:
     pixels, labels = digit_pixels(13, 14)
     wanted = [
         RequestedOutput("probabilities", {"classification": 2}),
@@ -200,7 +200,7 @@ async def test_triton_classification_parameter(core: InferenceCore) -> None:
     assert outputs["labels"].shape == (2, 4)
 
 
-async def test_top_k_above_the_class_count_gives_every_class(core: InferenceCore) -> None:
+async def test_top_k_above_the_class_count_gives_every_class(core: DataPlane) -> None:
     pixels, _ = digit_pixels(15)
     wanted = [RequestedOutput("labels", {"top_k": 50})]
     response = await core.infer(request("convnet", tensor("pixels", pixels), outputs=wanted))
@@ -209,7 +209,7 @@ async def test_top_k_above_the_class_count_gives_every_class(core: InferenceCore
 
 
 @pytest.mark.parametrize(("height", "width"), [(7, 7), (28, 45), (64, 64)])
-async def test_fcn_outputs_at_several_sizes(core: InferenceCore, height: int, width: int) -> None:
+async def test_fcn_outputs_at_several_sizes(core: DataPlane, height: int, width: int) -> None:
     rng = np.random.default_rng(height * width)
     pixels = rng.integers(0, 256, (2, 3, height, width), dtype=np.uint8)
     wanted = [RequestedOutput("scores"), RequestedOutput("mask"), RequestedOutput("counts")]
@@ -225,7 +225,7 @@ async def test_fcn_outputs_at_several_sizes(core: InferenceCore, height: int, wi
     assert counts.data.sum(axis=1).tolist() == [height * width] * 2
 
 
-async def test_fcn_defaults_are_mask_and_counts_and_segment_a_scene(core: InferenceCore) -> None:
+async def test_fcn_defaults_are_mask_and_counts_and_segment_a_scene(core: DataPlane) -> None:
     png, truth = shapes_png(seed=3, side=64)
     response = await core.infer(request("fcn", images(png)))
     outputs = by_name(response.outputs)
@@ -235,7 +235,7 @@ async def test_fcn_defaults_are_mask_and_counts_and_segment_a_scene(core: Infere
     assert float((mask == truth).mean()) > 0.8
 
 
-async def test_fcn_requests_of_different_sizes_run_concurrently(core: InferenceCore) -> None:
+async def test_fcn_requests_of_different_sizes_run_concurrently(core: DataPlane) -> None:
     sizes = [(16, 16), (20, 24), (16, 16), (33, 17)]
     batches = [
         np.random.default_rng(i).integers(0, 256, (i + 1, 3, h, w), dtype=np.uint8)
@@ -425,13 +425,13 @@ FP32_28 = np.zeros((1, 3, 28, 28), dtype=np.float32)
     ],
 )
 async def test_bad_requests_get_clear_errors(
-    core: InferenceCore, build: object, error: type[Exception], message: str
+    core: DataPlane, build: object, error: type[Exception], message: str
 ) -> None:
     with pytest.raises(error, match=message):
         await core.infer(build())  # type: ignore[operator]
 
 
-async def test_one_bad_request_does_not_affect_concurrent_good_ones(core: InferenceCore) -> None:
+async def test_one_bad_request_does_not_affect_concurrent_good_ones(core: DataPlane) -> None:
     pixels, labels = digit_pixels(20, 21)
     good = [core.infer(request("convnet", tensor("pixels", pixels[i : i + 1]))) for i in range(2)]
     bad = core.infer(request("convnet", images(b"\x89PNG broken")))
@@ -442,7 +442,7 @@ async def test_one_bad_request_does_not_affect_concurrent_good_ones(core: Infere
         assert int(by_name(response.outputs)["labels"].data[0, 0]) == label
 
 
-async def test_errors_are_counted_by_outcome(core: InferenceCore) -> None:
+async def test_errors_are_counted_by_outcome(core: DataPlane) -> None:
     sample = core.metrics.registry.get_sample_value
     labels = {"model": "convnet", "outcome": "invalid_input"}
     before = sample("cnnserve_requests_total", labels) or 0
@@ -459,7 +459,7 @@ async def test_errors_are_counted_by_outcome(core: InferenceCore) -> None:
 # --- deadlines ---
 
 
-async def test_passed_deadline_is_never_computed(core: InferenceCore) -> None:
+async def test_passed_deadline_is_never_computed(core: DataPlane) -> None:
     sample = core.metrics.registry.get_sample_value
     before = sample("cnnserve_expired_before_compute_total", {"model": "convnet"}) or 0
     with pytest.raises(DeadlineExceededError):
@@ -474,7 +474,7 @@ async def test_passed_deadline_is_never_computed(core: InferenceCore) -> None:
     assert (sample("cnnserve_requests_total", deadline_exceeded) or 0) >= 2
 
 
-async def test_generous_deadlines_and_zero_timeout_are_served(core: InferenceCore) -> None:
+async def test_generous_deadlines_and_zero_timeout_are_served(core: DataPlane) -> None:
     later = time.monotonic() + 60
     for extra in (
         {"deadline": later},
@@ -485,7 +485,7 @@ async def test_generous_deadlines_and_zero_timeout_are_served(core: InferenceCor
         assert by_name(response.outputs)["labels"].shape == (1, 1)
 
 
-async def test_the_earlier_of_deadline_and_timeout_wins(core: InferenceCore) -> None:
+async def test_the_earlier_of_deadline_and_timeout_wins(core: DataPlane) -> None:
     with pytest.raises(DeadlineExceededError):
         await core.infer(
             request(
@@ -500,7 +500,7 @@ async def test_the_earlier_of_deadline_and_timeout_wins(core: InferenceCore) -> 
 # --- health, metadata, draining ---
 
 
-async def test_health_and_readiness(core: InferenceCore) -> None:
+async def test_health_and_readiness(core: DataPlane) -> None:
     assert core.server_live()
     assert await core.server_ready()
     assert await core.model_ready("convnet")
@@ -511,7 +511,7 @@ async def test_health_and_readiness(core: InferenceCore) -> None:
         await core.model_ready("fcn", "7")
 
 
-async def test_metadata_describes_inputs_and_outputs_truthfully(core: InferenceCore) -> None:
+async def test_metadata_describes_inputs_and_outputs_truthfully(core: DataPlane) -> None:
     assert core.model_names() == ["convnet", "fcn"]
     convnet = core.model_metadata("convnet")
     assert convnet.versions == ("1",)
@@ -543,7 +543,7 @@ async def test_metadata_describes_inputs_and_outputs_truthfully(core: InferenceC
     assert "classification" in server.extensions
 
 
-async def test_every_output_matches_its_metadata(core: InferenceCore) -> None:
+async def test_every_output_matches_its_metadata(core: DataPlane) -> None:
     for model, x in (("convnet", FP32_28), ("fcn", np.zeros((2, 3, 9, 11), np.float32))):
         meta = core.model_metadata(model)
         wanted = [RequestedOutput(t.name) for t in meta.outputs]
@@ -579,7 +579,7 @@ async def test_infer_before_start_is_unavailable(artifacts_dir: Path) -> None:
     assert not await core.server_ready()
 
 
-async def test_read_only_input_buffers_are_served(core: InferenceCore) -> None:
+async def test_read_only_input_buffers_are_served(core: DataPlane) -> None:
     # Transports decode raw tensor contents with np.frombuffer, which is read-only.
     pixels, labels = digit_pixels(30, 31)
     x = normalize(pixels)
@@ -615,7 +615,7 @@ async def test_core_over_torchserve_classifies_and_segments(torchserve: RunningT
         await core.stop(grace_s=5)
 
 
-def _sample(core: InferenceCore, name: str, **labels: str) -> float:
+def _sample(core: DataPlane, name: str, **labels: str) -> float:
     """One sample of the core's own metrics (0 when absent)."""
     for family in text_string_to_metric_families(core.metrics.render().decode()):
         for sample in family.samples:

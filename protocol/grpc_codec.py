@@ -14,9 +14,9 @@ from __future__ import annotations
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
+import grpc
 import numpy as np
 
-from cnnserve.errors import InvalidInputError
 from cnnserve.protocol import open_inference_pb2 as pb
 
 from .domain import (
@@ -29,6 +29,8 @@ from .domain import (
     Tensor,
     TensorMetadata,
 )
+from .errors import CodecError
+from .status import grpc_code_name
 from .tensor_codec import check_datatype, decode_raw, decode_values, encode_raw
 
 #: Which typed ``InferTensorContents`` field carries each datatype (FP16 has none: send raw).
@@ -85,13 +87,13 @@ def _typed_values(
 ) -> list[Any]:
     field = CONTENTS_FIELD.get(tensor.datatype)
     if field is None:
-        raise InvalidInputError(
+        raise CodecError(
             f"tensor {tensor.name!r}: {tensor.datatype} has no typed contents field; "
             "send it in raw_input_contents"
         )
     for other in set(CONTENTS_FIELD.values()) - {field}:
         if len(getattr(tensor.contents, other)):
-            raise InvalidInputError(
+            raise CodecError(
                 f"tensor {tensor.name!r} is {tensor.datatype} but its contents are in "
                 f"{other}; use {field}"
             )
@@ -103,7 +105,7 @@ def _input_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | No
     shape = tuple(tensor.shape)
     if raw is not None:
         if tensor.HasField("contents"):
-            raise InvalidInputError(
+            raise CodecError(
                 f"input {tensor.name!r} has both typed contents and raw_input_contents; send one"
             )
         data = decode_raw(tensor.name, tensor.datatype, shape, raw)
@@ -122,7 +124,7 @@ def request_from_proto(message: pb.ModelInferRequest, deadline: float | None) ->
     """A ModelInferRequest → :class:`InferRequest` (``deadline`` on ``time.monotonic()``)."""
     raw = message.raw_input_contents
     if raw and len(raw) != len(message.inputs):
-        raise InvalidInputError(
+        raise CodecError(
             f"raw_input_contents has {len(raw)} entries for {len(message.inputs)} inputs; "
             "send raw contents for every input (in input order) or for none"
         )
@@ -222,3 +224,8 @@ def server_metadata_to_proto(metadata: ServerMetadata) -> pb.ServerMetadataRespo
     return pb.ServerMetadataResponse(
         name=metadata.name, version=metadata.version, extensions=metadata.extensions
     )
+
+
+def grpc_status(exc: BaseException) -> grpc.StatusCode:
+    """The gRPC status code the error table gives any exception (INTERNAL for ones not ours)."""
+    return grpc.StatusCode[grpc_code_name(exc)]

@@ -23,8 +23,6 @@ from typing import Any
 
 import numpy as np
 
-from cnnserve.errors import InvalidInputError
-
 from .domain import (
     InferRequest,
     InferResponse,
@@ -35,6 +33,7 @@ from .domain import (
     Tensor,
     TensorMetadata,
 )
+from .errors import CodecError
 from .tensor_codec import BYTES, check_datatype, check_shape, decode_raw, decode_values, encode_raw
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -61,7 +60,7 @@ class HttpInferRequest:
 
 def _expect(value: object, kind: type | tuple[type, ...], where: str, what: str) -> Any:
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
-        raise InvalidInputError(f"{where} must be {what}, got {json.dumps(value)[:60]}")
+        raise CodecError(f"{where} must be {what}, got {json.dumps(value)[:60]}")
     return value
 
 
@@ -82,9 +81,7 @@ def _split(body: bytes, header_length: int | None) -> tuple[bytes, memoryview]:
     if header_length is None:
         return body, memoryview(b"")
     if header_length < 0 or header_length > len(body):
-        raise InvalidInputError(
-            f"{HEADER_LENGTH} is {header_length} but the body has {len(body)} bytes"
-        )
+        raise CodecError(f"{HEADER_LENGTH} is {header_length} but the body has {len(body)} bytes")
     view = memoryview(body)
     return bytes(view[:header_length]), view[header_length:]
 
@@ -102,9 +99,9 @@ def _tensor(raw: object, index: int, binary: memoryview, offset: int) -> tuple[T
     if size is not None:
         size = _expect(size, int, f"input {name!r} {BINARY_DATA_SIZE}", "an integer")
         if "data" in spec:
-            raise InvalidInputError(f"input {name!r} has both data and {BINARY_DATA_SIZE}")
+            raise CodecError(f"input {name!r} has both data and {BINARY_DATA_SIZE}")
         if size < 0 or offset + size > len(binary):
-            raise InvalidInputError(
+            raise CodecError(
                 f"input {name!r} declares {size} bytes of binary data but only "
                 f"{len(binary) - offset} follow the JSON header"
             )
@@ -114,7 +111,7 @@ def _tensor(raw: object, index: int, binary: memoryview, offset: int) -> tuple[T
         values = _expect(spec["data"], list, f"input {name!r} data", "a list")
         data = decode_values(name, datatype, shape, values)
     else:
-        raise InvalidInputError(f"input {name!r} has neither data nor {BINARY_DATA_SIZE}")
+        raise CodecError(f"input {name!r} has neither data nor {BINARY_DATA_SIZE}")
     return Tensor(name, datatype, shape, data, _public(params)), offset
 
 
@@ -126,7 +123,7 @@ def decode_infer_request(
     try:
         document = json.loads(header)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidInputError(f"request body is not valid JSON: {exc}") from None
+        raise CodecError(f"request body is not valid JSON: {exc}") from None
     document = _expect(document, dict, "request body", "a JSON object")
     request_id = _expect(document.get("id", ""), str, "id", "a string")
     params = _parameters(document.get("parameters"), "request")
@@ -140,7 +137,7 @@ def decode_infer_request(
         tensor, offset = _tensor(raw, index, binary, offset)
         inputs.append(tensor)
     if offset != len(binary):
-        raise InvalidInputError(
+        raise CodecError(
             f"{len(binary) - offset} bytes after the JSON header belong to no input "
             f"(inputs declare {offset} bytes of {BINARY_DATA_SIZE})"
         )
@@ -173,7 +170,7 @@ def _json_data(tensor: Tensor) -> list[Any]:
     try:
         return [bytes(item).decode() for item in flat]
     except UnicodeDecodeError:
-        raise InvalidInputError(
+        raise CodecError(
             f"output {tensor.name!r} holds bytes that are not UTF-8 text; request it with "
             f'"parameters": {{"{BINARY_DATA}": true}}'
         ) from None
