@@ -33,7 +33,9 @@ $(VENV)/.installed: pyproject.toml
 # Cheap when nothing was added or removed: compares the list of package files with the last one.
 $(LINKED): $(VENV)/.installed FORCE
 	@echo $(PACKAGE_FILES) > $@.new
-	@cmp -s $@.new $@ || $(BIN)/pip install --quiet --no-deps -e . --config-settings editable_mode=strict
+	@cmp -s $@.new $@ || { echo "package files changed: refreshing the editable install's links"; \
+		$(BIN)/pip install --quiet --no-deps -e . --config-settings editable_mode=strict \
+		> $(VENV)/relink.log 2>&1 || { cat $(VENV)/relink.log; exit 1; }; }
 	@mv $@.new $@
 
 FORCE:
