@@ -52,7 +52,8 @@ from .torchserve_run import TorchServeRun, running_torchserve
 Backend = Literal["torchserve", "onnxruntime"]
 #: How long a killed replica stays down before it is started again.
 DOWN_S = 2.0
-#: The gateway's timeout on one TorchServe call: a stall longer than this is answered.
+#: The gateway's timeout on one TorchServe call (``torchserve_call_timeout_s``): a stall
+#: longer than this is answered.
 BACKEND_TIMEOUT_S = 5
 
 
@@ -271,7 +272,7 @@ def run_soak(options: SoakOptions) -> Tally:
                 "CNNSERVE_TORCHSERVE_GRPC_TARGET": "ipv4:"
                 + ",".join(r.server.grpc_target for r in replicas),
                 "CNNSERVE_TORCHSERVE_TOKEN_AUTH": "false",
-                "CNNSERVE_TORCHSERVE_RESPONSE_TIMEOUT_S": str(BACKEND_TIMEOUT_S),
+                "CNNSERVE_TORCHSERVE_CALL_TIMEOUT_S": str(BACKEND_TIMEOUT_S),
             }
             labels = _expected_labels(options.artifacts_dir / "convnet.pt", "torchscript")
         else:

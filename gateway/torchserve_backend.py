@@ -67,7 +67,7 @@ class TorchServeBackend:
             target=settings.grpc_target,
             key_file=key_file,
             max_message_bytes=settings.torchserve_max_message_bytes,
-            timeout_s=settings.torchserve_response_timeout_s,
+            timeout_s=settings.torchserve_call_timeout_s,
             key_dir=key_dir,
             resolve_interval_s=settings.torchserve_resolve_interval_s,
         )

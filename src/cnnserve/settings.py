@@ -199,7 +199,22 @@ class Settings(BaseSettings):
         5, ge=0, description="How long TorchServe waits to fill a batch (batch size > 1 only)."
     )
     torchserve_response_timeout_s: int = Field(
-        120, ge=1, description="TorchServe restarts a worker that takes longer to answer."
+        120,
+        ge=1,
+        description="Seconds TorchServe gives a worker to answer one batch before it restarts "
+        "that worker (TorchServe's default_response_timeout in config.properties and "
+        "responseTimeout in each archive's model-config.yaml). Applies where the archives are "
+        "built and TorchServe is started; the gateway's own wait is torchserve_call_timeout_s.",
+    )
+    torchserve_call_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="Seconds the gateway waits for TorchServe to answer one batch call (a "
+        "retry on another replica included) before the batch's requests fail with "
+        "DEADLINE_EXCEEDED. A request whose own deadline (gRPC deadline, OIP timeout or "
+        "default_timeout_ms) comes sooner is answered then; the call still runs for the rest "
+        "of its batch, and the model's next batch waits for it. Keep it at most "
+        "torchserve_response_timeout_s: past that, TorchServe restarts the worker anyway.",
     )
     torchserve_max_message_bytes: int = Field(
         256 * 1024 * 1024,

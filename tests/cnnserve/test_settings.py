@@ -36,3 +36,19 @@ def test_performance_defaults_are_the_measured_ones() -> None:
 def test_impossible_values_are_refused(name: str, value: object) -> None:
     with pytest.raises(pydantic.ValidationError, match=name):
         Settings(**{name: value})  # type: ignore[arg-type]
+
+
+def test_torchserves_worker_timeout_and_the_gateways_call_timeout_are_set_apart(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fields = Settings.model_fields
+    # Both default to TorchServe's own 120 s, as when one setting served both.
+    assert fields["torchserve_response_timeout_s"].get_default() == 120
+    assert fields["torchserve_call_timeout_s"].get_default() == 120.0
+    monkeypatch.setenv("CNNSERVE_TORCHSERVE_CALL_TIMEOUT_S", "2.5")
+    monkeypatch.setenv("CNNSERVE_TORCHSERVE_RESPONSE_TIMEOUT_S", "300")
+    settings = Settings()
+    assert settings.torchserve_call_timeout_s == 2.5
+    assert settings.torchserve_response_timeout_s == 300
+    with pytest.raises(pydantic.ValidationError, match="torchserve_call_timeout_s"):
+        Settings(torchserve_call_timeout_s=0)

@@ -1,23 +1,29 @@
 """The backends: in-process ones on the real exported artifacts (agreeing with each other);
-the torchserve backend against a real TorchServe, and without one.
+the torchserve backend against a real TorchServe, without one, and against one that hangs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import pytest_asyncio
 
-from cnnserve.errors import UnavailableError
+from cnnserve.errors import DeadlineExceededError, UnavailableError
 from cnnserve.gateway.backends import Backend, InProcessBackend, RunnerOptions, create_backend
 from cnnserve.gateway.torchserve_backend import TorchServeBackend
 from cnnserve.models.runtime import load_runner
 from cnnserve.models.steps import normalize
+from cnnserve.protocol import torchserve_inference_pb2 as ts_pb
+from cnnserve.protocol import torchserve_inference_pb2_grpc as pb_grpc
 from cnnserve.settings import Settings
+from cnnserve.torchserve_engine.process import KEY_FILE, run_dir_of
 from tests.conftest import RunningTorchServe
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -148,7 +154,7 @@ async def test_torchserve_backend_without_torchserve_is_unavailable(tmp_path: Pa
         backend="torchserve",
         torchserve_grpc_target=f"127.0.0.1:{_closed_port()}",
         torchserve_token_auth=False,
-        torchserve_response_timeout_s=5,
+        torchserve_call_timeout_s=5,
     )
     backend = create_backend(settings)
     assert backend.describe() == "torchserve"
@@ -177,6 +183,60 @@ async def test_torchserve_backend_reads_the_key_when_it_appears(tmp_path: Path) 
             await backend.infer_batch("convnet", _batch(1, 28, 28, 0))
     finally:
         await backend.close()
+
+
+class HangingTorchServe(pb_grpc.InferenceAPIsServiceServicer):  # type: ignore[misc]
+    """A TorchServe whose worker never answers: it notes each call's metadata and hangs."""
+
+    def __init__(self) -> None:
+        self.authorizations: list[str] = []
+
+    async def Predictions(  # noqa: N802 (the gRPC method's name)
+        self, request: ts_pb.PredictionsRequest, context: grpc.aio.ServicerContext
+    ) -> ts_pb.PredictionResponse:
+        self.authorizations += [v for k, v in context.invocation_metadata() if k == "authorization"]
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def hanging_torchserve() -> AsyncIterator[tuple[str, HangingTorchServe]]:
+    """A hanging TorchServe on a free loopback port: its gRPC target and servicer."""
+    server = grpc.aio.server()
+    servicer = HangingTorchServe()
+    pb_grpc.add_InferenceAPIsServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield f"127.0.0.1:{port}", servicer
+    await server.stop(grace=None)
+
+
+async def test_the_gateway_gives_up_on_torchserve_after_its_call_timeout(
+    hanging_torchserve: tuple[str, HangingTorchServe], tmp_path: Path
+) -> None:
+    """The gateway's wait is torchserve_call_timeout_s, not TorchServe's worker timeout
+    (torchserve_response_timeout_s); the key comes from where `torchserve start` leaves it."""
+    target, servicer = hanging_torchserve
+    key_file = run_dir_of(tmp_path) / KEY_FILE
+    key_file.parent.mkdir()
+    key_file.write_text('{"inference": {"key": "k-inference"}}')
+    settings = Settings(
+        backend="torchserve",
+        model_store_dir=tmp_path,
+        torchserve_grpc_target=target,
+        torchserve_call_timeout_s=0.5,
+        torchserve_response_timeout_s=600,
+    )
+    backend = create_backend(settings)
+    await backend.start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceededError, match=r"did not answer convnet within 0\.5 s"):
+            await backend.infer_batch("convnet", _batch(1, 28, 28, 0))
+        assert 0.5 <= time.monotonic() - started < 10
+    finally:
+        await backend.close()
+    assert servicer.authorizations == ["Bearer k-inference"]
 
 
 @pytest.mark.torchserve

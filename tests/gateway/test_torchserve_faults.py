@@ -10,7 +10,7 @@ tests/deploy/test_scale_out.py's: the client retries such calls on another repli
 
 What each fault must give, by DESIGN.md's error table:
 
-- a hung worker: the gateway's own timeout (``torchserve_response_timeout_s``) answers
+- a hung worker: the gateway's own timeout (``torchserve_call_timeout_s``) answers
   DEADLINE_EXCEEDED / 504 — HTTP's "gateway timeout": the backend did not answer in time —
   or the caller's own deadline does, whichever comes first; the other model is unaffected;
 - a worker killed mid-batch: that batch's callers get UNAVAILABLE / 503 saying the worker
@@ -49,8 +49,9 @@ from tests.gateway.harness import digit_pixels
 
 pytestmark = [pytest.mark.torchserve, pytest.mark.asyncio(loop_scope="session")]
 
-#: The gateway's timeout on one TorchServe call: short, so a hang is answered within a test,
-#: and well above what an FCN batch below takes on a busy CPU.
+#: The gateway's timeout on one TorchServe call (``torchserve_call_timeout_s``): short, so a
+#: hang is answered within a test, and well above what an FCN batch below takes on a busy CPU;
+#: TorchServe's own worker timeout stays at its default, far longer.
 BACKEND_TIMEOUT_S = 15
 #: Long enough that concurrent callers share one batch.
 BATCH_DELAY_MS = 300
@@ -101,7 +102,7 @@ def deployment(
             {
                 "CNNSERVE_TORCHSERVE_GRPC_TARGET": server.grpc_target,
                 "CNNSERVE_TORCHSERVE_TOKEN_AUTH": "false",
-                "CNNSERVE_TORCHSERVE_RESPONSE_TIMEOUT_S": str(BACKEND_TIMEOUT_S),
+                "CNNSERVE_TORCHSERVE_CALL_TIMEOUT_S": str(BACKEND_TIMEOUT_S),
                 "CNNSERVE_MAX_BATCH_DELAY_MS": str(BATCH_DELAY_MS),
                 "CNNSERVE_ADAPTIVE_BATCH_DELAY": "false",
             },

@@ -20,7 +20,12 @@ from cnnserve.torchserve_engine.archive import MODEL_CONFIG_FILE, archive_models
 def test_both_archives_carry_the_chosen_artifact(
     artifacts_dir: Path, tmp_path: Path, artifact_format: ArtifactFormat, suffix: str
 ) -> None:
-    settings = Settings(torchserve_batch_size=1, torchserve_max_batch_delay_ms=7)
+    settings = Settings(
+        torchserve_batch_size=1,
+        torchserve_max_batch_delay_ms=7,
+        torchserve_response_timeout_s=33,
+        torchserve_call_timeout_s=4.5,  # the gateway's: never in an archive
+    )
     store = tmp_path / "store"
     archives = archive_models(artifacts_dir, store, artifact_format, False, settings)
     assert sorted(a.model for a in archives) == ["convnet", "fcn"]
@@ -43,7 +48,7 @@ def test_both_archives_carry_the_chosen_artifact(
             "maxWorkers": 1,
             "batchSize": 1,
             "maxBatchDelay": 7,
-            "responseTimeout": settings.torchserve_response_timeout_s,
+            "responseTimeout": 33,
             "handler": {"half": False, "threads": settings.inference_threads},
         }
 

@@ -46,6 +46,7 @@ def test_settings_flow_into_the_file(tmp_path: Path) -> None:
         torchserve_max_message_bytes=100 * 2**20,
         torchserve_token_expiration_min=30,
         torchserve_response_timeout_s=45,
+        torchserve_call_timeout_s=7.5,
     )
     props = properties(settings, tmp_path)
     assert props["inference_address"] == "http://0.0.0.0:9180"
@@ -59,7 +60,9 @@ def test_settings_flow_into_the_file(tmp_path: Path) -> None:
     assert props["initial_worker_port"] == "9500"
     assert props["max_request_size"] == props["max_response_size"] == str(100 * 2**20)
     assert props["token_expiration_min"] == "30.0"
+    # TorchServe's worker timeout; the gateway's own call timeout is no TorchServe setting.
     assert props["default_response_timeout"] == "45"
+    assert "7.5" not in props.values()
 
 
 def test_ipv6_hosts_are_bracketed_in_urls(tmp_path: Path) -> None:
