@@ -34,7 +34,8 @@ class Settings(BaseSettings):
     )
     artifacts_dir: Path = Field(
         Path("artifacts"),
-        description="Exported <model>.pt/.onnx/.json written by `cnnserve export`.",
+        description="Directory of the exported <model>.pt/.onnx/.json files (`cnnserve export` "
+        "writes them; the in-process backends and `cnnserve archive` read them).",
     )
     model_store_dir: Path = Field(
         Path("model_store"), description="TorchServe model store (.mar files and config)."
@@ -48,9 +49,9 @@ class Settings(BaseSettings):
         1,
         ge=0,
         description="Threads one batch may use on a CPU (ONNX Runtime's intra-op threads; "
-        "torch.set_num_threads for torchscript and in TorchServe's workers). 1 leaves the other "
-        "cores to the event loop and gRPC: spinning thread pools on a busy or shared host stall "
-        "for milliseconds (docs/benchmarks.md); 0: the library's default, one per core.",
+        "torch.set_num_threads for torchscript and in TorchServe's workers). Default 1: one "
+        "thread per batch, the other cores left to the event loop and gRPC; 0: the library's "
+        "default, one per core.",
     )
     channels_last: bool = Field(
         True, description="torchscript backend: run the convolutions in the NHWC memory layout."
@@ -77,20 +78,26 @@ class Settings(BaseSettings):
         1,
         ge=1,
         description="Gateway processes sharing the gRPC and HTTP ports (SO_REUSEPORT; the "
-        "ports must be fixed), each with its own batchers and backend: they spread the RPC "
-        "work over more cores but split the traffic, so each forms smaller batches "
-        "(docs/benchmarks.md). The metrics port serves all of them, summed.",
+        "ports must be fixed), each with its own batchers and backend: the RPC work spreads "
+        "over more cores, and each process batches only its share of the traffic. The "
+        "metrics port serves all of them, summed. Default 1: one process.",
     )
     event_loop: Literal["uvloop", "asyncio"] = Field(
         "uvloop",
-        description="The gateway's event loop: uvloop (libuv; ~1.4× the requests/s of the "
-        "standard loop on the benchmark host, docs/benchmarks.md) or asyncio's own.",
+        description="The gateway's event loop: uvloop (libuv-based; the default) or asyncio's "
+        "standard one.",
     )
 
     # --- dynamic batching, per model (and per input size for the FCN) ---
-    max_batch_size: int = Field(32, ge=1, description="Largest batch sent to the backend.")
+    max_batch_size: int = Field(
+        32, ge=1, description="Largest batch, in items, the batcher sends to the backend."
+    )
     max_batch_delay_ms: float = Field(
-        2.0, ge=0, description="How long a partial batch waits for more requests."
+        2.0,
+        ge=0,
+        description="Milliseconds a partial batch may wait, from its oldest request, for more "
+        "requests (adaptive_batch_delay can send it sooner); 0: no wait, though what queued "
+        "while the model was busy still goes as one batch.",
     )
     adaptive_batch_delay: bool = Field(
         True,
@@ -192,11 +199,16 @@ class Settings(BaseSettings):
     torchserve_batch_size: int = Field(
         1,
         ge=1,
-        description="TorchServe's own batch size; keep 1 behind the gateway, which batches "
-        "already (DESIGN §2), so the two batch delays never add up.",
+        description="TorchServe's own batch size (batchSize in each archive's "
+        "model-config.yaml). Default 1: the gateway sends whole batches already, so TorchServe "
+        "runs each call as it comes and its batch delay never adds to the gateway's; a larger "
+        "value is for calling TorchServe's REST API directly.",
     )
     torchserve_max_batch_delay_ms: int = Field(
-        5, ge=0, description="How long TorchServe waits to fill a batch (batch size > 1 only)."
+        5,
+        ge=0,
+        description="Milliseconds TorchServe waits to fill a batch (maxBatchDelay; only with "
+        "torchserve_batch_size > 1).",
     )
     torchserve_response_timeout_s: int = Field(
         120,
@@ -219,8 +231,10 @@ class Settings(BaseSettings):
     torchserve_max_message_bytes: int = Field(
         256 * 1024 * 1024,
         ge=6 * 1024 * 1024,
-        description="TorchServe's request/response size limits (and gRPC message limit); the "
-        "6.5 MB default is too small for an FCN batch (32×4×512×512 FP32 outputs = 128 MiB).",
+        description="Bytes: TorchServe's request and response size limits (max_request_size, "
+        "max_response_size; they bound its gRPC messages too) and the gateway's gRPC message "
+        "limit on its calls to TorchServe. Default 256 MiB, room for the largest FCN batch's "
+        "answer (32×4×512×512 FP32 scores = 128 MiB); TorchServe's own default is 6.5 MB.",
     )
     torchserve_token_expiration_min: float = Field(
         7 * 24 * 60,
