@@ -1,6 +1,7 @@
-"""Turn suite rows into docs/benchmarks.md: the machine, the issue's targets as ratios, the
-tables (every scenario, the batching-delay trade-off, TorchServe with and without the
-gateway), plots, and the hand-written notes kept beside the figures in ``docs/bench/``."""
+"""Turn suite rows into docs/benchmarks.md: the machine, the performance targets
+(:data:`TARGETS`) as ratios, the tables (every scenario, the batching-delay trade-off,
+TorchServe with and without the gateway), plots, and the hand-written notes kept beside the
+figures in ``docs/bench/notes/``, appended verbatim in file-name order."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ DEFAULT_VARIANT = "adaptive 2 ms (default)"
 
 @dataclass(frozen=True)
 class Target:
-    """One of the issue's performance targets, computed as a ratio of figures from one run."""
+    """One of cnnserve's performance targets, computed as a ratio of figures from one run."""
 
     name: str
     goal: str

@@ -1,8 +1,9 @@
 """Export a trained network to TorchScript and ONNX, and prove the three agree.
 
 Writes ``DIR/<name>.pt``, ``DIR/<name>.onnx`` (one self-contained file) and
-``DIR/<name>.json`` — the contract later parts read: tensor names, shapes, datatypes,
-labels and checksums.
+``DIR/<name>.json`` — a description of what was exported, for people and tools: tensor names,
+shapes, datatypes, labels and checksums. Serving does not read it back: the model registry
+(:mod:`cnnserve.models.registry`) is the one source of names, sizes and labels.
 """
 
 from __future__ import annotations

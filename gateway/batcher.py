@@ -1,8 +1,10 @@
 """Dynamic batching: many small requests become few backend-sized batches.
 
 One :class:`DynamicBatcher` serves one model. Requests wait in a bounded queue, grouped by
-item shape (an FCN batch never mixes H×W), and one background task forms batches of up to
-``max_batch_size`` items and runs them one at a time. Every rule of DESIGN.md §5 lives here:
+dtype and item shape (an FCN batch never mixes H×W), and one background task forms batches
+of up to ``max_batch_size`` items and runs them one at a time. It keeps these rules
+(explained, with the settings behind them, in docs/architecture.md, "Dynamic batching";
+each is tested in tests/gateway/test_batcher.py):
 
 1. the batch function's result length is checked against the batch;
 2. only pending futures are resolved, and cancelled requests are dropped before a batch forms;

@@ -1,9 +1,9 @@
 """The gRPC transport: ``inference.GRPCInferenceService``, ``grpc.health.v1`` and reflection.
 
-Thin by design: each RPC converts protobuf ↔ domain (:mod:`.grpc_codec`) and calls the one
-:class:`~cnnserve.gateway.dataplane.DataPlane`. Statuses come from the error table
-(:mod:`cnnserve.errors`); an exception that is not ours is logged with its traceback and
-answered INTERNAL with a generic message.
+Thin by design: each RPC converts protobuf ↔ domain (:mod:`cnnserve.protocol.grpc_codec`) and
+calls the one :class:`~cnnserve.gateway.dataplane.DataPlane`. Statuses come from the error
+table (:mod:`cnnserve.protocol.status`); an exception that is not ours is logged with its
+traceback and answered INTERNAL with a generic message.
 """
 
 from __future__ import annotations

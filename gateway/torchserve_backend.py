@@ -1,7 +1,8 @@
 """The ``torchserve`` backend: each formed batch is one TorchServe gRPC ``Predictions`` call.
 
-The gateway has already batched (TorchServe's own batch size stays 1, DESIGN §2), so the
-whole batch travels in one request in the packed format the cnnserve handler reads. The
+The gateway has already batched, so TorchServe's own batch size stays 1 (its delay would only
+add to the gateway's; docs/architecture.md, "Batching once, preparing once") and the whole
+batch travels in one request in the packed format the cnnserve handler reads. The
 client spreads batches over every replica behind the target, attaches each replica's
 inference key and turns TorchServe's failures into cnnserve errors.
 

@@ -1,9 +1,10 @@
-"""Run an exported artifact: the inference core every backend and the TorchServe handler use.
+"""Run an exported artifact: the runners the in-process backends and the TorchServe handler use.
 
 A runner takes a float32 ``N×3×H×W`` batch (already normalized; the TorchScript runner also
 takes uint8 pixels and normalizes them on its device) and returns the network's float32
 output for the whole batch. It is not thread-safe for concurrent calls; callers run
-one batch at a time per runner (the batcher does).
+one batch at a time per runner (the in-process backends give each model one worker thread;
+a TorchServe worker process handles one request list at a time).
 """
 
 from __future__ import annotations

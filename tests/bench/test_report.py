@@ -1,4 +1,4 @@
-"""The report computes the issue's targets as ratios of figures from the same run."""
+"""The report computes the performance targets as ratios of figures from the same run."""
 
 from __future__ import annotations
 

@@ -3,10 +3,11 @@
 Each test draws requests that are wrong in one way (shape, datatype, length, dimensions,
 names, images, size, body, headers), sends each over a real gRPC or HTTP connection to a
 ``cnnserve serve`` process and checks the answer is the error table's row for that fault
-(DESIGN.md §4) with a message that says what was wrong — never INTERNAL/500, a dropped
-connection or a hang. After each test's examples a valid request must still succeed over
-both transports, and the gateway's memory must not have grown by what a bad header
-declared. Examples are bounded and deadlines off so the suite stays within minutes.
+(``cnnserve.protocol.status``; docs/architecture.md, "Errors") with a message that says what
+was wrong — never INTERNAL/500, a dropped connection or a hang. After each test's examples a
+valid request must still succeed over both transports, and the gateway's memory must not
+have grown by what a bad header declared. Examples are bounded and deadlines off so the
+suite stays within minutes.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The dynamic batcher keeps every rule of DESIGN.md §5, on a real event loop.
+"""The dynamic batcher keeps every rule its module lists (docs/architecture.md, "Dynamic
+batching"), on a real event loop.
 
 The batch function here is a small stand-in model (it doubles its input) that records each
 batch it sees and can be held mid-batch, so the tests can arrange exactly what is queued
