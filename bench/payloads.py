@@ -15,9 +15,6 @@ from cnnserve.training.datasets import digits_split, render_digit
 
 from .loadgen import http_request, infer_request
 
-#: Payload kinds: ``tensor`` (FP32 ``input``) or ``png`` (BYTES ``image``, ConvNet only).
-PAYLOADS = ("tensor", "png")
-
 
 def digit_pngs(count: int) -> list[bytes]:
     """``count`` held-out digits as 64×64 PNGs (repeating the split when more are asked)."""
@@ -33,7 +30,8 @@ def tensor_items(items: int, side: int) -> np.ndarray:
 
 
 def oip_request(model: str, side: int, items: int, payload: str) -> bytes:
-    """The serialized ModelInferRequest a scenario sends."""
+    """The serialized ModelInferRequest a scenario sends: ``payload`` ``tensor`` (FP32
+    ``input``) or ``png`` (BYTES ``image``, ConvNet only)."""
     if payload == "png":
         pngs = np.empty(items, dtype=object)
         pngs[:] = digit_pngs(items)

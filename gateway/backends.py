@@ -167,10 +167,6 @@ class InProcessBackend:
             and all(runner.takes_pixels for runner in self._runners.values())
         )
 
-    def device(self, model: str) -> str:
-        """Where ``model`` runs (``cpu``, ``cuda:0``, ``CUDAExecutionProvider``...)."""
-        return self._runners[model].device
-
 
 @dataclass(frozen=True)
 class RunnerOptions:

@@ -182,11 +182,6 @@ class DynamicBatcher:
         self._wakeup: asyncio.Event | None = None
 
     @property
-    def queued_items(self) -> int:
-        """Items waiting for a batch (not counting the batch running now)."""
-        return self._queued
-
-    @property
     def running(self) -> bool:
         """Started, not stopped, and its background task alive."""
         return self._task is not None and not self._task.done() and not self._closing

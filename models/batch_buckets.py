@@ -64,11 +64,6 @@ class StaticBatches:
         self._entries: dict[tuple[int, tuple[int, ...], torch.dtype], _Entry] = {}
         self._full_warned = False
 
-    @property
-    def compiled(self) -> int:
-        """How many (bucket, item shape, dtype) steps exist so far."""
-        return len(self._entries)
-
     def run(self, batch: torch.Tensor) -> torch.Tensor | None:
         """The step's output for ``batch`` (a host or device tensor), first ``len(batch)`` rows.
 
@@ -105,15 +100,6 @@ class _Entry:
     def __init__(self, static_input: torch.Tensor, step: Callable[[], torch.Tensor]) -> None:
         self.static_input = static_input
         self.step = step
-
-
-def eager_step(forward: Callable[[torch.Tensor], torch.Tensor]) -> CompileStep:
-    """Steps that simply call ``forward`` on the static buffer (no capture)."""
-
-    def compile_step(static_input: torch.Tensor) -> Callable[[], torch.Tensor]:
-        return lambda: forward(static_input)
-
-    return compile_step
 
 
 def cuda_graph_step(

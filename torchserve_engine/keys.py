@@ -117,10 +117,6 @@ class KeyDir:
                 f"{cached.path}); has that replica finished starting?"
             ) from None
 
-    def forget(self, host: str, port: int) -> None:
-        """Drop the cached key of a replica that left the rotation."""
-        self._files.pop((host, port), None)
-
 
 def key_store(key_file: Path | None, key_dir: Path | None) -> KeyStore:
     """Keys from ``key_dir`` per replica, else from ``key_file``; none when both are ``None``."""

@@ -264,12 +264,6 @@ class Settings(BaseSettings):
         return self.tls_cert_file is not None
 
     @property
-    def torchserve_key_path(self) -> Path:
-        """TorchServe's key file: ``torchserve_key_file``, else the one `cnnserve torchserve
-        start` leaves in the model store's run directory (``<model_store_dir>/.run``)."""
-        return self.torchserve_key_file or self.model_store_dir / ".run" / "key_file.json"
-
-    @property
     def grpc_target(self) -> str:
         """The gRPC address of TorchServe's inference API."""
         return (

@@ -148,7 +148,8 @@ async def test_request_larger_than_max_batch_spans_batches() -> None:
 
 async def test_cancelled_callers_never_strand_the_others() -> None:
     model = Doubler()
-    async with running(make(model, batch=8, delay_ms=0)) as b:
+    metrics = GatewayMetrics()
+    async with running(make(model, batch=8, delay_ms=0, observer=metrics.observer("m"))) as b:
         model.hold()
         in_batch = asyncio.create_task(b.submit(items(1)))
         survivor = asyncio.create_task(b.submit(items(2)))
@@ -166,7 +167,7 @@ async def test_cancelled_callers_never_strand_the_others() -> None:
             await in_batch
         with pytest.raises(asyncio.CancelledError):
             await queued
-        assert b.queued_items == 0
+        assert metrics.registry.get_sample_value("cnnserve_queue_depth", {"model": "m"}) == 0
     assert not model.saw(3), "a cancelled, still-queued request reached the model"
 
 
@@ -219,13 +220,15 @@ async def test_a_call_cancelled_at_its_deadline_counts_as_expired() -> None:
 
 async def test_full_queue_answers_overloaded_at_once() -> None:
     model = Doubler()
-    async with running(make(model, batch=1, delay_ms=0, queue=4)) as b:
+    metrics = GatewayMetrics()
+    observer = metrics.observer("m")
+    async with running(make(model, batch=1, delay_ms=0, queue=4, observer=observer)) as b:
         model.hold()
         busy = asyncio.create_task(b.submit(items(1)))
         await model.entered.wait()
         queued = asyncio.create_task(b.submit(items(2, 4)))
         await asyncio.sleep(0)
-        assert b.queued_items == 4
+        assert metrics.registry.get_sample_value("cnnserve_queue_depth", {"model": "m"}) == 4
         # While the model is held, only an immediate answer can arrive within the timeout.
         with pytest.raises(OverloadedError, match="4 of 4 items queued"):
             await asyncio.wait_for(b.submit(items(3)), timeout=5)

@@ -146,7 +146,7 @@ def test_no_secret_in_the_log_of_a_real_process(
         "CNNSERVE_MODEL_STORE_DIR": str(torchserve.model_store),
         "CNNSERVE_TORCHSERVE_HOST": s.torchserve_host,
         "CNNSERVE_TORCHSERVE_GRPC_INFERENCE_PORT": str(s.torchserve_grpc_inference_port),
-        "CNNSERVE_TORCHSERVE_KEY_FILE": str(s.torchserve_key_path),
+        "CNNSERVE_TORCHSERVE_KEY_FILE": str(s.torchserve_key_file),
         "CNNSERVE_API_KEY": API_KEY,
     }
     command = [

@@ -19,6 +19,7 @@ from cnnserve.errors import (
 from cnnserve.models.runtime import load_runner
 from cnnserve.torchserve_engine.client import TorchServeClient
 from cnnserve.torchserve_engine.keys import read_inference_key, read_key
+from cnnserve.torchserve_engine.process import KEY_FILE, run_dir_of
 
 from ..conftest import RunningTorchServe, free_ports
 
@@ -40,8 +41,7 @@ def reference(torchserve: RunningTorchServe, model: str, items: np.ndarray) -> n
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def client(torchserve: RunningTorchServe) -> AsyncIterator[TorchServeClient]:
-    key = read_inference_key(torchserve.settings.torchserve_key_path)
-    client = TorchServeClient(torchserve.settings.grpc_target, key)
+    client = TorchServeClient(torchserve.settings.grpc_target, torchserve.inference_key)
     yield client
     await client.close()
 
@@ -138,7 +138,7 @@ async def test_a_deadline_that_passes_is_deadline_exceeded(client: TorchServeCli
 async def test_keys_are_read_from_torchserves_key_file(
     torchserve: RunningTorchServe, tmp_path: Path
 ) -> None:
-    key_file = torchserve.settings.torchserve_key_path
+    key_file = run_dir_of(torchserve.model_store) / KEY_FILE  # where `start` leaves it
     assert read_inference_key(key_file) == torchserve.inference_key
     assert read_key(key_file, "management") != torchserve.inference_key
     with pytest.raises(UnavailableError, match="not found; is TorchServe running"):

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from cnnserve.settings import Settings
 from cnnserve.torchserve_engine.config import LOG_FILES, config_properties, log4j2_xml
-from cnnserve.torchserve_engine.process import KEY_FILE, run_dir_of
 
 ARCHIVES = ["convnet.mar", "fcn.mar"]
 
@@ -69,15 +68,6 @@ def test_ipv6_hosts_are_bracketed_in_urls(tmp_path: Path) -> None:
     props = properties(Settings(torchserve_host="::1"), tmp_path)
     assert props["inference_address"] == "http://[::1]:8080"
     assert props["grpc_inference_address"] == "::1"
-
-
-def test_the_default_key_file_is_where_start_leaves_it(tmp_path: Path) -> None:
-    assert Settings(model_store_dir=tmp_path).torchserve_key_path.resolve() == (
-        run_dir_of(tmp_path) / KEY_FILE
-    )
-    assert Settings(torchserve_key_file=tmp_path / "k.json").torchserve_key_path == (
-        tmp_path / "k.json"
-    )
 
 
 def test_log_configuration_writes_each_line_once(tmp_path: Path) -> None:
