@@ -250,10 +250,14 @@ def encode_infer_request(request: InferRequest) -> tuple[bytes, int]:
 def decode_infer_response(body: bytes, header_length: int | None) -> InferResponse:
     """A response body (JSON, or JSON + binary tensors) → :class:`InferResponse` (client side)."""
     header, binary = _split(body, header_length)
-    document = json.loads(header)
+    try:
+        document = json.loads(header)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CodecError(f"response body is not valid JSON: {exc}") from None
+    document = _expect(document, dict, "response body", "a JSON object")
     outputs: list[Tensor] = []
     offset = 0
-    for index, raw in enumerate(document.get("outputs", [])):
+    for index, raw in enumerate(_expect(document.get("outputs", []), list, "outputs", "a list")):
         tensor, offset = _tensor(raw, index, binary, offset)
         outputs.append(tensor)
     return InferResponse(
