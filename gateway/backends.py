@@ -24,6 +24,7 @@ import torch
 from cnnserve.errors import UnavailableError
 from cnnserve.models.registry import MODELS, get_spec
 from cnnserve.models.runtime import ARTIFACT_SUFFIX, ArtifactFormat, Runner, load_runner
+from cnnserve.models.semantics import probe_input
 from cnnserve.settings import Settings
 
 from .torchserve_backend import TorchServeBackend
@@ -58,17 +59,10 @@ class Backend(Protocol):
         ...
 
 
-def probe_input(model: str) -> np.ndarray:
-    """The smallest batch ``model`` accepts: one all-zero image of its minimum size."""
-    spec = get_spec(model)
-    height, width = spec.fixed_size or (spec.min_side, spec.min_side)
-    return np.zeros((1, 3, height, width), dtype=np.float32)
-
-
 async def answers(infer: Callable[[str, np.ndarray], Awaitable[np.ndarray]], model: str) -> bool:
     """Run a one-item probe through ``infer``; true when it returns one finite row."""
     try:
-        out = await infer(model, probe_input(model))
+        out = await infer(model, probe_input(get_spec(model)))
     except Exception as exc:
         logger.warning("readiness probe of %s failed: %s", model, exc)
         return False

@@ -18,10 +18,10 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, FastAPI, Query, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -34,8 +34,8 @@ from cnnserve.errors import (
     PayloadTooLargeError,
     public_message,
 )
-from cnnserve.models.imaging import encode_mask_png
 from cnnserve.models.registry import get_spec
+from cnnserve.models.semantics import check_image_count, parse_options, render_reply
 from cnnserve.protocol.domain import InferRequest, RequestedOutput, Tensor
 from cnnserve.protocol.http_codec import (
     HEADER_LENGTH,
@@ -49,14 +49,12 @@ from cnnserve.settings import Settings
 
 from .auth import ApiKeyMiddleware, ApiKeys
 from .dataplane import DataPlane, caller_input
-from .openapi import describe_api
+from .openapi import describe_api, option_parameters
 
 logger = logging.getLogger(__name__)
 
 #: zlib ``wbits`` for each accepted request ``Content-Encoding``.
 _ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
-#: Labels (with probabilities) a friendly ConvNet answer lists per image by default.
-DEFAULT_TOP_K = 3
 
 
 def error_response(exc: BaseException) -> JSONResponse:
@@ -209,76 +207,36 @@ def _predict_router(core: DataPlane, settings: Settings) -> APIRouter:
     @router.post(
         "/predict/{model}",
         responses={200: {"content": {"application/json": {}, "image/png": {}}}},
+        # The options are parsed by cnnserve.models.semantics, as TorchServe's handler parses
+        # them, so the route declares them for the description only.
+        openapi_extra={"parameters": option_parameters()},
     )
-    async def predict(
-        model: str,
-        request: Request,
-        top_k: Annotated[int, Query(ge=1, description="Labels listed per image (convnet).")] = (
-            DEFAULT_TOP_K
-        ),
-        format: Annotated[
-            Literal["png", "json"],
-            Query(description="fcn: the mask as a palette PNG, or per-class pixel counts."),
-        ] = "png",
-    ) -> Response:
+    async def predict(model: str, request: Request) -> Response:
         """POST PNG/JPEG image(s) — the raw body, or files of a multipart form.
 
-        convnet answers JSON labels with probabilities; fcn answers the class mask as a PNG
-        (pixel value = class index, shown in colour) for one image, or ``?format=json`` for
-        pixel counts per class.
+        convnet answers JSON: per image the best label and the ``top_k`` most probable, with
+        probabilities; fcn answers the class mask of one image as a palette PNG (pixel value =
+        class index, pixels per class in ``X-Pixel-Counts``), or with ``format=json`` the
+        pixels per class of each image. TorchServe's handler answers the same bytes.
         """
         spec = get_spec(model)
+        options = parse_options(request.query_params)
         images = await _uploaded_images(request, settings.max_message_bytes)
+        check_image_count(spec, options, len(images))
         data = np.empty(len(images), dtype=object)
         data[:] = images
-        classifier = any(o.name == "labels" for o in core.model_metadata(model).outputs)
-        if classifier:
-            outputs = [
-                RequestedOutput("labels", {"top_k": top_k}),
-                RequestedOutput("probabilities"),
-            ]
-        elif format == "png":
-            if len(images) != 1:
-                raise InvalidInputError(
-                    f"a PNG answer holds one mask; got {len(images)} images (send one, or "
-                    "ask for ?format=json)"
-                )
-            outputs = [RequestedOutput("mask")]
-        else:
-            outputs = [RequestedOutput("counts")]
         response = await core.infer(
             InferRequest(
                 model_name=model,
                 inputs=[Tensor("image", "BYTES", (len(images),), data)],
-                outputs=outputs,
+                outputs=[RequestedOutput(spec.output_name)],
             )
         )
-        result = {t.name: t.data for t in response.outputs}
-        if classifier:
-            return JSONResponse(
-                {"model": model, "predictions": _classifications(result, spec.labels)}
-            )
-        if format == "png":
-            return Response(encode_mask_png(result["mask"][0]), media_type="image/png")
-        counts = [dict(zip(spec.labels, map(int, row), strict=True)) for row in result["counts"]]
-        return JSONResponse(
-            {"model": model, "predictions": [{"counts": c} for c in counts]},
-        )
+        (raw,) = response.outputs
+        reply = render_reply(spec, raw.data, options)
+        return Response(reply.body, media_type=reply.content_type, headers=dict(reply.headers))
 
     return router
-
-
-def _classifications(
-    result: dict[str, np.ndarray], labels: tuple[str, ...]
-) -> list[dict[str, Any]]:
-    predictions = []
-    for ranked, probabilities in zip(result["labels"], result["probabilities"], strict=True):
-        top = [
-            {"label": label, "probability": float(probabilities[labels.index(label)])}
-            for label in (bytes(item).decode() for item in ranked)
-        ]
-        predictions.append({"label": top[0]["label"], "top_k": top})
-    return predictions
 
 
 def create_http_app(core: DataPlane, settings: Settings) -> FastAPI:

@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from cnnserve.models.semantics import FORMAT_OPTION, TOP_K_OPTION, MaskFormat, ReplyOptions
 from cnnserve.protocol.domain import DATATYPES
 
 #: What each error status means, from the error table.
@@ -121,6 +122,29 @@ _IMAGE_BODY = {
         },
     },
 }
+
+
+def option_parameters() -> list[dict[str, Any]]:
+    """The friendly route's query parameters: the reply options, with their defaults."""
+    defaults = ReplyOptions()
+    schemas = {
+        TOP_K_OPTION: {"type": "integer", "minimum": 1, "default": defaults.top_k},
+        FORMAT_OPTION: {
+            "type": "string",
+            "enum": [f.value for f in MaskFormat],
+            "default": defaults.format.value,
+        },
+    }
+    return [
+        {
+            "name": option.name,
+            "in": "query",
+            "required": False,
+            "description": option.description,
+            "schema": schema,
+        }
+        for option, schema in schemas.items()
+    ]
 
 
 def _errors(*codes: str) -> dict[str, Any]:

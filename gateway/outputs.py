@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from cnnserve.errors import InvalidInputError
-from cnnserve.models.registry import ModelSpec
+from cnnserve.models.registry import ModelSpec, Task
+from cnnserve.models.semantics import pixel_counts, ranked
 from cnnserve.models.steps import class_mask, softmax
 from cnnserve.protocol.domain import ParameterValue, RequestedOutput, Tensor, TensorMetadata
 
@@ -69,10 +70,9 @@ class _Output:
 
 def _classified(values: np.ndarray, labels: tuple[str, ...], k: int) -> np.ndarray:
     """Triton's classification strings ``value:index:label`` for the k largest values."""
-    k = min(k, values.shape[-1])
-    order = np.argsort(-values, axis=-1, kind="stable")[:, :k]
     rows = [
-        [f"{values[n, i]:f}:{i}:{labels[i]}".encode() for i in row] for n, row in enumerate(order)
+        [f"{values[n, i]:f}:{i}:{labels[i]}".encode() for i in row]
+        for n, row in enumerate(ranked(values, k))
     ]
     return np.array(rows, dtype=object)
 
@@ -94,22 +94,13 @@ def _label_bytes(labels: tuple[str, ...]) -> np.ndarray:
 
 
 def _labels(out: _Raw, k: int | None) -> np.ndarray:
-    # The ranking steps.top_k gives (stable order of the probabilities), without a Python
-    # loop per row.
-    probabilities = out.probabilities
-    k = min(k or 1, probabilities.shape[-1])
-    order = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k]
-    ranked: np.ndarray = _label_bytes(out.spec.labels)[order]
-    return ranked
+    # The friendly top-k's ranking, without a Python loop per row.
+    labels: np.ndarray = _label_bytes(out.spec.labels)[ranked(out.probabilities, k or 1)]
+    return labels
 
 
 def _counts(out: _Raw, _k: int | None) -> np.ndarray:
-    # One bincount for the whole batch: item n's classes are shifted to n·C … n·C + C - 1.
-    mask = out.mask
-    num_classes = out.spec.num_classes
-    offsets = (np.arange(len(mask), dtype=np.int64) * num_classes)[:, None, None]
-    counts = np.bincount((mask + offsets).ravel(), minlength=len(mask) * num_classes)
-    return counts.reshape(len(mask), num_classes).astype(np.int64)
+    return pixel_counts(out.mask, out.spec.num_classes)
 
 
 _CLASSIFIER = (
@@ -122,13 +113,15 @@ _SEGMENTER = (
     _Output("mask", "UINT8", lambda c: (-1, -1, -1), lambda out, _k: out.mask),
     _Output("counts", "INT64", lambda c: (-1, c), _counts),
 )
-_DEFAULTS = {"logits": ("labels", "probabilities"), "scores": ("mask", "counts")}
+_FAMILIES = {Task.CLASSIFICATION: _CLASSIFIER, Task.SEGMENTATION: _SEGMENTER}
+_DEFAULTS = {
+    Task.CLASSIFICATION: ("labels", "probabilities"),
+    Task.SEGMENTATION: ("mask", "counts"),
+}
 
 
 def _outputs(spec: ModelSpec) -> dict[str, _Output]:
-    # The network's raw output says which family the model belongs to.
-    family = _CLASSIFIER if spec.output_name == "logits" else _SEGMENTER
-    return {o.name: o for o in family}
+    return {o.name: o for o in _FAMILIES[spec.task]}
 
 
 def output_metadata(spec: ModelSpec) -> tuple[TensorMetadata, ...]:
@@ -141,7 +134,7 @@ def output_metadata(spec: ModelSpec) -> tuple[TensorMetadata, ...]:
 
 def default_outputs(spec: ModelSpec) -> tuple[str, ...]:
     """The outputs sent when a request names none."""
-    return _DEFAULTS[spec.output_name]
+    return _DEFAULTS[spec.task]
 
 
 @dataclass(frozen=True)

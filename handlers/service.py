@@ -6,7 +6,10 @@ length back. Each request is one of two forms, told apart by its bytes:
 - a **packed batch** (``.npy``, see :mod:`cnnserve.handlers.packing`) of already-normalized
   items, as the gateway sends: answered with the packed raw outputs for all its items;
 - a **direct image** (PNG/JPEG body, e.g. ``curl -T digit.png .../predictions/convnet``):
-  decoded and prepared by the shared model-side steps, answered by the model's renderer.
+  decoded and prepared by the shared model-side steps, answered with the friendly reply of
+  :mod:`cnnserve.models.semantics` (the gateway's ``/predict`` gives the same bytes). Its
+  options come from request headers and extra named inputs: TorchServe 0.12 passes headers on
+  to handlers but drops query parameters.
 
 A request that fails (undecodable image, wrong shape, bad option) gets its own 4xx status and
 a JSON error body while the other requests in the same TorchServe batch are answered as usual.
@@ -16,8 +19,8 @@ All the model code lives in :mod:`cnnserve.models`; this module only adapts Torc
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,6 +31,12 @@ import torch
 from cnnserve.errors import CnnserveError, InvalidInputError
 from cnnserve.models.registry import ModelSpec, get_spec
 from cnnserve.models.runtime import ARTIFACT_SUFFIX, ArtifactFormat, Runner, load_runner
+from cnnserve.models.semantics import (
+    JSON_CONTENT_TYPE,
+    ReplyOptions,
+    parse_options,
+    render_reply,
+)
 from cnnserve.models.steps import normalize
 from cnnserve.protocol.status import http_status
 
@@ -45,7 +54,6 @@ logger = logging.getLogger(__name__)
 #: Where a request's payload may sit: the gateway's packed batch, a gRPC ``data`` input, or
 #: the raw REST body (TorchServe names it ``body``).
 PAYLOAD_NAMES = (PACKED_INPUT_NAME, "data", "body")
-JSON_CONTENT_TYPE = "application/json"
 
 
 class HandlerContext(Protocol):
@@ -76,28 +84,14 @@ class HandlerContext(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class Reply:
-    """What a direct-image request gets back: body, media type and extra headers."""
-
-    body: bytes
-    content_type: str
-    headers: Mapping[str, str] = field(default_factory=dict)
-
-
-#: Turns one image's network output (no batch axis) and the request's options (headers and
-#: any extra named inputs, lower-cased names) into the reply a person reads.
-Renderer = Callable[[ModelSpec, np.ndarray, Mapping[str, str]], Reply]
-
-
 @dataclass
 class _Job:
     """One TorchServe request, parsed: its items and how to answer it."""
 
     index: int
     items: np.ndarray
-    packed: bool
-    options: Mapping[str, str]
+    #: The friendly reply's options of a direct image; None for a packed batch.
+    options: ReplyOptions | None
 
 
 @dataclass(frozen=True)
@@ -113,9 +107,8 @@ class LoadedModel:
 class ModelHandler:
     """A TorchServe function-style handler for one model; see the module docstring."""
 
-    def __init__(self, model_name: str, render: Renderer) -> None:
+    def __init__(self, model_name: str) -> None:
         self.spec = get_spec(model_name)
-        self._render = render
         self.model: LoadedModel | None = None
 
     def handle(
@@ -141,13 +134,14 @@ class ModelHandler:
 
     def _parse(self, index: int, request: Mapping[str, Any], context: HandlerContext) -> _Job:
         payload = _payload(request)
-        options = _options(request, context.get_all_request_header(index))
         if is_packed(payload):
             items = unpack(payload, ndim=4)
             self.spec.check_item_shape(items.shape[1:])
-            return _Job(index, items, packed=True, options=options)
+            return _Job(index, items, options=None)
+        # Options first: a bad one is refused before the image is decoded.
+        options = parse_options(_options(request, context.get_all_request_header(index)))
         pixels = self.spec.image_to_pixels(payload)
-        return _Job(index, normalize(pixels)[np.newaxis], packed=False, options=options)
+        return _Job(index, normalize(pixels)[np.newaxis], options)
 
     def _run(self, jobs: list[_Job], context: HandlerContext, replies: list[Any]) -> None:
         assert self.model is not None
@@ -167,10 +161,10 @@ class ModelHandler:
                 replies[job.index] = _fail(context, job.index, exc)
 
     def _reply(self, job: _Job, output: np.ndarray, context: HandlerContext) -> bytes:
-        if job.packed:
+        if job.options is None:
             context.set_response_content_type(job.index, PACKED_CONTENT_TYPE)
             return pack(output, ndim=None)
-        reply = self._render(self.spec, output[0], job.options)
+        reply = render_reply(self.spec, output, job.options)
         context.set_response_content_type(job.index, reply.content_type)
         for key, value in reply.headers.items():
             context.set_response_header(job.index, key, value)
@@ -235,10 +229,7 @@ def _payload(request: Mapping[str, Any]) -> bytes:
 
 
 def _options(request: Mapping[str, Any], headers: Mapping[str, Any]) -> dict[str, str]:
-    """Request headers and extra named inputs as one lower-cased, string-valued mapping.
-
-    (TorchServe 0.12 passes HTTP headers on to handlers but drops query parameters.)
-    """
+    """Request headers and extra named inputs as one lower-cased, string-valued mapping."""
     options: dict[str, str] = {}
     for source in (headers, request):
         for name, value in source.items():

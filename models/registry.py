@@ -5,6 +5,7 @@ A literal dict on purpose: two models need no plugin machinery.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +27,21 @@ FCN_MIN_SIDE = 7
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 
+class Task(enum.Enum):
+    """What a model's output means; everything that answers differently per model asks this."""
+
+    #: One label per image: the network's output is ``N×C`` logits.
+    CLASSIFICATION = "classification"
+    #: One class per pixel: the network's output is ``N×C×H×W`` scores.
+    SEGMENTATION = "segmentation"
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything the serving side needs to know about one model."""
 
     name: str
+    task: Task
     labels: tuple[str, ...]
     build: Callable[[int], nn.Module]
     #: ``(H, W)`` when the network accepts one size only; ``None`` when any size in range.
@@ -103,6 +114,7 @@ SHAPE_CLASSES = ("background", "solid", "outline", "striped")
 MODELS: dict[str, ModelSpec] = {
     "convnet": ModelSpec(
         name="convnet",
+        task=Task.CLASSIFICATION,
         labels=tuple(str(d) for d in range(10)),
         build=ConvNet,
         fixed_size=(CONVNET_SIDE, CONVNET_SIDE),
@@ -114,6 +126,7 @@ MODELS: dict[str, ModelSpec] = {
     ),
     "fcn": ModelSpec(
         name="fcn",
+        task=Task.SEGMENTATION,
         labels=SHAPE_CLASSES,
         build=FCN,
         fixed_size=None,

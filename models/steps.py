@@ -1,16 +1,13 @@
-"""Model-side steps shared by every backend: pixels → input tensor, outputs → results.
+"""Model-side steps shared by every backend: pixels → input tensor, raw outputs → arrays.
 
 The TorchServe handler, the in-process backends and training all call these, so a digit
-is prepared the same way wherever it is served.
+is prepared the same way wherever it is served. What the outputs mean to a caller (top-k,
+pixel counts, the friendly replies) is :mod:`.semantics`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
-
-from cnnserve.errors import InvalidInputError
 
 from .imaging import resize_rgb
 from .pixels import PIXEL_MEAN, PIXEL_STD, normalize
@@ -22,14 +19,11 @@ __all__ = [
     "DIGIT_BOX",
     "PIXEL_MEAN",
     "PIXEL_STD",
-    "Classification",
     "class_mask",
     "digit_pixels",
     "normalize",
-    "pixel_counts",
     "softmax",
     "to_chw",
-    "top_k",
 ]
 
 #: ConvNet's input side; the digit's longer side is scaled to DIGIT_BOX inside it.
@@ -74,15 +68,6 @@ def digit_pixels(rgb: np.ndarray) -> np.ndarray:
     return to_chw(canvas)
 
 
-@dataclass(frozen=True)
-class Classification:
-    """One image's top-k classes, best first."""
-
-    labels: tuple[str, ...]
-    indices: tuple[int, ...]
-    probabilities: tuple[float, ...]
-
-
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax over the last axis, stable for large logits."""
     shifted = logits - logits.max(axis=-1, keepdims=True)
@@ -91,29 +76,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return probabilities
 
 
-def top_k(logits: np.ndarray, labels: tuple[str, ...], k: int) -> list[Classification]:
-    """``N×C`` logits → N classifications of the ``k`` most probable classes."""
-    if k < 1:
-        raise InvalidInputError(f"top-k must be at least 1, got {k}")
-    k = min(k, logits.shape[-1])
-    probs = softmax(logits)
-    order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
-    return [
-        Classification(
-            labels=tuple(labels[i] for i in row),
-            indices=tuple(int(i) for i in row),
-            probabilities=tuple(float(probs[n, i]) for i in row),
-        )
-        for n, row in enumerate(order)
-    ]
-
-
 def class_mask(scores: np.ndarray) -> np.ndarray:
     """``N×C×H×W`` scores → ``N×H×W`` uint8 class indices (argmax over classes)."""
     mask: np.ndarray = scores.argmax(axis=1).astype(np.uint8)
     return mask
-
-
-def pixel_counts(mask: np.ndarray, num_classes: int) -> list[int]:
-    """Pixels per class in one ``H×W`` mask, indexed by class."""
-    return [int(c) for c in np.bincount(mask.ravel(), minlength=num_classes)]

@@ -30,6 +30,7 @@ from cnnserve.errors import (
 )
 from cnnserve.handlers.packing import PACKED_INPUT_NAME, pack, unpack_response
 from cnnserve.models.registry import MODELS
+from cnnserve.models.semantics import probe_input
 from cnnserve.protocol import torchserve_inference_pb2 as pb
 
 from .keys import FixedKey, KeyStore
@@ -185,17 +186,16 @@ class TorchServeClient:
         """Whether every one of ``models`` answers a one-item probe batch right now.
 
         TorchServe's inference API has no per-model readiness call, so each model runs the
-        smallest input it accepts (one all-zero image) end to end; that also proves the key,
-        the handler and the artifact work. Models cnnserve does not know are never ready.
+        probe input (:func:`~cnnserve.models.semantics.probe_input`: one all-zero image) end
+        to end; that also proves the key, the handler and the artifact work. Models cnnserve
+        does not know are never ready.
         """
         for model in models:
             spec = MODELS.get(model)
             if spec is None:
                 return False
-            height, width = spec.fixed_size or (spec.min_side, spec.min_side)
-            probe = np.zeros((1, 3, height, width), dtype=np.float32)
             try:
-                await self.predict_batch(model, probe, timeout_s=PROBE_TIMEOUT_S)
+                await self.predict_batch(model, probe_input(spec), timeout_s=PROBE_TIMEOUT_S)
             except CnnserveError as exc:
                 logger.info("TorchServe model %s is not ready: %s", model, exc)
                 return False

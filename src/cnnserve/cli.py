@@ -368,8 +368,11 @@ def predict(
     """Classify digits (convnet) or write segmentation masks (fcn) through a running gateway."""
     from cnnserve.client.inference import ServerError, TlsConfig, connect
     from cnnserve.client.predict import classify_files, segment_files
+    from cnnserve.models.registry import Task, get_spec
     from cnnserve.settings import Settings
 
+    with user_errors():
+        task = get_spec(model).task
     settings = Settings()
     port = port or (settings.http_port if http else settings.grpc_port)
     secure = tls or ca_file is not None or cert_file is not None
@@ -382,7 +385,7 @@ def predict(
         try:
             lines = (
                 segment_files(client, images, model, out)
-                if model == "fcn"
+                if task is Task.SEGMENTATION
                 else classify_files(client, images, model)
             )
             for line in lines:

@@ -77,10 +77,19 @@ async def test_predict_writes_fcn_masks(gateway: Gateway, tmp_path: Path) -> Non
 
 async def test_predict_reports_server_errors(gateway: Gateway, tmp_path: Path) -> None:
     path = tmp_path / "digit.png"
-    path.write_bytes(digit_png(0)[0])
-    code, _, err = await _predict("--port", str(gateway.grpc_port), "--model", "resnet", str(path))
+    path.write_bytes(b"not an image")
+    code, _, err = await _predict("--port", str(gateway.grpc_port), str(path))
     assert code == 2
-    assert "NOT_FOUND: unknown model 'resnet'" in err
+    assert "INVALID_ARGUMENT" in err and "could not decode image" in err
+
+
+async def test_predict_refuses_an_unknown_model_before_calling(tmp_path: Path) -> None:
+    # The model's task decides how its answer is shown, so an unknown one stops here.
+    path = tmp_path / "digit.png"
+    path.write_bytes(digit_png(0)[0])
+    code, _, err = await _predict("--port", "1", "--model", "resnet", str(path))
+    assert code == 2
+    assert err == "error: unknown model 'resnet'; served models are: convnet, fcn\n"
 
 
 async def test_mask_path_defaults_beside_the_image() -> None:

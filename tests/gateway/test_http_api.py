@@ -21,6 +21,7 @@ from PIL import Image
 
 from cnnserve.errors import GENERIC_INTERNAL_MESSAGE
 from cnnserve.gateway.server import Gateway
+from cnnserve.models.semantics import DEFAULT_TOP_K, PIXEL_COUNTS_HEADER
 from tests.gateway.harness import (
     ExplodingBackend,
     digit_input,
@@ -252,9 +253,12 @@ async def test_predict_convnet_raw_body(http: httpx.AsyncClient) -> None:
     png, label = digit_png(7)
     reply = await http.post("/predict/convnet", content=png, headers={"Content-Type": "image/png"})
     assert reply.status_code == 200, reply.text
+    assert reply.headers["content-type"] == "application/json"
     (prediction,) = reply.json()["predictions"]
     assert prediction["label"] == str(label)
-    assert len(prediction["top_k"]) == 3
+    assert len(prediction["top_k"]) == DEFAULT_TOP_K
+    best = prediction["top_k"][0]
+    assert (best["label"], best["index"]) == (str(label), label)
     probabilities = [p["probability"] for p in prediction["top_k"]]
     assert probabilities == sorted(probabilities, reverse=True)
 
@@ -279,21 +283,24 @@ async def test_predict_fcn_mask_png_and_counts(http: httpx.AsyncClient) -> None:
     classes = np.asarray(mask)
     assert classes.shape == truth.shape
     assert classes.max() < 4
+    counts = json.loads(reply.headers[PIXEL_COUNTS_HEADER])
     reply = await http.post("/predict/fcn", content=png, params={"format": "json"})
     assert reply.status_code == 200, reply.text
     (prediction,) = reply.json()["predictions"]
-    assert set(prediction["counts"]) == {"background", "solid", "outline", "striped"}
-    assert sum(prediction["counts"].values()) == 40 * 40
-    assert prediction["counts"]["background"] == int((classes == 0).sum())
+    assert prediction == {"counts": counts}
+    assert list(counts) == ["background", "solid", "outline", "striped"]
+    assert sum(counts.values()) == 40 * 40
+    assert counts["background"] == int((classes == 0).sum())
 
 
 async def test_predict_refusals(http: httpx.AsyncClient) -> None:
     assert "could not decode image" in _error(
         await http.post("/predict/convnet", content=b"hi"), 400
     )
-    assert "top_k" in _error(
-        await http.post("/predict/convnet", content=digit_png(0)[0], params={"top_k": 0}), 400
-    )
+    refused = await http.post("/predict/convnet", content=digit_png(0)[0], params={"top_k": 0})
+    assert _error(refused, 400) == "top_k must be an integer ≥ 1, got '0'"
+    refused = await http.post("/predict/fcn", content=digit_png(0)[0], params={"format": "gif"})
+    assert _error(refused, 400) == "format must be png or json, got 'gif'"
     png, _ = shapes_png(1)
     files = [("a", ("a.png", png, "image/png")), ("b", ("b.png", png, "image/png"))]
     assert "a PNG answer holds one mask" in _error(

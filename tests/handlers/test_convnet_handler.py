@@ -1,4 +1,4 @@
-"""The ConvNet entry point: a digit image in, the right digit (top-k JSON) out."""
+"""The ConvNet entry point: a digit image in, the right digit (the friendly top-k JSON) out."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 from ts.context import Context
 
 from cnnserve.handlers import convnet_handler
-from cnnserve.handlers.convnet_handler import DEFAULT_TOP_K, render_classification
 from cnnserve.handlers.service import ModelHandler
 from cnnserve.models.registry import get_spec
 from cnnserve.models.runtime import load_runner
+from cnnserve.models.semantics import DEFAULT_TOP_K, ReplyOptions, render_reply
 from cnnserve.models.steps import normalize, softmax
 
 from ..images import digit_png
@@ -24,7 +24,7 @@ DIGITS = range(10)
 
 @pytest.fixture(scope="module")
 def handler_and_context(artifacts_dir: Path) -> tuple[ModelHandler, Context]:
-    handler = ModelHandler("convnet", render_classification)
+    handler = ModelHandler("convnet")
     context = make_context("convnet", artifacts_dir, "convnet.pt")
     handler.handle(None, context)
     return handler, context
@@ -41,21 +41,26 @@ def test_digits_come_back_right_with_the_in_process_probabilities(
     correct = 0
     for (png, label), answer in zip(images, answers, strict=True):
         assert answer.status == 200
-        predictions = json.loads(answer.body)["predictions"]
-        assert len(predictions) == DEFAULT_TOP_K
-        probabilities = softmax(runner.infer(normalize(spec.image_to_pixels(png))[None]))[0]
+        assert answer.content_type == "application/json"
+        (prediction,) = json.loads(answer.body)["predictions"]
+        ranked = prediction["top_k"]
+        assert len(ranked) == DEFAULT_TOP_K
+        logits = runner.infer(normalize(spec.image_to_pixels(png))[None])
+        probabilities = softmax(logits)[0]
         best = int(np.argmax(probabilities))
-        assert predictions[0]["index"] == best
-        assert predictions[0]["label"] == spec.labels[best]
-        assert predictions[0]["probability"] == pytest.approx(float(probabilities[best]), abs=1e-5)
-        assert [p["probability"] for p in predictions] == sorted(
-            (p["probability"] for p in predictions), reverse=True
+        assert prediction["label"] == ranked[0]["label"] == spec.labels[best]
+        assert ranked[0]["index"] == best
+        assert ranked[0]["probability"] == pytest.approx(float(probabilities[best]), abs=1e-4)
+        assert [p["probability"] for p in ranked] == sorted(
+            (p["probability"] for p in ranked), reverse=True
         )
-        correct += predictions[0]["label"] == str(label)
+        # The reply is the shared renderer's, byte for byte.
+        assert answer.body == render_reply(spec, logits, ReplyOptions()).body
+        correct += prediction["label"] == str(label)
     assert correct >= 9  # the demo weights score 98% on held-out digits
 
 
-def test_top_k_comes_from_the_x_top_k_header(
+def test_top_k_comes_from_the_x_top_k_header_or_a_top_k_input(
     handler_and_context: tuple[ModelHandler, Context],
 ) -> None:
     handler, context = handler_and_context
@@ -66,17 +71,22 @@ def test_top_k_comes_from_the_x_top_k_header(
         [
             request(png, headers={"X-Top-K": "10"}),
             request(png, headers={"x-top-k": "1"}),
+            ({"body": bytearray(png), "top_k": bytearray(b"2")}, {}),
             request(png, headers={"X-Top-K": "many"}),
             request(png, headers={"X-Top-K": "0"}),
         ],
     )
-    assert [a.status for a in answers] == [200, 200, 400, 400]
-    ten = json.loads(answers[0].body)["predictions"]
-    assert sorted(p["label"] for p in ten) == [str(d) for d in range(10)]
-    assert sum(p["probability"] for p in ten) == pytest.approx(1.0, abs=1e-5)
-    assert json.loads(answers[1].body)["predictions"] == ten[:1]
-    assert "X-Top-K must be an integer, got 'many'" in answers[2].body.decode()
-    assert "top-k must be at least 1, got 0" in answers[3].body.decode()
+    assert [a.status for a in answers] == [200, 200, 200, 400, 400]
+    (ten,), (one,), (two,) = (json.loads(a.body)["predictions"] for a in answers[:3])
+    assert sorted(p["label"] for p in ten["top_k"]) == [str(d) for d in range(10)]
+    assert sum(p["probability"] for p in ten["top_k"]) == pytest.approx(1.0, abs=1e-3)
+    assert one["top_k"] == ten["top_k"][:1]
+    assert two["top_k"] == ten["top_k"][:2]
+    errors = [json.loads(a.body)["message"] for a in answers[3:]]
+    assert errors == [
+        "X-Top-K must be an integer ≥ 1, got 'many'",
+        "X-Top-K must be an integer ≥ 1, got '0'",
+    ]
 
 
 def test_the_module_entry_point_serves_convnet(artifacts_dir: Path) -> None:

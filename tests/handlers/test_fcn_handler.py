@@ -1,4 +1,4 @@
-"""The FCN entry point: an image in, its class mask (PNG or JSON) and pixel counts out."""
+"""The FCN entry point: an image in, its class mask (palette PNG) or pixel counts (JSON) out."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from PIL import Image
 from ts.context import Context
 
 from cnnserve.handlers import fcn_handler
-from cnnserve.handlers.fcn_handler import PIXEL_COUNTS_HEADER, render_segmentation
 from cnnserve.handlers.service import ModelHandler
 from cnnserve.models.registry import SHAPE_CLASSES, get_spec
 from cnnserve.models.runtime import load_runner
+from cnnserve.models.semantics import PIXEL_COUNTS_HEADER
 from cnnserve.models.steps import class_mask, normalize
 
 from ..images import encode, shapes_png
@@ -24,7 +24,7 @@ from .harness import call, make_context, request
 
 @pytest.fixture(scope="module")
 def handler_and_context(artifacts_dir: Path) -> tuple[ModelHandler, Context]:
-    handler = ModelHandler("fcn", render_segmentation)
+    handler = ModelHandler("fcn")
     context = make_context("fcn", artifacts_dir, "fcn.pt")
     handler.handle(None, context)
     return handler, context
@@ -47,7 +47,7 @@ def test_mask_png_has_the_image_size_classes_and_counts(
     assert answer.status == 200
     assert answer.content_type == "image/png"
     image = Image.open(io.BytesIO(answer.body))
-    assert image.mode == "L"
+    assert image.mode == "P"
     assert image.size == (side, side)
     mask = np.asarray(image)
     assert set(np.unique(mask)) <= set(range(len(SHAPE_CLASSES)))
@@ -58,21 +58,29 @@ def test_mask_png_has_the_image_size_classes_and_counts(
     assert mask.shape == truth.shape
 
 
-def test_json_when_asked(handler_and_context: tuple[ModelHandler, Context]) -> None:
+def test_pixel_counts_as_json_when_asked(
+    handler_and_context: tuple[ModelHandler, Context],
+) -> None:
     handler, context = handler_and_context
     png, _ = shapes_png(4, 48)
-    as_png, as_json = call(
+    as_png, as_json, by_input, bad = call(
         handler.handle,
         context,
-        [request(png), request(png, headers={"Accept": "application/json"})],
+        [
+            request(png),
+            request(png, headers={"X-Format": "json"}),
+            ({"body": bytearray(png), "format": bytearray(b"json")}, {}),
+            request(png, headers={"X-Format": "gif"}),
+        ],
     )
     assert as_json.content_type == "application/json"
-    body = json.loads(as_json.body)
-    assert (body["model"], body["height"], body["width"]) == ("fcn", 48, 48)
-    assert body["labels"] == list(SHAPE_CLASSES)
-    mask = np.asarray(Image.open(io.BytesIO(as_png.body)))
-    np.testing.assert_array_equal(np.array(body["mask"], dtype=np.uint8), mask)
-    assert body["pixel_counts"] == json.loads(as_png.headers[PIXEL_COUNTS_HEADER])
+    assert json.loads(as_json.body) == {
+        "model": "fcn",
+        "predictions": [{"counts": json.loads(as_png.headers[PIXEL_COUNTS_HEADER])}],
+    }
+    assert by_input.body == as_json.body
+    assert bad.status == 400
+    assert json.loads(bad.body)["message"] == "X-Format must be png or json, got 'gif'"
 
 
 def test_images_outside_the_size_range_fail_alone(

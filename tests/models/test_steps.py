@@ -7,7 +7,7 @@ import pytest
 
 from cnnserve.errors import InvalidInputError, UnknownModelError
 from cnnserve.models.registry import MODELS, get_spec
-from cnnserve.models.steps import class_mask, digit_pixels, normalize, pixel_counts, softmax, top_k
+from cnnserve.models.steps import class_mask, digit_pixels, normalize
 
 from ..images import digit_png, encode, held_out_digit, shapes_png
 
@@ -63,20 +63,9 @@ def test_unknown_model_lists_the_known_ones() -> None:
         get_spec("resnet")
 
 
-def test_top_k_orders_by_probability() -> None:
-    logits = np.array([[0.0, 3.0, 1.0], [5.0, 0.0, 0.0]], dtype=np.float32)
-    result = top_k(logits, ("a", "b", "c"), k=2)
-    assert [r.labels for r in result] == [("b", "c"), ("a", "b")]
-    assert result[0].probabilities[0] == pytest.approx(float(softmax(logits)[0, 1]))
-    assert sum(top_k(logits, ("a", "b", "c"), k=10)[0].probabilities) == pytest.approx(1.0)
-    with pytest.raises(InvalidInputError):
-        top_k(logits, ("a", "b", "c"), k=0)
-
-
-def test_mask_and_counts() -> None:
+def test_mask_is_the_argmax_class() -> None:
     scores = np.zeros((1, 3, 2, 2), dtype=np.float32)
     scores[0, 2, 0, 0] = 1.0
     scores[0, 1, 1, :] = 1.0
     mask = class_mask(scores)
     assert mask.tolist() == [[[2, 0], [1, 1]]]
-    assert pixel_counts(mask[0], 3) == [1, 2, 1]
