@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,11 +20,17 @@ from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports nothing listens on right now (all held open while they
+    are chosen, so no two are the same)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 @dataclass
@@ -34,6 +41,7 @@ class GatewayProcess:
     grpc_port: int
     http_port: int
     metrics_port: int
+    log_path: Path
 
     @property
     def grpc_target(self) -> str:
@@ -44,6 +52,10 @@ class GatewayProcess:
     def metrics_url(self) -> str:
         """URL of the Prometheus text endpoint."""
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def output(self) -> str:
+        """Everything the gateway printed so far (stdout and stderr)."""
+        return self.log_path.read_text(errors="replace")
 
     def processes(self) -> list[psutil.Process]:
         """The gateway process and its children (the workers when it runs several)."""
@@ -81,28 +93,36 @@ class GatewayProcess:
 
 
 def start_gateway(
-    backend: str, env_overrides: dict[str, str], log_path: Path, ready_timeout_s: float = 120.0
+    backend: str,
+    env_overrides: Mapping[str, str],
+    log_path: Path,
+    ready_timeout_s: float = 120.0,
+    environ: Mapping[str, str] | None = None,
 ) -> GatewayProcess:
     """Run ``cnnserve serve`` on free ports and wait until gRPC ServerReady says true (and,
     with ``CNNSERVE_GATEWAY_PROCESSES``, until every process listens, so the load reaches
-    all of them)."""
-    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
-    env = {**os.environ, **env_overrides}
+    all of them). Its environment is ``environ`` (default: this process's) with
+    ``env_overrides``; its output is appended to ``log_path``."""
+    grpc_port, http_port, metrics_port = free_ports(3)
+    env = {**(os.environ if environ is None else environ), **env_overrides}
     listeners = int(env.get("CNNSERVE_GATEWAY_PROCESSES", "1"))
     command = [
         sys.executable, "-m", "cnnserve", "serve", "--backend", backend, "--host", "127.0.0.1",
         "--grpc-port", str(grpc_port), "--http-port", str(http_port),
         "--metrics-port", str(metrics_port),
     ]  # fmt: skip
-    log = log_path.open("ab")
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    gateway = GatewayProcess(process, grpc_port, http_port, metrics_port)
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    gateway = GatewayProcess(process, grpc_port, http_port, metrics_port, log_path)
     deadline = time.monotonic() + ready_timeout_s
     with grpc.insecure_channel(gateway.grpc_target) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise RuntimeError(f"gateway exited with {process.returncode}; see {log_path}")
+                raise RuntimeError(
+                    f"gateway exited with {process.returncode} while starting; "
+                    f"its output ({log_path}):\n{_tail(gateway.output())}"
+                )
             try:
                 ready = stub.ServerReady(pb.ServerReadyRequest(), timeout=2).ready
                 if ready and gateway.grpc_listeners() >= listeners:
@@ -111,4 +131,12 @@ def start_gateway(
                 pass
             time.sleep(0.5)
     gateway.stop()
-    raise RuntimeError(f"gateway not ready after {ready_timeout_s}s; see {log_path}")
+    raise RuntimeError(
+        f"gateway not ready after {ready_timeout_s}s; its output ({log_path}):\n"
+        f"{_tail(gateway.output())}"
+    )
+
+
+def _tail(text: str, lines: int = 40) -> str:
+    """The last ``lines`` lines of a process's output, for an error message."""
+    return "\n".join(text.splitlines()[-lines:])

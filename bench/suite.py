@@ -37,7 +37,7 @@ from cnnserve.models.runtime import ARTIFACT_SUFFIX, ArtifactFormat, Runner, loa
 from cnnserve.settings import Settings
 
 from .echo import serve_echo_forever
-from .gateway_process import GatewayProcess, free_port, start_gateway
+from .gateway_process import GatewayProcess, free_ports, start_gateway
 from .loadgen import LoadResult, LoadSpec, check_http_request, check_request, run_load
 from .payloads import oip_request, rest_request, tensor_items
 from .report import TORCHSERVE_REST
@@ -194,7 +194,7 @@ def _full(backends: list[str]) -> list[Scenario]:
 @contextmanager
 def echo_server(event_loop: str) -> Iterator[str]:
     """A bare gRPC echo server in its own process; yields its target."""
-    port = free_port()
+    (port,) = free_ports(1)
     process = multiprocessing.get_context("spawn").Process(
         target=serve_echo_forever, args=("127.0.0.1", port, event_loop), daemon=True
     )

@@ -24,7 +24,7 @@ from cnnserve.torchserve_engine.process import (
     stop,
 )
 
-from .gateway_process import free_port
+from .gateway_process import free_ports
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def running_torchserve(
     store = work_dir / f"model_store-b{batch_size}"
     settings = loopback_settings(
         store,
-        [free_port() for _ in range(6)],
+        free_ports(6),
         token_auth,
         torchserve_batch_size=batch_size,
         torchserve_max_batch_delay_ms=max_batch_delay_ms,

@@ -1,16 +1,16 @@
-"""Fixtures shared across the suite: exported artifacts and a TorchServe, once per session."""
+"""Fixtures shared across the suite: exported artifacts and a TorchServe, once per session;
+and the ``torchserve`` mark on every test that needs one."""
 
 from __future__ import annotations
 
 import json
-import re
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from cnnserve.export.exporter import export_model
 from cnnserve.models.checkpoint import load_network
@@ -24,6 +24,18 @@ from cnnserve.torchserve_engine.process import (
     start,
     stop,
 )
+from tests.support import free_ports, is_torchserve_fixture, starts_torchserve
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``torchserve`` every test that uses a fixture flagged by
+    :func:`~tests.support.starts_torchserve`, directly or through other fixtures."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        definitions = info.name2fixturedefs.values() if info is not None else ()
+        if any(is_torchserve_fixture(d.func) for defs in definitions for d in defs):
+            item.add_marker(pytest.mark.torchserve)
 
 
 @pytest.fixture(scope="session")
@@ -35,35 +47,22 @@ def artifacts_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct ports free on ``host`` right now (held together while chosen)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind((host, 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 def torchserve_settings(model_store: Path) -> Settings:
     """Settings for a test TorchServe on free ports, serving ``model_store`` with tokens on."""
     return loopback_settings(model_store, free_ports(6), torchserve_grpc_target=None)
 
 
-#: TorchServe's count of inference requests answered, per model (its metrics API).
-INFERENCE_COUNTER = (
-    r'^ts_inference_requests_total\{{[^}}]*model_name="{model}"[^}}]*\}}\s+([0-9.e+]+)$'
-)
-
-
 def served_requests(server: ServerInfo, model: str = "convnet") -> float:
-    """How many ``model`` inference requests ``server`` has answered (its metrics API)."""
+    """How many ``model`` inference requests ``server`` has answered (the sum of TorchServe's
+    ``ts_inference_requests_total`` samples for it, from its metrics API)."""
     reply = httpx.get(f"{server.metrics_url}/metrics", timeout=10.0)
     reply.raise_for_status()
-    counter = re.compile(INFERENCE_COUNTER.format(model=re.escape(model)), re.M)
-    return sum(float(value) for value in counter.findall(reply.text))
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(reply.text)
+        for sample in family.samples
+        if sample.name == "ts_inference_requests_total" and sample.labels.get("model_name") == model
+    )
 
 
 def publish_key(server: ServerInfo, key_dir: Path) -> Path:
@@ -104,6 +103,7 @@ class RunningTorchServe:
 
 
 @pytest.fixture(scope="session")
+@starts_torchserve
 def torchserve(
     artifacts_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningTorchServe]:

@@ -3,18 +3,13 @@ latencies and errors add up."""
 
 from __future__ import annotations
 
-import multiprocessing
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import grpc
 import numpy as np
 import pytest
 
-from cnnserve.bench.echo import serve_echo_forever
-from cnnserve.bench.gateway_process import free_port
 from cnnserve.bench.loadgen import (
     LoadSpec,
     check_http_request,
@@ -23,27 +18,16 @@ from cnnserve.bench.loadgen import (
     infer_request,
     run_load,
 )
+from cnnserve.bench.suite import echo_server
 from cnnserve.protocol import open_inference_pb2 as pb
+from tests.support import free_ports
 
 
 @pytest.fixture(scope="module")
 def echo_target() -> Iterator[str]:
-    port = free_port()
-    process = multiprocessing.get_context("spawn").Process(
-        target=serve_echo_forever, args=("127.0.0.1", port), daemon=True
-    )
-    process.start()
-    target = f"127.0.0.1:{port}"
-    request = infer_request("m", np.zeros((1, 3, 7, 7), np.float32))
-    for _ in range(100):
-        try:
-            check_request(target, request, 1)
-            break
-        except grpc.RpcError:
-            time.sleep(0.1)
-    yield target
-    process.kill()
-    process.join()
+    """The suite's gRPC echo server (its own process), once it answers."""
+    with echo_server("uvloop") as target:
+        yield target
 
 
 def test_infer_request_carries_raw_contents() -> None:
@@ -88,7 +72,8 @@ def test_open_loop_sends_at_the_rate(echo_target: str) -> None:
 
 def test_errors_are_counted_by_status() -> None:
     request = infer_request("m", np.zeros((1, 3, 7, 7), np.float32))
-    dead = f"127.0.0.1:{free_port()}"
+    (port,) = free_ports(1)
+    dead = f"127.0.0.1:{port}"
     result = run_load(
         LoadSpec(
             dead,

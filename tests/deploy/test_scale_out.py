@@ -16,11 +16,6 @@ where the gateway finds the key to send each replica.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +32,9 @@ from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
 from cnnserve.torchserve_engine.archive import archive_models
 from cnnserve.torchserve_engine.process import ServerInfo, start, stop
-from tests.conftest import free_ports, publish_key, served_requests, torchserve_settings
+from tests.conftest import publish_key, served_requests, torchserve_settings
 from tests.gateway.harness import digit_pixels
+from tests.support import GatewayProcess, gateway_process, starts_torchserve, wait_until_async
 
 pytestmark = [pytest.mark.torchserve, pytest.mark.asyncio(loop_scope="session")]
 
@@ -65,6 +61,7 @@ class Replica:
 
 
 @pytest.fixture(scope="module")
+@starts_torchserve
 def replicas(
     artifacts_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[list[Replica]]:
@@ -82,68 +79,31 @@ def replicas(
             stop(replica.store)
 
 
-@dataclass(frozen=True)
-class Gateway:
-    """The gateway process and the ports it serves."""
-
-    process: subprocess.Popen[str]
-    grpc_port: int
-    http_port: int
-
-
-def wait_until_ready(gateway: Gateway) -> None:
-    """Poll /v2/health/ready; fail if the process dies or it stays unready."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        assert gateway.process.poll() is None, "the gateway exited while starting"
-        try:
-            url = f"http://127.0.0.1:{gateway.http_port}/v2/health/ready"
-            if httpx.get(url, timeout=5.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"the gateway was not ready after {READY_TIMEOUT_S:.0f} s")
-
-
 @pytest.fixture(scope="module")
-def gateway(replicas: list[Replica], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+def gateway(
+    replicas: list[Replica], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
     """``cnnserve serve --backend torchserve`` with a gRPC target listing every replica, and
     the key directory every replica published its own inference key in."""
     key_dir = tmp_path_factory.mktemp("keys")
     for replica in replicas:
         publish_key(replica.server, key_dir)
     assert len({replica.server.key("inference") for replica in replicas}) == REPLICAS
-    grpc_port, http_port, metrics_port = free_ports(3)
     target = "ipv4:" + ",".join(replica.server.grpc_target for replica in replicas)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CNNSERVE_")}
-    env.update(
-        CNNSERVE_TORCHSERVE_GRPC_TARGET=target,
-        CNNSERVE_TORCHSERVE_TOKEN_AUTH="true",
-        CNNSERVE_TORCHSERVE_KEY_DIR=str(key_dir),
-    )
-    # The command line docker-compose.yml's gateway amounts to, on this test's ports.
-    command = [sys.executable, "-m", "cnnserve", "serve", "--backend", "torchserve"]
-    command += ["--host", "127.0.0.1", "--grpc-port", str(grpc_port)]
-    command += ["--http-port", str(http_port), "--metrics-port", str(metrics_port)]
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    running = Gateway(process, grpc_port, http_port)
-    try:
-        wait_until_ready(running)
+    # The settings docker-compose.yml's gateway runs with, on this test's ports.
+    with gateway_process(
+        "torchserve",
+        tmp_path_factory.mktemp("gateway") / "gateway.log",
+        READY_TIMEOUT_S,
+        torchserve_grpc_target=target,
+        torchserve_token_auth=True,
+        torchserve_key_dir=key_dir,
+    ) as running:
         yield running
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
 
 
 @pytest.fixture(scope="module")
-async def stub(gateway: Gateway) -> AsyncIterator[pb_grpc.GRPCInferenceServiceStub]:
+async def stub(gateway: GatewayProcess) -> AsyncIterator[pb_grpc.GRPCInferenceServiceStub]:
     """An Open Inference Protocol stub on the gateway's gRPC port."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
         yield pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
@@ -239,12 +199,13 @@ async def load_through(
                     return
 
     load = [asyncio.create_task(caller(index)) for index in range(CALLERS)]
-    # Disrupt the victim only once the load demonstrably reaches it.
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while victim.inference_requests() <= victim_before:
-        assert time.monotonic() < deadline, "the load never reached the victim"
+
+    def reached() -> bool:
         assert not any(task.done() for task in load), "the load ended before the disruption"
-        await asyncio.sleep(0.05)
+        return victim.inference_requests() > victim_before
+
+    # Disrupt the victim only once the load demonstrably reaches it.
+    await wait_until_async(reached, READY_TIMEOUT_S, "the load to reach the victim", 0.05)
     await disruption()
     disrupted.set()
     await asyncio.gather(*load)
@@ -253,7 +214,7 @@ async def load_through(
 
 async def assert_survivors_serve(
     survivors: list[Replica],
-    gateway: Gateway,
+    gateway: GatewayProcess,
     stub: pb_grpc.GRPCInferenceServiceStub,
     digits: tuple[np.ndarray, list[int]],
 ) -> None:
@@ -270,7 +231,7 @@ async def assert_survivors_serve(
 
 async def test_a_replica_stopped_mid_load_fails_no_request(
     replicas: list[Replica],
-    gateway: Gateway,
+    gateway: GatewayProcess,
     stub: pb_grpc.GRPCInferenceServiceStub,
     digits: tuple[np.ndarray, list[int]],
 ) -> None:
@@ -290,7 +251,7 @@ async def test_a_replica_stopped_mid_load_fails_no_request(
 
 async def test_a_replica_killed_mid_load_fails_no_request(
     replicas: list[Replica],
-    gateway: Gateway,
+    gateway: GatewayProcess,
     stub: pb_grpc.GRPCInferenceServiceStub,
     digits: tuple[np.ndarray, list[int]],
 ) -> None:

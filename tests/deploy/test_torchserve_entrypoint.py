@@ -13,7 +13,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -28,6 +27,7 @@ from cnnserve.torchserve_engine.client import TorchServeClient
 from cnnserve.torchserve_engine.keys import key_file_name, read_inference_key
 from cnnserve.torchserve_engine.process import KEY_FILE, ServerInfo, run_dir_of, status
 from tests.conftest import torchserve_settings
+from tests.support import starts_torchserve, stop_process, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "deploy" / "torchserve_entrypoint.py"
@@ -126,16 +126,16 @@ def ready(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 def wait_ready(process: subprocess.Popen[str], env: dict[str, str]) -> None:
     """Poll the HEALTHCHECK until healthy; fail if the entry point exits first."""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
+
+    def healthy() -> bool:
         assert process.poll() is None, f"entry point exited {process.returncode} while starting"
-        if ready(env).returncode == 0:
-            return
-        time.sleep(1.0)
-    pytest.fail(f"not healthy after {START_TIMEOUT_S:.0f} s")
+        return ready(env).returncode == 0
+
+    wait_until(healthy, START_TIMEOUT_S, "the entry point's HEALTHCHECK to pass", 1.0)
 
 
 @pytest.fixture
+@starts_torchserve
 def container(
     artifacts_dir: Path, tmp_path: Path
 ) -> Iterator[tuple[subprocess.Popen[str], dict[str, str], Path]]:
@@ -161,9 +161,7 @@ def container(
         wait_ready(process, env)
         yield process, env, published_key
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=STOP_TIMEOUT_S)
+        stop_process(process, STOP_TIMEOUT_S)
         # Whatever the test did, no TorchServe outlives it.
         info = ServerInfo.load(run_dir_of(store))
         if info is not None and psutil.pid_exists(info.pid):

@@ -24,13 +24,13 @@ import grpc
 import httpx
 import numpy as np
 
-from cnnserve.bench.gateway_process import GatewayProcess
 from cnnserve.errors import GENERIC_INTERNAL_MESSAGE
 from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
 from cnnserve.protocol.grpc_codec import CONTENTS_FIELD
 from cnnserve.protocol.http_codec import HEADER_LENGTH
 from tests.images import digit_png, shapes_png
+from tests.support import GatewayProcess
 
 #: No well-formed or malformed request may take longer to answer than this (else: a hang).
 CALL_TIMEOUT_S = 30.0

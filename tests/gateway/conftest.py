@@ -9,9 +9,9 @@ import grpc
 import httpx
 import pytest
 
-from cnnserve.bench.gateway_process import GatewayProcess, start_gateway
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
 from tests.gateway.bad_input import Clients, assert_still_serving
+from tests.support import GatewayProcess, gateway_process
 
 #: The fuzzed gateway's limits: small, so the fuzzers reach them with small requests.
 FUZZ_MAX_MESSAGE_BYTES = 1 << 20
@@ -25,24 +25,19 @@ def fuzz_gateway(
     """``cnnserve serve --backend onnxruntime`` in its own process: a crash there is seen
     as a dead process, not hidden inside the test's own event loop."""
     log = tmp_path_factory.mktemp("fuzz_gateway") / "gateway.log"
-    gateway = start_gateway(
+    with gateway_process(
         "onnxruntime",
-        {
-            "CNNSERVE_ARTIFACTS_DIR": str(artifacts_dir),
-            "CNNSERVE_DEVICE": "cpu",
-            "CNNSERVE_MAX_MESSAGE_BYTES": str(FUZZ_MAX_MESSAGE_BYTES),
-            "CNNSERVE_MAX_ITEMS_PER_REQUEST": str(FUZZ_MAX_ITEMS),
-            "CNNSERVE_INFERENCE_THREADS": "1",
-        },
         log,
-    )
-    try:
+        artifacts_dir=artifacts_dir,
+        device="cpu",
+        max_message_bytes=FUZZ_MAX_MESSAGE_BYTES,
+        max_items_per_request=FUZZ_MAX_ITEMS,
+        inference_threads=1,
+    ) as gateway:
         yield gateway
-    finally:
-        gateway.stop()
-        # Any traceback means an exception escaped the error table somewhere.
-        text = log.read_text(errors="replace")
-        assert "Traceback" not in text, text[-4000:]
+    # Any traceback means an exception escaped the error table somewhere.
+    text = gateway.output()
+    assert "Traceback" not in text, text[-4000:]
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import socket
 import struct
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -20,6 +18,7 @@ from cnnserve.gateway.server import Gateway
 from cnnserve.models.steps import normalize
 from cnnserve.settings import Settings
 from tests.images import digit_png
+from tests.support import wait_until_async
 
 
 def gateway_settings(artifacts_dir: Path, **overrides: Any) -> Settings:
@@ -115,11 +114,11 @@ async def metric(port: int, name: str, **labels: str) -> float:
 
 async def wait_for_metric(port: int, name: str, at_least: float, **labels: str) -> None:
     """Poll until a sample reaches ``at_least`` (the tests' only way to wait on the server)."""
-    for _ in range(500):
-        if await metric(port, name, **labels) >= at_least:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{name}{labels} never reached {at_least}")
+
+    async def reached() -> bool:
+        return await metric(port, name, **labels) >= at_least
+
+    await wait_until_async(reached, 10.0, f"{name}{labels} to reach {at_least}", 0.01)
 
 
 def digit_pixels(indices: Sequence[int]) -> tuple[np.ndarray, list[int]]:
@@ -141,10 +140,3 @@ def digit_input(indices: Sequence[int]) -> tuple[np.ndarray, list[int]]:
 def raw_bytes_elements(items: Sequence[bytes]) -> bytes:
     """The OIP raw format of a BYTES tensor, written out by hand (independent of the codec)."""
     return b"".join(struct.pack("<I", len(item)) + item for item in items)
-
-
-def free_port() -> int:
-    """A port free right now (for a subprocess that must be told its ports)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

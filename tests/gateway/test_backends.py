@@ -5,7 +5,6 @@ the torchserve backend against a real TorchServe, without one, and against one t
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from cnnserve.protocol import torchserve_inference_pb2_grpc as pb_grpc
 from cnnserve.settings import Settings
 from cnnserve.torchserve_engine.process import KEY_FILE, run_dir_of
 from tests.conftest import RunningTorchServe
+from tests.support import free_ports
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -142,17 +142,10 @@ async def test_missing_artifact_says_how_to_make_it(tmp_path: Path) -> None:
     await backend.close()
 
 
-def _closed_port() -> int:
-    """A local port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_torchserve_backend_without_torchserve_is_unavailable(tmp_path: Path) -> None:
     settings = Settings(
         backend="torchserve",
-        torchserve_grpc_target=f"127.0.0.1:{_closed_port()}",
+        torchserve_grpc_target=f"127.0.0.1:{free_ports(1)[0]}",
         torchserve_token_auth=False,
         torchserve_call_timeout_s=5,
     )
@@ -170,7 +163,7 @@ async def test_torchserve_backend_without_torchserve_is_unavailable(tmp_path: Pa
 async def test_torchserve_backend_reads_the_key_when_it_appears(tmp_path: Path) -> None:
     key_file = tmp_path / "key_file.json"
     backend = TorchServeBackend(
-        f"127.0.0.1:{_closed_port()}", key_file, max_message_bytes=2**20, timeout_s=5
+        f"127.0.0.1:{free_ports(1)[0]}", key_file, max_message_bytes=2**20, timeout_s=5
     )
     await backend.start()  # TorchServe not started yet: not fatal
     try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,7 @@ from cnnserve.protocol.domain import DATATYPES, InferRequest, RequestedOutput, T
 from cnnserve.settings import Settings
 from tests.conftest import RunningTorchServe
 from tests.images import digit_png, encode, shapes_png
+from tests.support import wait_until_async
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -624,16 +625,8 @@ def _sample(core: DataPlane, name: str, **labels: str) -> float:
     return 0.0
 
 
-async def _until(condition: Callable[[], bool]) -> None:
-    for _ in range(3000):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition never held")
-
-
 async def test_a_full_queue_refuses_before_decoding(artifacts_dir: Path) -> None:
-    """Regression (issue 7 §2, overload): with the queue full, a request is refused
+    """Regression (overload): with the queue full, a request is refused
     OverloadedError at once — even one whose image is broken, which shows it was never
     decoded (decoding what will be refused spends the CPU an overloaded server lacks)."""
     settings = settings_for(artifacts_dir, max_queue_size=2, max_batch_size=2, max_batch_delay_ms=0)
@@ -642,9 +635,19 @@ async def test_a_full_queue_refuses_before_decoding(artifacts_dir: Path) -> None
     try:
         big = tensor("pixels", np.zeros((2, 3, 512, 512), np.uint8))
         running = asyncio.create_task(started.infer(InferRequest("fcn", [big])))
-        await _until(lambda: _sample(started, "cnnserve_queue_seconds_count", model="fcn") >= 1)
+        await wait_until_async(
+            lambda: _sample(started, "cnnserve_queue_seconds_count", model="fcn") >= 1,
+            30.0,
+            "the first fcn request to leave the queue",
+            0.01,
+        )
         queued = asyncio.create_task(started.infer(InferRequest("fcn", [big])))
-        await _until(lambda: _sample(started, "cnnserve_queue_depth", model="fcn") >= 2)
+        await wait_until_async(
+            lambda: _sample(started, "cnnserve_queue_depth", model="fcn") >= 2,
+            30.0,
+            "the second fcn request to be queued",
+            0.01,
+        )
         with pytest.raises(OverloadedError, match="fcn is overloaded: 2 of 2 items queued"):
             await started.infer(InferRequest("fcn", [images(b"not an image")]))
         for answered in await asyncio.gather(running, queued):

@@ -23,9 +23,9 @@ from schemathesis import BaseSchema, GenerationMode
 from schemathesis.checks import CHECKS
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from cnnserve.bench.gateway_process import GatewayProcess
 from cnnserve.gateway.openapi import ERROR_MEANINGS
 from tests.gateway.bad_input import CALL_TIMEOUT_S
+from tests.support import GatewayProcess
 
 #: Every built-in check but the one the docstring explains.
 CHECKED = [check for check in CHECKS.get_all() if check is not positive_data_acceptance]

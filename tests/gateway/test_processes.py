@@ -13,12 +13,12 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cnnserve.bench.gateway_process import start_gateway
 from cnnserve.bench.loadgen import infer_request
 from cnnserve.gateway.processes import run_processes
 from cnnserve.gateway.server import serve_forever
 from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.settings import Settings
+from tests.support import gateway_process
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -37,13 +37,13 @@ def _requests_total(metrics_url: str) -> float:
 def test_two_processes_share_the_ports_and_drain_on_sigterm(
     artifacts_dir: Path, tmp_path: Path
 ) -> None:
-    env = {
-        "CNNSERVE_ARTIFACTS_DIR": str(artifacts_dir),
-        "CNNSERVE_GATEWAY_PROCESSES": "2",
-        "CNNSERVE_DEVICE": "cpu",
-    }
-    gateway = start_gateway("onnxruntime", env, tmp_path / "gateway.log")
-    try:
+    with gateway_process(
+        "onnxruntime",
+        tmp_path / "gateway.log",
+        artifacts_dir=artifacts_dir,
+        gateway_processes=2,
+        device="cpu",
+    ) as gateway:
         assert gateway.grpc_listeners() == 2  # two workers; the supervisor serves nothing
         request = infer_request("convnet", np.zeros((1, 3, 28, 28), np.float32))
         # Separate connections: the kernel spreads connections, not calls, over the workers.
@@ -66,9 +66,7 @@ def test_two_processes_share_the_ports_and_drain_on_sigterm(
         # follows it within moments.
         _, alive = psutil.wait_procs(children, timeout=10)
         assert alive == []
-    finally:
-        gateway.stop()
-    log = (tmp_path / "gateway.log").read_text()
+    log = gateway.output()
     assert "2 gateway processes" in log
     assert log.count("gateway stopped") == 2
 

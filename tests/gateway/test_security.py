@@ -12,11 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -27,8 +23,9 @@ from cnnserve.client.inference import ServerError, connect
 from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
 from tests.conftest import RunningTorchServe
-from tests.gateway.harness import free_port, gateway_settings, running_gateway
+from tests.gateway.harness import gateway_settings, running_gateway
 from tests.images import digit_png
+from tests.support import gateway_process
 
 API_KEY = "gw-key-5b0c2e9d71aa"
 WRONG_KEY = "gw-wrong-0d7f3c1e9b44"
@@ -138,40 +135,22 @@ def test_no_secret_in_the_log_of_a_real_process(
     keys_file = tmp_path / "api_keys"
     file_key = "gw-file-key-8e21f4a0c3"
     keys_file.write_text(f"{file_key}\n")
-    ports = free_port(), free_port(), free_port()
     s = torchserve.settings
-    env = {
-        **os.environ,
-        "CNNSERVE_ARTIFACTS_DIR": str(torchserve.artifacts_dir),
-        "CNNSERVE_MODEL_STORE_DIR": str(torchserve.model_store),
-        "CNNSERVE_TORCHSERVE_HOST": s.torchserve_host,
-        "CNNSERVE_TORCHSERVE_GRPC_INFERENCE_PORT": str(s.torchserve_grpc_inference_port),
-        "CNNSERVE_TORCHSERVE_KEY_FILE": str(s.torchserve_key_file),
-        "CNNSERVE_API_KEY": API_KEY,
-    }
-    command = [
-        sys.executable, "-m", "cnnserve", "serve", "--backend", "torchserve",
-        "--grpc-port", str(ports[0]), "--http-port", str(ports[1]),
-        "--metrics-port", str(ports[2]), "--api-keys-file", str(keys_file),
-    ]  # fmt: skip
-    log = tmp_path / "gateway.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        with connect("127.0.0.1", ports[0]) as probe:
-            for _ in range(600):
-                assert process.poll() is None, log.read_text()
-                if probe.server_ready():
-                    break
-                time.sleep(0.1)
-        _calls(ports[0], ports[1])
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(60) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    output = log.read_text()
+    with gateway_process(
+        "torchserve",
+        tmp_path / "gateway.log",
+        artifacts_dir=torchserve.artifacts_dir,
+        model_store_dir=torchserve.model_store,
+        torchserve_host=s.torchserve_host,
+        torchserve_grpc_inference_port=s.torchserve_grpc_inference_port,
+        torchserve_key_file=s.torchserve_key_file,
+        api_key=API_KEY,
+        api_keys_file=keys_file,
+    ) as gateway:
+        _calls(gateway.grpc_port, gateway.http_port)
+        gateway.process.send_signal(signal.SIGTERM)
+        assert gateway.process.wait(60) == 0
+    output = gateway.output()
     assert "API-key authentication on: 2 accepted key(s)" in output
     assert "gateway stopped" in output
     # TorchServe's own logs (server, access, model) after it served those calls.

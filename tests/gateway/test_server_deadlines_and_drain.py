@@ -1,4 +1,4 @@
-"""Deadlines and graceful drain (issue 7 §4), on real servers and real ``cnnserve serve`` processes.
+"""Deadlines and graceful drain, on real servers and real ``cnnserve serve`` processes.
 
 - A request whose deadline passes while it waits behind a slow batch is never computed: the
   backend never sees it, the caller gets DEADLINE_EXCEEDED / 504, and
@@ -12,12 +12,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import signal
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,14 +26,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cnnserve.gateway.dataplane import DataPlane
 from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
+from cnnserve.protocol.grpc_codec import response_from_proto
 from tests.gateway.harness import (
     digit_pixels,
-    free_port,
     holding_settings,
     metric,
     running_gateway,
     wait_for_metric,
 )
+from tests.support import GatewayProcess, gateway_process, wait_until_async
 
 Stub = pb_grpc.GRPCInferenceServiceStub
 #: Refusal message of a draining core (new calls after SIGTERM).
@@ -212,57 +209,7 @@ async def _assert_draining(
 # --- real processes ---
 
 
-@dataclass
-class ServeProcess:
-    """``cnnserve serve --backend onnxruntime`` on free ports, its output in a file."""
-
-    process: subprocess.Popen[bytes]
-    grpc_port: int
-    http_port: int
-    metrics_port: int
-    log: Path
-
-    def output(self) -> str:
-        """Everything the process printed so far."""
-        return self.log.read_text()
-
-
-@contextlib.contextmanager
-def serve_process(artifacts_dir: Path, log: Path, **env: str) -> Iterator[ServeProcess]:
-    """Start the gateway in its own process (killed at the end if it is still running)."""
-    ports = free_port(), free_port(), free_port()
-    environment = {
-        **os.environ,
-        "CNNSERVE_ARTIFACTS_DIR": str(artifacts_dir),
-        "CNNSERVE_DEVICE": "cpu",
-        **{f"CNNSERVE_{k.upper()}": v for k, v in env.items()},
-    }
-    command = [
-        sys.executable, "-m", "cnnserve", "serve", "--backend", "onnxruntime",
-        "--grpc-port", str(ports[0]), "--http-port", str(ports[1]),
-        "--metrics-port", str(ports[2]),
-    ]  # fmt: skip
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, env=environment, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        yield ServeProcess(process, *ports, log)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-
-async def _wait_ready(stub: pb_grpc.GRPCInferenceServiceStub, served: ServeProcess) -> None:
-    for _ in range(600):
-        assert served.process.poll() is None, served.output()
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            if (await stub.ServerReady(pb.ServerReadyRequest(), timeout=2)).ready:
-                return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"gateway never became ready:\n{served.output()}")
-
-
-async def _exit_status(served: ServeProcess, within_s: float) -> int:
+async def _exit_status(served: GatewayProcess, within_s: float) -> int:
     """The exit status, waiting at most ``within_s`` (a bound, not a measurement)."""
     return await asyncio.to_thread(served.process.wait, within_s)
 
@@ -290,7 +237,8 @@ async def _grpc_caller(stub: pb_grpc.GRPCInferenceServiceStub, count: int, out: 
             kind = out.refused if exc.code() in REFUSED_GRPC else out.failed
             kind.append(f"{exc.code().name}: {exc.details()}")
             return
-        got = [int(c) for c in response.raw_output_contents[0][4::5].decode()]
+        (answer,) = response_from_proto(response).outputs
+        got = [int(row[0]) for row in answer.data]
         if got != labels:
             out.failed.append(f"wrong labels {got}")
             return
@@ -341,21 +289,22 @@ async def test_sigterm_under_load_answers_every_accepted_call(
     wait in the queue: readiness false first, new calls refused on both transports, every
     accepted call answered with the right labels, exit status 0 within the grace."""
     grace_s = 30.0
-    with serve_process(
-        artifacts_dir,
+    with gateway_process(
+        "onnxruntime",
         tmp_path / "gateway.log",
+        artifacts_dir=artifacts_dir,
+        device="cpu",
         # Batches leave only when the 3 s delay ends (never full): callers are in flight.
-        max_batch_delay_ms="3000",
-        adaptive_batch_delay="false",
-        max_batch_size="256",
-        drain_grace_s=str(grace_s),
+        max_batch_delay_ms=3000,
+        adaptive_batch_delay=False,
+        max_batch_size=256,
+        drain_grace_s=grace_s,
     ) as served:
         async with (
             grpc.aio.insecure_channel(f"127.0.0.1:{served.grpc_port}") as channel,
             httpx.AsyncClient(base_url=f"http://127.0.0.1:{served.http_port}") as http,
         ):
             stub = Stub(channel)
-            await _wait_ready(stub, served)
             counts = [2, 3, 1] * 3
             logs = [CallerLog() for _ in counts]
             callers = [
@@ -385,11 +334,11 @@ async def test_sigterm_under_load_answers_every_accepted_call(
 
 async def _wait_not_ready(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
     """Poll ServerReady until false (the signal reaches the process asynchronously)."""
-    for _ in range(500):
-        if not (await stub.ServerReady(pb.ServerReadyRequest(), timeout=5)).ready:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("readiness never turned false after SIGTERM")
+
+    async def not_ready() -> bool:
+        return not (await stub.ServerReady(pb.ServerReadyRequest(), timeout=5)).ready
+
+    await wait_until_async(not_ready, 10.0, "readiness to turn false after SIGTERM", 0.01)
 
 
 async def _open_stream(
@@ -409,13 +358,16 @@ async def test_sigterm_exits_within_the_grace_despite_an_open_stream(
     """A client keeps a ModelStreamInfer stream open forever: the process still exits 0
     once ``drain_grace_s`` has passed, cutting the stream."""
     grace_s = 3.0
-    with serve_process(
-        artifacts_dir, tmp_path / "gateway.log", drain_grace_s=str(grace_s)
+    with gateway_process(
+        "onnxruntime",
+        tmp_path / "gateway.log",
+        artifacts_dir=artifacts_dir,
+        device="cpu",
+        drain_grace_s=grace_s,
     ) as served:
         hold = asyncio.Event()
         async with grpc.aio.insecure_channel(f"127.0.0.1:{served.grpc_port}") as channel:
             stub = Stub(channel)
-            await _wait_ready(stub, served)
             stream = _open_stream(stub, hold)
             first = await anext(stream)
             assert not first.error_message

@@ -8,7 +8,7 @@ the module. The tests run in file order; the last one kills
 TorchServe and starts it again. (One of several replicas killed under load is
 tests/deploy/test_scale_out.py's: the client retries such calls on another replica.)
 
-What each fault must give, by DESIGN.md's error table:
+What each fault must give, by the error table (docs/architecture.md, "Errors"):
 
 - a hung worker: the gateway's own timeout (``torchserve_call_timeout_s``) answers
   DEADLINE_EXCEEDED / 504 — HTTP's "gateway timeout": the backend did not answer in time —
@@ -25,8 +25,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +36,6 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cnnserve.bench.gateway_process import GatewayProcess, start_gateway
 from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
 from cnnserve.protocol.grpc_codec import response_from_proto
@@ -46,6 +44,7 @@ from cnnserve.torchserve_engine.archive import archive_models
 from cnnserve.torchserve_engine.process import ServerInfo, start, stop
 from tests.conftest import torchserve_settings
 from tests.gateway.harness import digit_pixels
+from tests.support import GatewayProcess, gateway_process, starts_torchserve, wait_until_async
 
 pytestmark = [pytest.mark.torchserve, pytest.mark.asyncio(loop_scope="session")]
 
@@ -86,6 +85,7 @@ class Deployment:
 
 
 @pytest.fixture(scope="module")
+@starts_torchserve
 def deployment(
     artifacts_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Deployment]:
@@ -97,22 +97,16 @@ def deployment(
     archive_models(artifacts_dir, store, "torchscript", False, settings)
     server = start(settings, store)
     try:
-        gateway = start_gateway(
+        with gateway_process(
             "torchserve",
-            {
-                "CNNSERVE_TORCHSERVE_GRPC_TARGET": server.grpc_target,
-                "CNNSERVE_TORCHSERVE_TOKEN_AUTH": "false",
-                "CNNSERVE_TORCHSERVE_CALL_TIMEOUT_S": str(BACKEND_TIMEOUT_S),
-                "CNNSERVE_MAX_BATCH_DELAY_MS": str(BATCH_DELAY_MS),
-                "CNNSERVE_ADAPTIVE_BATCH_DELAY": "false",
-            },
             store / "gateway.log",
-        )
-        deployed = Deployment(settings, store, server, gateway)
-        try:
-            yield deployed
-        finally:
-            gateway.stop()
+            torchserve_grpc_target=server.grpc_target,
+            torchserve_token_auth=False,
+            torchserve_call_timeout_s=BACKEND_TIMEOUT_S,
+            max_batch_delay_ms=BATCH_DELAY_MS,
+            adaptive_batch_delay=False,
+        ) as gateway:
+            yield Deployment(settings, store, server, gateway)
     finally:
         stop(store)
 
@@ -160,18 +154,9 @@ async def until_running(pid: int) -> None:
     """Wait until process ``pid`` computes (a batch reached the worker)."""
     process = psutil.Process(pid)
     process.cpu_percent()
-    deadline = time.monotonic() + RECOVERY_TIMEOUT_S
-    while process.cpu_percent() < 50:
-        assert time.monotonic() < deadline, f"worker {pid} never started computing"
-        await asyncio.sleep(0.1)
-
-
-async def until(condition_name: str, check: Callable[[], Awaitable[bool]]) -> None:
-    """Poll ``check()`` until true, within :data:`RECOVERY_TIMEOUT_S`."""
-    deadline = time.monotonic() + RECOVERY_TIMEOUT_S
-    while not await check():
-        assert time.monotonic() < deadline, f"{condition_name} never happened"
-        await asyncio.sleep(0.5)
+    await wait_until_async(
+        lambda: process.cpu_percent() >= 50, RECOVERY_TIMEOUT_S, f"worker {pid} to compute"
+    )
 
 
 async def test_a_hung_worker_is_answered_by_the_gateways_timeout(
@@ -240,7 +225,9 @@ async def test_a_worker_killed_mid_batch_fails_that_batch_only(
             return False
         return True
 
-    await until("fcn answering after its worker was restarted", fcn_answers)
+    await wait_until_async(
+        fcn_answers, RECOVERY_TIMEOUT_S, "fcn answering after its worker was restarted", 0.5
+    )
     assert deployment.worker_pid("fcn") != pid
 
 
@@ -289,7 +276,7 @@ async def test_the_only_torchserve_killed_then_started_again(
     async def ready() -> bool:
         return await asyncio.to_thread(deployment.ready)
 
-    await until("readiness after TorchServe came back", ready)
+    await wait_until_async(ready, RECOVERY_TIMEOUT_S, "readiness after TorchServe came back", 0.5)
     await classify(stub)
     assert await segment(stub, 1)
     assert deployment.gateway.process.pid == gateway_pid

@@ -21,7 +21,8 @@ from cnnserve.torchserve_engine.client import TorchServeClient
 from cnnserve.torchserve_engine.keys import read_inference_key, read_key
 from cnnserve.torchserve_engine.process import KEY_FILE, run_dir_of
 
-from ..conftest import RunningTorchServe, free_ports
+from ..conftest import RunningTorchServe
+from ..support import free_ports
 
 pytestmark = [pytest.mark.torchserve, pytest.mark.asyncio(loop_scope="module")]
 

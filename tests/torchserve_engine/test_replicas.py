@@ -10,8 +10,7 @@ addresses after ``docker compose up --scale`` or a Kubernetes scale.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from cnnserve.torchserve_engine.process import ServerInfo, start, stop
 from cnnserve.torchserve_engine.replicas import Address, parse_target, resolve_dns
 
 from ..conftest import RunningTorchServe, publish_key, served_requests, torchserve_settings
+from ..support import starts_torchserve, wait_until_async
 
 WAIT_S = 30.0
 TOLERANCE = 1e-4
@@ -70,6 +70,7 @@ def test_unusable_targets_are_refused(target: str) -> None:
 
 
 @pytest.fixture(scope="module")
+@starts_torchserve
 def second(artifacts_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerInfo]:
     """A second TorchServe with tokens on (its own key), on its own free ports."""
     store = tmp_path_factory.mktemp("second_replica")
@@ -110,14 +111,6 @@ async def send(client: TorchServeClient, calls: int, runner_path: Path) -> None:
         )
         for items, answer in zip(batches, outputs, strict=True):
             assert np.abs(answer - runner.infer(items)).max() <= TOLERANCE
-
-
-async def wait_for(condition: Callable[[], bool], what: str) -> None:
-    """Poll ``condition()`` until true (the client re-resolves in the background)."""
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} did not happen within {WAIT_S:.0f} s"
-        await asyncio.sleep(0.05)
 
 
 @pytest.mark.torchserve
@@ -177,7 +170,10 @@ async def test_replicas_join_and_leave_the_rotation_as_resolution_changes(
         assert served_requests(added) == added_before, "a replica not resolved got batches"
 
         resolved.append(address_of(added))
-        await wait_for(lambda: len(client.replicas.addresses) == 2, "the new replica joining")
+        # The client re-resolves in the background.
+        await wait_until_async(
+            lambda: len(client.replicas.addresses) == 2, WAIT_S, "the new replica joining", 0.05
+        )
         await send(client, 16, model)
         assert served_requests(added) - added_before >= 16 / 4
 
@@ -185,7 +181,9 @@ async def test_replicas_join_and_leave_the_rotation_as_resolution_changes(
         load = asyncio.create_task(send(client, 24, model))
         await asyncio.sleep(0.2)
         resolved.remove(address_of(first))
-        await wait_for(lambda: client.replicas.addresses == [address_of(added)], "leaving")
+        await wait_until_async(
+            lambda: client.replicas.addresses == [address_of(added)], WAIT_S, "leaving", 0.05
+        )
         await load
         first_after = served_requests(first)
         added_after = served_requests(added)
