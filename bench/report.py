@@ -119,10 +119,31 @@ TARGETS = (
 )
 
 
-def _met(goal: str, value: float) -> str:
+@dataclass(frozen=True)
+class Measured:
+    """A target's figure from one run, whether it meets the goal, and the figures behind it."""
+
+    value: float
+    met: bool
+    detail: str
+
+
+def _meets(goal: str, value: float) -> bool:
     number = float(goal.split()[1].rstrip("×"))
-    ok = value <= number if goal.startswith("≤") else value >= number
-    return "met" if ok else "**not met**"
+    return value <= number if goal.startswith("≤") else value >= number
+
+
+def measure(rows: list[Row]) -> dict[str, Measured | None]:
+    """Every target's figure by target name; ``None`` where its scenario is not in ``rows``."""
+    measured: dict[str, Measured | None] = {}
+    for target in TARGETS:
+        got = target.compute(rows)
+        if got is not None:
+            value, detail = got
+            measured[target.name] = Measured(value, _meets(target.goal, value), detail)
+        else:
+            measured[target.name] = None
+    return measured
 
 
 def _num(value: Any, digits: int = 0) -> str:
@@ -161,16 +182,18 @@ def render(
         "| target | goal | measured | verdict | figures |",
         "| --- | --- | --- | --- | --- |",
     ]
+    measured = measure(rows)
     for target in TARGETS:
-        got = target.compute(rows)
-        if got is None:
+        figure = measured[target.name]
+        if figure is None:
             lines.append(
                 f"| {target.name} | {target.goal} | — | not measured | scenario not in this run |"
             )
             continue
-        value, detail = got
-        verdict = _met(target.goal, value)
-        lines.append(f"| {target.name} | {target.goal} | {value:.2f} | {verdict} | {detail} |")
+        verdict = "met" if figure.met else "**not met**"
+        lines.append(
+            f"| {target.name} | {target.goal} | {figure.value:.2f} | {verdict} | {figure.detail} |"
+        )
     if notes:
         lines += ["", "The notes after the tables say what limits each target, with profiles."]
     lines += ["", *_delay_table(rows), *_torchserve_table(rows), *_all_table(rows)]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from cnnserve.bench import report
 
 
@@ -48,10 +50,16 @@ def test_targets_are_ratios_with_verdicts(tmp_path: Path) -> None:
         # A delay variant at c=64 must not be taken for the default configuration.
         _row(variant="delay 0", requests_per_s=10.0, overrides={"max_batch_delay_ms": "0"}),
     ]
+    measured = report.measure(rows)
+    assert {name: figure and (figure.value, figure.met) for name, figure in measured.items()} == {
+        "batching on ÷ off, 1-image ConvNet, c=64 (ORT)": (pytest.approx(1000 / 150), True),
+        "gateway+ORT ÷ bare gRPC echo, 1-image, c=64": (pytest.approx(0.8), True),
+        "32-image requests ÷ model alone at batch 32 (ORT)": (pytest.approx(0.9), True),
+        "gateway→TorchServe ÷ TorchServe REST (own batching), c=64": None,
+        "p50 added over the model alone at c=1 (ms)": (pytest.approx(0.8), False),
+    }
     text = report.render(rows, "test machine", "cnnserve bench", report.plot(rows, tmp_path))
-    assert "| batching on ÷ off, 1-image ConvNet, c=64 (ORT) | ≥ 5× | 6.67 | met |" in text
-    assert "| gateway+ORT ÷ bare gRPC echo, 1-image, c=64 | ≥ 0.60 | 0.80 | met |" in text
-    assert "| 32-image requests ÷ model alone at batch 32 (ORT) | ≥ 0.80 | 0.90 | met |" in text
+    # The targets table: each figure with its verdict, or why there is none.
     assert "| p50 added over the model alone at c=1 (ms) | ≤ 0.5 ms | 0.80 | **not met** |" in text
     assert "the gateway adds 0.30 ms over echo + model" in text
     assert (
@@ -68,10 +76,10 @@ def test_torchserve_gain_prefers_the_same_png_payload(tmp_path: Path) -> None:
         _row(backend="torchserve", payload="png", requests_per_s=700.0, torchserve_rss_mb=810.0),
         _rest_row(),
     ]
+    gain = report.measure(rows)["gateway→TorchServe ÷ TorchServe REST (own batching), c=64"]
+    assert gain is not None
+    assert (gain.value, gain.met) == (pytest.approx(700 / 200), True)
     text = report.render(rows, "m", "cnnserve bench", [])
-    assert "| gateway→TorchServe ÷ TorchServe REST (own batching), c=64 | ≥ 3× | 3.50 | met |" in (
-        text
-    )
     assert "700 req/s (png) vs TorchServe REST 200 req/s (PNG, batchSize 32" in text
     assert "## TorchServe with and without the gateway" in text
     assert "| TorchServe REST alone | png | 64 | TorchServe's own | 200 |" in text

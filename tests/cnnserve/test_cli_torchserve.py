@@ -11,7 +11,7 @@ import httpx
 import psutil
 import pytest
 
-from cnnserve.torchserve_engine.process import ServerInfo, run_dir_of
+from cnnserve.torchserve_engine.process import ServerInfo, run_dir_of, status
 
 from ..conftest import torchserve_settings
 from ..images import digit_png
@@ -74,9 +74,8 @@ def test_archive_start_status_stop_leaves_nothing_running(
     info = ServerInfo.load(run_dir_of(store))
     assert info is not None and info.key_file is None
     try:
-        shown = cnnserve("torchserve", "status", env=env)
-        assert shown.returncode == 0
-        assert "convnet: READY" in shown.stdout and "fcn: READY" in shown.stdout
+        assert cnnserve("torchserve", "status", env=env).returncode == 0  # every model READY
+        assert status(store).workers == {"convnet": ["READY"], "fcn": ["READY"]}
         png, _ = digit_png(0)
         response = httpx.post(f"{info.inference_url}/predictions/convnet", content=png)
         assert response.status_code == 200  # no key needed with --no-token-auth
