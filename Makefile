@@ -14,7 +14,7 @@ MODEL_STORE ?= model_store
 LINKED := $(VENV)/.linked
 PACKAGE_FILES = $$($(PYTHON) -c 'import tomllib, pathlib; dirs = tomllib.load(open("pyproject.toml", "rb"))["tool"]["setuptools"]["package-dir"].values(); print(*sorted(str(p) for d in dirs for p in pathlib.Path(d).glob("*.py*")))')
 
-.PHONY: help install test lint format train export archive torchserve-start torchserve-stop \
+.PHONY: help install test test-fast lint format train export archive torchserve-start torchserve-stop \
 	proto proto-check bench soak overload serve \
 	deploy undeploy logs deploy-check deploy-lock dockerignore
 
@@ -44,6 +44,9 @@ install: $(LINKED) ## Create .venv/ with cnnserve (editable) and the dev tools
 
 test: install ## Run the test suite
 	$(BIN)/pytest -q
+
+test-fast: install ## Run the tests that need no TorchServe JVM (-m "not torchserve")
+	$(BIN)/pytest -q -m "not torchserve"
 
 lint: install ## ruff (lint + format check) and mypy
 	$(BIN)/ruff check .
