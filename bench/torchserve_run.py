@@ -1,6 +1,6 @@
 """A real TorchServe for a benchmark run: behind the gateway, or alone with its own batching.
 
-Behind the gateway TorchServe keeps ``batchSize`` 1 (the gateway batches, DESIGN §2). For the
+Behind the gateway TorchServe keeps ``batchSize`` 1 (the gateway batches already). For the
 baseline "TorchServe alone" it batches itself: ``batchSize`` and ``maxBatchDelay`` set to the
 gateway's own batching settings, so the two batchers get the same budget.
 """

@@ -1,10 +1,11 @@
 """The HTTP transport: Open Inference Protocol REST (``/v2/...``) and friendly image routes.
 
 Thin by design, like the gRPC servicer: each route converts HTTP ↔ domain
-(:mod:`.http_codec`) and calls the one :class:`~cnnserve.gateway.dataplane.DataPlane`.
+(:mod:`cnnserve.protocol.http_codec`) and calls the one
+:class:`~cnnserve.gateway.dataplane.DataPlane`.
 
 - Errors: body ``{"error": "<message>"}`` with the error table's status
-  (:mod:`cnnserve.errors`); unknown exceptions are logged with their traceback and answered
+  (:mod:`cnnserve.protocol.status`); unknown exceptions are logged with their traceback and answered
   500 with a generic message. Malformed requests (bad JSON, a bad query parameter, an
   unsupported ``Content-Encoding``) are bad input: 400. No route rejects a request for its
   ``Content-Type`` — standard clients send none or a generic one — so there is no 415.

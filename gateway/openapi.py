@@ -2,11 +2,11 @@
 
 FastAPI describes routes from their signatures. The inference and image routes read their
 bodies themselves (JSON, JSON + binary tensors, images), and every error is answered as
-``{"error": ...}`` with the error table's status (DESIGN.md §4) — never FastAPI's 422. So
-:func:`describe_api` adds what is missing to the generated document: the request bodies,
-the error statuses each route really returns, the response bodies, the served model names,
-and drops the 422s. Client generators and fuzzers (schemathesis) read ``/openapi.json``;
-it has to be the API as it is.
+``{"error": ...}`` with the error table's status (:mod:`cnnserve.protocol.status`) — never
+FastAPI's 422. So :func:`describe_api` adds what is missing to the generated document: the
+request bodies, the error statuses each route really returns, the response bodies, the
+served model names, and drops the 422s. Client generators and fuzzers (schemathesis) read
+``/openapi.json``; it has to be the API as it is.
 """
 
 from __future__ import annotations

@@ -1,8 +1,13 @@
-"""Model-side steps shared by every backend: pixels → input tensor, raw outputs → arrays.
+"""Model-side steps shared by every serving path: pixels → input tensor, raw outputs → arrays.
 
-The TorchServe handler, the in-process backends and training all call these, so a digit
-is prepared the same way wherever it is served. What the outputs mean to a caller (top-k,
-pixel counts, the friendly replies) is :mod:`.semantics`.
+Their callers: the model registry (``digit_pixels`` and ``to_chw`` behind
+``ModelSpec.image_to_pixels``, which the gateway and the TorchServe handler both use), the
+gateway's edge (``normalize`` in :mod:`cnnserve.gateway.inputs`; ``softmax`` and
+``class_mask`` in :mod:`cnnserve.gateway.outputs`), the TorchServe handler (``normalize``,
+for direct images), :mod:`.semantics` (``softmax``, ``class_mask``) and training — so a
+digit is prepared the same way wherever it is served, and as it was trained. The backends
+never call them: they get batches already prepared. What the outputs mean to a caller
+(top-k, pixel counts, the friendly replies) is :mod:`.semantics`.
 """
 
 from __future__ import annotations

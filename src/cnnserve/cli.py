@@ -1,7 +1,12 @@
-"""The ``cnnserve`` command line: train, export, and (as they land) archive, serve, predict.
+"""The ``cnnserve`` command line (also ``python -m cnnserve``).
 
-Every expected failure prints one line on stderr and exits non-zero; tracebacks are kept
-for real bugs.
+``train`` and ``export`` make the demo weights and the TorchScript/ONNX artifacts;
+``archive`` and ``torchserve start|stop|status`` package and run TorchServe; ``serve`` runs
+the gateway; ``predict`` calls a running gateway; ``bench`` measures it and writes
+docs/benchmarks.md. Each command imports what it needs only when it runs.
+
+Every expected failure prints one line on stderr and exits with status 2; tracebacks are
+kept for real bugs.
 """
 
 from __future__ import annotations
