@@ -1,1 +1,3 @@
-"""The tutorial networks, their registry, and the model-side steps every backend shares."""
+"""The tutorial networks, their registry, the model-side steps and output semantics every
+serving path shares, and the runners for exported artifacts (no transport: a TorchServe worker
+imports this package)."""
