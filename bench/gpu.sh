@@ -24,7 +24,10 @@ if ! "$python" -c 'import cnnserve.bench.gpu_check' 2>/dev/null; then
     tree=$(mktemp -d)
     trap 'rm -rf "$tree"' EXIT
     mkdir -p "$tree/cnnserve"
-    ln -s "$repo"/core/*.py "$tree/cnnserve/"
+    top=$(sed -n '/^\[tool\.setuptools\.package-dir\]/,/^\[/s/^cnnserve = "\(.*\)"$/\1/p' \
+        "$repo/pyproject.toml")
+    # failglob: a folder with no modules is an error here, not a dangling link named '*.py'.
+    (shopt -s failglob; ln -s "$repo/$top"/*.py "$tree/cnnserve/")
     sed -n 's/^"cnnserve\.\([a-z_]*\)" = "\([a-z_]*\)"$/\1 \2/p' "$repo/pyproject.toml" |
         while read -r package folder; do ln -s "$repo/$folder" "$tree/cnnserve/$package"; done
     export PYTHONPATH="$tree${PYTHONPATH:+:$PYTHONPATH}"
