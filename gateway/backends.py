@@ -2,7 +2,7 @@
 
 Every backend takes a float32 ``N×3×H×W`` batch (already normalized) — or, when it says it
 ``takes_pixels``, uint8 pixels it normalizes itself — and returns the network's raw float32
-output for it; pre- and post-processing stay in the inference core.
+output for it; pre- and post-processing stay in the data plane.
 The in-process backends call :mod:`cnnserve.models.runtime`, the same code the TorchServe
 handler runs, so all three give the same numbers.
 """
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 
 class Backend(Protocol):
-    """Runs whole batches for the inference core."""
+    """Runs whole batches for the data plane."""
 
     async def start(self) -> None:
         """Load models / open connections; raise when the backend cannot serve."""

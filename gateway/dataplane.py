@@ -1,4 +1,4 @@
-"""The inference core: the one entry point both transports (gRPC and HTTP) call.
+"""The data plane: the one entry point both transports (gRPC and HTTP) call.
 
 A request flows: model and version checked → outputs checked → its one input validated and
 turned into a float32 batch (images decoded per item, off the event loop) → the model's
@@ -107,7 +107,7 @@ class DataPlane:
             self._batchers[name] = batcher
         self._draining = False
         self._started = True
-        logger.info("inference core started: %s backend", self.backend.describe())
+        logger.info("data plane started: %s backend", self.backend.describe())
 
     def _batch_fn(self, model: str) -> Callable[[np.ndarray], Awaitable[np.ndarray]]:
         async def run(batch: np.ndarray) -> np.ndarray:
@@ -296,5 +296,5 @@ async def _maybe_offload(offload: bool, fn: Callable[..., T], *args: object) -> 
 
 
 async def create_core(settings: Settings, metrics: GatewayMetrics | None = None) -> DataPlane:
-    """An inference core over the backend ``settings.backend`` names; not started yet."""
+    """A data plane over the backend ``settings.backend`` names; not started yet."""
     return DataPlane(settings, create_backend(settings), metrics)

@@ -110,7 +110,7 @@ class GatewayMetrics:
         )
         self.request_seconds = Histogram(
             "cnnserve_request_seconds",
-            "Time from a request reaching the inference core to its answer.",
+            "Time from a request reaching the data plane to its answer.",
             ["model"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,

@@ -1,4 +1,4 @@
-"""The running gateway: gRPC, HTTP and metrics servers on one event loop and one core.
+"""The running gateway: gRPC, HTTP and metrics servers on one event loop, over one data plane.
 
 Shutdown (SIGTERM or Ctrl-C) drains, all within ``settings.drain_grace_s``:
 
@@ -116,7 +116,7 @@ async def _start_http(
 
 
 class Gateway:
-    """One inference core behind the gRPC, HTTP and metrics listeners.
+    """One data plane behind the gRPC, HTTP and metrics listeners.
 
     ``serve_metrics=False``: no metrics listener (another process of the same gateway serves
     every process's metrics, see :mod:`.processes`).

@@ -1,4 +1,4 @@
-"""Wire-neutral request and response types: what transports and the inference core exchange.
+"""Wire-neutral request and response types: what transports and the data plane exchange.
 
 Transports (gRPC servicer, HTTP routes) only convert their wire format to and from these
 types and call :class:`~cnnserve.gateway.dataplane.DataPlane`. Datatype names are the Open

@@ -90,7 +90,7 @@ def holding_settings(artifacts_dir: Path, delay_ms: float, **overrides: Any) -> 
 
 
 def exploding_core(settings: Settings) -> DataPlane:
-    """A real inference core over :class:`ExplodingBackend`."""
+    """A real data plane over :class:`ExplodingBackend`."""
     backend: Backend = ExplodingBackend()
     return DataPlane(settings, backend)
 

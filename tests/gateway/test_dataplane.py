@@ -1,4 +1,4 @@
-"""The inference core on the real exported models (ONNX Runtime on the CPU).
+"""The data plane on the real exported models (ONNX Runtime on the CPU).
 
 Every input form, every output, the defaults, top-k, the FCN at several sizes, each
 validation error with its class and message, deadlines, draining and metrics.

@@ -1,4 +1,4 @@
-"""The running gateway: three listeners on one core, metrics, a real TorchServe behind it.
+"""The running gateway: three listeners over one data plane, metrics, a real TorchServe behind it.
 
 Deadlines and draining on shutdown: test_server_deadlines_and_drain.py.
 """

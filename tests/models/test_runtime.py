@@ -1,4 +1,4 @@
-"""The inference core runs both artifact formats and refuses impossible options."""
+"""The model runners run both artifact formats and refuses impossible options."""
 
 from __future__ import annotations
 
