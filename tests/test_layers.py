@@ -3,6 +3,7 @@ transport (docs/architecture.md, "Layers"). tools/layers.py draws the same graph
 
 from __future__ import annotations
 
+import json
 import runpy
 import subprocess
 import sys
@@ -85,15 +86,15 @@ def test_models_and_handlers_load_no_transport() -> None:
     """Importing every module of models/ and handlers/ (as a TorchServe worker does) pulls in
     no transport library, directly or through another module."""
     probe = (
-        "import importlib, pkgutil, sys\n"
+        "import importlib, json, pkgutil, sys\n"
         "import cnnserve.models, cnnserve.handlers\n"
         "for package in (cnnserve.models, cnnserve.handlers):\n"
         "    for module in pkgutil.iter_modules(package.__path__):\n"
         "        importlib.import_module(f'{package.__name__}.{module.name}')\n"
-        "print(sorted({m.split('.')[0] for m in sys.modules} & "
-        "{'grpc', 'fastapi', 'starlette', 'uvicorn'}))\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'grpc', 'fastapi', 'starlette', 'uvicorn'})))\n"
     )
     loaded = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     ).stdout
-    assert loaded.strip() == "[]"
+    assert json.loads(loaded) == []
