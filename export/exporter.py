@@ -1,9 +1,10 @@
 """Export a trained network to TorchScript and ONNX, and prove the three agree.
 
-Writes ``DIR/<name>.pt``, ``DIR/<name>.onnx`` (one self-contained file) and
-``DIR/<name>.json`` — a description of what was exported, for people and tools: tensor names,
-shapes, datatypes, labels and checksums. Serving does not read it back: the model registry
-(:mod:`cnnserve.models.registry`) is the one source of names, sizes and labels.
+Writes a TorchScript file, one self-contained ONNX file and a JSON description of what was
+exported (architecture, class count, tensor names, shapes, datatypes, labels, checksums,
+parity) — either flat (``DIR/<name>.pt``, ``.onnx``, ``.json``) or as a version folder of a
+model repository (``model.pt``, ``model.onnx``, ``export.json``; see :mod:`.repository`),
+where the server reads the class count back from the description.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import torch
 from torch import nn
 
 from cnnserve.models.checkpoint import sha256_file
-from cnnserve.models.registry import ModelSpec
+from cnnserve.models.repository import ARTIFACT_FILES, EXPORT_FILE
 from cnnserve.models.runtime import OnnxRunner, TorchScriptRunner
+from cnnserve.models.spec import ModelSpec
 
 #: Largest max-abs difference tolerated between eager, TorchScript and ONNX Runtime.
 PARITY_TOLERANCE = 1e-4
@@ -32,6 +34,29 @@ ONNX_OPSET = 18
 
 class ExportError(Exception):
     """Export failed or the exported artifacts disagree with the eager model."""
+
+
+@dataclass(frozen=True)
+class ExportPaths:
+    """Where one export's three files go."""
+
+    torchscript: Path
+    onnx: Path
+    metadata: Path
+
+    @classmethod
+    def flat(cls, out_dir: Path, name: str) -> ExportPaths:
+        """``<name>.pt``, ``<name>.onnx`` and ``<name>.json`` in ``out_dir``."""
+        return cls(out_dir / f"{name}.pt", out_dir / f"{name}.onnx", out_dir / f"{name}.json")
+
+    @classmethod
+    def version(cls, folder: Path) -> ExportPaths:
+        """A repository version folder's ``model.pt``, ``model.onnx`` and ``export.json``."""
+        return cls(
+            folder / ARTIFACT_FILES["torchscript"],
+            folder / ARTIFACT_FILES["onnx"],
+            folder / EXPORT_FILE,
+        )
 
 
 @dataclass(frozen=True)
@@ -54,21 +79,21 @@ def _trace_size(spec: ModelSpec) -> tuple[int, int]:
 
 
 def export_model(
-    spec: ModelSpec, network: nn.Module, out_dir: Path, checkpoint: Path
+    spec: ModelSpec, network: nn.Module, paths: ExportPaths, checkpoint: Path
 ) -> ExportResult:
-    """Export ``network`` (weights from ``checkpoint``) into ``out_dir`` and check parity."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Export ``network`` (weights from ``checkpoint``) to ``paths`` and check parity."""
+    for path in (paths.torchscript, paths.onnx, paths.metadata):
+        path.parent.mkdir(parents=True, exist_ok=True)
     network = network.eval()
     height, width = _trace_size(spec)
     example = _example(spec, 2, height, width)
-    ts_path = out_dir / f"{spec.name}.pt"
-    onnx_path = out_dir / f"{spec.name}.onnx"
+    ts_path, onnx_path = paths.torchscript, paths.onnx
     with torch.inference_mode():
         traced = torch.jit.trace(network, example)  # type: ignore[no-untyped-call]
     traced.save(str(ts_path))
     _export_onnx(spec, network, example, onnx_path)
     worst = check_parity(spec, network, ts_path, onnx_path)
-    metadata_path = out_dir / f"{spec.name}.json"
+    metadata_path = paths.metadata
     metadata_path.write_text(
         json.dumps(describe(spec, ts_path, onnx_path, checkpoint, worst), indent=2) + "\n"
     )
@@ -143,12 +168,18 @@ def describe(
     output_shape = [-1, num_classes] if spec.fixed_size else [-1, num_classes, -1, -1]
     return {
         "name": spec.name,
+        "architecture": spec.architecture.value,
+        "num_classes": num_classes,
         "inputs": [{"name": spec.input_name, "datatype": "FP32", "shape": [-1, 3, height, width]}],
         "outputs": [{"name": spec.output_name, "datatype": "FP32", "shape": output_shape}],
         "min_side": spec.min_side,
         "max_side": spec.max_side,
         "labels": list(spec.labels),
-        "normalization": {"scale": 1 / 255, "mean": 0.5, "std": 0.5},
+        "normalization": {
+            "scale": 1 / 255,
+            "mean": spec.normalization.mean,
+            "std": spec.normalization.std,
+        },
         "files": {
             "torchscript": {"file": ts_path.name, "sha256": sha256_file(ts_path)},
             "onnx": {"file": onnx_path.name, "sha256": sha256_file(onnx_path)},

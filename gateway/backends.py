@@ -121,6 +121,7 @@ class InProcessBackend:
                     channels_last=self._options.channels_last,
                     pinned_memory=self._options.pinned_memory,
                     cuda_graph_batch_sizes=self._options.cuda_graph_batch_sizes,
+                    normalization=get_spec(model).normalization,
                 ),
             )
             # ORT may fall back to CPU silently; the log says where the model really runs.

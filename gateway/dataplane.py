@@ -26,7 +26,8 @@ from cnnserve.errors import (
     UnavailableError,
     UnknownModelError,
 )
-from cnnserve.models.registry import MODELS, ModelSpec, get_spec
+from cnnserve.models.registry import MODELS, get_spec
+from cnnserve.models.spec import ModelSpec
 from cnnserve.protocol.domain import (
     InferRequest,
     InferResponse,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from cnnserve.errors import InvalidInputError, PayloadTooLargeError
-from cnnserve.models.registry import ModelSpec
+from cnnserve.models.spec import ModelSpec
 from cnnserve.models.steps import normalize
 from cnnserve.protocol.domain import DATATYPES, Tensor, TensorMetadata
 
@@ -106,7 +106,7 @@ def to_batch(
     """
     if tensor.datatype == "BYTES":
         pixels = _decode_images(spec, tensor.data, max_image_pixels)
-        return pixels if keep_pixels else normalize(pixels)
+        return pixels if keep_pixels else normalize(pixels, spec.normalization)
     shape = tensor.shape
     if shape[1] != 3:
         raise InvalidInputError(
@@ -123,7 +123,7 @@ def to_batch(
     data = np.asarray(tensor.data, dtype=DATATYPES[tensor.datatype])
     if tensor.datatype == "UINT8":
         # A read-only transport buffer is copied once, by normalize or here.
-        return _owned(data) if keep_pixels else normalize(data)
+        return _owned(data) if keep_pixels else normalize(data, spec.normalization)
     if not np.isfinite(data).all():
         raise InvalidInputError(f"input {tensor.name!r} contains NaN or infinite values")
     return _owned(data)

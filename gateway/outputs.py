@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from cnnserve.errors import InvalidInputError
-from cnnserve.models.registry import ModelSpec, Task
 from cnnserve.models.semantics import pixel_counts, ranked
+from cnnserve.models.spec import ModelSpec, Task
 from cnnserve.models.steps import class_mask, softmax
 from cnnserve.protocol.domain import ParameterValue, RequestedOutput, Tensor, TensorMetadata
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from cnnserve.errors import CnnserveError, InvalidInputError
-from cnnserve.models.registry import ModelSpec, get_spec
+from cnnserve.models.registry import get_spec
 from cnnserve.models.runtime import ARTIFACT_SUFFIX, ArtifactFormat, Runner, load_runner
 from cnnserve.models.semantics import (
     JSON_CONTENT_TYPE,
@@ -37,6 +37,7 @@ from cnnserve.models.semantics import (
     parse_options,
     render_reply,
 )
+from cnnserve.models.spec import ModelSpec
 from cnnserve.models.steps import normalize
 from cnnserve.protocol.status import http_status
 
@@ -141,7 +142,7 @@ class ModelHandler:
         # Options first: a bad one is refused before the image is decoded.
         options = parse_options(_options(request, context.get_all_request_header(index)))
         pixels = self.spec.image_to_pixels(payload)
-        return _Job(index, normalize(pixels)[np.newaxis], options)
+        return _Job(index, normalize(pixels, self.spec.normalization)[np.newaxis], options)
 
     def _run(self, jobs: list[_Job], context: HandlerContext, replies: list[Any]) -> None:
         assert self.model is not None
@@ -192,7 +193,9 @@ def load_model(spec: ModelSpec, context: HandlerContext) -> LoadedModel:
     threads = int(options.get("threads", 0))
     if threads > 0:
         torch.set_num_threads(threads)
-    runner = load_runner(artifact, artifact_format, device, half, threads=threads)
+    runner = load_runner(
+        artifact, artifact_format, device, half, threads=threads, normalization=spec.normalization
+    )
     logger.info(
         "%s: serving %s (%s%s) on %s",
         spec.name,

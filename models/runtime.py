@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .batch_buckets import StaticBatches, cuda_graph_step, normalize_buckets
-from .pixels import PIXEL_MEAN, PIXEL_STD
+from .pixels import DEFAULT_NORMALIZATION, Normalization
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +72,10 @@ class TorchScriptRunner:
         channels_last: bool = True,
         pinned_memory: bool = True,
         cuda_graph_batch_sizes: Iterable[int] = (),
+        normalization: Normalization = DEFAULT_NORMALIZATION,
     ) -> None:
         self.device = device or default_device()
+        self._normalization = normalization
         on_cuda = self.device.startswith("cuda")
         if half and not on_cuda:
             raise ValueError("half precision needs a CUDA device")
@@ -95,7 +97,7 @@ class TorchScriptRunner:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The network on a device tensor: pixels normalized, layout and precision applied."""
         if x.dtype == torch.uint8:
-            x = normalize_tensor(x)
+            x = normalize_tensor(x, self._normalization)
         if self._channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self._half:
@@ -129,10 +131,12 @@ class TorchScriptRunner:
         return staging
 
 
-def normalize_tensor(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels → float32 in [-1, 1] on their device, exactly as ``pixels.normalize``."""
+def normalize_tensor(
+    pixels: torch.Tensor, norm: Normalization = DEFAULT_NORMALIZATION
+) -> torch.Tensor:
+    """uint8 pixels → float32 network input on their device, exactly as ``pixels.normalize``."""
     scaled = pixels.float() * (1.0 / 255.0)
-    return (scaled - PIXEL_MEAN) / PIXEL_STD
+    return (scaled - norm.mean) / norm.std
 
 
 class OnnxRunner:
@@ -174,6 +178,7 @@ def load_runner(
     channels_last: bool = True,
     pinned_memory: bool = True,
     cuda_graph_batch_sizes: Iterable[int] = (),
+    normalization: Normalization = DEFAULT_NORMALIZATION,
 ) -> Runner:
     """Open an exported artifact of either format.
 
@@ -190,6 +195,7 @@ def load_runner(
             channels_last=channels_last,
             pinned_memory=pinned_memory,
             cuda_graph_batch_sizes=cuda_graph_batch_sizes,
+            normalization=normalization,
         )
     if half:
         raise ValueError("half precision is offered for TorchScript artifacts only")

@@ -40,7 +40,7 @@ import numpy as np
 from cnnserve.errors import InvalidInputError
 
 from .imaging import encode_mask_png
-from .registry import ModelSpec, Task
+from .spec import ModelSpec, Task
 from .steps import class_mask, softmax
 
 JSON_CONTENT_TYPE = "application/json"

@@ -12,9 +12,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cnnserve.export.exporter import export_model
+from cnnserve.export.exporter import ExportPaths, export_model
 from cnnserve.models.checkpoint import load_network
-from cnnserve.models.registry import MODELS
+from cnnserve.models.registry import MODELS, weights_path
 from cnnserve.settings import Settings
 from cnnserve.torchserve_engine.archive import archive_models
 from cnnserve.torchserve_engine.keys import key_file_name
@@ -43,7 +43,8 @@ def artifacts_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Both models exported from the committed weights (TorchScript, ONNX, JSON)."""
     out = tmp_path_factory.mktemp("artifacts")
     for spec in MODELS.values():
-        export_model(spec, load_network(spec, spec.weights_path), out, spec.weights_path)
+        weights = weights_path(spec.name)
+        export_model(spec, load_network(spec, weights), ExportPaths.flat(out, spec.name), weights)
     return out
 
 

@@ -19,8 +19,9 @@ from typing import Any
 import yaml
 
 from cnnserve import handlers
-from cnnserve.models.registry import MODELS, ModelSpec
+from cnnserve.models.registry import MODELS
 from cnnserve.models.runtime import ARTIFACT_SUFFIX, ArtifactFormat
+from cnnserve.models.spec import ModelSpec
 from cnnserve.settings import Settings
 
 from . import TorchServeError

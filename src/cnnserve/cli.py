@@ -29,6 +29,11 @@ app = typer.Typer(
 DEFAULT_ARTIFACTS = Path("artifacts")
 
 ModelName = Annotated[str, typer.Argument(help="Model name: convnet or fcn.")]
+ArchitectureName = Literal["convnet", "fcn"]
+
+
+class UsageError(Exception):
+    """Options that do not fit together; the message says what to give."""
 
 
 @contextmanager
@@ -37,6 +42,7 @@ def user_errors() -> Iterator[None]:
     from cnnserve.errors import CnnserveError
     from cnnserve.export.exporter import ExportError
     from cnnserve.models.checkpoint import CheckpointError
+    from cnnserve.models.repository import RepositoryError
     from cnnserve.torchserve_engine import TorchServeError
 
     try:
@@ -45,7 +51,9 @@ def user_errors() -> Iterator[None]:
         CnnserveError,
         CheckpointError,
         ExportError,
+        RepositoryError,
         TorchServeError,
+        UsageError,
         FileNotFoundError,
     ) as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -76,31 +84,99 @@ def train(
 
 @app.command()
 def export(
-    model: ModelName,
+    model: Annotated[
+        str | None,
+        typer.Argument(help="A demo model (convnet or fcn): its weights, name and classes."),
+    ] = None,
+    arch: Annotated[
+        ArchitectureName | None,
+        typer.Option(help="The checkpoint's network (default: the demo MODEL's)."),
+    ] = None,
     checkpoint: Annotated[
         Path | None,
         typer.Option(
             help="Weights to export: a cnnserve checkpoint or a tutorial state_dict. "
-            "Default: the committed demo weights."
+            "Default: the demo MODEL's committed weights."
         ),
     ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="The model's name in the repository (default: MODEL).")
+    ] = None,
+    version: Annotated[
+        int | None, typer.Option(help="Version to add (default: one past the highest).")
+    ] = None,
+    labels: Annotated[
+        Path | None, typer.Option(help='Labels, one per line (default: "0"…"N-1").')
+    ] = None,
+    repository: Annotated[
+        Path | None,
+        typer.Option(help="Add the export to this model repository as a new version."),
+    ] = None,
     out: Annotated[
-        Path, typer.Option(help="Directory for <name>.pt, .onnx and .json.")
+        Path, typer.Option(help="Without --repository: directory for <name>.pt, .onnx, .json.")
     ] = DEFAULT_ARTIFACTS,
 ) -> None:
-    """Export MODEL to TorchScript and ONNX, verifying parity against the eager network."""
-    from cnnserve.export.exporter import export_model
-    from cnnserve.models.checkpoint import load_network
-    from cnnserve.models.registry import get_spec
+    """Export a checkpoint to TorchScript and ONNX, verifying parity against the eager network.
 
+    With --repository, the class count comes from the checkpoint and the export becomes a new
+    version of --name in the repository (config.yaml written when the model has none);
+    without, a demo MODEL is written flat into --out.
+    """
     with user_errors():
-        spec = get_spec(model)
-        weights = checkpoint or spec.weights_path
-        network = load_network(spec, weights)
-        result = export_model(spec, network, out, weights)
-    typer.echo(
+        if repository is None:
+            if model is None:
+                raise UsageError("give a demo MODEL (convnet or fcn), or --repository")
+            typer.echo(_export_flat(model, checkpoint, out))
+            return
+        typer.echo(_export_version(model, arch, checkpoint, name, version, labels, repository))
+
+
+def _export_flat(model: str, checkpoint: Path | None, out: Path) -> str:
+    """A demo model's artifacts, flat into ``out``; the line to print."""
+    from cnnserve.export.exporter import ExportPaths, export_model
+    from cnnserve.models.checkpoint import load_network
+    from cnnserve.models.registry import get_spec, weights_path
+
+    spec = get_spec(model)
+    weights = checkpoint or weights_path(spec.name)
+    network = load_network(spec, weights)
+    result = export_model(spec, network, ExportPaths.flat(out, spec.name), weights)
+    return (
         f"{spec.name}: {result.torchscript}, {result.onnx}, {result.metadata} "
         f"(parity max-abs diff {result.max_abs_diff:.2e})"
+    )
+
+
+def _export_version(
+    model: str | None,
+    arch: str | None,
+    checkpoint: Path | None,
+    name: str | None,
+    version: int | None,
+    labels: Path | None,
+    repository: Path,
+) -> str:
+    """A checkpoint as a new version in ``repository``; the line to print. A demo MODEL
+    supplies whatever of architecture, weights, name and labels is not given."""
+    from cnnserve.export.repository import export_to_repository, read_labels
+    from cnnserve.models.registry import DEMO_CONFIGS, get_spec, weights_path
+    from cnnserve.models.spec import Architecture
+
+    demo = DEMO_CONFIGS[get_spec(model).name] if model is not None else None
+    architecture = Architecture(arch) if arch else demo.architecture if demo else None
+    weights = checkpoint or (weights_path(model) if model is not None else None)
+    model_name = name or model
+    if architecture is None or weights is None or model_name is None:
+        raise UsageError("with --repository, give --arch, --checkpoint and --name")
+    given_labels = read_labels(labels) if labels is not None else None
+    if given_labels is None and demo is not None and checkpoint is None:
+        given_labels = demo.labels
+    added = export_to_repository(
+        architecture, weights, model_name, repository, version, given_labels
+    )
+    return (
+        f"{added.name} version {added.version}: {added.num_classes} classes → {added.folder} "
+        f"(parity max-abs diff {added.result.max_abs_diff:.2e})"
     )
 
 
@@ -373,7 +449,8 @@ def predict(
     """Classify digits (convnet) or write segmentation masks (fcn) through a running gateway."""
     from cnnserve.client.inference import ServerError, TlsConfig, connect
     from cnnserve.client.predict import classify_files, segment_files
-    from cnnserve.models.registry import Task, get_spec
+    from cnnserve.models.registry import get_spec
+    from cnnserve.models.spec import Task
     from cnnserve.settings import Settings
 
     with user_errors():

@@ -12,7 +12,7 @@ import torch
 
 from cnnserve.export.exporter import ExportError, check_parity
 from cnnserve.models.checkpoint import sha256_file
-from cnnserve.models.registry import MODELS
+from cnnserve.models.registry import MODELS, weights_path
 from cnnserve.models.runtime import load_runner
 
 
@@ -41,7 +41,7 @@ def test_fcn_runs_at_sizes_never_traced(artifacts_dir: Path, fmt: str) -> None:
     runner = load_runner(artifacts_dir / f"fcn{suffix}", fmt, device="cpu")  # type: ignore[arg-type]
     x = np.random.default_rng(0).standard_normal((5, 3, 11, 70), dtype=np.float32)
     eager = spec.network()
-    eager.load_state_dict(torch.load(spec.weights_path, weights_only=True)["state_dict"])
+    eager.load_state_dict(torch.load(weights_path(spec.name), weights_only=True)["state_dict"])
     with torch.inference_mode():
         expected = eager.eval()(torch.from_numpy(x)).numpy()
     got = runner.infer(x)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from cnnserve.errors import InvalidInputError
-from cnnserve.models.registry import MODELS, SHAPE_CLASSES, Task, get_spec
+from cnnserve.models.registry import MODELS, SHAPE_CLASSES, get_spec
 from cnnserve.models.semantics import (
     DEFAULT_TOP_K,
     PIXEL_COUNTS_HEADER,
@@ -23,6 +23,7 @@ from cnnserve.models.semantics import (
     render_reply,
     top_k,
 )
+from cnnserve.models.spec import Task
 from cnnserve.models.steps import softmax
 
 

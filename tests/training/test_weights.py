@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cnnserve.models.checkpoint import load_network, sha256_file
-from cnnserve.models.registry import MODELS, WEIGHTS_DIR
+from cnnserve.models.registry import MODELS, WEIGHTS_DIR, weights_path
 from cnnserve.models.steps import normalize
 from cnnserve.training.datasets import digits_split
 from cnnserve.training.train import MANIFEST, digits_accuracy, fcn_heldout_iou, mean_iou
@@ -29,14 +29,14 @@ def test_manifest_matches_files(name: str) -> None:
 
 def test_convnet_heldout_accuracy_is_at_least_97_percent() -> None:
     split = digits_split(MANIFEST_DATA["convnet"]["seed"])
-    model = load_network(MODELS["convnet"], MODELS["convnet"].weights_path)
+    model = load_network(MODELS["convnet"], weights_path("convnet"))
     accuracy = digits_accuracy(model, split.test_images, split.test_labels)
     assert accuracy >= 0.97
     assert accuracy == pytest.approx(MANIFEST_DATA["convnet"]["heldout_accuracy"], abs=1e-3)
 
 
 def test_fcn_heldout_mean_iou_is_at_least_0_8() -> None:
-    model = load_network(MODELS["fcn"], MODELS["fcn"].weights_path)
+    model = load_network(MODELS["fcn"], weights_path("fcn"))
     iou = fcn_heldout_iou(model, MANIFEST_DATA["fcn"]["seed"])
     assert iou >= 0.8
     assert iou == pytest.approx(MANIFEST_DATA["fcn"]["heldout_mean_iou"], abs=1e-3)
@@ -47,7 +47,7 @@ def test_fcn_heldout_mean_iou_is_at_least_0_8() -> None:
 )
 def test_real_looking_digit_pngs_classify_correctly(invert: bool, mode: str | None) -> None:
     spec = MODELS["convnet"]
-    model = load_network(spec, spec.weights_path)
+    model = load_network(spec, weights_path(spec.name))
     pixels, labels = [], []
     for index in range(40):
         data, label = digit_png(index, invert=invert, mode=mode)
@@ -61,7 +61,7 @@ def test_real_looking_digit_pngs_classify_correctly(invert: bool, mode: str | No
 def test_fcn_segments_png_scenes() -> None:
     """Scenes sent as PNG bytes go through the serving path and segment as well as held out."""
     spec = MODELS["fcn"]
-    model = load_network(spec, spec.weights_path)
+    model = load_network(spec, weights_path(spec.name))
     predicted, truths = [], []
     for seed in range(20):
         data, truth = shapes_png(seed=500 + seed, side=96)

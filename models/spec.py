@@ -1,0 +1,126 @@
+"""What the serving side knows about one model: its task, classes, input constraints and the
+model-side steps for its images.
+
+Specs are built from a model's config (:func:`cnnserve.models.repository.build_spec`); the two
+demo models' are in :mod:`cnnserve.models.registry`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from torch import nn
+
+from cnnserve.errors import InvalidInputError
+
+from .imaging import DEFAULT_MAX_IMAGE_PIXELS, decode_rgb
+from .networks import FCN, ConvNet
+from .pixels import DEFAULT_NORMALIZATION, Normalization
+
+#: Largest FCN input side by default; bounds memory (one 512×512 image needs ~140 MB of
+#: activations).
+FCN_MAX_SIDE = 512
+#: Smallest FCN input side: three valid 3×3 convolutions need at least 7 pixels.
+FCN_MIN_SIDE = 7
+
+
+class Task(enum.Enum):
+    """What a model's output means; everything that answers differently per model asks this."""
+
+    #: One label per image: the network's output is ``N×C`` logits.
+    CLASSIFICATION = "classification"
+    #: One class per pixel: the network's output is ``N×C×H×W`` scores.
+    SEGMENTATION = "segmentation"
+
+
+class Architecture(enum.StrEnum):
+    """The tutorial's two networks."""
+
+    CONVNET = "convnet"
+    FCN = "fcn"
+
+    @property
+    def task(self) -> Task:
+        """What the network's output means."""
+        return Task.CLASSIFICATION if self is Architecture.CONVNET else Task.SEGMENTATION
+
+    def network(self, num_classes: int) -> nn.Module:
+        """A fresh, untrained network of this architecture."""
+        return ConvNet(num_classes) if self is Architecture.CONVNET else FCN(num_classes)
+
+    @property
+    def head(self) -> str:
+        """The parameter whose first dimension is the number of classes."""
+        return "fc2.bias" if self is Architecture.CONVNET else "unsample3.bias"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the serving side needs to know about one model."""
+
+    name: str
+    architecture: Architecture
+    labels: tuple[str, ...]
+    #: ``(H, W)`` when the network accepts one size only; ``None`` when any size in range.
+    fixed_size: tuple[int, int] | None
+    min_side: int
+    max_side: int
+    #: Decoded ``H×W×3`` RGB → ``3×H×W`` uint8 network pixels.
+    rgb_to_pixels: Callable[[np.ndarray], np.ndarray]
+    input_name: str
+    output_name: str
+    #: How pixels become network input, as the model was trained.
+    normalization: Normalization = DEFAULT_NORMALIZATION
+
+    @property
+    def task(self) -> Task:
+        """What the model's output means."""
+        return self.architecture.task
+
+    @property
+    def num_classes(self) -> int:
+        """Number of output classes."""
+        return len(self.labels)
+
+    def network(self) -> nn.Module:
+        """A fresh, untrained network of this model's architecture."""
+        return self.architecture.network(self.num_classes)
+
+    def shape_text(self) -> str:
+        """The accepted input shape, for error messages: ``[N,3,28,28]`` or ``[N,3,H,W]``."""
+        if self.fixed_size is not None:
+            return f"[N,3,{self.fixed_size[0]},{self.fixed_size[1]}]"
+        return f"[N,3,H,W] with {self.min_side} ≤ H, W ≤ {self.max_side}"
+
+    def check_item_shape(self, shape: tuple[int, ...]) -> None:
+        """Reject a ``3×H×W`` item shape this network cannot take, naming what it expects."""
+        if len(shape) != 3 or shape[0] != 3:
+            raise InvalidInputError(f"{self.name} expects {self.shape_text()}, got {list(shape)}")
+        self.check_size(shape[1], shape[2])
+
+    def check_size(self, height: int, width: int) -> None:
+        """Reject an image size outside this model's range."""
+        if self.fixed_size is not None:
+            if (height, width) != self.fixed_size:
+                raise InvalidInputError(
+                    f"{self.name} expects {self.shape_text()}, got [N,3,{height},{width}]"
+                )
+            return
+        if not (
+            self.min_side <= height <= self.max_side and self.min_side <= width <= self.max_side
+        ):
+            raise InvalidInputError(
+                f"{self.name} expects {self.shape_text()}, got [N,3,{height},{width}]"
+            )
+
+    def image_to_pixels(
+        self, data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    ) -> np.ndarray:
+        """Encoded PNG/JPEG bytes → ``3×H×W`` uint8 pixels ready for :func:`normalize`."""
+        # Any size is resized to a fixed-size network's input; others are checked from the
+        # image's header, before its pixels are decoded.
+        rgb = decode_rgb(data, max_pixels, None if self.fixed_size else self.check_size)
+        return self.rgb_to_pixels(rgb)
