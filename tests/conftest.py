@@ -10,9 +10,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from cnnserve.export.exporter import ExportPaths, export_model
+from cnnserve.export.repository import ensure_default_repository
 from cnnserve.models.checkpoint import load_network
 from cnnserve.models.registry import MODELS, weights_path
 from cnnserve.settings import Settings
@@ -24,6 +26,7 @@ from cnnserve.torchserve_engine.process import (
     start,
     stop,
 )
+from tests.models import tutorial_classes as tutorial
 from tests.support import free_ports, is_torchserve_fixture, starts_torchserve
 
 
@@ -46,6 +49,33 @@ def artifacts_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         weights = weights_path(spec.name)
         export_model(spec, load_network(spec, weights), ExportPaths.flat(out, spec.name), weights)
     return out
+
+
+@pytest.fixture(scope="session")
+def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model repository (both demo models as version 1), made once per session.
+    Tests that change a repository copy it first (``shutil.copytree``)."""
+    root = tmp_path_factory.mktemp("repository")
+    ensure_default_repository(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tutorial_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    r"""``state_dict``\ s saved from the tutorial's own classes, with the class counts a tutorial
+    user trains: ``convnet10``, ``fcn10`` (the tutorial's ``num_class``) and ``fcn3``."""
+    root = tmp_path_factory.mktemp("tutorial")
+    torch.manual_seed(0)
+    networks = {
+        "convnet10": tutorial.ConvNet(10),
+        "fcn10": tutorial.FCN(10),
+        "fcn3": tutorial.FCN(3),
+    }
+    paths = {}
+    for name, network in networks.items():
+        paths[name] = root / f"{name}.pt"
+        torch.save(network.state_dict(), paths[name])
+    return paths
 
 
 def torchserve_settings(model_store: Path) -> Settings:
