@@ -3,11 +3,16 @@
 Transports (gRPC servicer, HTTP routes) only convert their wire format to and from these
 types and call :class:`~cnnserve.gateway.dataplane.DataPlane`. Datatype names are the Open
 Inference Protocol's (``FP32``, ``UINT8``, ``BYTES``, ...).
+
+The repository index and statistics are described by what the codecs read (protocols), not
+by classes: the gateway's model manager owns the records and hands them over as they are.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -103,3 +108,125 @@ class ServerMetadata:
     name: str
     version: str
     extensions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ConfigTensor:
+    """An input or output as a model configuration lists it: without the batch dimension."""
+
+    name: str
+    datatype: str
+    #: ``-1`` for a variable dimension.
+    dims: tuple[int, ...]
+    #: ``"NCHW"`` for an image tensor (channels, height, width); ``""`` for anything else.
+    image_format: str = ""
+    #: Whether a request may leave this input out.
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class VersionChoice:
+    """Which versions of a model are served, as Triton's version policy says it."""
+
+    #: ``latest``: the ``num_versions`` highest; ``all``; ``specific``: those in ``versions``.
+    kind: Literal["latest", "all", "specific"]
+    num_versions: int = 1
+    versions: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelConfiguration:
+    """What ModelConfig / ``GET /v2/models/{m}/config`` report: how one version is served,
+    in the terms of Triton's model configuration."""
+
+    name: str
+    #: Triton's platform name (``onnxruntime_onnx``, ``pytorch_libtorch``, ...).
+    platform: str
+    #: Triton's backend name (``onnxruntime``, ``pytorch``, ...).
+    backend: str
+    version_policy: VersionChoice
+    #: The most items one batch runs.
+    max_batch_size: int
+    inputs: tuple[ConfigTensor, ...]
+    outputs: tuple[ConfigTensor, ...]
+    #: How long a partial batch may wait for company.
+    max_queue_delay_us: int
+    #: Items that may wait in the queue before requests are refused.
+    max_queue_size: int
+    #: The timeout of a request that sets none; 0: none.
+    default_timeout_us: int
+
+
+class IndexEntry(Protocol):
+    """One row of the repository index: a model version and its state."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def version(self) -> str:
+        """The version number as text; ``""`` for a model with no loadable version."""
+
+    @property
+    def state(self) -> str:
+        """``READY``, ``UNAVAILABLE``, ``LOADING`` or ``UNLOADING``."""
+
+    @property
+    def reason(self) -> str:
+        """Why the version is in this state; ``""`` when there is nothing to say."""
+
+
+class DurationStat(Protocol):
+    """How many times something happened, and how long it took in all."""
+
+    @property
+    def count(self) -> int: ...
+    @property
+    def ns(self) -> int: ...
+
+
+class BatchStat(Protocol):
+    """The batches of one size: counts and times of their three steps."""
+
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def compute_input(self) -> DurationStat: ...
+    @property
+    def compute_infer(self) -> DurationStat: ...
+    @property
+    def compute_output(self) -> DurationStat: ...
+
+
+class VersionStats(Protocol):
+    """One model version's statistics, with the meaning of Triton's ``ModelStatistics``."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def last_inference(self) -> int:
+        """Milliseconds since the epoch of the last inference; 0: none yet."""
+
+    @property
+    def inference_count(self) -> int:
+        """Items inferred."""
+
+    @property
+    def execution_count(self) -> int:
+        """Batches run."""
+
+    @property
+    def success(self) -> DurationStat: ...
+    @property
+    def fail(self) -> DurationStat: ...
+    @property
+    def queue(self) -> DurationStat: ...
+    @property
+    def compute_input(self) -> DurationStat: ...
+    @property
+    def compute_infer(self) -> DurationStat: ...
+    @property
+    def compute_output(self) -> DurationStat: ...
+    @property
+    def batch_stats(self) -> Sequence[BatchStat]: ...
