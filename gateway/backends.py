@@ -1,6 +1,9 @@
 """Where formed batches run: in this process (ONNX Runtime, TorchScript) or in TorchServe.
 
-Every backend takes a float32 ``N×3×H×W`` batch (already normalized) — or, when it says it
+The contract every backend keeps is :class:`Backend`: the model manager loads and unloads
+model versions (:class:`~cnnserve.models.repository.ModelVersion`, read from the model
+repository) through it, and the data plane runs batches on the loaded ones. Every backend
+takes a float32 ``N×3×H×W`` batch (already normalized) — or, when it says it
 ``takes_pixels``, uint8 pixels it normalizes itself — and returns the network's raw float32
 output for it; pre- and post-processing stay in the data plane.
 The in-process backends call :mod:`cnnserve.models.runtime`, the same code the TorchServe
@@ -12,18 +15,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 
 from cnnserve.errors import UnavailableError
-from cnnserve.models.registry import MODELS, get_spec
-from cnnserve.models.runtime import ARTIFACT_SUFFIX, ArtifactFormat, Runner, load_runner
+from cnnserve.models.repository import ModelVersion
+from cnnserve.models.runtime import ArtifactFormat, Runner, load_runner
 from cnnserve.models.semantics import probe_input
 from cnnserve.settings import Settings
 
@@ -33,19 +35,33 @@ logger = logging.getLogger(__name__)
 
 
 class Backend(Protocol):
-    """Runs whole batches for the data plane."""
+    """Runs whole batches of loaded model versions for the data plane.
+
+    The model manager calls :meth:`load` and :meth:`unload`, never both at once for one model,
+    and :meth:`unload` only once no batch of that version runs or will run. A version is known
+    by its object, not by its name and number: when a version's config or files change, the
+    manager loads the new :class:`ModelVersion` of the same name and number while the old one
+    still serves, then unloads the old one — a backend must keep both apart meanwhile.
+    """
 
     async def start(self) -> None:
-        """Load models / open connections; raise when the backend cannot serve."""
+        """Open pools and connections; loads nothing. Raise when the backend cannot serve."""
 
     async def close(self) -> None:
-        """Release models and connections."""
+        """Unload every version and release pools and connections."""
 
-    async def infer_batch(self, model: str, batch: np.ndarray) -> np.ndarray:
+    async def load(self, model: ModelVersion) -> None:
+        """Make ``model`` runnable; raise a :class:`~cnnserve.errors.CnnserveError`
+        (``UnavailableError`` saying why) when it cannot be."""
+
+    async def unload(self, model: ModelVersion) -> None:
+        """Release what :meth:`load` took for ``model`` (nothing happens if it was not)."""
+
+    async def infer_batch(self, model: ModelVersion, batch: np.ndarray) -> np.ndarray:
         """float32 ``N×3×H×W`` → the network's raw float32 output, N rows."""
         ...
 
-    async def ready(self, model: str) -> bool:
+    async def ready(self, model: ModelVersion) -> bool:
         """Whether ``model`` answers right now (a real probe, not a flag)."""
         ...
 
@@ -53,100 +69,131 @@ class Backend(Protocol):
         """The platform reported in model metadata, e.g. ``onnxruntime_onnx``."""
         ...
 
-    def takes_pixels(self) -> bool:
-        """Whether :meth:`infer_batch` also takes uint8 ``N×3×H×W`` pixels (and normalizes
-        them itself, e.g. on the GPU); otherwise the edge sends float32 only."""
+    def takes_pixels(self, model: ModelVersion) -> bool:
+        """Whether :meth:`infer_batch` also takes uint8 ``N×3×H×W`` pixels for the loaded
+        ``model`` (and normalizes them itself, e.g. on the GPU); otherwise the edge sends
+        float32 only."""
         ...
 
 
-async def answers(infer: Callable[[str, np.ndarray], Awaitable[np.ndarray]], model: str) -> bool:
+def version_text(model: ModelVersion) -> str:
+    """``convnet version 2``: how logs and messages name a version."""
+    return f"{model.spec.name} version {model.version}"
+
+
+async def answers(
+    infer: Callable[[ModelVersion, np.ndarray], Awaitable[np.ndarray]], model: ModelVersion
+) -> bool:
     """Run a one-item probe through ``infer``; true when it returns one finite row."""
     try:
-        out = await infer(model, probe_input(get_spec(model)))
+        out = await infer(model, probe_input(model.spec))
     except Exception as exc:
-        logger.warning("readiness probe of %s failed: %s", model, exc)
+        logger.warning("readiness probe of %s failed: %s", version_text(model), exc)
         return False
     return len(out) == 1 and bool(np.isfinite(out).all())
 
 
-class InProcessBackend:
-    """Exported artifacts run in this process, one worker thread per model.
+@dataclass(frozen=True)
+class _Loaded:
+    """A loaded version: its runner and the one thread that runs its batches."""
 
-    One thread per model runs that model's batches one at a time (runners are not
-    thread-safe), off the event loop, while different models run side by side.
+    model: ModelVersion
+    runner: Runner
+    executor: ThreadPoolExecutor
+
+
+class InProcessBackend:
+    """Exported artifacts run in this process, one worker thread per loaded version.
+
+    One thread per version runs that version's batches one at a time (runners are not
+    thread-safe), off the event loop, while different versions run side by side.
     """
 
     def __init__(
         self,
-        artifacts_dir: Path,
         artifact_format: ArtifactFormat,
         platform: str,
-        models: Iterable[str] = tuple(MODELS),
         device: str | None = None,
         half: bool = False,
         options: RunnerOptions | None = None,
     ) -> None:
-        self._artifacts_dir = artifacts_dir
         self._format: ArtifactFormat = artifact_format
         self._platform = platform
-        self._models = tuple(models)
         self._device = device
         self._half = half
         self._options = options or RunnerOptions()
-        self._runners: dict[str, Runner] = {}
-        self._executors: dict[str, ThreadPoolExecutor] = {}
+        # Keyed by the ModelVersion object's identity (see Backend): a reload holds two
+        # versions of one name and number. The entry keeps the object alive, so its id is
+        # not reused while it is a key.
+        self._loaded: dict[int, _Loaded] = {}
 
     async def start(self) -> None:
-        """Load every model's artifact in its own worker thread."""
-        loop = asyncio.get_running_loop()
+        """Set TorchScript's process-wide thread count; versions load one by one later."""
         if self._format == "torchscript" and self._options.threads:
             torch.set_num_threads(self._options.threads)  # process-wide in torch
-        for model in self._models:
-            path = self._artifacts_dir / f"{model}{ARTIFACT_SUFFIX[self._format]}"
-            if not path.is_file():
-                raise UnavailableError(
-                    f"{path} is missing; run `cnnserve export {model} --out {self._artifacts_dir}`"
-                )
-            executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{model}")
-            self._executors[model] = executor
-            self._runners[model] = await loop.run_in_executor(
-                executor,
-                functools.partial(
-                    load_runner,
-                    path,
-                    self._format,
-                    self._device,
-                    self._half,
-                    threads=self._options.threads,
-                    channels_last=self._options.channels_last,
-                    pinned_memory=self._options.pinned_memory,
-                    cuda_graph_batch_sizes=self._options.cuda_graph_batch_sizes,
-                    normalization=get_spec(model).normalization,
-                ),
+
+    async def load(self, model: ModelVersion) -> None:
+        """Open ``model``'s artifact on a new worker thread of its own."""
+        wanted = model.config.artifact_format
+        if wanted is not None and wanted != self._format:
+            raise UnavailableError(
+                f"{version_text(model)}: config.yaml asks for the {wanted} artifact, but the "
+                f"{self._platform} backend runs {self._format}; remove artifact_format or "
+                "serve with the matching backend"
             )
-            # ORT may fall back to CPU silently; the log says where the model really runs.
-            logger.info("%s: %s on %s", model, self._platform, self._runners[model].device)
+        path = model.artifact(self._format)
+        if not path.is_file():
+            raise UnavailableError(
+                f"{path} is missing: the {self._platform} backend needs the {self._format} "
+                "artifact; export the version again with cnnserve export"
+            )
+        name = f"infer-{model.spec.name}-{model.version}"
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        load = functools.partial(
+            load_runner,
+            path,
+            self._format,
+            self._device,
+            self._half,
+            threads=self._options.threads,
+            channels_last=self._options.channels_last,
+            pinned_memory=self._options.pinned_memory,
+            cuda_graph_batch_sizes=self._options.cuda_graph_batch_sizes,
+            normalization=model.spec.normalization,
+        )
+        try:
+            runner = await asyncio.get_running_loop().run_in_executor(executor, load)
+        except Exception as exc:
+            executor.shutdown(wait=False)
+            # The runtimes' messages name the file and the fault; the first line is enough.
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UnavailableError(f"{path}: cannot be loaded: {detail}") from exc
+        self._loaded[id(model)] = _Loaded(model, runner, executor)
+        # ORT may fall back to CPU silently; the log says where the model really runs.
+        logger.info("%s: %s on %s", version_text(model), self._platform, runner.device)
+
+    async def unload(self, model: ModelVersion) -> None:
+        """Drop the runner and stop its thread (after its current batch)."""
+        loaded = self._loaded.pop(id(model), None)
+        if loaded is not None:
+            await asyncio.to_thread(loaded.executor.shutdown, wait=True)
 
     async def close(self) -> None:
-        """Drop the runners and stop the worker threads (after their current batch)."""
-        self._runners.clear()
-        executors = list(self._executors.values())
-        self._executors.clear()
-        for executor in executors:
-            await asyncio.to_thread(executor.shutdown, wait=True)
+        """Unload every version."""
+        for loaded in list(self._loaded.values()):
+            await self.unload(loaded.model)
 
-    async def infer_batch(self, model: str, batch: np.ndarray) -> np.ndarray:
+    async def infer_batch(self, model: ModelVersion, batch: np.ndarray) -> np.ndarray:
         """Run ``batch`` on ``model``'s worker thread."""
-        runner = self._runners.get(model)
-        executor = self._executors.get(model)
-        if runner is None or executor is None:
-            raise UnavailableError(f"model {model} is not loaded")
+        loaded = self._loaded.get(id(model))
+        if loaded is None:
+            raise UnavailableError(f"{version_text(model)} is not loaded")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(executor, runner.infer, batch)
+        return await loop.run_in_executor(loaded.executor, loaded.runner.infer, batch)
 
-    async def ready(self, model: str) -> bool:
+    async def ready(self, model: ModelVersion) -> bool:
         """Loaded, and a one-image probe runs through it."""
-        if model not in self._runners:
+        if id(model) not in self._loaded:
             return False
         return await answers(self.infer_batch, model)
 
@@ -154,13 +201,10 @@ class InProcessBackend:
         """The platform name, as Triton spells it."""
         return self._platform
 
-    def takes_pixels(self) -> bool:
-        """True when every runner normalizes uint8 pixels itself and that is wanted."""
-        return (
-            self._options.device_preprocess
-            and bool(self._runners)
-            and all(runner.takes_pixels for runner in self._runners.values())
-        )
+    def takes_pixels(self, model: ModelVersion) -> bool:
+        """True when ``model``'s runner normalizes uint8 pixels itself and that is wanted."""
+        loaded = self._loaded.get(id(model))
+        return self._options.device_preprocess and loaded is not None and loaded.runner.takes_pixels
 
 
 @dataclass(frozen=True)
@@ -191,7 +235,6 @@ def create_backend(settings: Settings) -> Backend:
         if settings.half_precision:
             logger.warning("half_precision applies to the torchscript backend only; ignored")
         return InProcessBackend(
-            settings.artifacts_dir,
             "onnx",
             "onnxruntime_onnx",
             device=settings.device,
@@ -199,7 +242,6 @@ def create_backend(settings: Settings) -> Backend:
         )
     if settings.backend == "torchscript":
         return InProcessBackend(
-            settings.artifacts_dir,
             "torchscript",
             "pytorch_libtorch",
             device=settings.device,

@@ -60,7 +60,8 @@ PEAK_WINDOW_S = 0.25
 
 
 class BatchObserver(Protocol):
-    """Metrics hooks the batcher calls; ``metrics.ModelObserver`` implements them."""
+    """Hooks the batcher calls: ``metrics.ModelObserver`` (Prometheus) and
+    ``statistics.StatisticsRecorder`` (Triton's statistics) implement them."""
 
     def queue_changed(self, delta: int) -> None:
         """Items were added to (positive) or taken from (negative) the queue."""
@@ -68,27 +69,47 @@ class BatchObserver(Protocol):
     def request_dequeued(self, waited_s: float) -> None:
         """A request's first items left the queue after waiting ``waited_s``."""
 
-    def batch_done(self, size: int, seconds: float) -> None:
-        """A batch of ``size`` items ran through the batch function in ``seconds``."""
+    def batch_done(self, size: int, input_s: float, infer_s: float, output_s: float) -> None:
+        """A batch of ``size`` items ran: its items were joined in ``input_s``, the batch
+        function took ``infer_s``, and the rows were handed out in ``output_s``."""
+
+    def request_computed(self, infer_s: float) -> None:
+        """A request has all its rows; the batches its items ran in took ``infer_s``."""
 
     def request_expired(self) -> None:
         """A request's deadline passed before any of it was computed."""
 
 
-class _NoObserver:
-    """Observer that records nothing, for batchers built without metrics."""
+class Observers:
+    """Several observers as one: each hook calls every one of them, in order."""
+
+    def __init__(self, *observers: BatchObserver) -> None:
+        self._observers = observers
 
     def queue_changed(self, delta: int) -> None:
-        """Ignore."""
+        """Forward to every observer."""
+        for observer in self._observers:
+            observer.queue_changed(delta)
 
     def request_dequeued(self, waited_s: float) -> None:
-        """Ignore."""
+        """Forward to every observer."""
+        for observer in self._observers:
+            observer.request_dequeued(waited_s)
 
-    def batch_done(self, size: int, seconds: float) -> None:
-        """Ignore."""
+    def batch_done(self, size: int, input_s: float, infer_s: float, output_s: float) -> None:
+        """Forward to every observer."""
+        for observer in self._observers:
+            observer.batch_done(size, input_s, infer_s, output_s)
+
+    def request_computed(self, infer_s: float) -> None:
+        """Forward to every observer."""
+        for observer in self._observers:
+            observer.request_computed(infer_s)
 
     def request_expired(self) -> None:
-        """Ignore."""
+        """Forward to every observer."""
+        for observer in self._observers:
+            observer.request_expired()
 
 
 def _as_async(batch_fn: BatchFn) -> AsyncBatchFn:
@@ -126,6 +147,8 @@ class _Request:
     #: Result rows received so far, in order: a request's slices run in queue order.
     parts: list[np.ndarray] = field(default_factory=list)
     received: int = 0
+    #: Batch-function time of the batches its items ran in, so far.
+    infer_s: float = 0.0
 
     @property
     def key(self) -> ShapeKey:
@@ -173,7 +196,7 @@ class DynamicBatcher:
         # Rule 8: requests submitted and not yet answered, and their recent peak.
         self._outstanding = 0
         self._peak = _WindowedPeak(peak_window_s)
-        self._observer: BatchObserver = observer or _NoObserver()
+        self._observer: BatchObserver = observer or Observers()
         self._groups: dict[ShapeKey, deque[_Request]] = {}
         self._group_items: dict[ShapeKey, int] = {}
         self._queued = 0
@@ -390,9 +413,10 @@ class DynamicBatcher:
 
     async def _run(self, batch: list[_Slice]) -> None:
         """Run one batch and hand each request its rows (or the batch's error)."""
+        started = time.monotonic()
         parts = [s.request.items[s.start : s.stop] for s in batch]
         inputs = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        started = time.monotonic()
+        joined = time.monotonic()
         try:
             outputs = await self._fn(inputs)
             if not isinstance(outputs, np.ndarray) or outputs.ndim == 0:
@@ -410,12 +434,16 @@ class DynamicBatcher:
         except Exception as exc:
             self._fail(batch, exc)
             return
-        self._observer.batch_done(len(inputs), time.monotonic() - started)
+        ran = time.monotonic()
         offset = 0
         for s in batch:
             rows = s.stop - s.start
+            s.request.infer_s += ran - joined
             self._deliver(s.request, outputs[offset : offset + rows])
             offset += rows
+        self._observer.batch_done(
+            len(inputs), joined - started, ran - joined, time.monotonic() - ran
+        )
 
     def _fail(self, batch: list[_Slice], exc: Exception) -> None:
         """Answer every request of a failed batch; unknown errors are logged, never shown."""
@@ -441,6 +469,7 @@ class DynamicBatcher:
         if request.received == len(request.items):
             parts = request.parts
             request.future.set_result(parts[0] if len(parts) == 1 else np.concatenate(parts))
+            self._observer.request_computed(request.infer_s)
 
     # --- queue accounting ---
 

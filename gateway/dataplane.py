@@ -1,9 +1,10 @@
 """The data plane: the one entry point both transports (gRPC and HTTP) call.
 
-A request flows: model and version checked → outputs checked → its one input validated and
-turned into a float32 batch (images decoded per item, off the event loop) → the model's
-:class:`DynamicBatcher` → the backend → the requested outputs computed for this request.
-Everything raised to a transport is a :mod:`cnnserve.errors` exception.
+A request flows: the model manager picks the version (``model_version``, or ``""`` for the
+highest ready one) and the request holds it until answered → outputs checked → its one input
+validated and turned into a float32 batch (images decoded per item, off the event loop) →
+that version's :class:`DynamicBatcher` → the backend → the requested outputs computed for
+this request. Everything raised to a transport is a :mod:`cnnserve.errors` exception.
 """
 
 from __future__ import annotations
@@ -13,10 +14,8 @@ import contextlib
 import importlib.metadata
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import TypeVar
-
-import numpy as np
 
 from cnnserve.errors import (
     GENERIC_INTERNAL_MESSAGE,
@@ -24,10 +23,7 @@ from cnnserve.errors import (
     DeadlineExceededError,
     InvalidInputError,
     UnavailableError,
-    UnknownModelError,
 )
-from cnnserve.models.registry import MODELS, get_spec
-from cnnserve.models.spec import ModelSpec
 from cnnserve.protocol.domain import (
     InferRequest,
     InferResponse,
@@ -38,24 +34,28 @@ from cnnserve.protocol.errors import CodecError
 from cnnserve.settings import Settings
 
 from .backends import Backend, create_backend
-from .batcher import DynamicBatcher
 from .inputs import input_metadata, item_count, select_input, to_batch
-from .metrics import GatewayMetrics
+from .metrics import UNKNOWN_LABEL, GatewayMetrics
+from .model_manager import ModelManager, ServedVersion
 from .outputs import compute_outputs, output_metadata, plan_outputs
 
 logger = logging.getLogger(__name__)
 
 SERVER_NAME = "cnnserve"
-#: The only model version; ``""`` in a request means "latest", i.e. this one.
-MODEL_VERSION = "1"
-#: Open Inference Protocol extensions the gateway implements (Triton's names).
-EXTENSIONS = ("classification", "binary_tensor_data")
+#: Open Inference Protocol extensions the gateway implements (Triton's names); the last four
+#: are served by gateway/repository_api.py ("(unload_dependents)": unload accepts it).
+EXTENSIONS = (
+    "classification",
+    "binary_tensor_data",
+    "model_repository",
+    "model_repository(unload_dependents)",
+    "model_configuration",
+    "statistics",
+)
 #: Request parameter carrying the caller's time budget, in microseconds (0: none).
 TIMEOUT_PARAMETER = "timeout"
 #: Arrays larger than this are prepared / post-processed in a worker thread, not on the loop.
 OFFLOAD_BYTES = 1 << 20
-#: Metrics label for requests naming a model that is not served (bounds label cardinality).
-UNKNOWN_MODEL_LABEL = "_unknown"
 
 T = TypeVar("T")
 
@@ -70,7 +70,8 @@ def caller_input() -> Iterator[None]:
 
 
 class DataPlane:
-    """Models, batchers and backend behind every transport; see the module docstring."""
+    """The model manager, its batchers and the backend behind every transport; see the module
+    docstring."""
 
     def __init__(
         self, settings: Settings, backend: Backend, metrics: GatewayMetrics | None = None
@@ -78,43 +79,28 @@ class DataPlane:
         self.settings = settings
         self.backend = backend
         self.metrics = metrics or GatewayMetrics()
-        self._batchers: dict[str, DynamicBatcher] = {}
+        #: The served versions and their lifecycle; the repository API's entry point.
+        self.models = ModelManager(settings, backend, self.metrics)
         self._started = False
         self._draining = False
         self._in_flight = 0
         self._idle: asyncio.Event | None = None
-        #: Whether UINT8 inputs reach the backend as pixels (it normalizes them itself).
-        self._keep_pixels = False
 
     # --- lifecycle ---
 
     async def start(self) -> None:
-        """Start the backend, then one batcher per model (inside the running loop)."""
-        await self.backend.start()
-        self._keep_pixels = self.backend.takes_pixels()
+        """Start the backend, then load the repository's models (inside the running loop)."""
         self._idle = asyncio.Event()
         self._idle.set()
-        for name in self.model_names():
-            batcher = DynamicBatcher(
-                self._batch_fn(name),
-                max_batch_size=self.settings.max_batch_size,
-                max_batch_delay_ms=self.settings.max_batch_delay_ms,
-                max_queue_size=self.settings.max_queue_size,
-                adaptive_delay=self.settings.adaptive_batch_delay,
-                observer=self.metrics.observer(name),
-                name=name,
-            )
-            batcher.start()
-            self._batchers[name] = batcher
+        await self.backend.start()
+        try:
+            await self.models.start()
+        except BaseException:
+            await self.backend.close()
+            raise
         self._draining = False
         self._started = True
         logger.info("data plane started: %s backend", self.backend.describe())
-
-    def _batch_fn(self, model: str) -> Callable[[np.ndarray], Awaitable[np.ndarray]]:
-        async def run(batch: np.ndarray) -> np.ndarray:
-            return await self.backend.infer_batch(model, batch)
-
-        return run
 
     def begin_drain(self) -> None:
         """Readiness turns false and new requests get UNAVAILABLE; in-flight ones go on."""
@@ -138,9 +124,7 @@ class DataPlane:
         grace = self.settings.drain_grace_s if grace_s is None else grace_s
         give_up_at = time.monotonic() + grace
         await self.wait_idle(grace)
-        left = max(0.0, give_up_at - time.monotonic())
-        await asyncio.gather(*(b.stop(left) for b in self._batchers.values()))
-        self._batchers.clear()
+        await self.models.stop(max(0.0, give_up_at - time.monotonic()))
         self._started = False
         await self.backend.close()
 
@@ -150,33 +134,40 @@ class DataPlane:
         """The process can serve: false only when a started batcher's task has died."""
         if not self._started or self._draining:
             return True
-        return all(b.running for b in self._batchers.values())
+        return all(s.batcher.running for s in self.models.served_versions())
 
     async def server_ready(self) -> bool:
-        """Every model loaded and its backend answering, and not draining."""
+        """Not draining, and every loaded version's batcher runs and its backend answers a
+        probe (a model that failed to load is in the repository index, not here)."""
         if not self._accepting():
             return False
-        states = await asyncio.gather(*(self.model_ready(n) for n in self.model_names()))
+        states = await asyncio.gather(*(self._answers(s) for s in self.models.served_versions()))
         return all(states)
 
     async def model_ready(self, name: str, version: str = "") -> bool:
-        """The model's batcher runs and its backend answers a probe; unknown → NOT_FOUND."""
-        spec = self._spec(name, version)
-        batcher = self._batchers.get(spec.name)
-        if not self._accepting() or batcher is None or not batcher.running:
+        """The version (``""``: the highest ready one) takes requests and its backend answers
+        a probe; a model or version that is not known → NOT_FOUND."""
+        try:
+            served = self.models.route(name, version)
+        except UnavailableError:
             return False
-        return await self.backend.ready(spec.name)
+        return self._accepting() and await self._answers(served)
+
+    async def _answers(self, served: ServedVersion) -> bool:
+        return served.batcher.running and await self.backend.ready(served.model)
 
     def model_names(self) -> list[str]:
-        """The served models."""
-        return sorted(MODELS)
+        """The models with a version taking requests."""
+        return self.models.model_names()
 
     def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
-        """Names, datatypes and shapes (``-1`` variable) of every input and output."""
-        spec = self._spec(name, version)
+        """Names, datatypes and shapes (``-1`` variable) of every input and output of the
+        version (``""``: the highest ready one); ``versions`` lists the ready ones."""
+        served = self.models.route(name, version)
+        spec = served.model.spec
         return ModelMetadata(
             name=spec.name,
-            versions=(MODEL_VERSION,),
+            versions=tuple(str(v) for v in self.models.ready_versions(spec.name)),
             platform=self.backend.describe(),
             inputs=input_metadata(spec),
             outputs=output_metadata(spec),
@@ -192,44 +183,44 @@ class DataPlane:
 
     async def infer(self, request: InferRequest) -> InferResponse:
         """Answer one request; raises :mod:`cnnserve.errors` exceptions only."""
-        label = request.model_name if request.model_name in MODELS else UNKNOWN_MODEL_LABEL
         started = time.monotonic()
-        if not self._accepting():
-            exc = UnavailableError("server is not accepting requests (starting or shutting down)")
-            self.metrics.request_finished(label, exc, time.monotonic() - started)
-            raise exc
-        self._enter()
+        served: ServedVersion | None = None
         try:
-            response = await self._infer(request)
+            if not self._accepting():
+                raise UnavailableError(
+                    "server is not accepting requests (starting or shutting down)"
+                )
+            served = self.models.route(request.model_name, request.model_version)
+            with self._held(), served.lease():
+                return await self._infer(served, request, started)
         except asyncio.CancelledError:
             if request.deadline is not None and time.monotonic() >= request.deadline:
                 # The transport ended the call at its deadline (gRPC does): count it so.
                 expired = DeadlineExceededError("deadline passed")
-                self.metrics.request_finished(label, expired, time.monotonic() - started)
+                self._finished(request, served, expired, started)
             else:
-                self.metrics.request_cancelled(label)
+                self.metrics.request_cancelled(*self._labels(request, served))
             raise
         except CnnserveError as exc:
-            self.metrics.request_finished(label, exc, time.monotonic() - started)
+            self._finished(request, served, exc, started)
             raise
         except Exception as exc:
-            logger.exception("inference on %s failed", request.model_name)
-            self.metrics.request_finished(label, exc, time.monotonic() - started)
+            where = served.batcher.name if served is not None else request.model_name
+            logger.exception("inference on %s failed", where)
+            self._finished(request, served, exc, started)
             raise CnnserveError(GENERIC_INTERNAL_MESSAGE) from None
-        finally:
-            self._leave()
-        self.metrics.request_finished(label, None, time.monotonic() - started)
-        return response
 
-    async def _infer(self, request: InferRequest) -> InferResponse:
-        spec = self._spec(request.model_name, request.model_version)
+    async def _infer(
+        self, served: ServedVersion, request: InferRequest, started: float
+    ) -> InferResponse:
+        spec = served.model.spec
         deadline = self._deadline(request)
         plans = plan_outputs(spec, request.outputs)
         tensor = select_input(spec, request.inputs)
         count = item_count(spec, tensor, self.settings.max_items_per_request)
-        batcher = self._batchers[spec.name]
         # A full queue refuses at once, before images are decoded for nothing.
-        batcher.check_room(count)
+        served.batcher.check_room(count)
+        preparing = time.monotonic()
         # Image decoding and big array conversions would stall every other request.
         batch = await _maybe_offload(
             tensor.datatype == "BYTES" or tensor.data.nbytes > OFFLOAD_BYTES,
@@ -237,15 +228,39 @@ class DataPlane:
             spec,
             tensor,
             self.settings.max_image_pixels,
-            self._keep_pixels,
+            served.keep_pixels,
         )
-        raw = await batcher.submit(batch, deadline)
+        input_s = time.monotonic() - preparing
+        raw = await served.batcher.submit(batch, deadline)
+        computing = time.monotonic()
         outputs = await _maybe_offload(
             raw.nbytes > OFFLOAD_BYTES, compute_outputs, spec, raw, plans
         )
+        finished = time.monotonic()
+        served.stats.request_succeeded(count, finished - started, input_s, finished - computing)
+        self.metrics.request_finished(spec.name, served.version, None, finished - started)
         return InferResponse(
-            model_name=spec.name, outputs=outputs, model_version=MODEL_VERSION, id=request.id
+            model_name=spec.name, outputs=outputs, model_version=served.version, id=request.id
         )
+
+    def _labels(self, request: InferRequest, served: ServedVersion | None) -> tuple[str, str]:
+        """The metrics labels of a request: its version's, or ``_unknown`` where it had none."""
+        if served is not None:
+            return served.name, served.version
+        return self.models.metrics_label(request.model_name), UNKNOWN_LABEL
+
+    def _finished(
+        self,
+        request: InferRequest,
+        served: ServedVersion | None,
+        exc: BaseException,
+        started: float,
+    ) -> None:
+        """Count a request that ended with ``exc``."""
+        seconds = time.monotonic() - started
+        if served is not None:
+            served.stats.request_failed(seconds)
+        self.metrics.request_finished(*self._labels(request, served), exc, seconds)
 
     def _deadline(self, request: InferRequest) -> float | None:
         """The earliest of the transport's deadline and the OIP ``timeout`` (µs) parameter;
@@ -267,26 +282,21 @@ class DataPlane:
 
     # --- helpers ---
 
-    def _spec(self, name: str, version: str) -> ModelSpec:
-        spec = get_spec(name)
-        if version not in ("", MODEL_VERSION):
-            raise UnknownModelError(
-                f"model {name} has no version {version!r}; available versions: {MODEL_VERSION}"
-            )
-        return spec
-
     def _accepting(self) -> bool:
         return self._started and not self._draining
 
-    def _enter(self) -> None:
+    @contextlib.contextmanager
+    def _held(self) -> Iterator[None]:
+        """Count a request as in flight (the drain waits for none to be)."""
         self._in_flight += 1
         if self._idle is not None:
             self._idle.clear()
-
-    def _leave(self) -> None:
-        self._in_flight -= 1
-        if self._in_flight == 0 and self._idle is not None:
-            self._idle.set()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0 and self._idle is not None:
+                self._idle.set()
 
 
 async def _maybe_offload(offload: bool, fn: Callable[..., T], *args: object) -> T:

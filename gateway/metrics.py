@@ -2,10 +2,15 @@
 
 A private :class:`~prometheus_client.CollectorRegistry` (not the global default) keeps two
 gateways in one process — as in the tests — from colliding, and keeps library metrics out.
+
+Every metric is labelled by ``model`` and ``version``. Both stay bounded whatever callers
+send: a request that names no loaded version counts under ``_unknown`` (the model's name is
+kept when that model is loaded), and a version's series go away when it is unloaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import prometheus_client
@@ -69,15 +74,21 @@ def outcome_of(exc: BaseException | None) -> str:
     return INTERNAL
 
 
-class ModelObserver:
-    """The batcher's metrics hooks for one model (see ``batcher.BatchObserver``)."""
+#: The label of a model or version no loaded version answers to.
+UNKNOWN_LABEL = "_unknown"
+LABELS = ("model", "version")
 
-    def __init__(self, metrics: GatewayMetrics, model: str) -> None:
-        self._queue_depth = metrics.queue_depth.labels(model=model)
-        self._queue_time = metrics.queue_seconds.labels(model=model)
-        self._inference_time = metrics.inference_seconds.labels(model=model)
-        self._batch_size = metrics.batch_size.labels(model=model)
-        self._expired = metrics.expired.labels(model=model)
+
+class ModelObserver:
+    """The batcher's metrics hooks for one model version (see ``batcher.BatchObserver``)."""
+
+    def __init__(self, metrics: GatewayMetrics, model: str, version: str) -> None:
+        labels = {"model": model, "version": version}
+        self._queue_depth = metrics.queue_depth.labels(**labels)
+        self._queue_time = metrics.queue_seconds.labels(**labels)
+        self._inference_time = metrics.inference_seconds.labels(**labels)
+        self._batch_size = metrics.batch_size.labels(**labels)
+        self._expired = metrics.expired.labels(**labels)
 
     def queue_changed(self, delta: int) -> None:
         """Items were added to (positive) or taken from (negative) the model's queue."""
@@ -87,10 +98,13 @@ class ModelObserver:
         """A request's first items left the queue for a batch after ``waited_s``."""
         self._queue_time.observe(waited_s)
 
-    def batch_done(self, size: int, seconds: float) -> None:
-        """A batch of ``size`` items ran through the backend in ``seconds``."""
+    def batch_done(self, size: int, input_s: float, infer_s: float, output_s: float) -> None:
+        """A batch of ``size`` items ran through the backend in ``infer_s``."""
         self._batch_size.observe(size)
-        self._inference_time.observe(seconds)
+        self._inference_time.observe(infer_s)
+
+    def request_computed(self, infer_s: float) -> None:
+        """Per-request model time is a statistic (``statistics.py``), not a metric."""
 
     def request_expired(self) -> None:
         """A request's deadline passed before any of it was computed."""
@@ -105,41 +119,41 @@ class GatewayMetrics:
         self.requests = Counter(
             "cnnserve_requests",
             "Inference requests by model and outcome (success or the error kind).",
-            ["model", "outcome"],
+            [*LABELS, "outcome"],
             registry=self.registry,
         )
         self.request_seconds = Histogram(
             "cnnserve_request_seconds",
             "Time from a request reaching the data plane to its answer.",
-            ["model"],
+            LABELS,
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.queue_seconds = Histogram(
             "cnnserve_queue_seconds",
             "Time a request waited in the batcher's queue before its first batch ran.",
-            ["model"],
+            LABELS,
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.inference_seconds = Histogram(
             "cnnserve_inference_seconds",
             "Time one batch spent in the backend.",
-            ["model"],
+            LABELS,
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.batch_size = Histogram(
             "cnnserve_batch_size",
             "Items per batch sent to the backend.",
-            ["model"],
+            LABELS,
             buckets=BATCH_SIZE_BUCKETS,
             registry=self.registry,
         )
         self.queue_depth = Gauge(
             "cnnserve_queue_depth",
             "Items waiting in the model's batcher queue.",
-            ["model"],
+            LABELS,
             registry=self.registry,
             # Summed over live processes when several gateway processes share the ports.
             multiprocess_mode="livesum",
@@ -147,22 +161,41 @@ class GatewayMetrics:
         self.expired = Counter(
             "cnnserve_expired_before_compute",
             "Requests whose deadline passed before they reached the model (never computed).",
-            ["model"],
+            LABELS,
             registry=self.registry,
         )
 
-    def observer(self, model: str) -> ModelObserver:
-        """The batcher hooks that count into this registry under ``model``."""
-        return ModelObserver(self, model)
+    def observer(self, model: str, version: str) -> ModelObserver:
+        """The batcher hooks that count into this registry under ``model`` and ``version``."""
+        return ModelObserver(self, model, version)
 
-    def request_finished(self, model: str, exc: BaseException | None, seconds: float) -> None:
+    def request_finished(
+        self, model: str, version: str, exc: BaseException | None, seconds: float
+    ) -> None:
         """Count one finished request by outcome and record how long it took."""
-        self.requests.labels(model=model, outcome=outcome_of(exc)).inc()
-        self.request_seconds.labels(model=model).observe(seconds)
+        self.requests.labels(model=model, version=version, outcome=outcome_of(exc)).inc()
+        self.request_seconds.labels(model=model, version=version).observe(seconds)
 
-    def request_cancelled(self, model: str) -> None:
+    def request_cancelled(self, model: str, version: str) -> None:
         """Count a request whose caller went away before it was answered."""
-        self.requests.labels(model=model, outcome=CANCELLED).inc()
+        self.requests.labels(model=model, version=version, outcome=CANCELLED).inc()
+
+    def forget(self, model: str, version: str) -> None:
+        """Drop an unloaded version's series, so label values stay bounded by what is loaded
+        (in multi-process mode its last values stay in the shared files)."""
+        for family in (
+            self.request_seconds,
+            self.queue_seconds,
+            self.inference_seconds,
+            self.batch_size,
+            self.queue_depth,
+            self.expired,
+        ):
+            with contextlib.suppress(KeyError):
+                family.remove(model, version)
+        for outcome in (SUCCESS, CANCELLED, INTERNAL, *(label for _, label in _OUTCOMES)):
+            with contextlib.suppress(KeyError):
+                self.requests.remove(model, version, outcome)
 
     def render(self) -> bytes:
         """The registry in the Prometheus text exposition format — every gateway process's

@@ -6,6 +6,10 @@ batch travels in one request in the packed format the cnnserve handler reads. Th
 client spreads batches over every replica behind the target, attaches each replica's
 inference key and turns TorchServe's failures into cnnserve errors.
 
+Versions: TorchServe serves the archives it was started with, one per model name, so a
+version counts as loaded once the gateway asks and is ready when TorchServe runs a probe
+through the model of that name; every version of a model goes to that one archive.
+
 TorchServe writes a new key every time it starts. Keys are looked up per call and re-read
 whenever their file changes (``torchserve_key_dir``: one file per replica;
 ``torchserve_key_file``: one server), so a restarted or added replica is served without
@@ -16,13 +20,12 @@ TorchServe is up.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from cnnserve.errors import UnavailableError
-from cnnserve.models.registry import MODELS
+from cnnserve.models.repository import ModelVersion
 from cnnserve.settings import Settings
 from cnnserve.torchserve_engine.client import TorchServeClient
 from cnnserve.torchserve_engine.keys import key_store
@@ -42,7 +45,6 @@ class TorchServeBackend:
         key_file: Path | None,
         max_message_bytes: int,
         timeout_s: float,
-        models: Iterable[str] = tuple(MODELS),
         key_dir: Path | None = None,
         resolve_interval_s: float = 5.0,
     ) -> None:
@@ -51,7 +53,8 @@ class TorchServeBackend:
         self._max_message_bytes = max_message_bytes
         self._timeout_s = timeout_s
         self._resolve_interval_s = resolve_interval_s
-        self._models = tuple(models)
+        # Loaded versions by object identity (the Backend contract's reloads hold two).
+        self._loaded: dict[int, ModelVersion] = {}
         self._client: TorchServeClient | None = None
 
     @classmethod
@@ -85,26 +88,36 @@ class TorchServeBackend:
             logger.warning("TorchServe at %s is not healthy yet", self._target)
 
     async def close(self) -> None:
-        """Close every channel."""
+        """Forget the loaded versions and close every channel."""
+        self._loaded.clear()
         client, self._client = self._client, None
         if client is not None:
             await client.close()
 
-    async def infer_batch(self, model: str, batch: np.ndarray) -> np.ndarray:
-        """One ``Predictions`` call carrying the whole batch."""
-        return await self._connected().predict_batch(model, batch, self._timeout_s)
+    async def load(self, model: ModelVersion) -> None:
+        """Note ``model`` as served: TorchServe already holds its model's archive, and a
+        TorchServe not up yet is not an error (readiness follows it)."""
+        self._loaded[id(model)] = model
 
-    async def ready(self, model: str) -> bool:
-        """TorchServe runs a one-image probe through ``model`` end to end."""
-        if model not in self._models or self._client is None:
+    async def unload(self, model: ModelVersion) -> None:
+        """Stop counting ``model`` as served; TorchServe keeps its archive."""
+        self._loaded.pop(id(model), None)
+
+    async def infer_batch(self, model: ModelVersion, batch: np.ndarray) -> np.ndarray:
+        """One ``Predictions`` call carrying the whole batch, to the model of that name."""
+        return await self._connected().predict_batch(model.spec.name, batch, self._timeout_s)
+
+    async def ready(self, model: ModelVersion) -> bool:
+        """TorchServe runs a one-image probe through the model end to end."""
+        if id(model) not in self._loaded or self._client is None:
             return False
-        return await self._client.models_ready([model])
+        return await self._client.models_ready([model.spec.name])
 
     def describe(self) -> str:
         """The platform name reported in model metadata."""
         return PLATFORM
 
-    def takes_pixels(self) -> bool:
+    def takes_pixels(self, model: ModelVersion) -> bool:
         """No: the handler's packed format carries normalized float32 batches."""
         return False
 

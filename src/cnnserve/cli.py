@@ -15,9 +15,12 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
+
+if TYPE_CHECKING:
+    from cnnserve.settings import Settings
 
 app = typer.Typer(
     help="Serve the tutorial's ConvNet and FCN over the Open Inference Protocol.",
@@ -346,6 +349,7 @@ def torchserve_status(model_store: ModelStoreOption = None) -> None:
 
 
 BackendChoice = Literal["torchserve", "onnxruntime", "torchscript"]
+ControlMode = Literal["none", "poll", "explicit"]
 
 
 @app.command()
@@ -378,6 +382,24 @@ def serve(
             "<key>` (health stays open). A single key: CNNSERVE_API_KEY."
         ),
     ] = None,
+    model_repository: Annotated[
+        Path | None,
+        typer.Option(
+            help="Model repository to serve. Default: ./model_repository, made with the two "
+            "demo models when it does not exist."
+        ),
+    ] = None,
+    model_control_mode: Annotated[
+        ControlMode | None,
+        typer.Option(
+            help="none: load every model at start; poll: also follow the repository's changes; "
+            "explicit: load --load-model ones, then on request. Default: none."
+        ),
+    ] = None,
+    load_model: Annotated[
+        list[str] | None,
+        typer.Option(help="Explicit mode: a model to load at start (repeatable; '*': all)."),
+    ] = None,
 ) -> None:
     """Run the gateway (gRPC, HTTP, metrics) until SIGTERM/Ctrl-C, then drain and exit.
 
@@ -400,6 +422,9 @@ def serve(
         "tls_key_file": tls_key,
         "tls_client_ca_file": tls_client_ca,
         "api_keys_file": api_keys_file,
+        "model_repository": model_repository,
+        "model_control_mode": model_control_mode,
+        "load_models": load_model,
     }
     try:
         settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
@@ -410,7 +435,25 @@ def serve(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     with user_errors():
+        _default_repository(settings)
         serve_forever(settings)
+
+
+def _default_repository(settings: Settings) -> None:
+    """Make the default model repository with the two demo models when it does not exist
+    yet, so a fresh install serves without an export step. A repository given on purpose
+    (flag or variable) is never created: a typo should fail, not serve the demos."""
+    import logging
+
+    from cnnserve.export.repository import ensure_default_repository
+
+    root = settings.model_repository
+    if "model_repository" in settings.model_fields_set or root.exists():
+        return
+    log = logging.getLogger(__name__)
+    log.info("%s does not exist: exporting the demo models into it", root)
+    for added in ensure_default_repository(root):
+        log.info("%s version %d → %s", added.name, added.version, added.folder)
 
 
 @app.command()

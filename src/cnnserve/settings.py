@@ -32,10 +32,34 @@ class Settings(BaseSettings):
     backend: BackendName = Field(
         "onnxruntime", description="Inference backend: torchserve, onnxruntime or torchscript."
     )
+    model_repository: Path = Field(
+        Path("model_repository"),
+        description="The model repository the gateway serves: <model>/config.yaml and "
+        "<model>/<version>/{model.pt,model.onnx,export.json} (`cnnserve export --repository` "
+        "writes them). Default: model_repository in the working directory, made with the two "
+        "demo models by `cnnserve serve` when it does not exist yet.",
+    )
+    model_control_mode: Literal["none", "poll", "explicit"] = Field(
+        "none",
+        description="How models come and go, as Triton's: none: every model of the repository "
+        "is loaded at start; poll: also re-read the repository every "
+        "repository_poll_interval_s (new models and versions load, removed ones drain and "
+        "unload, changed ones reload); explicit: only load_models at start, then only what "
+        "the repository API loads and unloads.",
+    )
+    repository_poll_interval_s: float = Field(
+        15.0, gt=0, description="Seconds between two reads of the repository in poll mode."
+    )
+    load_models: list[str] = Field(
+        default_factory=list,
+        description="Explicit mode: the models loaded at start (the flag repeats; the "
+        'variable is a JSON list, e.g. ["convnet"]); "*" loads every model.',
+    )
     artifacts_dir: Path = Field(
         Path("artifacts"),
-        description="Directory of the exported <model>.pt/.onnx/.json files (`cnnserve export` "
-        "writes them; the in-process backends and `cnnserve archive` read them).",
+        description="Directory of flat exports <model>.pt/.onnx/.json (`cnnserve export "
+        "--out`), which `cnnserve archive` packs for TorchServe; the gateway itself serves "
+        "model_repository.",
     )
     model_store_dir: Path = Field(
         Path("model_store"), description="TorchServe model store (.mar files and config)."
@@ -88,9 +112,13 @@ class Settings(BaseSettings):
         "standard one.",
     )
 
-    # --- dynamic batching, per model (and per input size for the FCN) ---
+    # --- dynamic batching, per model version (and per input size for the FCN); a model's
+    # config.yaml (batching:) overrides max_batch_size, max_batch_delay_ms, max_queue_size ---
     max_batch_size: int = Field(
-        32, ge=1, description="Largest batch, in items, the batcher sends to the backend."
+        32,
+        ge=1,
+        description="Largest batch, in items, the batcher sends to the backend (a model's "
+        "config.yaml may set its own).",
     )
     max_batch_delay_ms: float = Field(
         2.0,
@@ -106,7 +134,10 @@ class Settings(BaseSettings):
         "off: a partial batch always waits max_batch_delay_ms for its oldest request.",
     )
     max_queue_size: int = Field(
-        512, ge=1, description="Items queued per model before new requests get RESOURCE_EXHAUSTED."
+        512,
+        ge=1,
+        description="Items queued per model version before new requests get "
+        "RESOURCE_EXHAUSTED (a model's config.yaml may set its own).",
     )
 
     # --- limits on what one request may carry ---
@@ -256,6 +287,16 @@ class Settings(BaseSettings):
             raise ValueError("tls_cert_file and tls_key_file must be set together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        return self
+
+    @model_validator(mode="after")
+    def _load_models_need_explicit_mode(self) -> Settings:
+        """Other modes load every model, so naming some would be silently ignored."""
+        if self.load_models and self.model_control_mode != "explicit":
+            raise ValueError(
+                "load_models applies to model_control_mode explicit only (the other modes "
+                "load every model of the repository)"
+            )
         return self
 
     @property

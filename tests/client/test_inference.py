@@ -24,9 +24,9 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def gateway(artifacts_dir: Path) -> AsyncIterator[Gateway]:
+async def gateway(model_repository: Path) -> AsyncIterator[Gateway]:
     """One onnxruntime gateway for the module."""
-    settings = gateway_settings(artifacts_dir, max_batch_delay_ms=20.0)
+    settings = gateway_settings(model_repository, max_batch_delay_ms=20.0)
     async with running_gateway(settings) as running:
         yield running
 

@@ -23,9 +23,9 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def gateway(artifacts_dir: Path) -> AsyncIterator[Gateway]:
+async def gateway(model_repository: Path) -> AsyncIterator[Gateway]:
     """One onnxruntime gateway for the module."""
-    async with running_gateway(gateway_settings(artifacts_dir)) as running:
+    async with running_gateway(gateway_settings(model_repository)) as running:
         yield running
 
 
@@ -98,14 +98,14 @@ async def test_mask_path_defaults_beside_the_image() -> None:
 
 @pytest.mark.parametrize("transport", ["grpc", "http"])
 async def test_predict_over_mutual_tls_with_an_api_key(
-    artifacts_dir: Path, tmp_path: Path, transport: str, monkeypatch: pytest.MonkeyPatch
+    model_repository: Path, tmp_path: Path, transport: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """--ca-file, --cert-file/--key-file and CNNSERVE_CLIENT_API_KEY against a gateway that
     requires all three; without the key the command fails with the server's reason."""
     ca = CertificateAuthority(tmp_path / "pki")
     server, client = ca.issue("server", server=True), ca.issue("client", server=False)
     settings = gateway_settings(
-        artifacts_dir,
+        model_repository,
         tls_cert_file=server.cert,
         tls_key_file=server.key,
         tls_client_ca_file=ca.pem.cert,

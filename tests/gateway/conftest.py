@@ -20,7 +20,7 @@ FUZZ_MAX_ITEMS = 8
 
 @pytest.fixture(scope="session")
 def fuzz_gateway(
-    artifacts_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    model_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[GatewayProcess]:
     """``cnnserve serve --backend onnxruntime`` in its own process: a crash there is seen
     as a dead process, not hidden inside the test's own event loop."""
@@ -28,7 +28,7 @@ def fuzz_gateway(
     with gateway_process(
         "onnxruntime",
         log,
-        artifacts_dir=artifacts_dir,
+        model_repository=model_repository,
         device="cpu",
         max_message_bytes=FUZZ_MAX_MESSAGE_BYTES,
         max_items_per_request=FUZZ_MAX_ITEMS,

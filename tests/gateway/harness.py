@@ -15,16 +15,18 @@ from prometheus_client.parser import text_string_to_metric_families
 from cnnserve.gateway.backends import Backend
 from cnnserve.gateway.dataplane import DataPlane, create_core
 from cnnserve.gateway.server import Gateway
+from cnnserve.models.repository import ModelVersion
 from cnnserve.models.steps import normalize
 from cnnserve.settings import Settings
 from tests.images import digit_png
 from tests.support import wait_until_async
 
 
-def gateway_settings(artifacts_dir: Path, **overrides: Any) -> Settings:
-    """Settings for an in-process onnxruntime gateway on free ports (port 0 everywhere)."""
+def gateway_settings(repository: Path, **overrides: Any) -> Settings:
+    """Settings for an in-process onnxruntime gateway serving the model ``repository``, on
+    free ports (port 0 everywhere)."""
     values: dict[str, Any] = {
-        "artifacts_dir": artifacts_dir,
+        "model_repository": repository,
         "backend": "onnxruntime",
         "device": "cpu",
         "host": "127.0.0.1",
@@ -50,42 +52,53 @@ async def running_gateway(
         await gateway.stop(5.0)
 
 
-class ExplodingBackend:
-    """A backend whose batches fail with an internal detail that must never reach a caller."""
-
-    SECRET = "secret-internal-detail-/opt/model/weights"
+class StubBackend:
+    """The lifecycle of a test backend: nothing to open, every version loads and is ready;
+    subclasses say what a batch does."""
 
     async def start(self) -> None:
-        """Nothing to load."""
+        """Nothing to open."""
 
     async def close(self) -> None:
         """Nothing to release."""
 
-    async def infer_batch(self, model: str, batch: np.ndarray) -> np.ndarray:
+    async def load(self, model: ModelVersion) -> None:
+        """Every version loads."""
+
+    async def unload(self, model: ModelVersion) -> None:
+        """Nothing to release."""
+
+    async def ready(self, model: ModelVersion) -> bool:
+        """Claims readiness so requests reach ``infer_batch``."""
+        return True
+
+
+class ExplodingBackend(StubBackend):
+    """A backend whose batches fail with an internal detail that must never reach a caller."""
+
+    SECRET = "secret-internal-detail-/opt/model/weights"
+
+    async def infer_batch(self, model: ModelVersion, batch: np.ndarray) -> np.ndarray:
         """Fail like a bug would."""
         raise RuntimeError(self.SECRET)
-
-    async def ready(self, model: str) -> bool:
-        """Claims readiness so requests reach :meth:`infer_batch`."""
-        return True
 
     def describe(self) -> str:
         """Platform name for metadata."""
         return "exploding"
 
-    def takes_pixels(self) -> bool:
+    def takes_pixels(self, model: ModelVersion) -> bool:
         """Float32 batches only."""
         return False
 
 
-def holding_settings(artifacts_dir: Path, delay_ms: float, **overrides: Any) -> Settings:
+def holding_settings(repository: Path, delay_ms: float, **overrides: Any) -> Settings:
     """A gateway whose lone requests wait ``delay_ms`` in the queue for company.
 
     Adaptive delay (a partial batch leaves at once when no other caller is around) is off,
     so a test can observe a request while it is queued: deterministic, not timed.
     """
     return gateway_settings(
-        artifacts_dir, max_batch_delay_ms=delay_ms, adaptive_batch_delay=False, **overrides
+        repository, max_batch_delay_ms=delay_ms, adaptive_batch_delay=False, **overrides
     )
 
 
@@ -108,8 +121,14 @@ async def metric_samples(port: int) -> dict[tuple[str, frozenset[tuple[str, str]
 
 
 async def metric(port: int, name: str, **labels: str) -> float:
-    """One sample's value (0 when absent)."""
-    return (await metric_samples(port)).get((name, frozenset(labels.items())), 0.0)
+    """The sum of the samples of ``name`` carrying ``labels`` (and any others, such as each
+    version of a model); 0 when there is none."""
+    wanted = set(labels.items())
+    return sum(
+        value
+        for (sample, sample_labels), value in (await metric_samples(port)).items()
+        if sample == name and wanted <= sample_labels
+    )
 
 
 async def wait_for_metric(port: int, name: str, at_least: float, **labels: str) -> None:

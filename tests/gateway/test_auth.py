@@ -78,11 +78,11 @@ def test_keys_come_from_the_setting_and_the_file(tmp_path: Path) -> None:
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def gateway(
-    artifacts_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    model_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Gateway]:
     keys_file = tmp_path_factory.mktemp("auth") / "api_keys"
     keys_file.write_text(f"{ROTATED_KEY}\n")
-    settings = gateway_settings(artifacts_dir, api_key=KEY, api_keys_file=keys_file)
+    settings = gateway_settings(model_repository, api_key=KEY, api_keys_file=keys_file)
     async with running_gateway(settings) as running:
         yield running
 
@@ -249,8 +249,8 @@ async def test_tritonclient_grpc_sends_the_key_as_metadata(gateway: Gateway) -> 
 
 
 @module_loop
-async def test_a_gateway_without_keys_stays_open(artifacts_dir: Path) -> None:
-    async with running_gateway(gateway_settings(artifacts_dir)) as open_gateway:
+async def test_a_gateway_without_keys_stays_open(model_repository: Path) -> None:
+    async with running_gateway(gateway_settings(model_repository)) as open_gateway:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{open_gateway.grpc_port}") as channel:
             reply = await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(_pixels_request())
         assert list(reply.outputs[0].shape) == [1, 1]

@@ -5,6 +5,8 @@ the torchserve backend against a real TorchServe, without one, and against one t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import shutil
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +19,8 @@ import pytest_asyncio
 from cnnserve.errors import DeadlineExceededError, UnavailableError
 from cnnserve.gateway.backends import Backend, InProcessBackend, RunnerOptions, create_backend
 from cnnserve.gateway.torchserve_backend import TorchServeBackend
+from cnnserve.models.pixels import Normalization
+from cnnserve.models.repository import ModelVersion, Repository
 from cnnserve.models.runtime import load_runner
 from cnnserve.models.steps import normalize
 from cnnserve.protocol import torchserve_inference_pb2 as ts_pb
@@ -36,13 +40,30 @@ def _batch(n: int, height: int, width: int, seed: int) -> np.ndarray:
     return rng.uniform(-1, 1, (n, 3, height, width)).astype(np.float32)
 
 
+def versions_of(repository: Path) -> dict[str, ModelVersion]:
+    """Version 1 of each model in ``repository``."""
+    return {name: Repository(repository).read(name).versions[1] for name in ("convnet", "fcn")}
+
+
+@pytest.fixture(scope="module")
+def models(model_repository: Path) -> dict[str, ModelVersion]:
+    """Version 1 of both demo models, from the default repository."""
+    return versions_of(model_repository)
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def backends(artifacts_dir: Path) -> AsyncIterator[dict[str, Backend]]:
-    """Both in-process backends, started on the CPU, as ``cnnserve serve`` builds them."""
+async def backends(
+    model_repository: Path, models: dict[str, ModelVersion]
+) -> AsyncIterator[dict[str, Backend]]:
+    """Both in-process backends, started on the CPU as ``cnnserve serve`` builds them, with
+    both models loaded."""
     started: dict[str, Backend] = {}
     for name in ("onnxruntime", "torchscript"):
-        backend = create_backend(Settings(backend=name, artifacts_dir=artifacts_dir, device="cpu"))
+        settings = Settings(backend=name, model_repository=model_repository, device="cpu")
+        backend = create_backend(settings)
         await backend.start()
+        for model in models.values():
+            await backend.load(model)
         started[name] = backend
     yield started
     for backend in started.values():
@@ -55,36 +76,43 @@ async def test_platforms_are_named_as_triton_names_them(backends: dict[str, Back
 
 
 @pytest.mark.parametrize("model", ["convnet", "fcn"])
-async def test_ready_runs_a_probe(backends: dict[str, Backend], model: str) -> None:
+async def test_ready_runs_a_probe(
+    backends: dict[str, Backend], models: dict[str, ModelVersion], model: str
+) -> None:
     for backend in backends.values():
-        assert await backend.ready(model)
+        assert await backend.ready(models[model])
 
 
-async def test_convnet_parity_on_uneven_batches(backends: dict[str, Backend]) -> None:
+async def test_convnet_parity_on_uneven_batches(
+    backends: dict[str, Backend], models: dict[str, ModelVersion]
+) -> None:
     for n in (2, 3, 1):
         x = _batch(n, 28, 28, seed=n)
-        ort = await backends["onnxruntime"].infer_batch("convnet", x)
-        ts = await backends["torchscript"].infer_batch("convnet", x)
+        ort = await backends["onnxruntime"].infer_batch(models["convnet"], x)
+        ts = await backends["torchscript"].infer_batch(models["convnet"], x)
         assert ort.shape == ts.shape == (n, 10)
         assert ort.dtype == ts.dtype == np.float32
         assert np.abs(ort - ts).max() <= PARITY_TOLERANCE
 
 
 async def test_only_torchscript_takes_pixels_and_normalizes_them(
-    backends: dict[str, Backend],
+    backends: dict[str, Backend], models: dict[str, ModelVersion]
 ) -> None:
-    assert backends["torchscript"].takes_pixels()
-    assert not backends["onnxruntime"].takes_pixels()
+    convnet = models["convnet"]
+    assert backends["torchscript"].takes_pixels(convnet)
+    assert not backends["onnxruntime"].takes_pixels(convnet)
     pixels = np.random.default_rng(3).integers(0, 256, (3, 3, 28, 28), dtype=np.uint8)
-    from_pixels = await backends["torchscript"].infer_batch("convnet", pixels)
-    from_floats = await backends["onnxruntime"].infer_batch("convnet", normalize(pixels))
+    from_pixels = await backends["torchscript"].infer_batch(convnet, pixels)
+    from_floats = await backends["onnxruntime"].infer_batch(convnet, normalize(pixels))
     assert np.abs(from_pixels - from_floats).max() <= PARITY_TOLERANCE
 
 
-async def test_runner_options_come_from_settings(artifacts_dir: Path) -> None:
+async def test_runner_options_come_from_settings(
+    model_repository: Path, models: dict[str, ModelVersion]
+) -> None:
     settings = Settings(
         backend="torchscript",
-        artifacts_dir=artifacts_dir,
+        model_repository=model_repository,
         device="cpu",
         inference_threads=2,
         channels_last=False,
@@ -98,14 +126,16 @@ async def test_runner_options_come_from_settings(artifacts_dir: Path) -> None:
         pinned_memory=True,
         cuda_graph_batch_sizes=(4, 1, 2),
     )
+    convnet = models["convnet"]
     backend = create_backend(settings)
     await backend.start()
+    await backend.load(convnet)
     try:
         # device_preprocess off: the edge keeps normalizing; the CUDA options are inert here.
-        assert not backend.takes_pixels()
+        assert not backend.takes_pixels(convnet)
         x = _batch(3, 28, 28, seed=9)
-        reference = load_runner(artifacts_dir / "convnet.pt", "torchscript", "cpu").infer(x)
-        out = await backend.infer_batch("convnet", x)
+        reference = load_runner(convnet.artifact("torchscript"), "torchscript", "cpu").infer(x)
+        out = await backend.infer_batch(convnet, x)
         assert np.abs(out - reference).max() <= PARITY_TOLERANCE
     finally:
         await backend.close()
@@ -113,36 +143,97 @@ async def test_runner_options_come_from_settings(artifacts_dir: Path) -> None:
 
 @pytest.mark.parametrize(("n", "height", "width"), [(2, 7, 7), (3, 28, 45), (1, 64, 64)])
 async def test_fcn_parity_at_several_sizes(
-    backends: dict[str, Backend], n: int, height: int, width: int
+    backends: dict[str, Backend],
+    models: dict[str, ModelVersion],
+    n: int,
+    height: int,
+    width: int,
 ) -> None:
     x = _batch(n, height, width, seed=height * width)
-    ort = await backends["onnxruntime"].infer_batch("fcn", x)
-    ts = await backends["torchscript"].infer_batch("fcn", x)
+    ort = await backends["onnxruntime"].infer_batch(models["fcn"], x)
+    ts = await backends["torchscript"].infer_batch(models["fcn"], x)
     assert ort.shape == ts.shape == (n, 4, height, width)
     assert np.abs(ort - ts).max() <= PARITY_TOLERANCE
 
 
-async def test_unknown_or_closed_model_is_unavailable(artifacts_dir: Path) -> None:
-    backend = InProcessBackend(artifacts_dir, "onnx", "onnxruntime_onnx", models=["convnet"])
+async def test_unloaded_or_closed_versions_are_unavailable(
+    models: dict[str, ModelVersion],
+) -> None:
+    backend = InProcessBackend("onnx", "onnxruntime_onnx")
     await backend.start()
-    assert await backend.ready("convnet")
-    assert not await backend.ready("fcn")
-    with pytest.raises(UnavailableError, match="fcn is not loaded"):
-        await backend.infer_batch("fcn", _batch(1, 7, 7, 0))
+    await backend.load(models["convnet"])
+    assert await backend.ready(models["convnet"])
+    assert not await backend.ready(models["fcn"])
+    with pytest.raises(UnavailableError, match="fcn version 1 is not loaded"):
+        await backend.infer_batch(models["fcn"], _batch(1, 7, 7, 0))
     await backend.close()
-    assert not await backend.ready("convnet")
-    with pytest.raises(UnavailableError, match="convnet is not loaded"):
-        await backend.infer_batch("convnet", _batch(1, 28, 28, 0))
+    assert not await backend.ready(models["convnet"])
+    with pytest.raises(UnavailableError, match="convnet version 1 is not loaded"):
+        await backend.infer_batch(models["convnet"], _batch(1, 28, 28, 0))
 
 
-async def test_missing_artifact_says_how_to_make_it(tmp_path: Path) -> None:
-    backend = create_backend(Settings(backend="torchscript", artifacts_dir=tmp_path))
-    with pytest.raises(UnavailableError, match=r"convnet\.pt is missing; run `cnnserve export"):
-        await backend.start()
-    await backend.close()
+async def test_two_loads_of_one_version_are_kept_apart(model_repository: Path) -> None:
+    """A reload loads the changed version while the old one still serves: the backend holds
+    both, each with its own normalization, and unloading one leaves the other running."""
+    old = versions_of(model_repository)["convnet"]
+    spec = dataclasses.replace(old.spec, normalization=Normalization(0.0, 1.0))
+    changed = dataclasses.replace(old, spec=spec)
+    backend = InProcessBackend("torchscript", "pytorch_libtorch", device="cpu")
+    await backend.start()
+    try:
+        await backend.load(old)
+        await backend.load(changed)
+        pixels = np.random.default_rng(5).integers(0, 256, (2, 3, 28, 28), dtype=np.uint8)
+        before = await backend.infer_batch(old, pixels)
+        after = await backend.infer_batch(changed, pixels)
+        assert np.abs(before - after).max() > 1e-2  # each runner normalizes its own way
+        await backend.unload(old)
+        assert not await backend.ready(old)
+        assert await backend.ready(changed)
+        np.testing.assert_array_equal(await backend.infer_batch(changed, pixels), after)
+    finally:
+        await backend.close()
 
 
-async def test_torchserve_backend_without_torchserve_is_unavailable(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("backend_name", "damage", "message"),
+    [
+        ("torchscript", "missing", r"1/model\.pt is missing: the pytorch_libtorch backend needs"),
+        ("onnxruntime", "garbage", r"1/model\.onnx: cannot be loaded: "),
+        ("torchscript", "garbage", r"1/model\.pt: cannot be loaded: "),
+        ("onnxruntime", "torchscript", "asks for the torchscript artifact, but the "),
+    ],
+)
+async def test_a_version_that_cannot_load_says_why(
+    model_repository: Path, tmp_path: Path, backend_name: str, damage: str, message: str
+) -> None:
+    repository = tmp_path / "repository"
+    shutil.copytree(model_repository, repository)
+    folder = repository / "convnet" / "1"
+    artifact = folder / ("model.pt" if backend_name == "torchscript" else "model.onnx")
+    if damage == "missing":
+        artifact.unlink()
+    elif damage == "garbage":
+        artifact.write_bytes(b"not a model at all")
+    else:
+        config = repository / "convnet" / "config.yaml"
+        config.write_text(config.read_text() + "artifact_format: torchscript\n")
+    model = versions_of(repository)["convnet"]
+    backend = create_backend(
+        Settings(backend=backend_name, model_repository=repository, device="cpu")
+    )
+    await backend.start()
+    try:
+        with pytest.raises(UnavailableError, match=message):
+            await backend.load(model)
+        assert not await backend.ready(model)
+    finally:
+        await backend.close()
+
+
+async def test_torchserve_backend_without_torchserve_is_unavailable(
+    models: dict[str, ModelVersion],
+) -> None:
     settings = Settings(
         backend="torchserve",
         torchserve_grpc_target=f"127.0.0.1:{free_ports(1)[0]}",
@@ -153,27 +244,31 @@ async def test_torchserve_backend_without_torchserve_is_unavailable(tmp_path: Pa
     assert backend.describe() == "torchserve"
     await backend.start()
     try:
-        assert not await backend.ready("convnet")
+        await backend.load(models["convnet"])  # a TorchServe not up yet is not a load failure
+        assert not await backend.ready(models["convnet"])
         with pytest.raises(UnavailableError, match="is unavailable"):
-            await backend.infer_batch("convnet", _batch(1, 28, 28, 0))
+            await backend.infer_batch(models["convnet"], _batch(1, 28, 28, 0))
     finally:
         await backend.close()
 
 
-async def test_torchserve_backend_reads_the_key_when_it_appears(tmp_path: Path) -> None:
+async def test_torchserve_backend_reads_the_key_when_it_appears(
+    models: dict[str, ModelVersion], tmp_path: Path
+) -> None:
     key_file = tmp_path / "key_file.json"
     backend = TorchServeBackend(
         f"127.0.0.1:{free_ports(1)[0]}", key_file, max_message_bytes=2**20, timeout_s=5
     )
     await backend.start()  # TorchServe not started yet: not fatal
     try:
+        await backend.load(models["convnet"])
         with pytest.raises(UnavailableError, match=r"key_file\.json not found"):
-            await backend.infer_batch("convnet", _batch(1, 28, 28, 0))
-        assert not await backend.ready("convnet")
+            await backend.infer_batch(models["convnet"], _batch(1, 28, 28, 0))
+        assert not await backend.ready(models["convnet"])
         key_file.write_text('{"inference": {"key": "k1"}, "management": {"key": "k2"}}')
         # With the key read, the call now gets as far as the (absent) server.
         with pytest.raises(UnavailableError, match="is unavailable"):
-            await backend.infer_batch("convnet", _batch(1, 28, 28, 0))
+            await backend.infer_batch(models["convnet"], _batch(1, 28, 28, 0))
     finally:
         await backend.close()
 
@@ -205,7 +300,9 @@ async def hanging_torchserve() -> AsyncIterator[tuple[str, HangingTorchServe]]:
 
 
 async def test_the_gateway_gives_up_on_torchserve_after_its_call_timeout(
-    hanging_torchserve: tuple[str, HangingTorchServe], tmp_path: Path
+    hanging_torchserve: tuple[str, HangingTorchServe],
+    models: dict[str, ModelVersion],
+    tmp_path: Path,
 ) -> None:
     """The gateway's wait is torchserve_call_timeout_s, not TorchServe's worker timeout
     (torchserve_response_timeout_s); the key comes from where `torchserve start` leaves it."""
@@ -225,7 +322,7 @@ async def test_the_gateway_gives_up_on_torchserve_after_its_call_timeout(
     try:
         started = time.monotonic()
         with pytest.raises(DeadlineExceededError, match=r"did not answer convnet within 0\.5 s"):
-            await backend.infer_batch("convnet", _batch(1, 28, 28, 0))
+            await backend.infer_batch(models["convnet"], _batch(1, 28, 28, 0))
         assert 0.5 <= time.monotonic() - started < 10
     finally:
         await backend.close()
@@ -234,19 +331,22 @@ async def test_the_gateway_gives_up_on_torchserve_after_its_call_timeout(
 
 @pytest.mark.torchserve
 async def test_torchserve_backend_agrees_with_the_in_process_ones(
-    torchserve: RunningTorchServe, backends: dict[str, Backend]
+    torchserve: RunningTorchServe,
+    backends: dict[str, Backend],
+    models: dict[str, ModelVersion],
 ) -> None:
     backend = create_backend(torchserve.settings.model_copy(update={"backend": "torchserve"}))
     await backend.start()
     try:
-        assert await backend.ready("convnet")
-        assert await backend.ready("fcn")
+        for model in models.values():
+            await backend.load(model)
+            assert await backend.ready(model)
         cases = [("convnet", n, 28, 28) for n in (2, 3, 1)]
         cases += [("fcn", 2, 7, 7), ("fcn", 3, 28, 45)]
         for model, n, height, width in cases:
             x = _batch(n, height, width, seed=n + height)
-            remote = await backend.infer_batch(model, x)
-            local = await backends["onnxruntime"].infer_batch(model, x)
+            remote = await backend.infer_batch(models[model], x)
+            local = await backends["onnxruntime"].infer_batch(models[model], x)
             assert remote.shape == local.shape
             assert np.abs(remote - local).max() <= PARITY_TOLERANCE
     finally:
@@ -255,7 +355,7 @@ async def test_torchserve_backend_agrees_with_the_in_process_ones(
 
 @pytest.mark.torchserve
 async def test_torchserve_backend_with_a_wrong_key_is_unavailable(
-    torchserve: RunningTorchServe, tmp_path: Path
+    torchserve: RunningTorchServe, models: dict[str, ModelVersion], tmp_path: Path
 ) -> None:
     key_file = tmp_path / "key_file.json"
     key_file.write_text('{"inference": {"key": "wrong"}, "management": {"key": "wrong"}}')
@@ -264,8 +364,9 @@ async def test_torchserve_backend_with_a_wrong_key_is_unavailable(
     )
     await backend.start()
     try:
-        assert not await backend.ready("convnet")
+        await backend.load(models["convnet"])
+        assert not await backend.ready(models["convnet"])
         with pytest.raises(UnavailableError, match="refused the inference key"):
-            await backend.infer_batch("convnet", _batch(1, 28, 28, 0))
+            await backend.infer_batch(models["convnet"], _batch(1, 28, 28, 0))
     finally:
         await backend.close()

@@ -84,6 +84,10 @@ async def running(batcher: DynamicBatcher) -> AsyncIterator[DynamicBatcher]:
         await batcher.stop(grace_s=5)
 
 
+#: The metric labels of the test batcher's model.
+M1 = {"model": "m", "version": "1"}
+
+
 def make(
     fn: BatchFn,
     *,
@@ -109,7 +113,7 @@ def make(
 async def test_concurrent_callers_share_batches_and_get_their_own_rows() -> None:
     model = Doubler()
     metrics = GatewayMetrics()
-    async with running(make(model, batch=8, observer=metrics.observer("m"))) as b:
+    async with running(make(model, batch=8, observer=metrics.observer("m", "1"))) as b:
         results = await asyncio.gather(*(b.submit(items(i)) for i in range(20)))
     for i, result in enumerate(results):
         np.testing.assert_array_equal(result, items(i) * 2)
@@ -117,11 +121,11 @@ async def test_concurrent_callers_share_batches_and_get_their_own_rows() -> None
     assert max(model.sizes) > 1
     assert max(model.sizes) <= 8
     sample = metrics.registry.get_sample_value
-    assert sample("cnnserve_batch_size_count", {"model": "m"}) == len(model.sizes)
-    assert sample("cnnserve_batch_size_sum", {"model": "m"}) == 20
-    assert sample("cnnserve_batch_size_bucket", {"model": "m", "le": "1.0"}) < len(model.sizes)
-    assert sample("cnnserve_queue_seconds_count", {"model": "m"}) == 20
-    assert sample("cnnserve_queue_depth", {"model": "m"}) == 0
+    assert sample("cnnserve_batch_size_count", M1) == len(model.sizes)
+    assert sample("cnnserve_batch_size_sum", M1) == 20
+    assert sample("cnnserve_batch_size_bucket", {**M1, "le": "1.0"}) < len(model.sizes)
+    assert sample("cnnserve_queue_seconds_count", M1) == 20
+    assert sample("cnnserve_queue_depth", M1) == 0
 
 
 async def test_uneven_multi_item_requests_split_and_merge() -> None:
@@ -149,7 +153,7 @@ async def test_request_larger_than_max_batch_spans_batches() -> None:
 async def test_cancelled_callers_never_strand_the_others() -> None:
     model = Doubler()
     metrics = GatewayMetrics()
-    async with running(make(model, batch=8, delay_ms=0, observer=metrics.observer("m"))) as b:
+    async with running(make(model, batch=8, delay_ms=0, observer=metrics.observer("m", "1"))) as b:
         model.hold()
         in_batch = asyncio.create_task(b.submit(items(1)))
         survivor = asyncio.create_task(b.submit(items(2)))
@@ -167,14 +171,14 @@ async def test_cancelled_callers_never_strand_the_others() -> None:
             await in_batch
         with pytest.raises(asyncio.CancelledError):
             await queued
-        assert metrics.registry.get_sample_value("cnnserve_queue_depth", {"model": "m"}) == 0
+        assert metrics.registry.get_sample_value("cnnserve_queue_depth", M1) == 0
     assert not model.saw(3), "a cancelled, still-queued request reached the model"
 
 
 async def test_expired_request_never_reaches_the_model() -> None:
     model = Doubler()
     metrics = GatewayMetrics()
-    async with running(make(model, delay_ms=0, observer=metrics.observer("m"))) as b:
+    async with running(make(model, delay_ms=0, observer=metrics.observer("m", "1"))) as b:
         model.hold()
         busy = asyncio.create_task(b.submit(items(1)))
         await model.entered.wait()
@@ -188,9 +192,7 @@ async def test_expired_request_never_reaches_the_model() -> None:
         np.testing.assert_array_equal(await b.submit(items(9)), items(9) * 2)
     assert not model.saw(7)
     assert not model.saw(8)
-    expired = metrics.registry.get_sample_value(
-        "cnnserve_expired_before_compute_total", {"model": "m"}
-    )
+    expired = metrics.registry.get_sample_value("cnnserve_expired_before_compute_total", M1)
     assert expired == 2
 
 
@@ -199,7 +201,7 @@ async def test_a_call_cancelled_at_its_deadline_counts_as_expired() -> None:
     request is still dropped unseen and counted as expired, not merely cancelled."""
     model = Doubler()
     metrics = GatewayMetrics()
-    async with running(make(model, delay_ms=0, observer=metrics.observer("m"))) as b:
+    async with running(make(model, delay_ms=0, observer=metrics.observer("m", "1"))) as b:
         model.hold()
         busy = asyncio.create_task(b.submit(items(1)))
         await model.entered.wait()
@@ -212,23 +214,21 @@ async def test_a_call_cancelled_at_its_deadline_counts_as_expired() -> None:
         model.release()
         await busy
     assert not model.saw(7)
-    expired = metrics.registry.get_sample_value(
-        "cnnserve_expired_before_compute_total", {"model": "m"}
-    )
+    expired = metrics.registry.get_sample_value("cnnserve_expired_before_compute_total", M1)
     assert expired == 1
 
 
 async def test_full_queue_answers_overloaded_at_once() -> None:
     model = Doubler()
     metrics = GatewayMetrics()
-    observer = metrics.observer("m")
+    observer = metrics.observer("m", "1")
     async with running(make(model, batch=1, delay_ms=0, queue=4, observer=observer)) as b:
         model.hold()
         busy = asyncio.create_task(b.submit(items(1)))
         await model.entered.wait()
         queued = asyncio.create_task(b.submit(items(2, 4)))
         await asyncio.sleep(0)
-        assert metrics.registry.get_sample_value("cnnserve_queue_depth", {"model": "m"}) == 4
+        assert metrics.registry.get_sample_value("cnnserve_queue_depth", M1) == 4
         # While the model is held, only an immediate answer can arrive within the timeout.
         with pytest.raises(OverloadedError, match="4 of 4 items queued"):
             await asyncio.wait_for(b.submit(items(3)), timeout=5)

@@ -39,10 +39,11 @@ MAX_ITEMS = 16
 CONVNET = get_spec("convnet")
 
 
-def settings_for(artifacts_dir: Path, **overrides: object) -> Settings:
-    """Settings for a test core: the CPU, small limits, a short batching delay."""
+def settings_for(repository: Path, **overrides: object) -> Settings:
+    """Settings for a test core serving ``repository``: the CPU, small limits, a short
+    batching delay."""
     values: dict[str, object] = {
-        "artifacts_dir": artifacts_dir,
+        "model_repository": repository,
         "backend": "onnxruntime",
         "device": "cpu",
         "max_items_per_request": MAX_ITEMS,
@@ -53,9 +54,9 @@ def settings_for(artifacts_dir: Path, **overrides: object) -> Settings:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def core(artifacts_dir: Path) -> AsyncIterator[DataPlane]:
+async def core(model_repository: Path) -> AsyncIterator[DataPlane]:
     """One started core shared by this module's tests."""
-    started = await create_core(settings_for(artifacts_dir))
+    started = await create_core(settings_for(model_repository))
     await started.start()
     yield started
     await started.stop(grace_s=5)
@@ -127,14 +128,14 @@ async def test_three_input_forms_give_the_same_answer(core: DataPlane) -> None:
 
 
 async def test_torchscript_core_sends_pixels_to_the_backend_with_the_same_answers(
-    artifacts_dir: Path,
+    model_repository: Path,
 ) -> None:
     # device_preprocess: UINT8 and image inputs travel as uint8 and are normalized by the
     # runner; FP32 inputs of the same shape are batched apart and agree with them.
-    ts_core = await create_core(settings_for(artifacts_dir, backend="torchscript"))
+    ts_core = await create_core(settings_for(model_repository, backend="torchscript"))
     await ts_core.start()
     try:
-        assert ts_core.backend.takes_pixels()
+        assert ts_core.backend.takes_pixels(ts_core.models.version("convnet"))
         pixels, labels = digit_pixels(1, 2, 3)
         logits = [RequestedOutput("logits")]
         forms = (tensor("input", normalize(pixels)), tensor("pixels", pixels))
@@ -247,13 +248,13 @@ async def test_fcn_requests_of_different_sizes_run_concurrently(core: DataPlane)
         *(core.infer(request("fcn", tensor("pixels", b), outputs=wanted)) for b in batches)
     )
     for batch, response in zip(batches, together, strict=True):
-        alone = await core.backend.infer_batch("fcn", normalize(batch))
+        alone = await core.backend.infer_batch(core.models.version("fcn"), normalize(batch))
         np.testing.assert_allclose(response.outputs[0].data, alone, atol=1e-5)
 
 
-async def test_concurrent_requests_are_batched(artifacts_dir: Path) -> None:
+async def test_concurrent_requests_are_batched(model_repository: Path) -> None:
     # Its own core with a longer delay, so the batch-size metric is this test's alone.
-    core = await create_core(settings_for(artifacts_dir, max_batch_delay_ms=50))
+    core = await create_core(settings_for(model_repository, max_batch_delay_ms=50))
     await core.start()
     try:
         pixels, labels = digit_pixels(*range(12))
@@ -267,11 +268,12 @@ async def test_concurrent_requests_are_batched(artifacts_dir: Path) -> None:
         await core.stop(grace_s=5)
     assert [int(by_name(r.outputs)["labels"].data[0, 0]) for r in responses] == labels
     sample = core.metrics.registry.get_sample_value
-    batches = sample("cnnserve_batch_size_count", {"model": "convnet"})
+    convnet = {"model": "convnet", "version": "1"}
+    batches = sample("cnnserve_batch_size_count", convnet)
     assert batches is not None
     assert batches < 12
-    assert sample("cnnserve_batch_size_sum", {"model": "convnet"}) == 12
-    assert sample("cnnserve_requests_total", {"model": "convnet", "outcome": "success"}) == 12
+    assert sample("cnnserve_batch_size_sum", convnet) == 12
+    assert sample("cnnserve_requests_total", {**convnet, "outcome": "success"}) == 12
 
 
 # --- validation: each error with its class and message ---
@@ -445,12 +447,12 @@ async def test_one_bad_request_does_not_affect_concurrent_good_ones(core: DataPl
 
 async def test_errors_are_counted_by_outcome(core: DataPlane) -> None:
     sample = core.metrics.registry.get_sample_value
-    labels = {"model": "convnet", "outcome": "invalid_input"}
+    labels = {"model": "convnet", "version": "1", "outcome": "invalid_input"}
     before = sample("cnnserve_requests_total", labels) or 0
     with pytest.raises(InvalidInputError):
         await core.infer(request("convnet", tensor("input", np.zeros((1, 3, 9, 9), np.float32))))
     assert sample("cnnserve_requests_total", labels) == before + 1
-    unknown = {"model": "_unknown", "outcome": "unknown_model"}
+    unknown = {"model": "_unknown", "version": "_unknown", "outcome": "unknown_model"}
     before = sample("cnnserve_requests_total", unknown) or 0
     with pytest.raises(UnknownModelError):
         await core.infer(request("no-such-model", tensor("input", FP32_28)))
@@ -462,7 +464,8 @@ async def test_errors_are_counted_by_outcome(core: DataPlane) -> None:
 
 async def test_passed_deadline_is_never_computed(core: DataPlane) -> None:
     sample = core.metrics.registry.get_sample_value
-    before = sample("cnnserve_expired_before_compute_total", {"model": "convnet"}) or 0
+    convnet = {"model": "convnet", "version": "1"}
+    before = sample("cnnserve_expired_before_compute_total", convnet) or 0
     with pytest.raises(DeadlineExceededError):
         await core.infer(
             request("convnet", tensor("input", FP32_28), deadline=time.monotonic() - 1)
@@ -470,8 +473,8 @@ async def test_passed_deadline_is_never_computed(core: DataPlane) -> None:
     with pytest.raises(DeadlineExceededError):
         # The OIP timeout parameter, in microseconds: 1 µs is over before the request queues.
         await core.infer(request("convnet", tensor("input", FP32_28), parameters={"timeout": 1}))
-    assert sample("cnnserve_expired_before_compute_total", {"model": "convnet"}) == before + 2
-    deadline_exceeded = {"model": "convnet", "outcome": "deadline_exceeded"}
+    assert sample("cnnserve_expired_before_compute_total", convnet) == before + 2
+    deadline_exceeded = {**convnet, "outcome": "deadline_exceeded"}
     assert (sample("cnnserve_requests_total", deadline_exceeded) or 0) >= 2
 
 
@@ -557,9 +560,10 @@ async def test_every_output_matches_its_metadata(core: DataPlane) -> None:
             assert produced.data.shape == produced.shape
 
 
-async def test_drain_refuses_new_requests_and_finishes_in_flight(artifacts_dir: Path) -> None:
-    core = await create_core(settings_for(artifacts_dir, max_batch_delay_ms=200))
+async def test_drain_refuses_new_requests_and_finishes_in_flight(model_repository: Path) -> None:
+    core = await create_core(settings_for(model_repository, max_batch_delay_ms=200))
     await core.start()
+    convnet = core.models.version("convnet")
     in_flight = asyncio.create_task(core.infer(request("convnet", tensor("input", FP32_28))))
     await asyncio.sleep(0.01)  # let it reach the batcher's queue
     core.begin_drain()
@@ -570,11 +574,11 @@ async def test_drain_refuses_new_requests_and_finishes_in_flight(artifacts_dir: 
     await core.stop(grace_s=30)
     response = await in_flight
     assert by_name(response.outputs)["labels"].shape == (1, 1)
-    assert not await core.backend.ready("convnet")
+    assert not await core.backend.ready(convnet)
 
 
-async def test_infer_before_start_is_unavailable(artifacts_dir: Path) -> None:
-    core = await create_core(settings_for(artifacts_dir))
+async def test_infer_before_start_is_unavailable(model_repository: Path) -> None:
+    core = await create_core(settings_for(model_repository))
     with pytest.raises(UnavailableError):
         await core.infer(request("convnet", tensor("input", FP32_28)))
     assert not await core.server_ready()
@@ -594,9 +598,15 @@ async def test_read_only_input_buffers_are_served(core: DataPlane) -> None:
 
 
 @pytest.mark.torchserve
-async def test_core_over_torchserve_classifies_and_segments(torchserve: RunningTorchServe) -> None:
+async def test_core_over_torchserve_classifies_and_segments(
+    torchserve: RunningTorchServe, model_repository: Path
+) -> None:
     settings = torchserve.settings.model_copy(
-        update={"backend": "torchserve", "max_batch_delay_ms": 20}
+        update={
+            "backend": "torchserve",
+            "model_repository": model_repository,
+            "max_batch_delay_ms": 20,
+        }
     )
     core = await create_core(settings)
     await core.start()
@@ -625,30 +635,34 @@ def _sample(core: DataPlane, name: str, **labels: str) -> float:
     return 0.0
 
 
-async def test_a_full_queue_refuses_before_decoding(artifacts_dir: Path) -> None:
+async def test_a_full_queue_refuses_before_decoding(model_repository: Path) -> None:
     """Regression (overload): with the queue full, a request is refused
     OverloadedError at once — even one whose image is broken, which shows it was never
     decoded (decoding what will be refused spends the CPU an overloaded server lacks)."""
-    settings = settings_for(artifacts_dir, max_queue_size=2, max_batch_size=2, max_batch_delay_ms=0)
+    settings = settings_for(
+        model_repository, max_queue_size=2, max_batch_size=2, max_batch_delay_ms=0
+    )
     started = await create_core(settings)
     await started.start()
     try:
         big = tensor("pixels", np.zeros((2, 3, 512, 512), np.uint8))
         running = asyncio.create_task(started.infer(InferRequest("fcn", [big])))
         await wait_until_async(
-            lambda: _sample(started, "cnnserve_queue_seconds_count", model="fcn") >= 1,
+            lambda: _sample(started, "cnnserve_queue_seconds_count", model="fcn", version="1") >= 1,
             30.0,
             "the first fcn request to leave the queue",
             0.01,
         )
         queued = asyncio.create_task(started.infer(InferRequest("fcn", [big])))
         await wait_until_async(
-            lambda: _sample(started, "cnnserve_queue_depth", model="fcn") >= 2,
+            lambda: _sample(started, "cnnserve_queue_depth", model="fcn", version="1") >= 2,
             30.0,
             "the second fcn request to be queued",
             0.01,
         )
-        with pytest.raises(OverloadedError, match="fcn is overloaded: 2 of 2 items queued"):
+        with pytest.raises(
+            OverloadedError, match="fcn version 1 is overloaded: 2 of 2 items queued"
+        ):
             await started.infer(InferRequest("fcn", [images(b"not an image")]))
         for answered in await asyncio.gather(running, queued):
             assert answered.outputs[0].data.shape[0] == 2

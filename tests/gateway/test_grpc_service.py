@@ -48,9 +48,9 @@ Stub = pb_grpc.GRPCInferenceServiceStub
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def gateway(artifacts_dir: Path) -> AsyncIterator[Gateway]:
+async def gateway(model_repository: Path) -> AsyncIterator[Gateway]:
     """One onnxruntime gateway for the module; a short batch delay so batches form."""
-    settings = gateway_settings(artifacts_dir, max_batch_delay_ms=20.0, max_items_per_request=40)
+    settings = gateway_settings(model_repository, max_batch_delay_ms=20.0, max_items_per_request=40)
     async with running_gateway(settings) as running:
         yield running
 
@@ -311,9 +311,9 @@ async def test_too_many_items_is_resource_exhausted(stub: Stub) -> None:
     assert "41 items; the limit is 40" in (error.details() or "")
 
 
-async def test_expired_timeout_parameter_is_deadline_exceeded(artifacts_dir: Path) -> None:
+async def test_expired_timeout_parameter_is_deadline_exceeded(model_repository: Path) -> None:
     # A long batch delay keeps a lone request queued well past its 50 ms budget.
-    settings = holding_settings(artifacts_dir, 2000.0)
+    settings = holding_settings(model_repository, 2000.0)
     async with (
         running_gateway(settings) as gateway,
         grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel,
@@ -356,8 +356,8 @@ async def test_grpc_deadline_becomes_the_request_deadline() -> None:
     assert none is None
 
 
-async def test_full_queue_is_resource_exhausted_at_once(artifacts_dir: Path) -> None:
-    settings = holding_settings(artifacts_dir, 1500.0, max_batch_size=8, max_queue_size=4)
+async def test_full_queue_is_resource_exhausted_at_once(model_repository: Path) -> None:
+    settings = holding_settings(model_repository, 1500.0, max_batch_size=8, max_queue_size=4)
     async with (
         running_gateway(settings) as gateway,
         grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel,
@@ -372,10 +372,10 @@ async def test_full_queue_is_resource_exhausted_at_once(artifacts_dir: Path) -> 
         assert len((await waiting).outputs) == 2  # the queued one is still answered
 
 
-async def test_a_caller_gone_mid_queue_strands_no_one(artifacts_dir: Path) -> None:
+async def test_a_caller_gone_mid_queue_strands_no_one(model_repository: Path) -> None:
     """A client cancels while queued with another: the other is answered, the gone one never
     computed (counted as cancelled)."""
-    settings = holding_settings(artifacts_dir, 1500.0)
+    settings = holding_settings(model_repository, 1500.0)
     async with (
         running_gateway(settings) as gateway,
         grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel,
@@ -396,8 +396,8 @@ async def test_a_caller_gone_mid_queue_strands_no_one(artifacts_dir: Path) -> No
         assert await metric(gateway.metrics_port, "cnnserve_batch_size_sum", model="convnet") == 1
 
 
-async def test_message_over_the_limit_is_resource_exhausted(artifacts_dir: Path) -> None:
-    settings = gateway_settings(artifacts_dir, max_message_bytes=64 * 1024)
+async def test_message_over_the_limit_is_resource_exhausted(model_repository: Path) -> None:
+    settings = gateway_settings(model_repository, max_message_bytes=64 * 1024)
     async with (
         running_gateway(settings) as gateway,
         grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel,
@@ -410,9 +410,9 @@ async def test_message_over_the_limit_is_resource_exhausted(artifacts_dir: Path)
         assert len((await stub.ModelInfer(small)).outputs) == 2
 
 
-async def test_draining_is_unavailable_and_not_serving(artifacts_dir: Path) -> None:
+async def test_draining_is_unavailable_and_not_serving(model_repository: Path) -> None:
     async with (
-        running_gateway(gateway_settings(artifacts_dir)) as gateway,
+        running_gateway(gateway_settings(model_repository)) as gateway,
         grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel,
     ):
         health = health_pb2_grpc.HealthStub(channel)
@@ -428,9 +428,9 @@ async def test_draining_is_unavailable_and_not_serving(artifacts_dir: Path) -> N
 
 
 async def test_unexpected_failure_is_internal_without_details(
-    artifacts_dir: Path, caplog: pytest.LogCaptureFixture
+    model_repository: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    settings = gateway_settings(artifacts_dir)
+    settings = gateway_settings(model_repository)
     async with (
         running_gateway(settings, exploding_core(settings)) as gateway,
         grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel,

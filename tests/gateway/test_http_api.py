@@ -41,9 +41,11 @@ MAX_BODY = 512 * 1024
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def gateway(artifacts_dir: Path) -> AsyncIterator[Gateway]:
+async def gateway(model_repository: Path) -> AsyncIterator[Gateway]:
     """One onnxruntime gateway for the module, with a small body limit to test against."""
-    settings = gateway_settings(artifacts_dir, max_message_bytes=MAX_BODY, max_batch_delay_ms=5.0)
+    settings = gateway_settings(
+        model_repository, max_message_bytes=MAX_BODY, max_batch_delay_ms=5.0
+    )
     async with running_gateway(settings) as running:
         yield running
 
@@ -363,8 +365,8 @@ async def test_body_over_the_limit_is_413(http: httpx.AsyncClient) -> None:
     assert "decompressed request body is over the limit" in _error(reply, 413)
 
 
-async def test_queue_full_is_429_and_timeout_is_504(artifacts_dir: Path) -> None:
-    settings = holding_settings(artifacts_dir, 1500.0, max_batch_size=8, max_queue_size=4)
+async def test_queue_full_is_429_and_timeout_is_504(model_repository: Path) -> None:
+    settings = holding_settings(model_repository, 1500.0, max_batch_size=8, max_queue_size=4)
     async with (
         running_gateway(settings) as gateway,
         httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}") as http,
@@ -393,9 +395,9 @@ async def test_queue_full_is_429_and_timeout_is_504(artifacts_dir: Path) -> None
         assert (await waiting).status_code == 200
 
 
-async def test_draining_is_503(artifacts_dir: Path) -> None:
+async def test_draining_is_503(model_repository: Path) -> None:
     async with (
-        running_gateway(gateway_settings(artifacts_dir)) as gateway,
+        running_gateway(gateway_settings(model_repository)) as gateway,
         httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}") as http,
     ):
         gateway.core.begin_drain()
@@ -408,9 +410,9 @@ async def test_draining_is_503(artifacts_dir: Path) -> None:
 
 
 async def test_unexpected_failure_is_500_without_details(
-    artifacts_dir: Path, caplog: pytest.LogCaptureFixture
+    model_repository: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    settings = gateway_settings(artifacts_dir)
+    settings = gateway_settings(model_repository)
     async with (
         running_gateway(settings, exploding_core(settings)) as gateway,
         httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}") as http,

@@ -37,43 +37,68 @@ def test_every_error_kind_has_its_own_outcome(exc: BaseException | None, outcome
 
 def test_requests_are_counted_by_model_and_outcome() -> None:
     metrics = GatewayMetrics()
-    metrics.request_finished("convnet", None, 0.01)
-    metrics.request_finished("convnet", None, 0.02)
-    metrics.request_finished("convnet", OverloadedError("full"), 0.0)
-    metrics.request_finished("fcn", InvalidInputError("bad"), 0.0)
-    metrics.request_cancelled("fcn")
+    metrics.request_finished("convnet", "1", None, 0.01)
+    metrics.request_finished("convnet", "1", None, 0.02)
+    metrics.request_finished("convnet", "2", None, 0.04)
+    metrics.request_finished("convnet", "1", OverloadedError("full"), 0.0)
+    metrics.request_finished("fcn", "1", InvalidInputError("bad"), 0.0)
+    metrics.request_cancelled("fcn", "1")
     sample = metrics.registry.get_sample_value
-    assert sample("cnnserve_requests_total", {"model": "convnet", "outcome": "success"}) == 2
-    assert sample("cnnserve_requests_total", {"model": "convnet", "outcome": "overloaded"}) == 1
-    assert sample("cnnserve_requests_total", {"model": "fcn", "outcome": "invalid_input"}) == 1
-    assert sample("cnnserve_requests_total", {"model": "fcn", "outcome": "cancelled"}) == 1
-    assert sample("cnnserve_request_seconds_count", {"model": "convnet"}) == 3
-    assert sample("cnnserve_request_seconds_sum", {"model": "convnet"}) == pytest.approx(0.03)
+
+    def requests(model: str, version: str, outcome: str) -> float | None:
+        labels = {"model": model, "version": version, "outcome": outcome}
+        return sample("cnnserve_requests_total", labels)
+
+    assert requests("convnet", "1", "success") == 2
+    assert requests("convnet", "2", "success") == 1
+    assert requests("convnet", "1", "overloaded") == 1
+    assert requests("fcn", "1", "invalid_input") == 1
+    assert requests("fcn", "1", "cancelled") == 1
+    v1 = {"model": "convnet", "version": "1"}
+    assert sample("cnnserve_request_seconds_count", v1) == 3
+    assert sample("cnnserve_request_seconds_sum", v1) == pytest.approx(0.03)
+
+
+def test_an_unloaded_version_s_series_go_away() -> None:
+    """Label values stay bounded by what is loaded: forgetting a version drops its series
+    and leaves the other versions' alone."""
+    metrics = GatewayMetrics()
+    for version in ("1", "2"):
+        metrics.request_finished("convnet", version, None, 0.01)
+        metrics.request_finished("convnet", version, OverloadedError("full"), 0.0)
+        metrics.observer("convnet", version).batch_done(3, 0.0, 0.02, 0.0)
+    metrics.forget("convnet", "1")
+    metrics.forget("convnet", "7")  # never served: nothing to drop, no error
+    families = text_string_to_metric_families(metrics.render().decode())
+    versions = {s.labels.get("version") for f in families for s in f.samples}
+    assert versions == {"2"}
 
 
 def test_batcher_hooks_feed_the_histograms_and_gauges() -> None:
     metrics = GatewayMetrics()
-    hooks = metrics.observer("fcn")
+    hooks = metrics.observer("fcn", "3")
     hooks.queue_changed(5)
     hooks.queue_changed(-3)
     hooks.request_dequeued(0.004)
-    hooks.batch_done(3, 0.02)
-    hooks.batch_done(32, 0.1)
+    hooks.batch_done(3, 0.001, 0.02, 0.001)
+    hooks.batch_done(32, 0.001, 0.1, 0.001)
     hooks.request_expired()
     sample = metrics.registry.get_sample_value
-    assert sample("cnnserve_queue_depth", {"model": "fcn"}) == 2
-    assert sample("cnnserve_queue_seconds_count", {"model": "fcn"}) == 1
-    assert sample("cnnserve_inference_seconds_sum", {"model": "fcn"}) == pytest.approx(0.12)
-    assert sample("cnnserve_batch_size_bucket", {"model": "fcn", "le": "2.0"}) == 0
-    assert sample("cnnserve_batch_size_bucket", {"model": "fcn", "le": "4.0"}) == 1
-    assert sample("cnnserve_batch_size_bucket", {"model": "fcn", "le": "32.0"}) == 2
-    assert sample("cnnserve_expired_before_compute_total", {"model": "fcn"}) == 1
+    fcn = {"model": "fcn", "version": "3"}
+    assert sample("cnnserve_queue_depth", fcn) == 2
+    assert sample("cnnserve_queue_seconds_count", fcn) == 1
+    # The backend's time only: joining items and handing out rows are not inference.
+    assert sample("cnnserve_inference_seconds_sum", fcn) == pytest.approx(0.12)
+    assert sample("cnnserve_batch_size_bucket", {**fcn, "le": "2.0"}) == 0
+    assert sample("cnnserve_batch_size_bucket", {**fcn, "le": "4.0"}) == 1
+    assert sample("cnnserve_batch_size_bucket", {**fcn, "le": "32.0"}) == 2
+    assert sample("cnnserve_expired_before_compute_total", fcn) == 1
 
 
 def test_render_is_prometheus_text_with_the_documented_buckets() -> None:
     metrics = GatewayMetrics()
-    metrics.observer("convnet").batch_done(7, 0.01)
-    metrics.request_finished("convnet", None, 0.01)
+    metrics.observer("convnet", "1").batch_done(7, 0.0, 0.01, 0.0)
+    metrics.request_finished("convnet", "1", None, 0.01)
     families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
     assert {
         "cnnserve_requests",
@@ -95,7 +120,7 @@ def test_render_is_prometheus_text_with_the_documented_buckets() -> None:
 
 def test_each_instance_has_its_own_registry() -> None:
     first, second = GatewayMetrics(), GatewayMetrics()
-    first.request_finished("convnet", None, 0.0)
-    sample = {"model": "convnet", "outcome": "success"}
+    first.request_finished("convnet", "1", None, 0.0)
+    sample = {"model": "convnet", "version": "1", "outcome": "success"}
     assert first.registry.get_sample_value("cnnserve_requests_total", sample) == 1
     assert second.registry.get_sample_value("cnnserve_requests_total", sample) is None

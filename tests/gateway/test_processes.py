@@ -35,12 +35,12 @@ def _requests_total(metrics_url: str) -> float:
 
 
 def test_two_processes_share_the_ports_and_drain_on_sigterm(
-    artifacts_dir: Path, tmp_path: Path
+    model_repository: Path, tmp_path: Path
 ) -> None:
     with gateway_process(
         "onnxruntime",
         tmp_path / "gateway.log",
-        artifacts_dir=artifacts_dir,
+        model_repository=model_repository,
         gateway_processes=2,
         device="cpu",
     ) as gateway:

@@ -51,10 +51,10 @@ TRAVERSALS = [
 
 
 @pytest.mark.asyncio(loop_scope="module")
-async def test_model_names_never_reach_the_file_system(artifacts_dir: Path) -> None:
+async def test_model_names_never_reach_the_file_system(model_repository: Path) -> None:
     """Every traversal attempt is an unknown model, on gRPC and HTTP (metadata, ready, infer)."""
     async with (
-        running_gateway(gateway_settings(artifacts_dir)) as gateway,
+        running_gateway(gateway_settings(model_repository)) as gateway,
         grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel,
     ):
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -128,7 +128,7 @@ def _calls(grpc_port: int, http_port: int) -> None:
 
 @pytest.mark.torchserve
 def test_no_secret_in_the_log_of_a_real_process(
-    torchserve: RunningTorchServe, tmp_path: Path
+    torchserve: RunningTorchServe, model_repository: Path, tmp_path: Path
 ) -> None:
     """``cnnserve serve --backend torchserve`` with keys from the environment and a file:
     start, calls and shutdown print no key."""
@@ -139,7 +139,7 @@ def test_no_secret_in_the_log_of_a_real_process(
     with gateway_process(
         "torchserve",
         tmp_path / "gateway.log",
-        artifacts_dir=torchserve.artifacts_dir,
+        model_repository=model_repository,
         model_store_dir=torchserve.model_store,
         torchserve_host=s.torchserve_host,
         torchserve_grpc_inference_port=s.torchserve_grpc_inference_port,
@@ -165,14 +165,17 @@ def test_no_secret_in_the_log_of_a_real_process(
 @pytest.mark.torchserve
 @pytest.mark.asyncio(loop_scope="module")
 async def test_no_secret_in_debug_logs(
-    torchserve: RunningTorchServe, caplog: pytest.LogCaptureFixture, tmp_path: Path
+    torchserve: RunningTorchServe,
+    model_repository: Path,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
 ) -> None:
     """Every logger at DEBUG (grpc, httpx, uvicorn, cnnserve) over the same calls."""
     caplog.set_level(logging.DEBUG)
     settings = torchserve.settings.model_copy(
         update={
             "backend": "torchserve",
-            "artifacts_dir": torchserve.artifacts_dir,
+            "model_repository": model_repository,
             "host": "127.0.0.1",
             "grpc_port": 0,
             "http_port": 0,

@@ -24,8 +24,8 @@ from tests.images import digit_png, shapes_png
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
-async def test_metrics_port_serves_prometheus_text(artifacts_dir: Path) -> None:
-    async with running_gateway(gateway_settings(artifacts_dir)) as gateway:
+async def test_metrics_port_serves_prometheus_text(model_repository: Path) -> None:
+    async with running_gateway(gateway_settings(model_repository)) as gateway:
         assert len({gateway.grpc_port, gateway.http_port, gateway.metrics_port}) == 3
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}") as http:
             reply = await http.post(
@@ -59,21 +59,23 @@ async def test_metrics_port_serves_prometheus_text(artifacts_dir: Path) -> None:
             assert types[family] == "histogram"
 
 
-async def test_a_taken_port_fails_the_start(artifacts_dir: Path) -> None:
-    async with running_gateway(gateway_settings(artifacts_dir)) as first:
-        taken = gateway_settings(artifacts_dir, grpc_port=first.grpc_port)
+async def test_a_taken_port_fails_the_start(model_repository: Path) -> None:
+    async with running_gateway(gateway_settings(model_repository)) as first:
+        taken = gateway_settings(model_repository, grpc_port=first.grpc_port)
         with pytest.raises(RuntimeError):
             async with running_gateway(taken):
                 pass
 
 
 @pytest.mark.torchserve
-async def test_gateway_over_a_real_torchserve(torchserve: RunningTorchServe) -> None:
+async def test_gateway_over_a_real_torchserve(
+    torchserve: RunningTorchServe, model_repository: Path
+) -> None:
     """``--backend torchserve`` end to end: both transports, both models, a real TorchServe."""
     settings = torchserve.settings.model_copy(
         update={
             "backend": "torchserve",
-            "artifacts_dir": torchserve.artifacts_dir,
+            "model_repository": model_repository,
             "host": "127.0.0.1",
             "grpc_port": 0,
             "http_port": 0,

@@ -24,10 +24,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cnnserve.gateway.dataplane import DataPlane
+from cnnserve.models.repository import ModelVersion
 from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
 from cnnserve.protocol.grpc_codec import response_from_proto
 from tests.gateway.harness import (
+    StubBackend,
     digit_pixels,
     holding_settings,
     metric,
@@ -60,44 +62,34 @@ def _digits_request(count: int) -> pb.ModelInferRequest:
 
 
 @dataclass
-class HeldBackend:
+class HeldBackend(StubBackend):
     """A backend that holds each batch until released and records the pixels it saw."""
 
     release: asyncio.Event = field(default_factory=asyncio.Event)
     entered: asyncio.Event = field(default_factory=asyncio.Event)
     seen: list[int] = field(default_factory=list)
 
-    async def start(self) -> None:
-        """Nothing to load."""
-
-    async def close(self) -> None:
-        """Nothing to release."""
-
-    async def infer_batch(self, model: str, batch: np.ndarray) -> np.ndarray:
+    async def infer_batch(self, model: ModelVersion, batch: np.ndarray) -> np.ndarray:
         """Record each item's mark, wait for the release, answer zeros."""
         self.seen += [int(item.flat[0]) for item in batch]
         self.entered.set()
         await self.release.wait()
         return np.zeros((len(batch), 10), np.float32)
 
-    async def ready(self, model: str) -> bool:
-        """Always ready."""
-        return True
-
     def describe(self) -> str:
         """Platform name."""
         return "held"
 
-    def takes_pixels(self) -> bool:
+    def takes_pixels(self, model: ModelVersion) -> bool:
         """Pixels arrive as they were sent, so the marks survive."""
         return True
 
 
-async def test_expired_while_queued_is_never_computed(artifacts_dir: Path) -> None:
+async def test_expired_while_queued_is_never_computed(model_repository: Path) -> None:
     """A slow batch keeps two requests queued past their deadlines (a gRPC deadline and the
     OIP ``timeout`` parameter over HTTP): both time out, neither reaches the backend, both
     are counted; a request queued without a deadline is computed once the batch finishes."""
-    settings = holding_settings(artifacts_dir, 0.0, max_batch_size=1)
+    settings = holding_settings(model_repository, 0.0, max_batch_size=1)
     backend = HeldBackend()
     core = DataPlane(settings, backend)
     async with (
@@ -145,12 +137,12 @@ async def test_expired_while_queued_is_never_computed(artifacts_dir: Path) -> No
 
 
 async def test_stop_answers_in_flight_and_refuses_new_calls_over_the_wire(
-    artifacts_dir: Path,
+    model_repository: Path,
 ) -> None:
     """While a call waits in the batcher, stop(): readiness is false on every probe and new
     calls are refused (UNAVAILABLE / 503) on the still-open listeners; the call is answered."""
     async with (
-        running_gateway(holding_settings(artifacts_dir, 1500.0)) as gateway,
+        running_gateway(holding_settings(model_repository, 1500.0)) as gateway,
         grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel,
         httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}") as http,
     ):
@@ -166,10 +158,10 @@ async def test_stop_answers_in_flight_and_refuses_new_calls_over_the_wire(
         await stopping
 
 
-async def test_grace_runs_out_for_a_stuck_batch(artifacts_dir: Path) -> None:
+async def test_grace_runs_out_for_a_stuck_batch(model_repository: Path) -> None:
     """A batch that never finishes: stop() returns after the grace and its caller gets
     UNAVAILABLE, not a hang."""
-    settings = holding_settings(artifacts_dir, 0.0)
+    settings = holding_settings(model_repository, 0.0)
     backend = HeldBackend()  # never released
     async with (
         running_gateway(settings, DataPlane(settings, backend)) as gateway,
@@ -283,7 +275,7 @@ async def _http_caller(http: httpx.AsyncClient, count: int, out: CallerLog) -> N
 
 
 async def test_sigterm_under_load_answers_every_accepted_call(
-    artifacts_dir: Path, tmp_path: Path
+    model_repository: Path, tmp_path: Path
 ) -> None:
     """Six gRPC and three HTTP callers in a loop (2, 3, 1 items), SIGTERM while all of them
     wait in the queue: readiness false first, new calls refused on both transports, every
@@ -292,7 +284,7 @@ async def test_sigterm_under_load_answers_every_accepted_call(
     with gateway_process(
         "onnxruntime",
         tmp_path / "gateway.log",
-        artifacts_dir=artifacts_dir,
+        model_repository=model_repository,
         device="cpu",
         # Batches leave only when the 3 s delay ends (never full): callers are in flight.
         max_batch_delay_ms=3000,
@@ -353,7 +345,7 @@ async def _open_stream(
 
 
 async def test_sigterm_exits_within_the_grace_despite_an_open_stream(
-    artifacts_dir: Path, tmp_path: Path
+    model_repository: Path, tmp_path: Path
 ) -> None:
     """A client keeps a ModelStreamInfer stream open forever: the process still exits 0
     once ``drain_grace_s`` has passed, cutting the stream."""
@@ -361,7 +353,7 @@ async def test_sigterm_exits_within_the_grace_despite_an_open_stream(
     with gateway_process(
         "onnxruntime",
         tmp_path / "gateway.log",
-        artifacts_dir=artifacts_dir,
+        model_repository=model_repository,
         device="cpu",
         drain_grace_s=grace_s,
     ) as served:

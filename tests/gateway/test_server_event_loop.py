@@ -14,8 +14,8 @@ from tests.gateway.harness import gateway_settings, running_gateway
 
 
 @pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
-def test_gateway_serves_on_each_event_loop(artifacts_dir: Path, event_loop: str) -> None:
-    settings = gateway_settings(artifacts_dir, event_loop=event_loop)
+def test_gateway_serves_on_each_event_loop(model_repository: Path, event_loop: str) -> None:
+    settings = gateway_settings(model_repository, event_loop=event_loop)
 
     async def main() -> tuple[str, list[str]]:
         loop_module = type(asyncio.get_running_loop()).__module__

@@ -39,9 +39,9 @@ def server_pem(ca: CertificateAuthority) -> Pem:
     return ca.issue("server", server=True)
 
 
-def tls_settings(artifacts_dir: Path, server: Pem, **extra: object) -> Settings:
+def tls_settings(model_repository: Path, server: Pem, **extra: object) -> Settings:
     return gateway_settings(
-        artifacts_dir, tls_cert_file=server.cert, tls_key_file=server.key, **extra
+        model_repository, tls_cert_file=server.cert, tls_key_file=server.key, **extra
     )
 
 
@@ -51,10 +51,10 @@ async def _ready(channel: grpc.aio.Channel) -> bool:
 
 
 async def test_tls_serves_clients_that_trust_the_ca_and_refuses_plaintext(
-    artifacts_dir: Path, ca: CertificateAuthority, server_pem: Pem
+    model_repository: Path, ca: CertificateAuthority, server_pem: Pem
 ) -> None:
     png, label = digit_png(2)
-    async with running_gateway(tls_settings(artifacts_dir, server_pem)) as gateway:
+    async with running_gateway(tls_settings(model_repository, server_pem)) as gateway:
         trusted = grpc.ssl_channel_credentials(root_certificates=ca.pem.cert.read_bytes())
         async with grpc.aio.secure_channel(f"127.0.0.1:{gateway.grpc_port}", trusted) as channel:
             assert await _ready(channel)
@@ -82,13 +82,13 @@ async def test_tls_serves_clients_that_trust_the_ca_and_refuses_plaintext(
 
 
 async def test_mutual_tls_needs_a_client_certificate_from_the_ca(
-    artifacts_dir: Path, ca: CertificateAuthority, server_pem: Pem, tmp_path: Path
+    model_repository: Path, ca: CertificateAuthority, server_pem: Pem, tmp_path: Path
 ) -> None:
     good = ca.issue("client", server=False)
     stranger = CertificateAuthority(tmp_path / "other", name="another CA").issue(
         "stranger", server=False
     )
-    settings = tls_settings(artifacts_dir, server_pem, tls_client_ca_file=ca.pem.cert)
+    settings = tls_settings(model_repository, server_pem, tls_client_ca_file=ca.pem.cert)
     root = ca.pem.cert.read_bytes()
     async with running_gateway(settings) as gateway:
         target = f"127.0.0.1:{gateway.grpc_port}"
@@ -125,12 +125,12 @@ async def test_mutual_tls_needs_a_client_certificate_from_the_ca(
 
 
 async def test_cnnserve_client_over_mutual_tls_with_a_key(
-    artifacts_dir: Path, ca: CertificateAuthority, server_pem: Pem
+    model_repository: Path, ca: CertificateAuthority, server_pem: Pem
 ) -> None:
     """The Python client on both transports: CA, client certificate and API key."""
     good = ca.issue("python-client", server=False)
     settings = tls_settings(
-        artifacts_dir, server_pem, tls_client_ca_file=ca.pem.cert, api_key="mtls-and-key"
+        model_repository, server_pem, tls_client_ca_file=ca.pem.cert, api_key="mtls-and-key"
     )
     tls = TlsConfig(ca_file=ca.pem.cert, cert_file=good.cert, key_file=good.key)
     png, label = digit_png(4)
@@ -163,10 +163,10 @@ print(json.dumps({"ready": client.is_server_ready(),
 
 
 async def test_tritonclient_grpc_over_tls_with_a_key(
-    artifacts_dir: Path, ca: CertificateAuthority, server_pem: Pem
+    model_repository: Path, ca: CertificateAuthority, server_pem: Pem
 ) -> None:
     png, label = digit_png(8)
-    settings = tls_settings(artifacts_dir, server_pem, api_key="tls-key")
+    settings = tls_settings(model_repository, server_pem, api_key="tls-key")
     async with running_gateway(settings) as gateway:
         command = [
             sys.executable, "-c", TRITON_GRPC_TLS_SCRIPT,

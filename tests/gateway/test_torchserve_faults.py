@@ -87,7 +87,7 @@ class Deployment:
 @pytest.fixture(scope="module")
 @starts_torchserve
 def deployment(
-    artifacts_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    artifacts_dir: Path, model_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Deployment]:
     """A TorchServe on free ports (tokens off) and a gateway process in front of it."""
     store = tmp_path_factory.mktemp("faults_store")
@@ -100,6 +100,7 @@ def deployment(
         with gateway_process(
             "torchserve",
             store / "gateway.log",
+            model_repository=model_repository,
             torchserve_grpc_target=server.grpc_target,
             torchserve_token_auth=False,
             torchserve_call_timeout_s=BACKEND_TIMEOUT_S,
