@@ -29,8 +29,15 @@ from cnnserve.protocol.grpc_codec import (
     response_to_proto,
     server_metadata_to_proto,
 )
+from cnnserve.protocol.triton_codec import (
+    index_to_proto,
+    model_config_to_proto,
+    repository_parameters_from_proto,
+    statistics_to_proto,
+)
 from cnnserve.settings import Settings
 
+from . import repository_api
 from .auth import ApiKeyInterceptor, ApiKeys
 from .dataplane import DataPlane, caller_input
 
@@ -203,6 +210,82 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             reader.cancel()
             for task in list(in_flight):
                 task.cancel()
+
+    @override
+    async def ModelConfig(
+        self,
+        request: pb.ModelConfigRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> pb.ModelConfigResponse:
+        """How a model version is served, as Triton's model configuration."""
+
+        async def config() -> pb.ModelConfigResponse:
+            served = repository_api.model_config(self._core, request.name, request.version)
+            return pb.ModelConfigResponse(config=model_config_to_proto(served))
+
+        return await _guarded(context, config(), "ModelConfig")
+
+    @override
+    async def ModelStatistics(
+        self,
+        request: pb.ModelStatisticsRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> pb.ModelStatisticsResponse:
+        """Statistics of every loaded version, one model's, or one version's."""
+
+        async def stats() -> pb.ModelStatisticsResponse:
+            return statistics_to_proto(
+                repository_api.statistics(self._core, request.name, request.version)
+            )
+
+        return await _guarded(context, stats(), "ModelStatistics")
+
+    @override
+    async def RepositoryIndex(
+        self,
+        request: pb.RepositoryIndexRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> pb.RepositoryIndexResponse:
+        """Every model of the repository, each version with its state and reason."""
+
+        async def rows() -> pb.RepositoryIndexResponse:
+            return index_to_proto(
+                repository_api.index(self._core, request.ready, request.repository_name)
+            )
+
+        return await _guarded(context, rows(), "RepositoryIndex")
+
+    @override
+    async def RepositoryModelLoad(
+        self,
+        request: pb.RepositoryModelLoadRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> pb.RepositoryModelLoadResponse:
+        """Load (or reload) a model from its folder; answers when it serves or failed."""
+        call = repository_api.load(
+            self._core,
+            request.model_name,
+            repository_parameters_from_proto(request.parameters),
+            request.repository_name,
+        )
+        await _guarded(context, call, "RepositoryModelLoad")
+        return pb.RepositoryModelLoadResponse()
+
+    @override
+    async def RepositoryModelUnload(
+        self,
+        request: pb.RepositoryModelUnloadRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> pb.RepositoryModelUnloadResponse:
+        """Unload a model; answers once its in-flight requests finished and it is gone."""
+        call = repository_api.unload(
+            self._core,
+            request.model_name,
+            repository_parameters_from_proto(request.parameters),
+            request.repository_name,
+        )
+        await _guarded(context, call, "RepositoryModelUnload")
+        return pb.RepositoryModelUnloadResponse()
 
     async def _infer(
         self, request: pb.ModelInferRequest, deadline: float | None

@@ -46,8 +46,16 @@ from cnnserve.protocol.http_codec import (
     server_metadata_to_json,
 )
 from cnnserve.protocol.status import http_status
+from cnnserve.protocol.triton_codec import (
+    index_request_from_json,
+    index_to_json,
+    model_config_to_json,
+    repository_request_from_json,
+    statistics_to_json,
+)
 from cnnserve.settings import Settings
 
+from . import repository_api
 from .auth import ApiKeyMiddleware, ApiKeys
 from .dataplane import DataPlane, caller_input
 from .openapi import describe_api, option_parameters
@@ -183,6 +191,64 @@ def _oip_router(core: DataPlane, settings: Settings) -> APIRouter:
     return router
 
 
+def _repository_router(core: DataPlane, settings: Settings) -> APIRouter:
+    """Triton's model repository, model configuration and statistics extensions.
+
+    Model names in these paths may hold ``/`` (``{model:path}``), so that a name that could
+    leave the repository reaches the name check and is refused as bad input (400), not
+    mistaken for another route.
+    """
+    router = APIRouter(route_class=ErrorTableRoute, tags=["Model repository"])
+
+    @router.post("/v2/repository/index")
+    async def repository_index(request: Request) -> JSONResponse:
+        """Every model of the repository, each version with its state (READY, UNAVAILABLE,
+        LOADING, UNLOADING) and the reason; body ``{"ready": true}``: READY ones only."""
+        body = await read_body(request, settings.max_message_bytes)
+        with caller_input():
+            ready = index_request_from_json(body)
+        return JSONResponse(index_to_json(repository_api.index(core, ready)))
+
+    @router.post("/v2/repository/models/{model:path}/load")
+    async def load_model(model: str, request: Request) -> JSONResponse:
+        """Load (or reload) a model from its folder; answers when it serves (explicit
+        model control mode only)."""
+        body = await read_body(request, settings.max_message_bytes)
+        with caller_input():
+            parameters = repository_request_from_json(body, "load")
+        await repository_api.load(core, model, parameters)
+        return JSONResponse({})
+
+    @router.post("/v2/repository/models/{model:path}/unload")
+    async def unload_model(model: str, request: Request) -> JSONResponse:
+        """Unload a model once its in-flight requests finished (explicit model control mode
+        only); parameter ``unload_dependents`` is accepted (a model has no dependents)."""
+        body = await read_body(request, settings.max_message_bytes)
+        with caller_input():
+            parameters = repository_request_from_json(body, "unload")
+        await repository_api.unload(core, model, parameters)
+        return JSONResponse({})
+
+    # Routes match in the order they are added, and the decorator nearest the function adds
+    # its route first: a versioned path before the {model:path} that would swallow it, and
+    # this router before /v2/models/{model}, which would take "stats" for a model's name.
+    @router.get("/v2/models/{model:path}/stats")
+    @router.get("/v2/models/{model}/versions/{version}/stats")
+    @router.get("/v2/models/stats")
+    async def model_statistics(model: str = "", version: str = "") -> JSONResponse:
+        """Counts and cumulative times (ns) of every loaded version, one model's, or one
+        version's, as Triton's ``{"model_stats": [...]}``."""
+        return JSONResponse(statistics_to_json(repository_api.statistics(core, model, version)))
+
+    @router.get("/v2/models/{model:path}/config")
+    @router.get("/v2/models/{model}/versions/{version}/config")
+    async def model_config(model: str, version: str = "") -> JSONResponse:
+        """How a model version is served, as Triton's model configuration JSON."""
+        return JSONResponse(model_config_to_json(repository_api.model_config(core, model, version)))
+
+    return router
+
+
 async def _uploaded_images(request: Request, limit: int) -> list[bytes]:
     """The images of a friendly request: the raw body, or every file of a multipart form."""
     body = await read_body(request, limit)
@@ -251,9 +317,10 @@ def create_http_app(core: DataPlane, settings: Settings) -> FastAPI:
     keys = ApiKeys.from_settings(settings)
     if keys is not None:
         app.add_middleware(ApiKeyMiddleware, keys=keys)
+    app.include_router(_repository_router(core, settings))
     app.include_router(_oip_router(core, settings))
     app.include_router(_predict_router(core, settings))
-    describe_api(app, core.model_names())
+    describe_api(app, core.model_names)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:

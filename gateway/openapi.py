@@ -1,17 +1,17 @@
 """The REST API's OpenAPI description, completed where FastAPI cannot see the API.
 
-FastAPI describes routes from their signatures. The inference and image routes read their
-bodies themselves (JSON, JSON + binary tensors, images), and every error is answered as
-``{"error": ...}`` with the error table's status (:mod:`cnnserve.protocol.status`) — never
-FastAPI's 422. So :func:`describe_api` adds what is missing to the generated document: the
-request bodies, the error statuses each route really returns, the response bodies, the
-served model names, and drops the 422s. Client generators and fuzzers (schemathesis) read
-``/openapi.json``; it has to be the API as it is.
+FastAPI describes routes from their signatures. The inference, image and repository routes
+read their bodies themselves (JSON, JSON + binary tensors, images), and every error is
+answered as ``{"error": ...}`` with the error table's status (:mod:`cnnserve.protocol.status`)
+— never FastAPI's 422. So :func:`describe_api` adds what is missing to the generated
+document: the request bodies, the error statuses each route really returns, the response
+bodies, the model names served at the time of asking, and drops the 422s. Client generators
+and fuzzers (schemathesis) read ``/openapi.json``; it has to be the API as it is.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI
@@ -20,19 +20,28 @@ from fastapi.openapi.utils import get_openapi
 from cnnserve.models.semantics import FORMAT_OPTION, TOP_K_OPTION, MaskFormat, ReplyOptions
 from cnnserve.protocol.domain import DATATYPES
 
+from .model_manager import ModelState
+
 #: What each error status means, from the error table.
 ERROR_MEANINGS = {
-    "400": "Bad input: the body, a tensor's shape, datatype or size, or an undecodable image.",
-    "404": "The model (or version) is not served here.",
+    "400": "Bad input: the body, a tensor's shape, datatype or size, an undecodable image, "
+    "or an unsafe model name.",
+    "404": "The model (or version) is not served here, or not in the model repository.",
     "413": "The request is over a size limit (body bytes or items per request).",
     "429": "The model's queue is full; retry later.",
-    "503": "The model is not ready, its backend is down, or the server is shutting down.",
+    "503": "The model is not ready, its backend is down, the server is shutting down, a "
+    "model could not be loaded, or the server does not load models on request.",
     "504": "The request's deadline passed before it could be answered.",
     "500": "An unexpected error; the server logged the details.",
 }
 ERROR_SCHEMA = {"$ref": "#/components/schemas/Error"}
 _SCALAR = {"anyOf": [{"type": t} for t in ("string", "number", "integer", "boolean")]}
 _PARAMETERS = {"type": "object", "additionalProperties": _SCALAR}
+_STRING = {"type": "string"}
+_COUNT = {"type": "integer", "minimum": 0}
+_DURATION = {"$ref": "#/components/schemas/StatisticDuration"}
+_DIMS = {"type": "array", "items": {"type": "integer", "minimum": -1}}
+_DATA_TYPE = {"type": "string", "pattern": "^TYPE_[A-Z0-9]+$"}
 #: The Open Inference Protocol's REST bodies ($inference_request, $inference_response).
 SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -95,6 +104,104 @@ SCHEMAS: dict[str, Any] = {
                     },
                 },
             },
+        },
+    },
+}
+#: Bodies of Triton's model repository, configuration and statistics extensions.
+REPOSITORY_SCHEMAS: dict[str, Any] = {
+    "RepositoryIndexRequest": {
+        "type": "object",
+        "properties": {"ready": {"type": "boolean", "description": "READY versions only."}},
+    },
+    "RepositoryIndex": {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "required": ["name", "state"],
+            "properties": {
+                "name": _STRING,
+                "version": {**_STRING, "description": "Absent: the model has none."},
+                "state": {"type": "string", "enum": [s.value for s in ModelState]},
+                "reason": {**_STRING, "description": "Why it is in this state."},
+            },
+        },
+    },
+    "RepositoryRequest": {
+        "type": "object",
+        "properties": {"parameters": {"$ref": "#/components/schemas/Parameters"}},
+    },
+    "StatisticDuration": {
+        "type": "object",
+        "required": ["count", "ns"],
+        "properties": {"count": _COUNT, "ns": _COUNT},
+    },
+    "ModelStatistics": {
+        "type": "object",
+        "required": ["model_stats"],
+        "properties": {
+            "model_stats": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["name", "version", "inference_stats", "batch_stats"],
+                    "properties": {
+                        "name": _STRING,
+                        "version": _STRING,
+                        "last_inference": {**_COUNT, "description": "ms since the epoch"},
+                        "inference_count": {**_COUNT, "description": "items inferred"},
+                        "execution_count": {**_COUNT, "description": "batches run"},
+                        "inference_stats": {
+                            "type": "object",
+                            "additionalProperties": _DURATION,
+                        },
+                        "batch_stats": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["batch_size"],
+                                "properties": {"batch_size": _COUNT},
+                                "additionalProperties": _DURATION,
+                            },
+                        },
+                    },
+                },
+            }
+        },
+    },
+    "ModelConfig": {
+        "type": "object",
+        "description": "Triton's model configuration (model_config.proto), as Triton "
+        "renders it in JSON.",
+        "required": ["name", "platform", "backend", "max_batch_size", "input", "output"],
+        "properties": {
+            "name": _STRING,
+            "platform": _STRING,
+            "backend": _STRING,
+            "max_batch_size": _COUNT,
+            "version_policy": {"type": "object"},
+            "input": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["name", "data_type", "dims"],
+                    "properties": {
+                        "name": _STRING,
+                        "data_type": _DATA_TYPE,
+                        "format": {"type": "string", "pattern": "^FORMAT_"},
+                        "dims": _DIMS,
+                        "optional": {"type": "boolean"},
+                    },
+                },
+            },
+            "output": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["name", "data_type", "dims"],
+                    "properties": {"name": _STRING, "data_type": _DATA_TYPE, "dims": _DIMS},
+                },
+            },
+            "dynamic_batching": {"type": "object"},
         },
     },
 }
@@ -170,8 +277,53 @@ def _health(key: str, *extra: str) -> dict[str, Any]:
     }
 
 
+def _json_body(schema: str, description: str) -> dict[str, Any]:
+    return {
+        "required": False,
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
+    }
+
+
+def _ok(schema: str, description: str) -> dict[str, Any]:
+    content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}
+    return {"200": {"description": description, "content": content}}
+
+
+def _repository_extras(path: str) -> dict[str, Any]:
+    """Triton's repository, configuration and statistics routes."""
+    if path == "/v2/repository/index":
+        return {
+            "requestBody": _json_body("RepositoryIndexRequest", "Optional."),
+            "responses": {**_ok("RepositoryIndex", "The index."), **_errors("400", "500")},
+        }
+    if path.startswith("/v2/repository/models/"):
+        done = {"application/json": {"schema": {"type": "object", "maxProperties": 0}}}
+        return {
+            "requestBody": _json_body(
+                "RepositoryRequest", "Optional; unload takes parameter unload_dependents."
+            ),
+            "responses": {
+                "200": {"description": "Done.", "content": done},
+                **_errors("400", "404", "500", "503"),
+            },
+        }
+    if path.endswith("/stats"):
+        ok = _ok("ModelStatistics", "Statistics of the loaded versions asked for.")
+        return {"responses": {**ok, **_errors("400", "404", "500")}}
+    ok = _ok("ModelConfig", "The model configuration.")
+    return {"responses": {**ok, **_errors("400", "404", "500", "503")}}
+
+
 def _operation_extras(path: str) -> dict[str, Any]:
     """The request body and responses of one operation, by the shape of its path."""
+    if path.startswith("/v2/repository/") or path.endswith(("/stats", "/config")):
+        return _repository_extras(path)
+    return _oip_extras(path)
+
+
+def _oip_extras(path: str) -> dict[str, Any]:
+    """The Open Inference Protocol's routes and the friendly image route."""
     if path.endswith("/infer"):
         ok = {
             "description": "The requested outputs (binary tensors follow the JSON when asked).",
@@ -198,11 +350,14 @@ def _operation_extras(path: str) -> dict[str, Any]:
     return {}
 
 
-def describe_api(app: FastAPI, models: Sequence[str]) -> None:
-    """Make ``app.openapi()`` return the completed description (built once, then cached)."""
+def describe_api(app: FastAPI, models: Callable[[], Sequence[str]]) -> None:
+    """Make ``app.openapi()`` return the completed description, listing the models
+    ``models()`` names when asked (built again only when they changed)."""
+    described: list[tuple[str, ...]] = []
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
+        served = tuple(models())
+        if app.openapi_schema is None or described != [served]:
             app.openapi_schema = _complete(
                 get_openapi(
                     title=app.title,
@@ -210,8 +365,9 @@ def describe_api(app: FastAPI, models: Sequence[str]) -> None:
                     summary=app.summary,
                     routes=app.routes,
                 ),
-                models,
+                served,
             )
+            described[:] = [served]
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -226,12 +382,15 @@ def _complete(document: dict[str, Any], models: Sequence[str]) -> dict[str, Any]
             responses.update(extras.get("responses", {}))
             if "requestBody" in extras:
                 operation["requestBody"] = extras["requestBody"]
+            # Load and unload take any folder of the repository, served or not.
+            served = () if path.startswith("/v2/repository/") else models
             for parameter in operation.get("parameters", []):
-                _describe_parameter(parameter, models)
+                _describe_parameter(parameter, served)
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)
     schemas.update(SCHEMAS)
+    schemas.update(REPOSITORY_SCHEMAS)
     return document
 
 
@@ -239,7 +398,7 @@ def _describe_parameter(parameter: dict[str, Any], models: Sequence[str]) -> Non
     if parameter.get("in") != "path":
         return
     schema = parameter.setdefault("schema", {})
-    if parameter.get("name") == "model":
+    if parameter.get("name") == "model" and models:
         schema["enum"] = list(models)
     elif parameter.get("name") == "version":
-        schema["enum"] = ["1"]
+        schema["pattern"] = "^[1-9][0-9]*$"
