@@ -318,17 +318,18 @@ class ModelManager:
         self._check_explicit("unload")
         check_model_name(name)
         model = self._models.get(name)
-        if model is None or not model.served:
-            loaded = ", ".join(sorted(n for n, m in self._models.items() if m.served))
-            raise UnknownModelError(
-                f"model {name!r} is not loaded; loaded models: {loaded or 'none'}"
-            )
-        async with model.lock:
-            leaving = list(model.served.values())
-            model.served.clear()
-            model.problems = {s.version: UNLOADED for s in leaving}
-            model.failed.clear()
-            await asyncio.gather(*(self._retire(model, s, UNLOADED) for s in leaving))
+        if model is not None:
+            # Under the lock: a load of this model that is under way finishes first.
+            async with model.lock:
+                if model.served:
+                    leaving = list(model.served.values())
+                    model.served.clear()
+                    model.problems = {s.version: UNLOADED for s in leaving}
+                    model.failed.clear()
+                    await asyncio.gather(*(self._retire(model, s, UNLOADED) for s in leaving))
+                    return
+        loaded = ", ".join(self.model_names()) or "none"
+        raise UnknownModelError(f"model {name!r} is not loaded; loaded models: {loaded}")
 
     def version(self, name: str, version: str = "") -> ModelVersion:
         """The ready version ``version`` of ``name`` (``""``: the highest ready one);
@@ -439,8 +440,9 @@ class ModelManager:
         entry = read.entry
         if entry.config is None:
             # A config that cannot be read leaves what serves serving (a failed reload).
-            model.problems = dict(entry.errors)
-            logger.warning("model %s: %s", entry.name, entry.errors.get("config", ""))
+            reason = entry.errors.get("config", "config.yaml cannot be used")
+            model.problems = {"": reason}
+            logger.warning("model %s: %s", entry.name, reason)
             return
         chosen = entry.served()
         wanted = {v.version for v in chosen}

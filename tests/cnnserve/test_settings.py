@@ -1,4 +1,4 @@
-"""Performance settings parse from the environment as documented and refuse nonsense."""
+"""Settings parse from the environment as documented and refuse nonsense."""
 
 from __future__ import annotations
 
@@ -52,3 +52,35 @@ def test_torchserves_worker_timeout_and_the_gateways_call_timeout_are_set_apart(
     assert settings.torchserve_response_timeout_s == 300
     with pytest.raises(pydantic.ValidationError, match="torchserve_call_timeout_s"):
         Settings(torchserve_call_timeout_s=0)
+
+
+def test_the_model_repository_settings_parse_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    defaults = Settings.model_fields
+    assert str(defaults["model_repository"].get_default()) == "model_repository"
+    assert defaults["model_control_mode"].get_default() == "none"
+    monkeypatch.setenv("CNNSERVE_MODEL_REPOSITORY", "/srv/models")
+    monkeypatch.setenv("CNNSERVE_MODEL_CONTROL_MODE", "explicit")
+    monkeypatch.setenv("CNNSERVE_LOAD_MODELS", '["convnet", "scenes3"]')
+    monkeypatch.setenv("CNNSERVE_REPOSITORY_POLL_INTERVAL_S", "2.5")
+    settings = Settings()
+    assert str(settings.model_repository) == "/srv/models"
+    assert settings.model_control_mode == "explicit"
+    assert settings.load_models == ["convnet", "scenes3"]
+    assert settings.repository_poll_interval_s == 2.5
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"load_models": ["convnet"]}, "load_models applies to model_control_mode explicit only"),
+        ({"model_control_mode": "auto"}, "model_control_mode"),
+        ({"repository_poll_interval_s": 0}, "repository_poll_interval_s"),
+    ],
+)
+def test_model_control_settings_that_cannot_work_are_refused(
+    values: dict[str, object], message: str
+) -> None:
+    with pytest.raises(pydantic.ValidationError, match=message):
+        Settings(**values)  # type: ignore[arg-type]
