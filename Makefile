@@ -91,10 +91,15 @@ proto-check: proto ## Fail when the committed stubs differ from what proto/ gene
 
 # TorchServe's Java runtime; `make serve JAVA=none` tries the fallback on a machine with Java.
 JAVA ?= java
+SERVE_FLAGS = $(if $(MODEL_REPOSITORY),--model-repository $(MODEL_REPOSITORY)) \
+	$(if $(CONTROL),--model-control-mode $(CONTROL))
 
 # The README's "serve": TorchServe (Java 17) behind the gateway, both stopped by Ctrl-C; on a
-# machine without Java the gateway runs the models in-process with onnxruntime instead.
-serve: install ## Serve both models: gateway on 8000 (HTTP) 8001 (gRPC) 8002 (metrics); Ctrl-C stops
+# machine without Java the gateway runs the models in-process with onnxruntime instead. The
+# gateway serves MODEL_REPOSITORY when given, else ./model_repository (which `cnnserve serve`
+# makes with the two demo models the first time); CONTROL=poll|explicit picks the model
+# control mode (README "Model repository").
+serve: install ## Serve the model repository (MODEL_REPOSITORY=DIR, CONTROL=poll): gateway on 8000 HTTP, 8001 gRPC, 8002 metrics; Ctrl-C stops
 	@(for f in convnet.pt convnet.onnx fcn.pt fcn.onnx; do test -f $(ARTIFACTS)/$$f || exit 1; done) \
 		|| $(MAKE) --no-print-directory export
 	@export CNNSERVE_ARTIFACTS_DIR=$(ARTIFACTS) CNNSERVE_MODEL_STORE_DIR=$(MODEL_STORE); \
@@ -102,10 +107,10 @@ serve: install ## Serve both models: gateway on 8000 (HTTP) 8001 (gRPC) 8002 (me
 		test -f $(MODEL_STORE)/convnet.mar -a -f $(MODEL_STORE)/fcn.mar || $(BIN)/cnnserve archive || exit 1; \
 		trap '$(BIN)/cnnserve torchserve stop' EXIT; trap 'exit 130' INT TERM; \
 		$(BIN)/cnnserve torchserve start || exit 1; \
-		$(BIN)/cnnserve serve --backend torchserve; \
+		$(BIN)/cnnserve serve --backend torchserve $(SERVE_FLAGS); \
 	else \
 		echo "No Java runtime found (TorchServe needs Java 17): serving with the embedded onnxruntime backend instead." >&2; \
-		$(BIN)/cnnserve serve --backend onnxruntime; \
+		$(BIN)/cnnserve serve --backend onnxruntime $(SERVE_FLAGS); \
 	fi
 
 bench: export ## Benchmark the gateway against its baselines; regenerates docs/benchmarks.md
