@@ -4,7 +4,12 @@ Each request carries exactly one input, chosen by name:
 
 - ``input``  FP32  ``[N,3,H,W]`` — what the network consumes, already normalized;
 - ``pixels`` UINT8 ``[N,3,H,W]`` — raw pixels, normalized here (4× less on the wire);
-- ``image``  BYTES ``[N]``       — encoded PNG/JPEG, decoded and prepared per item.
+- ``image``  BYTES ``[N,1]``     — encoded PNG/JPEG, decoded and prepared per item; ``[N]``
+  is accepted too.
+
+Metadata lists ``image`` as ``[-1,1]`` (one encoded image per row), as Triton models declare
+such inputs (``dims: [1]``): tools that build requests from the metadata, perf_analyzer
+among them, need a per-item shape, which ``[-1]`` lacks.
 
 Every check raises :class:`InvalidInputError` (or :class:`PayloadTooLargeError` for the item
 limit) with a message that says what was expected and what arrived.
@@ -28,6 +33,8 @@ INPUT_DATATYPES: dict[str, str] = {
     PIXELS_INPUT: "UINT8",
     IMAGE_INPUT: "BYTES",
 }
+#: The shapes an ``image`` input may have, for messages.
+IMAGE_SHAPES = "[N,1] or [N]"
 
 
 def input_metadata(spec: ModelSpec) -> tuple[TensorMetadata, ...]:
@@ -36,7 +43,7 @@ def input_metadata(spec: ModelSpec) -> tuple[TensorMetadata, ...]:
     return (
         TensorMetadata(TENSOR_INPUT, "FP32", (-1, 3, height, width)),
         TensorMetadata(PIXELS_INPUT, "UINT8", (-1, 3, height, width)),
-        TensorMetadata(IMAGE_INPUT, "BYTES", (-1,)),
+        TensorMetadata(IMAGE_INPUT, "BYTES", (-1, 1)),
     )
 
 
@@ -47,7 +54,7 @@ def describe(datatype: str, shape: tuple[int, ...]) -> str:
 
 def _accepted(spec: ModelSpec) -> str:
     return "; ".join(
-        f"{name} ({datatype} {'[N]' if datatype == 'BYTES' else spec.shape_text()})"
+        f"{name} ({datatype} {IMAGE_SHAPES if datatype == 'BYTES' else spec.shape_text()})"
         for name, datatype in INPUT_DATATYPES.items()
     )
 
@@ -73,9 +80,12 @@ def select_input(spec: ModelSpec, inputs: list[Tensor]) -> Tensor:
 
 def item_count(spec: ModelSpec, tensor: Tensor, max_items: int) -> int:
     """N, after checking the rank, that N ≥ 1 and that N is within the per-request limit."""
-    rank = 1 if tensor.datatype == "BYTES" else 4
-    if len(tensor.shape) != rank:
-        expected = "[N]" if rank == 1 else spec.shape_text()
+    if tensor.datatype == "BYTES":
+        fits = len(tensor.shape) == 1 or (len(tensor.shape) == 2 and tensor.shape[1] == 1)
+    else:
+        fits = len(tensor.shape) == 4
+    if not fits:
+        expected = IMAGE_SHAPES if tensor.datatype == "BYTES" else spec.shape_text()
         raise InvalidInputError(
             f"{spec.name} expects {tensor.datatype} {expected} for input {tensor.name!r}, "
             f"got {describe(tensor.datatype, tensor.shape)}"

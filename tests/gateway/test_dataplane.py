@@ -523,7 +523,7 @@ async def test_metadata_describes_inputs_and_outputs_truthfully(core: DataPlane)
     assert [(t.name, t.datatype, t.shape) for t in convnet.inputs] == [
         ("input", "FP32", (-1, 3, 28, 28)),
         ("pixels", "UINT8", (-1, 3, 28, 28)),
-        ("image", "BYTES", (-1,)),
+        ("image", "BYTES", (-1, 1)),
     ]
     assert [(t.name, t.datatype, t.shape) for t in convnet.outputs] == [
         ("logits", "FP32", (-1, 10)),
@@ -534,7 +534,7 @@ async def test_metadata_describes_inputs_and_outputs_truthfully(core: DataPlane)
     assert [(t.name, t.datatype, t.shape) for t in fcn.inputs] == [
         ("input", "FP32", (-1, 3, -1, -1)),
         ("pixels", "UINT8", (-1, 3, -1, -1)),
-        ("image", "BYTES", (-1,)),
+        ("image", "BYTES", (-1, 1)),
     ]
     assert [(t.name, t.datatype, t.shape) for t in fcn.outputs] == [
         ("scores", "FP32", (-1, 4, -1, -1)),

@@ -144,7 +144,7 @@ async def test_model_metadata(stub: Stub) -> None:
     assert inputs == {
         "input": ("FP32", [-1, 3, 28, 28]),
         "pixels": ("UINT8", [-1, 3, 28, 28]),
-        "image": ("BYTES", [-1]),
+        "image": ("BYTES", [-1, 1]),
     }
     assert {t.name for t in convnet.outputs} == {"logits", "probabilities", "labels"}
     fcn = await stub.ModelMetadata(pb.ModelMetadataRequest(name="fcn", version="1"))

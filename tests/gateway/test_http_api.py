@@ -108,7 +108,7 @@ async def test_metadata(http: httpx.AsyncClient) -> None:
     assert {i["name"]: i["shape"] for i in convnet["inputs"]} == {
         "input": [-1, 3, 28, 28],
         "pixels": [-1, 3, 28, 28],
-        "image": [-1],
+        "image": [-1, 1],
     }
     fcn = (await http.get("/v2/models/fcn/versions/1")).json()
     assert {o["name"]: o["datatype"] for o in fcn["outputs"]} == {

@@ -98,9 +98,10 @@ def _index(client: httpclient.InferenceServerClient) -> dict[str, dict[str, str]
     return {row["name"]: row for row in client.get_model_repository_index()}
 
 
-def _image_input(png: bytes) -> httpclient.InferInput:
-    image = httpclient.InferInput("image", [1], "BYTES")
-    image.set_data_from_numpy(np.array([png], dtype=np.object_))
+def _image_input(png: bytes, per_item: int = 1) -> httpclient.InferInput:
+    """One image, shaped ``[1,per_item]`` as the model's metadata says (``[-1,1]``)."""
+    image = httpclient.InferInput("image", [1, per_item], "BYTES")
+    image.set_data_from_numpy(np.array([[png] * per_item], dtype=np.object_))
     return image
 
 
@@ -152,7 +153,7 @@ def test_tritonclient_http_load_config_infer_statistics_unload(gateway: GatewayP
             "name": "image",
             "data_type": "TYPE_STRING",
             "format": "FORMAT_NONE",
-            "dims": [],
+            "dims": [1],
             "optional": True,
         },
     ]
@@ -192,6 +193,14 @@ def test_tritonclient_http_load_config_infer_statistics_unload(gateway: GatewayP
     assert batch["batch_size"] == 1
     assert batch["compute_infer"]["count"] == 1
 
+    with pytest.raises(InferenceServerException) as two_per_row:
+        client.infer("fcn", [_image_input(png, per_item=2)])
+    assert two_per_row.value.status() == "400"
+    assert "[N,1] or [N]" in two_per_row.value.message()
+    (stats,) = client.get_inference_statistics("fcn")["model_stats"]
+    assert stats["inference_stats"]["fail"]["count"] == 1
+    assert stats["inference_count"] == 1
+
     client.unload_model("fcn")
     assert _index(client)["fcn"]["state"] == "UNAVAILABLE"
     with pytest.raises(InferenceServerException) as refused:
@@ -208,7 +217,7 @@ def test_config_and_statistics_of_the_convnet(gateway: GatewayProcess) -> None:
     config = client.get_model_config("convnet", "1")
     assert config["max_batch_size"] == 8
     assert config["dynamic_batching"]["max_queue_delay_microseconds"] == 3000
-    assert [i["dims"] for i in config["input"]] == [[3, 28, 28], [3, 28, 28], []]
+    assert [i["dims"] for i in config["input"]] == [[3, 28, 28], [3, 28, 28], [1]]
     assert config["output"][0] == {"name": "logits", "data_type": "TYPE_FP32", "dims": [10]}
     every = client.get_inference_statistics()["model_stats"]
     assert ("convnet", "1") in {(s["name"], s["version"]) for s in every}
@@ -303,7 +312,7 @@ def test_bad_bodies_are_bad_input(http: httpx.Client, route: str, body: Any, mes
 def test_grpc_config_statistics_and_index(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
     config = stub.ModelConfig(pb.ModelConfigRequest(name="convnet")).config
     assert (config.name, config.max_batch_size) == ("convnet", 8)
-    assert [list(i.dims) for i in config.input] == [[3, 28, 28], [3, 28, 28], []]
+    assert [list(i.dims) for i in config.input] == [[3, 28, 28], [3, 28, 28], [1]]
     assert config.dynamic_batching.default_queue_policy.max_queue_size == 512
     stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="convnet", version="1"))
     assert [(s.name, s.version) for s in stats.model_stats] == [("convnet", "1")]

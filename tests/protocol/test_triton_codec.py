@@ -37,7 +37,7 @@ CONVNET = ModelConfiguration(
     max_batch_size=32,
     inputs=(
         ConfigTensor("input", "FP32", (3, 28, 28), "NCHW", optional=True),
-        ConfigTensor("image", "BYTES", (), optional=True),
+        ConfigTensor("image", "BYTES", (1,), optional=True),
     ),
     outputs=(ConfigTensor("logits", "FP32", (10,)), ConfigTensor("labels", "BYTES", (-1,))),
     max_queue_delay_us=2000,
@@ -102,7 +102,7 @@ def test_model_config_json_is_tritons_rendering() -> None:
                 "name": "image",
                 "data_type": "TYPE_STRING",
                 "format": "FORMAT_NONE",
-                "dims": [],
+                "dims": [1],
                 "optional": True,
             },
         ],
