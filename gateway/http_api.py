@@ -35,7 +35,6 @@ from cnnserve.errors import (
     PayloadTooLargeError,
     public_message,
 )
-from cnnserve.models.registry import get_spec
 from cnnserve.models.semantics import check_image_count, parse_options, render_reply
 from cnnserve.protocol.domain import InferRequest, RequestedOutput, Tensor
 from cnnserve.protocol.http_codec import (
@@ -286,7 +285,9 @@ def _predict_router(core: DataPlane, settings: Settings) -> APIRouter:
         class index, pixels per class in ``X-Pixel-Counts``), or with ``format=json`` the
         pixels per class of each image. TorchServe's handler answers the same bytes.
         """
-        spec = get_spec(model)
+        # The version whose spec shapes the reply is the one that answers.
+        served = core.models.version(model)
+        spec = served.spec
         options = parse_options(request.query_params)
         images = await _uploaded_images(request, settings.max_message_bytes)
         check_image_count(spec, options, len(images))
@@ -297,6 +298,7 @@ def _predict_router(core: DataPlane, settings: Settings) -> APIRouter:
                 model_name=model,
                 inputs=[Tensor("image", "BYTES", (len(images),), data)],
                 outputs=[RequestedOutput(spec.output_name)],
+                model_version=str(served.version),
             )
         )
         (raw,) = response.outputs

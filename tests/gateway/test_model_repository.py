@@ -9,6 +9,8 @@ real gateways on free ports, real gRPC stubs.
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from cnnserve.errors import InvalidInputError, UnavailableError, UnknownModelError
 from cnnserve.export.repository import export_to_repository
@@ -34,6 +38,7 @@ from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
 from cnnserve.protocol.domain import InferRequest, InferResponse, RequestedOutput, Tensor
 from cnnserve.protocol.grpc_codec import request_to_proto, response_from_proto
 from tests.gateway.harness import gateway_settings, metric_samples, running_gateway
+from tests.images import digit_png, shapes_png
 from tests.models import tutorial_classes as tutorial
 from tests.support import wait_until_async
 
@@ -154,6 +159,31 @@ async def test_tutorial_checkpoints_serve_what_the_tutorial_class_computes(
             metadata = await stub.ModelMetadata(pb.ModelMetadataRequest(name=name))
             assert metadata.platform == gateway.core.backend.describe()
             assert metadata.outputs[0].shape[1] == classes
+
+
+async def test_the_friendly_route_answers_with_the_repository_model_s_classes(
+    tutorial_repository: Path,
+) -> None:
+    """``/predict`` takes a model's classes and labels from its config and export: three
+    classes for the 3-class FCN, the ConvNet's ten for the tutorial digits."""
+    scene, _ = shapes_png(seed=2, side=32)
+    digit, _ = digit_png(3)
+    async with (
+        running_gateway(gateway_settings(tutorial_repository)) as gateway,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}") as http,
+    ):
+        masked = await http.post("/predict/scenes3", content=scene)
+        counted = await http.post("/predict/scenes3?format=json", content=scene)
+        ranked = await http.post("/predict/digits10?top_k=10", content=digit)
+    assert masked.status_code == 200, masked.text
+    mask = np.asarray(Image.open(io.BytesIO(masked.content)))
+    assert mask.shape == (32, 32)
+    assert int(mask.max()) < 3
+    assert set(json.loads(masked.headers["x-pixel-counts"])) == {"0", "1", "2"}
+    (counts,) = counted.json()["predictions"]
+    assert sum(counts["counts"].values()) == 32 * 32
+    (prediction,) = ranked.json()["predictions"]
+    assert sorted(entry["label"] for entry in prediction["top_k"]) == [str(i) for i in range(10)]
 
 
 # --- versions ---
