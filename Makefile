@@ -125,6 +125,19 @@ soak: export ## Soak the gateway with faults injected (DURATION_S=60 MAX_REQUEST
 overload: export ## Open-loop overload at 2×, 4×, 8× capacity; prints the figures (docs/reliability.md)
 	$(BIN)/python -m cnnserve.bench.overload --artifacts $(ARTIFACTS)
 
+# Triton's perf_analyzer, unmodified (README "Triton's perf_analyzer"), at a gateway that is
+# already running (`make serve`); the binary and, on Debian 12, Debian 13's libraries for it
+# are fetched into .cache/ on first use. PA_ARGS replaces the arguments after the data file;
+# the default's 2 s windows and 25 % stability (perf_analyzer's own: 5 s, 10 %) keep a busy
+# machine from stopping the sweep at the first level it cannot measure steadily.
+.PHONY: perf-analyzer
+PA_DATA := .cache/perf_analyzer/convnet-pixels.json
+PA_ARGS ?= -m convnet -i grpc -u localhost:8001 --concurrency-range 1:8 \
+	--measurement-interval 2000 --stability-percentage 25
+perf-analyzer: install ## Triton's perf_analyzer at a running gateway (convnet, gRPC, concurrency 1..8; PA_ARGS=...)
+	$(BIN)/python tools/perf_analyzer_data.py $(PA_DATA)
+	tools/perf_analyzer.sh --input-data $(PA_DATA) $(PA_ARGS)
+
 # --- deployment (README "Deploy") -------------------------------------------------------
 # COMPOSE_FILES="-f docker-compose.yml -f docker-compose.cpu.yml" deploys without a GPU.
 COMPOSE ?= docker compose
