@@ -434,6 +434,9 @@ class ModelManager:
             except InvalidInputError as exc:  # a folder whose name is not a model name
                 model.problems = {"": str(exc)}
                 return
+            except OSError as exc:  # the folder itself cannot be listed
+                model.problems = {"": f"{self.repository.root / name}: cannot be read: {exc}"}
+                return
             await self._apply(model, read, retry)
 
     async def _apply(self, model: _Model, read: _Read, retry: bool) -> None:
