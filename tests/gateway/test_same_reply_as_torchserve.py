@@ -9,6 +9,7 @@ same options, and pass its bytes on untouched: same status, media type, headers 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -34,11 +35,12 @@ CASES = [
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def gateway(torchserve: RunningTorchServe) -> AsyncIterator[Gateway]:
+async def gateway(torchserve: RunningTorchServe, model_repository: Path) -> AsyncIterator[Gateway]:
     """A gateway whose batches run on the session's TorchServe."""
     settings = torchserve.settings.model_copy(
         update={
             "backend": "torchserve",
+            "model_repository": model_repository,
             "host": "127.0.0.1",
             "grpc_port": 0,
             "http_port": 0,
