@@ -303,7 +303,9 @@ class ModelManager:
                 f"{', '.join(self.repository.names()) or 'nothing'}"
             )
         await self._load(name, retry=True)
-        model = self._models[name]
+        model = self._models.get(name)
+        if model is None:  # the folder went away while it was read
+            raise UnknownModelError(f"the repository {self.repository.root} has no model {name!r}")
         if not model.served:
             raise UnavailableError(f"model {name} could not be loaded: {self._reasons(model)}")
         if "" in model.problems:
