@@ -80,6 +80,15 @@ class BatchObserver(Protocol):
         """A request's deadline passed before any of it was computed."""
 
 
+@dataclass
+class ModelTime:
+    """Filled in when a request submitted with it has all its rows: the batch-function time
+    of the batches its items ran in (so a caller can count it with the request's other
+    timings, at the moment the request ends)."""
+
+    seconds: float = 0.0
+
+
 class Observers:
     """Several observers as one: each hook calls every one of them, in order."""
 
@@ -149,6 +158,8 @@ class _Request:
     received: int = 0
     #: Batch-function time of the batches its items ran in, so far.
     infer_s: float = 0.0
+    #: Where the caller wants that time once every row is there.
+    model_time: ModelTime | None = None
 
     @property
     def key(self) -> ShapeKey:
@@ -258,8 +269,11 @@ class DynamicBatcher:
                 "queued; retry later"
             )
 
-    async def submit(self, items: np.ndarray, deadline: float | None = None) -> np.ndarray:
-        """Queue ``items`` (``N×…``) and return the batch function's N result rows for them.
+    async def submit(
+        self, items: np.ndarray, deadline: float | None = None, model_time: ModelTime | None = None
+    ) -> np.ndarray:
+        """Queue ``items`` (``N×…``) and return the batch function's N result rows for them;
+        ``model_time``, when given, receives the batch-function time they took.
 
         Raises :class:`OverloadedError` at once when the queue has no room,
         :class:`DeadlineExceededError` when ``deadline`` (``time.monotonic()``) passes first,
@@ -277,6 +291,7 @@ class DynamicBatcher:
             raise DeadlineExceededError("deadline passed before the request was queued")
         self.check_room(count)
         request = _Request(items, asyncio.get_running_loop().create_future(), deadline, now)
+        request.model_time = model_time
         # However the future ends (result, error, caller cancelled), its queue room frees up.
         request.future.add_done_callback(lambda _: self._answered(request))
         self._outstanding += 1
@@ -469,6 +484,8 @@ class DynamicBatcher:
         if request.received == len(request.items):
             parts = request.parts
             request.future.set_result(parts[0] if len(parts) == 1 else np.concatenate(parts))
+            if request.model_time is not None:
+                request.model_time.seconds = request.infer_s
             self._observer.request_computed(request.infer_s)
 
     # --- queue accounting ---

@@ -34,6 +34,7 @@ from cnnserve.protocol.errors import CodecError
 from cnnserve.settings import Settings
 
 from .backends import Backend, create_backend
+from .batcher import ModelTime
 from .inputs import input_metadata, item_count, select_input, to_batch
 from .metrics import UNKNOWN_LABEL, GatewayMetrics
 from .model_manager import ModelManager, ServedVersion
@@ -231,13 +232,16 @@ class DataPlane:
             served.keep_pixels,
         )
         input_s = time.monotonic() - preparing
-        raw = await served.batcher.submit(batch, deadline)
+        model_time = ModelTime()
+        raw = await served.batcher.submit(batch, deadline, model_time)
         computing = time.monotonic()
         outputs = await _maybe_offload(
             raw.nbytes > OFFLOAD_BYTES, compute_outputs, spec, raw, plans
         )
         finished = time.monotonic()
-        served.stats.request_succeeded(count, finished - started, input_s, finished - computing)
+        served.stats.request_succeeded(
+            count, finished - started, input_s, model_time.seconds, finished - computing
+        )
         self.metrics.request_finished(spec.name, served.version, None, finished - started)
         return InferResponse(
             model_name=spec.name, outputs=outputs, model_version=served.version, id=request.id

@@ -134,14 +134,19 @@ class StatisticsRecorder:
     # --- the data plane's hooks ---
 
     def request_succeeded(
-        self, items: int, total_s: float, input_s: float, output_s: float
+        self, items: int, total_s: float, input_s: float, infer_s: float, output_s: float
     ) -> None:
         """A request of ``items`` items was answered after ``total_s``; preparing its input
-        took ``input_s`` and computing its outputs ``output_s``."""
+        took ``input_s``, its batches ``infer_s`` in the model, its outputs ``output_s``.
+
+        The three compute counts move together, in one step, as Triton's do: a reader
+        (perf_analyzer checks this) never sees them differ, and a request that fails after
+        the model ran counts in none of them."""
         self._last_inference_ms = time.time_ns() // 1_000_000
         self._inference_count += items
         self._success.add(total_s)
         self._compute_input.add(input_s)
+        self._compute_infer.add(infer_s)
         self._compute_output.add(output_s)
 
     def request_failed(self, total_s: float) -> None:
@@ -167,8 +172,7 @@ class StatisticsRecorder:
         tally.output.add(output_s)
 
     def request_computed(self, infer_s: float) -> None:
-        """Every item of a request has its rows; its batches took ``infer_s`` in the model."""
-        self._compute_infer.add(infer_s)
+        """Counted with the request's success instead (:meth:`request_succeeded`)."""
 
     def request_expired(self) -> None:
         """Counted by the data plane, as a failed request."""

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cnnserve.errors import InvalidInputError, UnknownModelError
-from cnnserve.gateway.batcher import DynamicBatcher
+from cnnserve.gateway.batcher import DynamicBatcher, ModelTime
 from cnnserve.gateway.dataplane import create_core
 from cnnserve.gateway.statistics import Duration, StatisticsRecorder
 from cnnserve.protocol.domain import InferRequest, Tensor
@@ -24,7 +24,8 @@ BATCH_S = 0.05
 
 
 async def test_the_batcher_records_batches_and_each_request_s_model_time() -> None:
-    """A request split over two batches is computed once, with both batches' time."""
+    """A request split over two batches gets both batches' time, once it has all its rows;
+    the per-request compute counts wait for the data plane (they move together)."""
     stats = StatisticsRecorder("m", "1")
 
     async def slow_double(batch: np.ndarray) -> np.ndarray:
@@ -36,9 +37,10 @@ async def test_the_batcher_records_batches_and_each_request_s_model_time() -> No
     )
     batcher.start()
     try:
+        first_time, second_time = ModelTime(), ModelTime()
         first, second = await asyncio.gather(
-            batcher.submit(np.ones((3, 2), np.float32)),
-            batcher.submit(np.ones((2, 2), np.float32)),
+            batcher.submit(np.ones((3, 2), np.float32), model_time=first_time),
+            batcher.submit(np.ones((2, 2), np.float32), model_time=second_time),
         )
     finally:
         await batcher.stop()
@@ -51,8 +53,9 @@ async def test_the_batcher_records_batches_and_each_request_s_model_time() -> No
         assert batch.compute_input.count == batch.compute_output.count == 1
     assert snapshot.queue.count == 2
     # The first request ran in one batch, the second in both.
-    assert snapshot.compute_infer.count == 2
-    assert snapshot.compute_infer.ns >= 3 * BATCH_S * 1e9
+    assert BATCH_S <= first_time.seconds < second_time.seconds
+    assert second_time.seconds >= 2 * BATCH_S
+    assert snapshot.compute_infer == snapshot.compute_input == Duration()
     # Answers are the data plane's to count.
     assert (snapshot.success, snapshot.fail, snapshot.inference_count) == (
         Duration(),
@@ -94,3 +97,32 @@ async def test_the_data_plane_counts_requests_items_and_times(model_repository: 
         assert duration.ns > 0
     # A request's time, from reaching the data plane to its answer, holds its model time.
     assert stats.success.ns >= stats.compute_infer.ns
+
+
+async def test_a_reader_never_sees_the_compute_counts_differ(model_repository: Path) -> None:
+    """perf_analyzer refuses statistics whose compute_input/infer/output counts differ; read
+    them over and over while requests are answered, as it does between its windows."""
+    core = await create_core(gateway_settings(model_repository, max_batch_delay_ms=5))
+    await core.start()
+    seen: list[tuple[int, int, int]] = []
+    answering = True
+
+    async def read_while_answering() -> None:
+        while answering:
+            (stats,) = core.models.statistics("fcn", "1")
+            counts = (stats.compute_input, stats.compute_infer, stats.compute_output)
+            seen.append(tuple(d.count for d in counts))  # type: ignore[arg-type]
+            await asyncio.sleep(0)
+
+    try:
+        reader = asyncio.create_task(read_while_answering())
+        scene = np.zeros((1, 3, 64, 64), np.float32)
+        request = InferRequest("fcn", [Tensor("input", "FP32", scene.shape, scene)])
+        await asyncio.gather(*(core.infer(request) for _ in range(40)))
+        answering = False
+        await reader
+    finally:
+        await core.stop(grace_s=10)
+    assert len(seen) > 40
+    assert all(a == b == c for a, b, c in seen), sorted({c for c in seen if len(set(c)) > 1})
+    assert seen[-1] == (40, 40, 40)
