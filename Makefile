@@ -65,13 +65,17 @@ export: install ## Export both models to TorchScript + ONNX under artifacts/
 	$(BIN)/cnnserve export convnet --out $(ARTIFACTS)
 	$(BIN)/cnnserve export fcn --out $(ARTIFACTS)
 
-archive: install ## Build convnet.mar + fcn.mar into MODEL_STORE for TorchServe (FORMAT=onnx, HALF=1)
-	@(for f in convnet.pt convnet.onnx fcn.pt fcn.onnx; do test -f $(ARTIFACTS)/$$f || exit 1; done) \
-		|| $(MAKE) --no-print-directory export
-	$(BIN)/cnnserve archive --artifacts $(ARTIFACTS) --model-store $(MODEL_STORE) \
+# The repository `make archive` packs: MODEL_REPOSITORY, else the one `cnnserve serve` uses by
+# default, made here with the two demo models when it does not exist.
+ARCHIVED := $(or $(MODEL_REPOSITORY),model_repository)
+
+archive: install ## One archive per served version of MODEL_REPOSITORY into MODEL_STORE (FORMAT=onnx, HALF=1)
+	@test -d $(ARCHIVED) || { $(BIN)/cnnserve export convnet --repository $(ARCHIVED) \
+		&& $(BIN)/cnnserve export fcn --repository $(ARCHIVED); }
+	$(BIN)/cnnserve archive --repository $(ARCHIVED) --model-store $(MODEL_STORE) \
 		$(if $(FORMAT),--format $(FORMAT)) $(if $(HALF),--half)
 
-torchserve-start: archive ## Start TorchServe with both models; returns when they are ready
+torchserve-start: archive ## Start TorchServe with the repository's versions; returns when they are ready
 	$(BIN)/cnnserve torchserve start --model-store $(MODEL_STORE)
 
 torchserve-stop: install ## Stop TorchServe and its workers
@@ -104,7 +108,6 @@ serve: install ## Serve the model repository (MODEL_REPOSITORY=DIR, CONTROL=poll
 		|| $(MAKE) --no-print-directory export
 	@export CNNSERVE_ARTIFACTS_DIR=$(ARTIFACTS) CNNSERVE_MODEL_STORE_DIR=$(MODEL_STORE); \
 	if command -v $(JAVA) >/dev/null 2>&1; then \
-		test -f $(MODEL_STORE)/convnet.mar -a -f $(MODEL_STORE)/fcn.mar || $(BIN)/cnnserve archive || exit 1; \
 		trap '$(BIN)/cnnserve torchserve stop' EXIT; trap 'exit 130' INT TERM; \
 		$(BIN)/cnnserve torchserve start || exit 1; \
 		$(BIN)/cnnserve serve --backend torchserve $(SERVE_FLAGS); \

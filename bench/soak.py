@@ -252,7 +252,7 @@ def _replicas(options: SoakOptions) -> Iterator[list[Replica]]:
     with contextlib.ExitStack() as stack:
         runs = [
             stack.enter_context(
-                running_torchserve(options.artifacts_dir, options.work_dir / f"replica{i}", 1, 0,
+                running_torchserve(options.work_dir / f"replica{i}", 1, 0,
                                    token_auth=False)
             )
             for i in range(2)

@@ -305,12 +305,10 @@ def run_suite(
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cnnserve-ts-")))
         behind = alone = None
         if any(s.backend == "torchserve" for s in scenarios):
-            behind = stack.enter_context(running_torchserve(artifacts, scratch, 1, 0))
+            behind = stack.enter_context(running_torchserve(scratch, 1, 0))
         if any(s.backend == TORCHSERVE_REST for s in scenarios):
             alone = stack.enter_context(
-                running_torchserve(
-                    artifacts, scratch, BATCHING_MAX_BATCH_SIZE, TORCHSERVE_REST_DELAY_MS
-                )
+                running_torchserve(scratch, BATCHING_MAX_BATCH_SIZE, TORCHSERVE_REST_DELAY_MS)
             )
         gateways = _start_gateways(ctx, scenarios, behind, stack)
         echo = stack.enter_context(echo_server(Settings().event_loop))

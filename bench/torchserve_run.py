@@ -15,8 +15,9 @@ from pathlib import Path
 
 import psutil
 
+from cnnserve.export.repository import ensure_default_repository
 from cnnserve.settings import Settings
-from cnnserve.torchserve_engine.archive import archive_models
+from cnnserve.torchserve_engine.archive import archive_repository
 from cnnserve.torchserve_engine.process import (
     ServerInfo,
     loopback_settings,
@@ -74,13 +75,13 @@ class TorchServeRun:
 
 @contextlib.contextmanager
 def running_torchserve(
-    artifacts: Path,
     work_dir: Path,
     batch_size: int,
     max_batch_delay_ms: int,
     token_auth: bool = True,
 ) -> Iterator[TorchServeRun]:
-    """Archive the TorchScript models, start TorchServe on free ports, stop it on exit.
+    """Archive the demo models (TorchScript, from a repository in ``work_dir`` exported from
+    the committed weights), start TorchServe on free ports, stop it on exit.
 
     ``token_auth=False`` for replicas behind one gateway channel (each would draw its own key).
     """
@@ -92,7 +93,9 @@ def running_torchserve(
         torchserve_batch_size=batch_size,
         torchserve_max_batch_delay_ms=max_batch_delay_ms,
     )
-    archive_models(artifacts, store, "torchscript", False, settings)
+    repository = work_dir / "repository"
+    ensure_default_repository(repository)
+    archive_repository(repository, store, settings, "torchscript", half=False)
     logger.info("starting TorchServe (batchSize %d, maxBatchDelay %d ms)", batch_size,
                 max_batch_delay_ms)  # fmt: skip
     server = start(settings, store)

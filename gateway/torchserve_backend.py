@@ -6,9 +6,20 @@ batch travels in one request in the packed format the cnnserve handler reads. Th
 client spreads batches over every replica behind the target, attaches each replica's
 inference key and turns TorchServe's failures into cnnserve errors.
 
-Versions: TorchServe serves the archives it was started with, one per model name, so a
-version counts as loaded once the gateway asks and is ready when TorchServe runs a probe
-through the model of that name; every version of a model goes to that one archive.
+Versions: each loaded version is its own TorchServe model version — the model's name, the
+repository's version number — and every call names both (``PredictionsRequest.model_version``).
+Loading a version archives it and registers it with every TorchServe on this machine the
+gateway serves (``torchserve_model_stores``, one per replica; :mod:`.management
+<cnnserve.torchserve_engine.management>`), through the management API on loopback with the
+management key; a refusal is the load's error, with TorchServe's reason. Unloading — after
+the model manager has drained the version — unregisters it. With ``torchserve_registration``
+off (TorchServe in another container, its management API out of reach) the versions must be
+the ones TorchServe was started with, and loading registers nothing.
+
+TorchServe holds one copy of each version number. When a version changes in place, the model
+manager loads the new one while the old still serves; here both are the same TorchServe
+version, so the new copy replaces the old in TorchServe at once (calls in that moment may fail
+UNAVAILABLE or NOT_FOUND) and unloading the old one leaves the new registered.
 
 TorchServe writes a new key every time it starts. Keys are looked up per call and re-read
 whenever their file changes (``torchserve_key_dir``: one file per replica;
@@ -29,6 +40,7 @@ from cnnserve.models.repository import ModelVersion
 from cnnserve.settings import Settings
 from cnnserve.torchserve_engine.client import TorchServeClient
 from cnnserve.torchserve_engine.keys import key_store
+from cnnserve.torchserve_engine.management import Registrar
 from cnnserve.torchserve_engine.process import KEY_FILE, run_dir_of
 
 logger = logging.getLogger(__name__)
@@ -47,12 +59,14 @@ class TorchServeBackend:
         timeout_s: float,
         key_dir: Path | None = None,
         resolve_interval_s: float = 5.0,
+        registrar: Registrar | None = None,
     ) -> None:
         self._target = target
         self._keys = key_store(key_file, key_dir)
         self._max_message_bytes = max_message_bytes
         self._timeout_s = timeout_s
         self._resolve_interval_s = resolve_interval_s
+        self._registrar = registrar
         # Loaded versions by object identity (the Backend contract's reloads hold two).
         self._loaded: dict[int, ModelVersion] = {}
         self._client: TorchServeClient | None = None
@@ -67,6 +81,10 @@ class TorchServeBackend:
             key_file = settings.torchserve_key_file or (
                 run_dir_of(settings.model_store_dir) / KEY_FILE
             )
+        registrar = None
+        if settings.torchserve_registration:
+            stores = settings.torchserve_model_stores or [settings.model_store_dir]
+            registrar = Registrar(stores, settings)
         return cls(
             target=settings.grpc_target,
             key_file=key_file,
@@ -74,6 +92,7 @@ class TorchServeBackend:
             timeout_s=settings.torchserve_call_timeout_s,
             key_dir=key_dir,
             resolve_interval_s=settings.torchserve_resolve_interval_s,
+            registrar=registrar,
         )
 
     async def start(self) -> None:
@@ -84,34 +103,54 @@ class TorchServeBackend:
             self._max_message_bytes,
             resolve_interval_s=self._resolve_interval_s,
         )
+        if self._registrar is not None:
+            await self._registrar.start()
         if not await self._client.ping():
             logger.warning("TorchServe at %s is not healthy yet", self._target)
 
     async def close(self) -> None:
-        """Forget the loaded versions and close every channel."""
-        self._loaded.clear()
-        client, self._client = self._client, None
-        if client is not None:
-            await client.close()
+        """Unload (unregister) every version and close the channels."""
+        try:
+            for model in list(self._loaded.values()):
+                await self.unload(model)
+        finally:
+            if self._registrar is not None:
+                await self._registrar.close()
+            client, self._client = self._client, None
+            if client is not None:
+                await client.close()
 
     async def load(self, model: ModelVersion) -> None:
-        """Note ``model`` as served: TorchServe already holds its model's archive, and a
-        TorchServe not up yet is not an error (readiness follows it)."""
+        """Register ``model`` with every TorchServe the gateway manages (nothing to do with
+        registration off); a TorchServe not started yet registers it when it starts, and
+        readiness follows. Raises :class:`UnavailableError` with TorchServe's reason."""
+        if self._registrar is not None:
+            # Another loaded object of the same version: it changed in place, so TorchServe's
+            # copy is replaced (see the module docstring).
+            changed = any(_same_version(model, other) for other in self._loaded.values())
+            await self._registrar.register(model, replace=changed)
         self._loaded[id(model)] = model
 
     async def unload(self, model: ModelVersion) -> None:
-        """Stop counting ``model`` as served; TorchServe keeps its archive."""
-        self._loaded.pop(id(model), None)
+        """Unregister ``model`` (unless another loaded object of the same version, its newer
+        copy, still uses TorchServe's)."""
+        if self._loaded.pop(id(model), None) is None or self._registrar is None:
+            return
+        if any(_same_version(model, other) for other in self._loaded.values()):
+            return
+        await self._registrar.unregister(model.spec.name, model.version)
 
     async def infer_batch(self, model: ModelVersion, batch: np.ndarray) -> np.ndarray:
-        """One ``Predictions`` call carrying the whole batch, to the model of that name."""
-        return await self._connected().predict_batch(model.spec.name, batch, self._timeout_s)
+        """One ``Predictions`` call carrying the whole batch, to that model and version."""
+        return await self._connected().predict_batch(
+            model.spec.name, batch, self._timeout_s, version=str(model.version)
+        )
 
     async def ready(self, model: ModelVersion) -> bool:
-        """TorchServe runs a one-image probe through the model end to end."""
+        """TorchServe runs a one-image probe through the version end to end."""
         if id(model) not in self._loaded or self._client is None:
             return False
-        return await self._client.models_ready([model.spec.name])
+        return await self._client.ready(model.spec, str(model.version))
 
     def describe(self) -> str:
         """The platform name reported in model metadata."""
@@ -126,3 +165,8 @@ class TorchServeBackend:
         if self._client is None:
             raise UnavailableError("the torchserve backend is not started")
         return self._client
+
+
+def _same_version(one: ModelVersion, other: ModelVersion) -> bool:
+    """Whether two loaded objects are the same TorchServe version (name and number)."""
+    return (one.spec.name, one.version) == (other.spec.name, other.version)

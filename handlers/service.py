@@ -13,7 +13,13 @@ length back. Each request is one of two forms, told apart by its bytes:
 
 A request that fails (undecodable image, wrong shape, bad option) gets its own 4xx status and
 a JSON error body while the other requests in the same TorchServe batch are answered as usual.
-All the model code lives in :mod:`cnnserve.models`; this module only adapts TorchServe to it.
+
+Which model a worker serves comes from its archive, not from code: the name TorchServe
+registered it under, and the version's ``config.yaml`` and ``export.json`` packed beside the
+artifact (:mod:`cnnserve.torchserve_engine.archive`) give its classes, labels, normalization,
+digit centring and input sizes — so one entry file (``model_handler.py``) serves any model of
+a repository. All the model code lives in :mod:`cnnserve.models`; this module only adapts
+TorchServe to it.
 """
 
 from __future__ import annotations
@@ -29,7 +35,13 @@ import numpy as np
 import torch
 
 from cnnserve.errors import CnnserveError, InvalidInputError
-from cnnserve.models.registry import get_spec
+from cnnserve.models.repository import (
+    CONFIG_FILE,
+    EXPORT_FILE,
+    exported_spec,
+    read_config,
+    read_export,
+)
 from cnnserve.models.runtime import ARTIFACT_SUFFIX, ArtifactFormat, Runner, load_runner
 from cnnserve.models.semantics import (
     JSON_CONTENT_TYPE,
@@ -60,6 +72,7 @@ PAYLOAD_NAMES = (PACKED_INPUT_NAME, "data", "body")
 class HandlerContext(Protocol):
     """The part of TorchServe's ``ts.context.Context`` a handler uses."""
 
+    model_name: str
     manifest: dict[str, Any]
     model_yaml_config: dict[str, Any]
 
@@ -97,8 +110,9 @@ class _Job:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """The runner a worker serves with, and how it was chosen."""
+    """The model a worker serves: its spec, its runner, and how the runner was chosen."""
 
+    spec: ModelSpec
     runner: Runner
     artifact: Path
     artifact_format: ArtifactFormat
@@ -106,18 +120,25 @@ class LoadedModel:
 
 
 class ModelHandler:
-    """A TorchServe function-style handler for one model; see the module docstring."""
+    """A TorchServe function-style handler for the model version its archive holds; see the
+    module docstring. A worker process serves one model version, so one handler each."""
 
-    def __init__(self, model_name: str) -> None:
-        self.spec = get_spec(model_name)
+    def __init__(self) -> None:
         self.model: LoadedModel | None = None
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The served model's spec (known once the first call has loaded the model)."""
+        if self.model is None:
+            raise RuntimeError("the handler has not loaded its model yet")
+        return self.model.spec
 
     def handle(
         self, data: list[dict[str, Any]] | None, context: HandlerContext
     ) -> list[Any] | None:
         """TorchServe's entry point: ``None`` initializes; a list of requests is answered."""
         if self.model is None:
-            self.model = load_model(self.spec, context)
+            self.model = load_model(archived_spec(context), context)
         if data is None:
             return None
         replies: list[Any] = [None] * len(data)
@@ -204,7 +225,22 @@ def load_model(spec: ModelSpec, context: HandlerContext) -> LoadedModel:
         ", fp16" if half else "",
         runner.device,
     )
-    return LoadedModel(runner, artifact, artifact_format, half)
+    return LoadedModel(spec, runner, artifact, artifact_format, half)
+
+
+def archived_spec(context: HandlerContext) -> ModelSpec:
+    """The spec of the model version unpacked in the worker's model directory.
+
+    Built as the repository builds it (:func:`~cnnserve.models.repository.exported_spec`) from
+    the version's ``config.yaml`` and ``export.json``, under the name TorchServe registered it
+    with (the name callers address). Raises :class:`~cnnserve.models.repository.RepositoryError`
+    naming the file and field at fault; TorchServe then fails the worker's load, and the
+    registration with it.
+    """
+    model_dir = Path(context.system_properties["model_dir"])
+    config = read_config(model_dir / CONFIG_FILE)
+    export = read_export(model_dir / EXPORT_FILE)
+    return exported_spec(context.model_name, config, export, model_dir)
 
 
 def artifact_format_of(path: Path) -> ArtifactFormat:

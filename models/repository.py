@@ -335,22 +335,28 @@ def read_export(path: Path) -> dict[str, Any]:
     return data
 
 
-def _read_version(name: str, config: ModelConfig, folder: Path) -> ModelVersion:
-    export = read_export(folder / EXPORT_FILE)
+def exported_spec(name: str, config: ModelConfig, export: dict[str, Any], where: Path) -> ModelSpec:
+    """The spec of a version exported as ``export`` (its ``export.json``) under ``config``,
+    checked against each other; ``where`` (the version's folder, or an unpacked TorchServe
+    archive) names the place in errors."""
     if export.get("architecture") != config.architecture.value:
         raise RepositoryError(
-            f"{folder}: exported as {export.get('architecture')!r} but config.yaml says "
+            f"{where}: exported as {export.get('architecture')!r} but config.yaml says "
             f"{config.architecture.value!r}"
         )
     num_classes = int(export["num_classes"])
     fixed = config.class_count()
     if fixed is not None and fixed != num_classes:
         raise RepositoryError(
-            f"{folder}: the network has {num_classes} classes but config.yaml says {fixed}"
+            f"{where}: the network has {num_classes} classes but config.yaml says {fixed}"
         )
+    return build_spec(name, config, num_classes)
+
+
+def _read_version(name: str, config: ModelConfig, folder: Path) -> ModelVersion:
+    spec = exported_spec(name, config, read_export(folder / EXPORT_FILE), folder)
     if not any((folder / f).is_file() for f in ARTIFACT_FILES.values()):
         raise RepositoryError(f"{folder}: holds no {' or '.join(ARTIFACT_FILES.values())}")
-    spec = build_spec(name, config, num_classes)
     return ModelVersion(spec=spec, config=config, version=int(folder.name), path=folder)
 
 

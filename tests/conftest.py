@@ -14,11 +14,12 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from cnnserve.export.exporter import ExportPaths, export_model
-from cnnserve.export.repository import ensure_default_repository
+from cnnserve.export.repository import ensure_default_repository, export_to_repository
 from cnnserve.models.checkpoint import load_network
 from cnnserve.models.registry import MODELS, weights_path
+from cnnserve.models.spec import Architecture
 from cnnserve.settings import Settings
-from cnnserve.torchserve_engine.archive import archive_models
+from cnnserve.torchserve_engine.archive import archive_repository
 from cnnserve.torchserve_engine.keys import key_file_name
 from cnnserve.torchserve_engine.process import (
     ServerInfo,
@@ -78,6 +79,19 @@ def tutorial_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     return paths
 
 
+@pytest.fixture(scope="session")
+def tutorial_repository(
+    tutorial_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A repository holding each tutorial checkpoint as version 1 of a model of its own name
+    (``convnet10``, ``fcn10``, ``fcn3``), labels ``"0"``… as export gives them."""
+    root = tmp_path_factory.mktemp("tutorial_repository")
+    for name, checkpoint in tutorial_checkpoints.items():
+        architecture = Architecture.CONVNET if name.startswith("convnet") else Architecture.FCN
+        export_to_repository(architecture, checkpoint, name, root)
+    return root
+
+
 def torchserve_settings(model_store: Path) -> Settings:
     """Settings for a test TorchServe on free ports, serving ``model_store`` with tokens on."""
     return loopback_settings(model_store, free_ports(6), torchserve_grpc_target=None)
@@ -108,12 +122,14 @@ def publish_key(server: ServerInfo, key_dir: Path) -> Path:
 
 @dataclass(frozen=True)
 class RunningTorchServe:
-    """The session's TorchServe: its settings (ports, key file), server and archives."""
+    """The session's TorchServe: its settings (ports, key file), server and archives (built
+    from ``repository``); ``artifacts_dir`` holds the same weights' flat exports."""
 
     settings: Settings
     server: ServerInfo
     model_store: Path
     artifacts_dir: Path
+    repository: Path
 
     @property
     def inference_key(self) -> str:
@@ -136,18 +152,19 @@ class RunningTorchServe:
 @pytest.fixture(scope="session")
 @starts_torchserve
 def torchserve(
-    artifacts_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    artifacts_dir: Path, model_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningTorchServe]:
-    """A real TorchServe (JVM + one worker per model) serving the TorchScript archives.
+    """A real TorchServe (JVM + one worker per model) serving the TorchScript archives of the
+    default repository (convnet and fcn, version 1).
 
     Started once per session with ``cnnserve.torchserve_engine.process.start`` on free ports,
     token authorization on; stopped (and checked gone) at the end.
     """
     model_store = tmp_path_factory.mktemp("model_store")
     settings = torchserve_settings(model_store)
-    archive_models(artifacts_dir, model_store, "torchscript", False, settings)
+    archive_repository(model_repository, model_store, settings, "torchscript")
     server = start(settings, model_store)
     try:
-        yield RunningTorchServe(settings, server, model_store, artifacts_dir)
+        yield RunningTorchServe(settings, server, model_store, artifacts_dir, model_repository)
     finally:
         stop(model_store)

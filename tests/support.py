@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import os
 import signal
 import subprocess
@@ -104,6 +105,8 @@ def _env_value(value: object) -> str:
     """A setting as a ``CNNSERVE_*`` variable holds it."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, list | tuple):  # list settings are read as JSON
+        return json.dumps([str(item) for item in value])
     return str(value)
 
 

@@ -32,7 +32,7 @@ ALLOWED: dict[str, set[str]] = {
     "client": WIRE,
     "torchserve_engine": WIRE | {"handlers", "cnnserve.settings"},
     "gateway": WIRE | TRANSPORTS | {"torchserve_engine", "cnnserve.settings"},
-    "bench": WIRE | {"client", "torchserve_engine", "training", "cnnserve.settings"},
+    "bench": WIRE | {"client", "export", "torchserve_engine", "training", "cnnserve.settings"},
 }
 
 

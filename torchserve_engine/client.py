@@ -1,7 +1,8 @@
 """An async client for TorchServe's gRPC inference API, as the gateway's backend uses it.
 
 One ``Predictions`` call carries a whole batch in the packed format
-(:mod:`cnnserve.handlers.packing`) and returns the raw outputs for every item. Batches take
+(:mod:`cnnserve.handlers.packing`) to one model version and returns the raw outputs for every
+item. Batches take
 turns over every replica behind the target (:mod:`.replicas`), each called with its own
 inference key (:mod:`.keys`). TorchServe's ways of failing are turned into cnnserve's errors
 here, so callers see one error table:
@@ -29,8 +30,8 @@ from cnnserve.errors import (
     UnknownModelError,
 )
 from cnnserve.handlers.packing import PACKED_INPUT_NAME, pack, unpack_response
-from cnnserve.models.registry import MODELS
 from cnnserve.models.semantics import probe_input
+from cnnserve.models.spec import ModelSpec
 from cnnserve.protocol import torchserve_inference_pb2 as pb
 
 from .keys import FixedKey, KeyStore
@@ -42,6 +43,8 @@ logger = logging.getLogger(__name__)
 HEALTHY = "Healthy"
 #: How long a readiness probe may take before the model counts as not ready.
 PROBE_TIMEOUT_S = 10.0
+#: How TorchServe answers (INTERNAL) for a model it does not hold, or a version of it.
+NOT_SERVED = ("Model not found", "does not exist for model")
 #: What TorchServe says when the worker running a request crashed.
 WORKER_DIED = "Worker died"
 #: Longest wait between reconnection attempts to a TorchServe that went away (gRPC's default,
@@ -77,6 +80,11 @@ SERVICE_CONFIG = json.dumps(
         ],
     }
 )
+
+
+def _named(model: str, version: str) -> str:
+    """How messages name a model version: ``convnet version 2`` (or ``convnet``)."""
+    return f"{model} version {version}" if version else model
 
 
 def _health_status(health: str) -> str:
@@ -123,9 +131,10 @@ class TorchServeClient:
         self.replicas = ReplicaPool(target, options, resolve_interval_s, resolver)
 
     async def predict_batch(
-        self, model: str, batch: np.ndarray, timeout_s: float | None = None
+        self, model: str, batch: np.ndarray, timeout_s: float | None = None, version: str = ""
     ) -> np.ndarray:
-        """Run a float32 ``N×3×H×W`` batch through ``model``; its raw outputs, N first.
+        """Run a float32 ``N×3×H×W`` batch through ``model`` (its ``version``; ``""``: the one
+        TorchServe holds as default); its raw outputs, N first.
 
         The batch goes to the next replica in turn; if that one did not run it (unavailable,
         key refused or not published yet), once more to another. Raises :class:`InvalidInputError`
@@ -135,6 +144,7 @@ class TorchServeClient:
         """
         request = pb.PredictionsRequest(
             model_name=model,
+            model_version=version,
             input={PACKED_INPUT_NAME: pack(batch, ndim=4, max_bytes=self._max_message_bytes)},
         )
         loop = asyncio.get_running_loop()
@@ -160,7 +170,7 @@ class TorchServeClient:
                         request, timeout=remaining, metadata=metadata
                     )
             except grpc.aio.AioRpcError as exc:
-                failure = self._error(replica, model, exc, timeout_s)
+                failure = self._error(replica, _named(model, version), exc, timeout_s)
                 if exc.code() not in NOT_RUN:
                     raise failure from None
                 self.replicas.mark_down(replica)
@@ -177,28 +187,25 @@ class TorchServeClient:
         """Whether some replica answers and reports every model's workers running.
 
         TorchServe reports healthy once workers *run*, before they have loaded the model;
-        :meth:`models_ready` is the check that a model can answer.
+        :meth:`ready` is the check that a model can answer.
         """
         answers = await asyncio.gather(*(self._ping(r) for r in await self.replicas.all()))
         return any(answers)
 
-    async def models_ready(self, models: list[str]) -> bool:
-        """Whether every one of ``models`` answers a one-item probe batch right now.
+    async def ready(self, spec: ModelSpec, version: str = "") -> bool:
+        """Whether model ``spec.name`` (its ``version``) answers a one-item probe right now.
 
-        TorchServe's inference API has no per-model readiness call, so each model runs the
+        TorchServe's inference API has no per-model readiness call, so the model runs the
         probe input (:func:`~cnnserve.models.semantics.probe_input`: one all-zero image) end
-        to end; that also proves the key, the handler and the artifact work. Models cnnserve
-        does not know are never ready.
+        to end; that also proves the key, the handler and the artifact work.
         """
-        for model in models:
-            spec = MODELS.get(model)
-            if spec is None:
-                return False
-            try:
-                await self.predict_batch(model, probe_input(spec), timeout_s=PROBE_TIMEOUT_S)
-            except CnnserveError as exc:
-                logger.info("TorchServe model %s is not ready: %s", model, exc)
-                return False
+        try:
+            await self.predict_batch(
+                spec.name, probe_input(spec), timeout_s=PROBE_TIMEOUT_S, version=version
+            )
+        except CnnserveError as exc:
+            logger.info("TorchServe %s is not ready: %s", _named(spec.name, version), exc)
+            return False
         return True
 
     async def close(self) -> None:
@@ -230,9 +237,9 @@ class TorchServeClient:
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return DeadlineExceededError(f"TorchServe did not answer {model} within {timeout_s} s")
         if code == grpc.StatusCode.NOT_FOUND or (
-            code == grpc.StatusCode.INTERNAL and "Model not found" in details
+            code == grpc.StatusCode.INTERNAL and any(m in details for m in NOT_SERVED)
         ):
-            return UnknownModelError(f"TorchServe does not serve model {model!r}")
+            return UnknownModelError(f"TorchServe at {replica.address} does not serve {model}")
         if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
             return UnavailableError(
                 f"TorchServe at {replica.address} refused the inference key (missing, wrong or "

@@ -5,8 +5,10 @@ Two files, both regenerated on every start so they never drift from the settings
 - ``config.properties`` — the inference and metrics listeners on ``settings.torchserve_host``
   (127.0.0.1 unless configured), the management APIs (REST and gRPC) on the loopback
   interface only, whatever the host: they are never reachable from another machine or
-  container. Token authorization on unless ``torchserve_token_auth`` is off, the model
-  registration API off, size limits raised to fit an FCN batch, metrics for Prometheus;
+  container. Token authorization on unless ``torchserve_token_auth`` is off; the model
+  registration API on (the gateway registers and unregisters versions through it) but only
+  for archives already in the model store, never from a URL; size limits raised to fit an FCN
+  batch, metrics for Prometheus;
 - ``log4j2.xml`` — each log line once, in files under the run directory, with only warnings
   on the console (TorchServe's default writes every server line twice into ``ts_log``).
 """
@@ -36,8 +38,14 @@ def management_address(settings: Settings) -> str:
     return f"http://{loopback}:{settings.torchserve_management_port}"
 
 
+#: ``allowed_urls``: a pattern no URL matches (an empty negative lookahead never succeeds), so
+#: TorchServe downloads nothing and registers only archives named in its model store.
+NO_URL = "(?!)"
+
+
 def config_properties(settings: Settings, model_store: Path, archives: Sequence[str]) -> str:
-    """The text of ``config.properties`` for serving ``archives`` from ``model_store``."""
+    """The text of ``config.properties`` serving ``model_store``, registering ``archives``
+    (file names in it; possibly none) at start."""
     host = _host(settings.torchserve_host)
     limit = settings.torchserve_max_message_bytes
     properties = {
@@ -56,8 +64,10 @@ def config_properties(settings: Settings, model_store: Path, archives: Sequence[
         "initial_worker_port": settings.torchserve_initial_worker_port,
         "disable_token_authorization": str(not settings.torchserve_token_auth).lower(),
         "token_expiration_min": settings.torchserve_token_expiration_min,
-        # Registering models over HTTP would let any caller load code; archives come from disk.
-        "enable_model_api": "false",
+        # Registration runs a handler's code, so it needs the management key, listens on
+        # loopback only, and takes archives from the model store alone (allowed_urls).
+        "enable_model_api": "true",
+        "allowed_urls": NO_URL,
         "enable_envvars_config": "false",
         "install_py_dep_per_model": "false",
         "max_request_size": limit,

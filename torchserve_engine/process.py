@@ -3,8 +3,10 @@
 TorchServe's own launcher is unreliable as a readiness signal: ``torchserve --start`` exits 0
 even when a port is taken (the JVM dies seconds later) and ``/ping`` says healthy before any
 worker has loaded its model. So :func:`start` watches the JVM itself and returns only when
-the management API shows a READY worker for every model — or stops everything and raises
-with the reason from the logs.
+the management API shows a READY worker for every archive in the model store (there may be
+none: the gateway registers versions itself, :mod:`.management`) — or stops everything and
+raises with the reason from the logs. Archives left in the store are what a restarted
+TorchServe serves again.
 
 Each server gets a *run directory* beside its archives (``<model store>/.run``; hidden, so
 TorchServe never mistakes it for a model) holding ``config.properties``, ``log4j2.xml``,
@@ -32,11 +34,10 @@ import httpx
 import psutil
 
 from cnnserve.errors import UnavailableError
-from cnnserve.models.registry import MODELS
 from cnnserve.settings import Settings
 
 from . import TorchServeError
-from .archive import archive_name
+from .archive import archived_label, store_archives, version_label
 from .config import config_properties, log4j2_xml, management_address
 from .keys import KeyKind, read_key
 
@@ -50,6 +51,8 @@ JVM_MAIN_CLASS = "org.pytorch.serve.ModelServer"
 #: TorchServe's launcher keeps the JVM's pid here, under the temporary directory.
 PID_FILE = ".model_server.pid"
 POLL_INTERVAL_S = 0.5
+#: Most models one management listing returns (TorchServe pages its list; cnnserve serves few).
+LIST_LIMIT = 1000
 STOP_TIMEOUT_S = 60.0
 
 
@@ -61,6 +64,7 @@ class ServerInfo:
     run_dir: Path
     tmp_dir: Path
     model_store: Path
+    #: The model versions registered at start (``<name>/<version>``), one per archive.
     models: tuple[str, ...]
     inference_url: str
     management_url: str
@@ -94,7 +98,8 @@ class ServerInfo:
 
 @dataclass(frozen=True)
 class ServerStatus:
-    """What :func:`status` found: whether the server runs and its workers' states by model."""
+    """What :func:`status` found: whether the server runs, and its workers' states by model
+    version (``<name>/<version>``) for every version registered now."""
 
     running: bool
     info: ServerInfo | None
@@ -151,20 +156,17 @@ def find_java() -> str:
 
 
 def start(settings: Settings, model_store: Path | None = None) -> ServerInfo:
-    """Start TorchServe on ``model_store`` and return once every model has a READY worker.
+    """Start TorchServe on ``model_store``, registering every archive in it, and return once
+    each has a READY worker.
 
-    Raises :class:`TorchServeError` with the reason when Java or an archive is missing, a
-    server already runs from this store, the JVM exits (e.g. a port is taken) or a model has
-    no READY worker within ``settings.torchserve_start_timeout_s``; nothing is left running.
+    Raises :class:`TorchServeError` with the reason when Java is missing, an archive is
+    unreadable, a server already runs from this store, the JVM exits (e.g. a port is taken)
+    or a model version has no READY worker within ``settings.torchserve_start_timeout_s``;
+    nothing is left running.
     """
     find_java()
     store = (model_store or settings.model_store_dir).resolve()
-    models = tuple(MODELS)
-    missing = [archive_name(m) for m in models if not (store / archive_name(m)).is_file()]
-    if missing:
-        raise TorchServeError(
-            f"{', '.join(missing)} not found in {store}; build them with `cnnserve archive`"
-        )
+    archives = {archived_label(path): path.name for path in store_archives(store)}
     run_dir = run_dir_of(store)
     previous = ServerInfo.load(run_dir)
     if previous is not None:
@@ -174,7 +176,7 @@ def start(settings: Settings, model_store: Path | None = None) -> ServerInfo:
                 "stop it with `cnnserve torchserve stop`"
             )
         _clean(previous)
-    info = _launch(settings, store, run_dir, models)
+    info = _launch(settings, store, run_dir, archives)
     try:
         _wait_until_ready(info, settings.torchserve_start_timeout_s)
     except BaseException:
@@ -185,12 +187,12 @@ def start(settings: Settings, model_store: Path | None = None) -> ServerInfo:
     return info
 
 
-def _launch(settings: Settings, store: Path, run_dir: Path, models: tuple[str, ...]) -> ServerInfo:
+def _launch(settings: Settings, store: Path, run_dir: Path, archives: dict[str, str]) -> ServerInfo:
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     (run_dir / KEY_FILE).unlink(missing_ok=True)
     config = run_dir / "config.properties"
-    config.write_text(config_properties(settings, store, [archive_name(m) for m in models]))
+    config.write_text(config_properties(settings, store, list(archives.values())))
     log_config = run_dir / "log4j2.xml"
     log_config.write_text(log4j2_xml(logs))
     # Short and private: worker sockets live here and a socket path must stay under 108 bytes.
@@ -240,7 +242,7 @@ def _launch(settings: Settings, store: Path, run_dir: Path, models: tuple[str, .
         run_dir=run_dir,
         tmp_dir=tmp_dir,
         model_store=store,
-        models=models,
+        models=tuple(archives),
         inference_url=f"http://{url_host}:{settings.torchserve_inference_port}",
         management_url=management_address(settings),
         metrics_url=f"http://{url_host}:{settings.torchserve_metrics_port}",
@@ -251,17 +253,31 @@ def _launch(settings: Settings, store: Path, run_dir: Path, models: tuple[str, .
 
 def _wait_until_ready(info: ServerInfo, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    workers: dict[str, list[str]] = {}
+    workers: dict[str, list[str]] | None = None
+    missing: list[int] = []
     with httpx.Client(timeout=5.0) as http:
         while time.monotonic() < deadline:
             jvm = _jvm(info.pid)
             if jvm is None:
                 raise TorchServeError(f"TorchServe exited while starting: {_failure_reason(info)}")
             workers = _workers(http, info)
-            if all("READY" in states for states in workers.values()):
-                _check_listening(jvm, info)
-                return
+            if workers is not None and all("READY" in workers.get(m, []) for m in info.models):
+                # The management API answers before the other listeners are bound (at once
+                # when no model loads); the JVM must hold every port, not another server.
+                missing = _not_listening(jvm, info)
+                if not missing:
+                    return
             time.sleep(POLL_INTERVAL_S)
+    if missing:
+        raise TorchServeError(
+            f"port(s) {missing} answer but not from this TorchServe (pid {info.pid}); "
+            "another server holds them"
+        )
+    if workers is None:
+        raise TorchServeError(
+            f"TorchServe's management API did not answer within {timeout_s:.0f} s; "
+            f"log: {_log_tail(info.run_dir / 'logs' / 'ts_log.log')}"
+        )
     waiting = [model for model in info.models if "READY" not in workers.get(model, [])]
     raise TorchServeError(
         f"no READY worker for {', '.join(waiting)} after {timeout_s:.0f} s; "
@@ -269,28 +285,33 @@ def _wait_until_ready(info: ServerInfo, timeout_s: float) -> None:
     )
 
 
-def _workers(http: httpx.Client, info: ServerInfo) -> dict[str, list[str]]:
-    """Worker states by model from the management API (empty lists when unanswered)."""
+def _workers(http: httpx.Client, info: ServerInfo) -> dict[str, list[str]] | None:
+    """Worker states of every registered model version (``<name>/<version>``), from the
+    management API; ``None`` while it does not answer."""
     try:
         key = info.key("management")
     except UnavailableError:  # key file not written (completely) yet
-        return {model: [] for model in info.models}
+        return None
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     states: dict[str, list[str]] = {}
-    for model in info.models:
-        try:
-            response = http.get(f"{info.management_url}/models/{model}", headers=headers)
-            described = response.json() if response.status_code == 200 else []
-        except (httpx.HTTPError, ValueError):
-            described = []
-        states[model] = [
-            str(worker.get("status")) for entry in described for worker in entry.get("workers", [])
-        ]
+    try:
+        listed = http.get(
+            f"{info.management_url}/models", params={"limit": LIST_LIMIT}, headers=headers
+        )
+        listed.raise_for_status()
+        names = [str(model["modelName"]) for model in listed.json().get("models", [])]
+        for name in names:
+            described = http.get(f"{info.management_url}/models/{name}/all", headers=headers)
+            for version in described.json() if described.status_code == 200 else []:
+                label = version_label(name, version["modelVersion"])
+                states[label] = [str(w.get("status")) for w in version.get("workers", [])]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+        return None
     return states
 
 
-def _check_listening(jvm: psutil.Process, info: ServerInfo) -> None:
-    """Fail if another process, not our JVM, holds one of the ports we were answered on."""
+def _not_listening(jvm: psutil.Process, info: ServerInfo) -> list[int]:
+    """The ports callers use (inference, management, gRPC) that our JVM does not listen on."""
     ports = {int(url.rsplit(":", 1)[1]) for url in (info.inference_url, info.management_url)}
     ports.add(int(info.grpc_target.rsplit(":", 1)[1]))
     listening = {
@@ -298,11 +319,7 @@ def _check_listening(jvm: psutil.Process, info: ServerInfo) -> None:
         for conn in jvm.net_connections(kind="tcp")
         if conn.status == psutil.CONN_LISTEN
     }
-    if ports - listening:
-        raise TorchServeError(
-            f"port(s) {sorted(ports - listening)} answer but not from this TorchServe "
-            f"(pid {info.pid}); another server holds them"
-        )
+    return sorted(ports - listening)
 
 
 def stop(model_store: Path) -> bool:
@@ -349,7 +366,12 @@ def status(model_store: Path, timeout_s: float = 5.0) -> ServerStatus:
     if info is None or _jvm(info.pid) is None:
         return ServerStatus(running=False, info=info, workers={})
     with httpx.Client(timeout=timeout_s) as http:
-        return ServerStatus(running=True, info=info, workers=_workers(http, info))
+        return ServerStatus(running=True, info=info, workers=_workers(http, info) or {})
+
+
+def is_running(info: ServerInfo) -> bool:
+    """Whether the TorchServe ``info`` describes still runs (its JVM, not a reused pid)."""
+    return _jvm(info.pid) is not None
 
 
 def _jvm(pid: int) -> psutil.Process | None:

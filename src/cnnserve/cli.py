@@ -239,34 +239,39 @@ ModelStoreOption = Annotated[
 
 @app.command()
 def archive(
-    artifacts: Annotated[
+    repository: Annotated[
         Path | None,
-        typer.Option(help="Exported models (cnnserve export). Default: settings.artifacts_dir."),
+        typer.Option(help="Model repository to archive. Default: settings.model_repository."),
     ] = None,
     model_store: ModelStoreOption = None,
     artifact_format: Annotated[
         ArtifactFormatName | None,
-        typer.Option("--format", help="Artifact to serve. Default: torchscript."),
+        typer.Option(
+            "--format",
+            help="Artifact to serve where a model's config.yaml names none. Default: torchscript.",
+        ),
     ] = None,
     half: Annotated[
         bool | None, typer.Option("--half/--no-half", help="fp16 on GPU (TorchScript only).")
     ] = None,
 ) -> None:
-    """Build convnet.mar and fcn.mar for TorchServe into the model store."""
+    """Build one TorchServe archive, <name>.<version>.mar, per served version of every model
+    of the repository into the model store (the gateway does this itself for the versions it
+    loads; this builds a store TorchServe serves from its start)."""
     from cnnserve.settings import Settings
-    from cnnserve.torchserve_engine.archive import archive_models
+    from cnnserve.torchserve_engine.archive import archive_repository
 
     settings = Settings()
     with user_errors():
-        archives = archive_models(
-            artifacts or settings.artifacts_dir,
+        archives = archive_repository(
+            repository or settings.model_repository,
             model_store or settings.model_store_dir,
-            artifact_format or settings.torchserve_artifact_format,
-            settings.half_precision if half is None else half,
             settings,
+            artifact_format,
+            half,
         )
     for built in archives:
-        typer.echo(f"{built.model}: {built.path} (from {built.artifact})")
+        typer.echo(f"{built.model} version {built.version}: {built.path} (from {built.artifact})")
 
 
 torchserve_app = typer.Typer(

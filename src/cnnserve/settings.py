@@ -58,11 +58,14 @@ class Settings(BaseSettings):
     artifacts_dir: Path = Field(
         Path("artifacts"),
         description="Directory of flat exports <model>.pt/.onnx/.json (`cnnserve export "
-        "--out`), which `cnnserve archive` packs for TorchServe; the gateway itself serves "
-        "model_repository.",
+        "--out`); the gateway serves model_repository, and `cnnserve archive` packs it for "
+        "TorchServe.",
     )
     model_store_dir: Path = Field(
-        Path("model_store"), description="TorchServe model store (.mar files and config)."
+        Path("model_store"),
+        description="TorchServe's model store: one archive per model version (<name>.<N>.mar, "
+        "registered when TorchServe starts) and its run directory; where the gateway archives "
+        "the versions it registers (see torchserve_model_stores).",
     )
     device: str | None = Field(
         None,
@@ -219,7 +222,24 @@ class Settings(BaseSettings):
         "replicas added or removed (scale-out) join or leave the rotation.",
     )
     torchserve_artifact_format: Literal["torchscript", "onnx"] = Field(
-        "torchscript", description="Which exported artifact the TorchServe archives carry."
+        "torchscript",
+        description="Which exported artifact the TorchServe archives carry, for a model whose "
+        "config.yaml names no artifact_format.",
+    )
+    torchserve_registration: bool = Field(
+        True,
+        description="Register each version the gateway loads with TorchServe (archived into "
+        "the model store of every TorchServe in torchserve_model_stores, then registered "
+        "through its loopback-only management API) and unregister it on unload. Off: "
+        "TorchServe is out of the gateway's reach (another container) and serves the archives "
+        "it was started with.",
+    )
+    torchserve_model_stores: list[Path] = Field(
+        default_factory=list,
+        description="Model stores of the TorchServes on this machine the gateway registers "
+        "versions with, each started by `cnnserve torchserve start` (one per replica behind "
+        'torchserve_grpc_target; the variable is a JSON list, e.g. ["/srv/a", "/srv/b"]). '
+        "Empty: model_store_dir alone.",
     )
     torchserve_start_timeout_s: float = Field(
         180.0, ge=1, description="How long `cnnserve torchserve start` waits for READY workers."

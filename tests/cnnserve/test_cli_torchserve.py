@@ -25,28 +25,33 @@ def cnnserve(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
     )
 
 
-def test_archive_errors_are_one_line(artifacts_dir: Path, tmp_path: Path) -> None:
+def test_archive_errors_are_one_line(model_repository: Path, tmp_path: Path) -> None:
     result = cnnserve(
-        "archive", "--artifacts", str(artifacts_dir), "--model-store", str(tmp_path),
+        "archive", "--repository", str(model_repository), "--model-store", str(tmp_path),
         "--format", "onnx", "--half",
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: half precision is offered for TorchScript artifacts only; "
-        "drop --half or use --format torchscript"
+        "error: convnet version 1: half precision is offered for TorchScript artifacts only "
+        "and this model is served from onnx; drop --half or serve it as torchscript"
     ]
+    empty = cnnserve("archive", "--repository", str(tmp_path), "--model-store", str(tmp_path))
+    assert empty.returncode == 2
+    assert len(empty.stderr.strip().splitlines()) == 1
+    assert "holds no model version to serve" in empty.stderr
 
 
-def test_start_without_archives_is_one_line(tmp_path: Path) -> None:
+def test_start_with_a_broken_archive_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "convnet.1.mar").write_text("not an archive")
     result = cnnserve("torchserve", "start", "--model-store", str(tmp_path))
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1
-    assert "build them with `cnnserve archive`" in result.stderr
+    assert "convnet.1.mar is not a TorchServe archive" in result.stderr
 
 
 @pytest.mark.torchserve
 def test_archive_start_status_stop_leaves_nothing_running(
-    artifacts_dir: Path, tmp_path: Path
+    model_repository: Path, tmp_path: Path
 ) -> None:
     """The README's path, with token authorization switched off for development."""
     store = tmp_path / "store"
@@ -63,9 +68,9 @@ def test_archive_start_status_stop_leaves_nothing_running(
         env[f"CNNSERVE_TORCHSERVE_{field.upper()}"] = str(getattr(settings, f"torchserve_{field}"))
     env["CNNSERVE_MODEL_STORE_DIR"] = str(store)
 
-    built = cnnserve("archive", "--artifacts", str(artifacts_dir), env=env)
+    built = cnnserve("archive", "--repository", str(model_repository), env=env)
     assert built.returncode == 0, built.stderr
-    assert sorted(p.name for p in store.glob("*.mar")) == ["convnet.mar", "fcn.mar"]
+    assert sorted(p.name for p in store.glob("*.mar")) == ["convnet.1.mar", "fcn.1.mar"]
     assert cnnserve("torchserve", "status", env=env).returncode == 1
 
     started = cnnserve("torchserve", "start", "--no-token-auth", env=env)
@@ -75,7 +80,7 @@ def test_archive_start_status_stop_leaves_nothing_running(
     assert info is not None and info.key_file is None
     try:
         assert cnnserve("torchserve", "status", env=env).returncode == 0  # every model READY
-        assert status(store).workers == {"convnet": ["READY"], "fcn": ["READY"]}
+        assert status(store).workers == {"convnet/1": ["READY"], "fcn/1": ["READY"]}
         png, _ = digit_png(0)
         response = httpx.post(f"{info.inference_url}/predictions/convnet", content=png)
         assert response.status_code == 200  # no key needed with --no-token-auth

@@ -265,7 +265,7 @@ def test_torchserve_management_api_is_never_published(
 ) -> None:
     """No compose service, image, Kubernetes port, Service or NetworkPolicy names TorchServe's
     management ports; TorchServe binds them to loopback whatever its host."""
-    from cnnserve.torchserve_engine.config import config_properties
+    from cnnserve.torchserve_engine.config import NO_URL, config_properties
 
     for variant, model in composes.items():
         for name, service in model["services"].items():
@@ -296,7 +296,10 @@ def test_torchserve_management_api_is_never_published(
         props["management_address"] == f"http://127.0.0.1:{DEFAULTS['torchserve_management_port']}"
     )
     assert props["grpc_management_address"] == "127.0.0.1"
-    assert props["enable_model_api"] == "false"
+    # Registration is on (a gateway on the same machine registers versions through it, with
+    # the management key) for archives in the model store only: no URL is allowed.
+    assert props["enable_model_api"] == "true"
+    assert props["allowed_urls"] == NO_URL
 
 
 def test_torchserve_scales_and_stays_internal(composes: dict[str, dict[str, Any]]) -> None:

@@ -11,6 +11,10 @@ middle of the load.
 Token authorization is on, as in the deployments: each replica draws its own random key and
 publishes it in a shared key directory under its address (``CNNSERVE_TORCHSERVE_KEY_DIR``),
 where the gateway finds the key to send each replica.
+
+The replicas start with empty model stores: the gateway archives every version it loads into
+each replica's store and registers it there (``torchserve_model_stores``), so each replica
+gets each version.
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ from cnnserve.models.runtime import load_runner
 from cnnserve.models.steps import normalize
 from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
-from cnnserve.torchserve_engine.archive import archive_models
-from cnnserve.torchserve_engine.process import ServerInfo, start, stop
+from cnnserve.torchserve_engine.archive import store_archives
+from cnnserve.torchserve_engine.process import ServerInfo, start, status, stop
 from tests.conftest import publish_key, served_requests, torchserve_settings
 from tests.gateway.harness import digit_pixels
 from tests.support import GatewayProcess, gateway_process, starts_torchserve, wait_until_async
@@ -62,17 +66,14 @@ class Replica:
 
 @pytest.fixture(scope="module")
 @starts_torchserve
-def replicas(
-    artifacts_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[list[Replica]]:
-    """Three TorchServes on their own free ports, tokens on; stopped at the end."""
+def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Replica]]:
+    """Three TorchServes on their own free ports, tokens on, nothing registered; stopped at
+    the end."""
     started: list[Replica] = []
     try:
         for index in range(REPLICAS):
             store = tmp_path_factory.mktemp(f"replica{index}")
-            settings = torchserve_settings(store)
-            archive_models(artifacts_dir, store, "torchscript", False, settings)
-            started.append(Replica(store, start(settings, store)))
+            started.append(Replica(store, start(torchserve_settings(store), store)))
         yield started
     finally:
         for replica in started:
@@ -81,10 +82,11 @@ def replicas(
 
 @pytest.fixture(scope="module")
 def gateway(
-    replicas: list[Replica], tmp_path_factory: pytest.TempPathFactory
+    replicas: list[Replica], model_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[GatewayProcess]:
-    """``cnnserve serve --backend torchserve`` with a gRPC target listing every replica, and
-    the key directory every replica published its own inference key in."""
+    """``cnnserve serve --backend torchserve`` with a gRPC target listing every replica, the
+    key directory every replica published its own inference key in, and every replica's
+    model store to register the repository's versions in."""
     key_dir = tmp_path_factory.mktemp("keys")
     for replica in replicas:
         publish_key(replica.server, key_dir)
@@ -98,6 +100,8 @@ def gateway(
         torchserve_grpc_target=target,
         torchserve_token_auth=True,
         torchserve_key_dir=key_dir,
+        torchserve_model_stores=[replica.store for replica in replicas],
+        model_repository=model_repository,
     ) as running:
         yield running
 
@@ -110,14 +114,14 @@ async def stub(gateway: GatewayProcess) -> AsyncIterator[pb_grpc.GRPCInferenceSe
 
 
 @pytest.fixture(scope="module")
-def digits(artifacts_dir: Path) -> tuple[np.ndarray, list[int]]:
+def digits(model_repository: Path) -> tuple[np.ndarray, list[int]]:
     """Six digit images as UINT8 pixels, and the label the exported model gives each.
 
     The labels come from the same TorchScript artifact run in this process, so an answer
     from any replica must match them exactly.
     """
     pixels, _ = digit_pixels(range(6))
-    runner = load_runner(artifacts_dir / "convnet.pt", "torchscript", "cpu")
+    runner = load_runner(model_repository / "convnet" / "1" / "model.pt", "torchscript", "cpu")
     expected = runner.infer(normalize(pixels)).argmax(axis=1).tolist()
     return pixels, expected
 
@@ -142,6 +146,14 @@ def request_items(
     count = ITEM_COUNTS[(caller + number) % len(ITEM_COUNTS)]
     rows = [(caller + number + i) % len(expected) for i in range(count)]
     return pixels[rows], [expected[row] for row in rows]
+
+
+async def test_the_gateway_registered_every_version_with_every_replica(
+    replicas: list[Replica], gateway: GatewayProcess
+) -> None:
+    for replica in replicas:
+        assert status(replica.store).workers == {"convnet/1": ["READY"], "fcn/1": ["READY"]}
+        assert [p.name for p in store_archives(replica.store)] == ["convnet.1.mar", "fcn.1.mar"]
 
 
 async def test_batches_spread_over_every_replica(

@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from cnnserve.settings import Settings
-from cnnserve.torchserve_engine.archive import archive_models
+from cnnserve.torchserve_engine.archive import archive_repository
 from cnnserve.torchserve_engine.client import TorchServeClient
 from cnnserve.torchserve_engine.keys import key_file_name, read_inference_key
 from cnnserve.torchserve_engine.process import KEY_FILE, ServerInfo, run_dir_of, status
@@ -137,13 +137,14 @@ def wait_ready(process: subprocess.Popen[str], env: dict[str, str]) -> None:
 @pytest.fixture
 @starts_torchserve
 def container(
-    artifacts_dir: Path, tmp_path: Path
+    model_repository: Path, tmp_path: Path
 ) -> Iterator[tuple[subprocess.Popen[str], dict[str, str], Path]]:
-    """The entry point serving a fresh model store; (process, env, published key path)."""
+    """The entry point serving a fresh model store with the repository's archives, as the
+    image builds it; (process, env, published key path)."""
     store = tmp_path / "model_store"
     store.mkdir()
     settings = torchserve_settings(store)
-    archive_models(artifacts_dir, store, "torchscript", False, settings)
+    archive_repository(model_repository, store, settings, "torchscript")
     key_dir = tmp_path / "auth"
     env = container_env(settings, key_dir)
     # Named after the address the gateway reaches this replica at, as in a container.
@@ -180,7 +181,8 @@ async def test_serves_publishes_the_key_and_stops_on_sigterm(
     target = f"127.0.0.1:{env['CNNSERVE_TORCHSERVE_GRPC_INFERENCE_PORT']}"
     client = TorchServeClient(target, read_inference_key(published_key))
     try:
-        outputs = await client.predict_batch("convnet", np.zeros((2, 3, 28, 28), np.float32))
+        items = np.zeros((2, 3, 28, 28), np.float32)
+        outputs = await client.predict_batch("convnet", items, version="1")
     finally:
         await client.close()
     assert outputs.shape == (2, 10)

@@ -40,7 +40,6 @@ from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
 from cnnserve.protocol.grpc_codec import response_from_proto
 from cnnserve.settings import Settings
-from cnnserve.torchserve_engine.archive import archive_models
 from cnnserve.torchserve_engine.process import ServerInfo, start, stop
 from tests.conftest import torchserve_settings
 from tests.gateway.harness import digit_pixels
@@ -87,20 +86,21 @@ class Deployment:
 @pytest.fixture(scope="module")
 @starts_torchserve
 def deployment(
-    artifacts_dir: Path, model_repository: Path, tmp_path_factory: pytest.TempPathFactory
+    model_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Deployment]:
-    """A TorchServe on free ports (tokens off) and a gateway process in front of it."""
+    """A TorchServe on free ports (tokens off) and a gateway process in front of it, which
+    registers the repository's versions in its (empty) model store."""
     store = tmp_path_factory.mktemp("faults_store")
     settings = torchserve_settings(store).model_copy(
         update={"torchserve_token_auth": False, "torchserve_key_file": None}
     )
-    archive_models(artifacts_dir, store, "torchscript", False, settings)
     server = start(settings, store)
     try:
         with gateway_process(
             "torchserve",
             store / "gateway.log",
             model_repository=model_repository,
+            model_store_dir=store,
             torchserve_grpc_target=server.grpc_target,
             torchserve_token_auth=False,
             torchserve_call_timeout_s=BACKEND_TIMEOUT_S,
@@ -184,7 +184,9 @@ async def test_a_hung_worker_is_answered_by_the_gateways_timeout(
         )
         assert isinstance(own, grpc.aio.AioRpcError), own
         assert own.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert f"did not answer convnet within {BACKEND_TIMEOUT_S}" in (own.details() or "")
+        assert f"did not answer convnet version 1 within {BACKEND_TIMEOUT_S}" in (
+            own.details() or ""
+        )
         assert isinstance(short, grpc.aio.AioRpcError), short
         assert short.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert isinstance(other, bytes), other  # the other model is not held up
@@ -210,7 +212,7 @@ async def test_a_worker_killed_mid_batch_fails_that_batch_only(
     for result in results:
         assert isinstance(result, grpc.aio.AioRpcError), "a caller of the killed batch got data"
         assert result.code() == grpc.StatusCode.UNAVAILABLE, result
-        assert "fcn worker died while running this batch" in (result.details() or "")
+        assert "fcn version 1 worker died while running this batch" in (result.details() or "")
     await classify(stub)
 
     async def fcn_answers() -> bool:

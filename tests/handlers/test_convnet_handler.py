@@ -1,4 +1,4 @@
-"""The ConvNet entry point: a digit image in, the right digit (the friendly top-k JSON) out."""
+"""Serving a ConvNet: a digit image in, the right digit (the friendly top-k JSON) out."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from ts.context import Context
 
-from cnnserve.handlers import convnet_handler
 from cnnserve.handlers.service import ModelHandler
 from cnnserve.models.registry import get_spec
 from cnnserve.models.runtime import load_runner
@@ -17,25 +16,32 @@ from cnnserve.models.semantics import DEFAULT_TOP_K, ReplyOptions, render_reply
 from cnnserve.models.steps import normalize, softmax
 
 from ..images import digit_png
-from .harness import call, make_context, request
+from .conftest import Archives, Unpacked
+from .harness import call, entry_module, make_context, request, unpack
 
 DIGITS = range(10)
 
 
 @pytest.fixture(scope="module")
-def handler_and_context(artifacts_dir: Path) -> tuple[ModelHandler, Context]:
-    handler = ModelHandler("convnet")
-    context = make_context("convnet", artifacts_dir, "convnet.pt")
+def model_dir(archives: Archives, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The convnet archive (TorchScript), unpacked."""
+    return unpack(archives[("convnet", "torchscript")], tmp_path_factory.mktemp("convnet"))
+
+
+@pytest.fixture(scope="module")
+def handler_and_context(model_dir: Path) -> tuple[ModelHandler, Context]:
+    handler = ModelHandler()
+    context = make_context(model_dir)
     handler.handle(None, context)
     return handler, context
 
 
 def test_digits_come_back_right_with_the_in_process_probabilities(
-    handler_and_context: tuple[ModelHandler, Context], artifacts_dir: Path
+    handler_and_context: tuple[ModelHandler, Context], model_dir: Path
 ) -> None:
     handler, context = handler_and_context
     spec = get_spec("convnet")
-    runner = load_runner(artifacts_dir / "convnet.pt", "torchscript", "cpu")
+    runner = load_runner(model_dir / "model.pt", "torchscript", "cpu")
     images = [digit_png(i, invert=i % 2 == 1) for i in DIGITS]
     answers = call(handler.handle, context, [request(png) for png, _ in images])
     correct = 0
@@ -89,14 +95,16 @@ def test_top_k_comes_from_the_x_top_k_header_or_a_top_k_input(
     ]
 
 
-def test_the_module_entry_point_serves_convnet(artifacts_dir: Path) -> None:
+def test_the_archived_entry_file_serves_convnet(unpacked: Unpacked) -> None:
     """What TorchServe imports from the archive: ``handle`` loads on ``None``, then answers."""
-    context = make_context("convnet", artifacts_dir, "convnet.onnx")
-    assert convnet_handler.handle(None, context) is None
+    model_dir = unpacked("convnet", "onnx")
+    context = make_context(model_dir)
+    handle = entry_module(model_dir).handle
+    assert handle(None, context) is None
     spec = get_spec("convnet")
-    runner = load_runner(artifacts_dir / "convnet.onnx", "onnx", "cpu")
+    runner = load_runner(model_dir / "model.onnx", "onnx", "cpu")
     png, _ = digit_png(7)
-    (answer,) = call(convnet_handler.handle, context, [request(png)])
+    (answer,) = call(handle, context, [request(png)])
     best = int(np.argmax(runner.infer(normalize(spec.image_to_pixels(png))[None])[0]))
     assert answer.status == 200
     assert json.loads(answer.body)["predictions"][0]["label"] == spec.labels[best]

@@ -1,4 +1,4 @@
-"""The FCN entry point: an image in, its class mask (palette PNG) or pixel counts (JSON) out."""
+"""Serving an FCN: an image in, its class mask (palette PNG) or pixel counts (JSON) out."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import pytest
 from PIL import Image
 from ts.context import Context
 
-from cnnserve.handlers import fcn_handler
 from cnnserve.handlers.service import ModelHandler
 from cnnserve.models.registry import SHAPE_CLASSES, get_spec
 from cnnserve.models.runtime import load_runner
@@ -19,27 +18,34 @@ from cnnserve.models.semantics import PIXEL_COUNTS_HEADER
 from cnnserve.models.steps import class_mask, normalize
 
 from ..images import encode, shapes_png
-from .harness import call, make_context, request
+from .conftest import Archives, Unpacked
+from .harness import call, entry_module, make_context, request, unpack
 
 
 @pytest.fixture(scope="module")
-def handler_and_context(artifacts_dir: Path) -> tuple[ModelHandler, Context]:
-    handler = ModelHandler("fcn")
-    context = make_context("fcn", artifacts_dir, "fcn.pt")
+def model_dir(archives: Archives, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fcn archive (TorchScript), unpacked."""
+    return unpack(archives[("fcn", "torchscript")], tmp_path_factory.mktemp("fcn"))
+
+
+@pytest.fixture(scope="module")
+def handler_and_context(model_dir: Path) -> tuple[ModelHandler, Context]:
+    handler = ModelHandler()
+    context = make_context(model_dir)
     handler.handle(None, context)
     return handler, context
 
 
-def reference_mask(artifacts_dir: Path, png: bytes) -> np.ndarray:
-    """The mask the in-process pipeline computes for ``png``."""
-    runner = load_runner(artifacts_dir / "fcn.pt", "torchscript", "cpu")
+def reference_mask(model_dir: Path, png: bytes) -> np.ndarray:
+    """The mask the in-process pipeline computes for ``png`` with the archived artifact."""
+    runner = load_runner(model_dir / "model.pt", "torchscript", "cpu")
     scores = runner.infer(normalize(get_spec("fcn").image_to_pixels(png))[np.newaxis])
     return class_mask(scores)[0]
 
 
 @pytest.mark.parametrize(("seed", "side"), [(1, 64), (2, 37), (3, 96)])
 def test_mask_png_has_the_image_size_classes_and_counts(
-    handler_and_context: tuple[ModelHandler, Context], artifacts_dir: Path, seed: int, side: int
+    handler_and_context: tuple[ModelHandler, Context], model_dir: Path, seed: int, side: int
 ) -> None:
     handler, context = handler_and_context
     png, truth = shapes_png(seed, side)
@@ -51,7 +57,7 @@ def test_mask_png_has_the_image_size_classes_and_counts(
     assert image.size == (side, side)
     mask = np.asarray(image)
     assert set(np.unique(mask)) <= set(range(len(SHAPE_CLASSES)))
-    np.testing.assert_array_equal(mask, reference_mask(artifacts_dir, png))
+    np.testing.assert_array_equal(mask, reference_mask(model_dir, png))
     counts = json.loads(answer.headers[PIXEL_COUNTS_HEADER])
     assert list(counts) == list(SHAPE_CLASSES)
     assert counts == {name: int((mask == i).sum()) for i, name in enumerate(SHAPE_CLASSES)}
@@ -108,11 +114,13 @@ def test_jpeg_is_accepted(handler_and_context: tuple[ModelHandler, Context]) -> 
     assert Image.open(io.BytesIO(answer.body)).size == (40, 40)
 
 
-def test_the_module_entry_point_serves_fcn(artifacts_dir: Path) -> None:
-    context = make_context("fcn", artifacts_dir, "fcn.onnx")
-    assert fcn_handler.handle(None, context) is None
+def test_the_archived_entry_file_serves_fcn(unpacked: Unpacked, model_dir: Path) -> None:
+    onnx_dir = unpacked("fcn", "onnx")
+    context = make_context(onnx_dir)
+    handle = entry_module(onnx_dir).handle
+    assert handle(None, context) is None
     png, _ = shapes_png(7, 30)
-    (answer,) = call(fcn_handler.handle, context, [request(png)])
+    (answer,) = call(handle, context, [request(png)])
     assert answer.status == 200
     mask = np.asarray(Image.open(io.BytesIO(answer.body)))
-    np.testing.assert_array_equal(mask, reference_mask(artifacts_dir, png))
+    np.testing.assert_array_equal(mask, reference_mask(model_dir, png))

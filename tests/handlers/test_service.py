@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from ts.context import Context
 
 from cnnserve.handlers.packing import PACKED_CONTENT_TYPE, PACKED_INPUT_NAME, pack, unpack_response
 from cnnserve.handlers.service import ModelHandler, artifact_format_of
+from cnnserve.models.pixels import Normalization
 from cnnserve.models.registry import get_spec
-from cnnserve.models.runtime import load_runner
+from cnnserve.models.repository import ARTIFACT_FILES, Repository, RepositoryError
+from cnnserve.models.runtime import ArtifactFormat, Runner, load_runner
 from cnnserve.models.steps import normalize
+from cnnserve.settings import Settings
+from cnnserve.torchserve_engine.archive import archive_version
+from tests.models import tutorial_classes as tutorial
 
 from ..images import digit_png, shapes_png
-from .harness import call, make_context, request
+from .conftest import Unpacked
+from .harness import call, make_context, request, unpack
 
 TOLERANCE = 1e-4
 
@@ -27,52 +35,69 @@ def items(count: int, height: int = 28, width: int = 28, seed: int = 0) -> np.nd
     return rng.uniform(-1, 1, (count, 3, height, width)).astype(np.float32)
 
 
-def convnet(artifacts_dir: Path, artifact: str = "convnet.pt") -> tuple[ModelHandler, Context]:
-    handler = ModelHandler("convnet")
-    context = make_context("convnet", artifacts_dir, artifact)
+def loaded(
+    model_dir: Path, handler_options: dict[str, object] | None = None
+) -> tuple[ModelHandler, Context]:
+    """A handler that has loaded the archive unpacked in ``model_dir``, and its context."""
+    handler = ModelHandler()
+    context = make_context(model_dir, handler_options=handler_options)
     assert handler.handle(None, context) is None
     return handler, context
 
 
-@pytest.mark.parametrize("artifact", ["convnet.pt", "convnet.onnx"])
+def convnet(
+    unpacked: Unpacked, artifact_format: ArtifactFormat = "torchscript"
+) -> tuple[ModelHandler, Context]:
+    return loaded(unpacked("convnet", artifact_format))
+
+
+def reference(
+    unpacked: Unpacked, model: str, artifact_format: ArtifactFormat = "torchscript"
+) -> Runner:
+    """The archived artifact run in this process."""
+    artifact = unpacked(model, artifact_format) / ARTIFACT_FILES[artifact_format]
+    return load_runner(artifact, artifact_format, "cpu")
+
+
+@pytest.mark.parametrize(
+    ("artifact_format", "artifact"), [("torchscript", "model.pt"), ("onnx", "model.onnx")]
+)
 def test_initialization_loads_the_archived_artifact_on_the_cpu(
-    artifacts_dir: Path, artifact: str
+    unpacked: Unpacked, artifact_format: ArtifactFormat, artifact: str
 ) -> None:
-    handler, _ = convnet(artifacts_dir, artifact)
+    handler, _ = convnet(unpacked, artifact_format)
     assert handler.model is not None
-    assert handler.model.artifact == artifacts_dir / artifact
-    assert handler.model.artifact_format == artifact_format_of(Path(artifact))
+    assert handler.model.artifact == unpacked("convnet", artifact_format) / artifact
+    assert handler.model.artifact_format == artifact_format
     assert handler.model.runner.device in {"cpu", "CPUExecutionProvider"}
     assert not handler.model.half
+    assert handler.spec == get_spec("convnet")
 
 
-def test_half_precision_without_a_gpu_runs_fp32(artifacts_dir: Path) -> None:
-    handler = ModelHandler("convnet")
-    context = make_context("convnet", artifacts_dir, "convnet.pt", {"half": True})
-    handler.handle(None, context)
+def test_half_precision_without_a_gpu_runs_fp32(unpacked: Unpacked) -> None:
+    handler, context = loaded(unpacked("convnet", "torchscript"), {"half": True})
     assert handler.model is not None and not handler.model.half
     (answer,) = call(handler.handle, context, [request(pack(items(2)), PACKED_INPUT_NAME)])
     assert unpack_response(answer.body).shape == (2, 10)
 
 
-def test_threads_option_bounds_the_worker_s_torch_threads(artifacts_dir: Path) -> None:
+def test_threads_option_bounds_the_worker_s_torch_threads(unpacked: Unpacked) -> None:
     # A worker process serves one model, so the handler sets torch's process-wide count.
     before = torch.get_num_threads()
     try:
-        handler = ModelHandler("convnet")
-        handler.handle(None, make_context("convnet", artifacts_dir, "convnet.pt", {"threads": 1}))
+        handler, _ = loaded(unpacked("convnet", "torchscript"), {"threads": 1})
         assert torch.get_num_threads() == 1
         assert handler.model is not None
     finally:
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("artifact", ["convnet.pt", "convnet.onnx"])
+@pytest.mark.parametrize("artifact_format", ["torchscript", "onnx"])
 def test_uneven_packed_batches_each_get_their_own_outputs(
-    artifacts_dir: Path, artifact: str
+    unpacked: Unpacked, artifact_format: ArtifactFormat
 ) -> None:
-    handler, context = convnet(artifacts_dir, artifact)
-    reference = load_runner(artifacts_dir / artifact, artifact_format_of(Path(artifact)), "cpu")
+    handler, context = convnet(unpacked, artifact_format)
+    runner = reference(unpacked, "convnet", artifact_format)
     batches = [items(2, seed=1), items(3, seed=2), items(1, seed=3)]
     answers = call(handler.handle, context, [request(pack(b), PACKED_INPUT_NAME) for b in batches])
     for batch, answer in zip(batches, answers, strict=True):
@@ -80,11 +105,11 @@ def test_uneven_packed_batches_each_get_their_own_outputs(
         assert answer.content_type == PACKED_CONTENT_TYPE
         outputs = unpack_response(answer.body)
         assert outputs.shape == (len(batch), 10)
-        assert np.abs(outputs - reference.infer(batch)).max() <= TOLERANCE
+        assert np.abs(outputs - runner.infer(batch)).max() <= TOLERANCE
 
 
-def test_direct_images_and_packed_batches_in_one_torchserve_batch(artifacts_dir: Path) -> None:
-    handler, context = convnet(artifacts_dir)
+def test_direct_images_and_packed_batches_in_one_torchserve_batch(unpacked: Unpacked) -> None:
+    handler, context = convnet(unpacked)
     spec = get_spec("convnet")
     png, label = digit_png(3)
     packed = normalize(spec.image_to_pixels(png))[np.newaxis].repeat(2, axis=0)
@@ -103,8 +128,8 @@ def test_direct_images_and_packed_batches_in_one_torchserve_batch(artifacts_dir:
     assert best == label
 
 
-def test_a_bad_request_fails_alone(artifacts_dir: Path) -> None:
-    handler, context = convnet(artifacts_dir)
+def test_a_bad_request_fails_alone(unpacked: Unpacked) -> None:
+    handler, context = convnet(unpacked)
     png, _ = digit_png(0)
     good = items(2, seed=5)
     answers = call(
@@ -128,24 +153,22 @@ def test_a_bad_request_fails_alone(artifacts_dir: Path) -> None:
     assert "must be binary" in errors[2]
     assert "request carries no input" in errors[3]
     assert "could not decode image" in errors[4]
-    reference = load_runner(artifacts_dir / "convnet.pt", "torchscript", "cpu").infer(good)
-    assert np.abs(unpack_response(answers[3].body) - reference).max() <= TOLERANCE
+    expected = reference(unpacked, "convnet").infer(good)
+    assert np.abs(unpack_response(answers[3].body) - expected).max() <= TOLERANCE
 
 
-def test_an_all_bad_batch_still_answers_every_request(artifacts_dir: Path) -> None:
-    handler, context = convnet(artifacts_dir)
+def test_an_all_bad_batch_still_answers_every_request(unpacked: Unpacked) -> None:
+    handler, context = convnet(unpacked)
     answers = call(handler.handle, context, [request(b""), request(b"x")])
     assert [a.status for a in answers] == [400, 400]
     assert "image is empty" in answers[0].body.decode()
 
 
 def test_fcn_items_of_different_sizes_run_apart_and_come_back_in_order(
-    artifacts_dir: Path,
+    unpacked: Unpacked,
 ) -> None:
-    handler = ModelHandler("fcn")
-    context = make_context("fcn", artifacts_dir, "fcn.pt")
-    handler.handle(None, context)
-    reference = load_runner(artifacts_dir / "fcn.pt", "torchscript", "cpu")
+    handler, context = loaded(unpacked("fcn", "torchscript"))
+    runner = reference(unpacked, "fcn")
     batches = [items(2, 45, 64, seed=1), items(3, 7, 9, seed=2), items(1, 45, 64, seed=3)]
     png, _ = shapes_png(2, 40)
     answers = call(
@@ -157,7 +180,7 @@ def test_fcn_items_of_different_sizes_run_apart_and_come_back_in_order(
     for batch, answer in zip(batches, answers, strict=False):
         outputs = unpack_response(answer.body)
         assert outputs.shape == (len(batch), 4, *batch.shape[2:])
-        assert np.abs(outputs - reference.infer(batch)).max() <= TOLERANCE
+        assert np.abs(outputs - runner.infer(batch)).max() <= TOLERANCE
     assert answers[3].content_type == "image/png"
 
 
@@ -166,3 +189,80 @@ def test_artifact_format_follows_the_file_suffix() -> None:
     assert artifact_format_of(Path("fcn.onnx")) == "onnx"
     with pytest.raises(ValueError, match="not an exported artifact"):
         artifact_format_of(Path("fcn.pth"))
+
+
+def test_the_spec_comes_from_the_archive_and_the_registered_name(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """Labels, normalization and digit centring are read from the packed config.yaml, the
+    name from TorchServe's registration: nothing about the model comes from code."""
+    repository = tmp_path / "repository"
+    shutil.copytree(model_repository, repository)
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    (repository / "convnet" / "config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "architecture": "convnet",
+                "labels": words,
+                "preprocessing": {"normalize": {"mean": 0.25, "std": 0.75}, "center_digit": False},
+            }
+        )
+    )
+    version = Repository(repository).read("convnet").versions[1]
+    archive = archive_version(version, tmp_path / "store", Settings(), "torchscript")
+    model_dir = unpack(archive.path, tmp_path / "unpacked")
+    handler = ModelHandler()
+    context = make_context(model_dir, name="digits")
+    handler.handle(None, context)
+    assert handler.spec.name == "digits"
+    assert handler.spec.labels == tuple(words)
+    assert handler.spec.normalization == Normalization(0.25, 0.75)
+    png, _ = digit_png(3)
+    # Without centring the digit is only resized to 28×28: other pixels than the demo's.
+    pixels = handler.spec.image_to_pixels(png)
+    assert not np.array_equal(pixels, get_spec("convnet").image_to_pixels(png))
+    (answer,) = call(handler.handle, context, [request(png, headers={"X-Top-K": "10"})])
+    reply = json.loads(answer.body)
+    assert reply["model"] == "digits"
+    (prediction,) = reply["predictions"]
+    assert {entry["label"] for entry in prediction["top_k"]} == set(words)
+    runner = load_runner(model_dir / ARTIFACT_FILES["torchscript"], "torchscript", "cpu")
+    logits = runner.infer(normalize(pixels, Normalization(0.25, 0.75))[np.newaxis])
+    assert prediction["top_k"][0]["index"] == int(np.argmax(logits[0]))
+
+
+@pytest.mark.parametrize(("model", "classes"), [("convnet10", 10), ("fcn10", 10), ("fcn3", 3)])
+def test_tutorial_checkpoints_serve_with_their_class_count(
+    tutorial_repository: Path,
+    tutorial_checkpoints: dict[str, Path],
+    tmp_path: Path,
+    model: str,
+    classes: int,
+) -> None:
+    """A tutorial state_dict exported into a repository and archived: the handler answers
+    what the tutorial's own class computes, with as many classes as it was trained for."""
+    version = Repository(tutorial_repository).read(model).versions[1]
+    archive = archive_version(version, tmp_path / "store", Settings(), "torchscript")
+    handler, context = loaded(unpack(archive.path, tmp_path / "unpacked"))
+    assert handler.spec.num_classes == classes
+    network = (tutorial.ConvNet if model.startswith("convnet") else tutorial.FCN)(classes)
+    network.load_state_dict(torch.load(tutorial_checkpoints[model], weights_only=True))
+    batch = items(3) if model.startswith("convnet") else items(2, 24, 40)
+    with torch.inference_mode():
+        expected = network.eval()(torch.from_numpy(batch)).numpy()
+    (answer,) = call(handler.handle, context, [request(pack(batch), PACKED_INPUT_NAME)])
+    outputs = unpack_response(answer.body)
+    assert outputs.shape == expected.shape
+    assert outputs.shape[1] == classes
+    assert np.abs(outputs - expected).max() < TOLERANCE
+
+
+def test_an_archive_whose_config_contradicts_its_export_fails_to_load(
+    unpacked: Unpacked,
+) -> None:
+    model_dir = unpacked("fcn", "torchscript")
+    (model_dir / "config.yaml").write_text(
+        yaml.safe_dump({"architecture": "fcn", "num_classes": 7})
+    )
+    with pytest.raises(RepositoryError, match=r"the network has 4 classes but config\.yaml says 7"):
+        ModelHandler().handle(None, make_context(model_dir))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from cnnserve.errors import (
     UnavailableError,
     UnknownModelError,
 )
+from cnnserve.models.registry import get_spec
 from cnnserve.models.runtime import load_runner
 from cnnserve.torchserve_engine.client import TorchServeClient
 from cnnserve.torchserve_engine.keys import read_inference_key, read_key
@@ -35,8 +37,9 @@ def batch(count: int, height: int = 28, width: int = 28, seed: int = 0) -> np.nd
 
 
 def reference(torchserve: RunningTorchServe, model: str, items: np.ndarray) -> np.ndarray:
-    """The same artifact run in-process (the archives carry the TorchScript files)."""
-    runner = load_runner(torchserve.artifacts_dir / f"{model}.pt", "torchscript", "cpu")
+    """The served version's artifact run in-process (the archives carry the TorchScript
+    files of the repository's version 1)."""
+    runner = load_runner(torchserve.repository / model / "1" / "model.pt", "torchscript", "cpu")
     return runner.infer(items)
 
 
@@ -51,10 +54,12 @@ async def test_a_packed_batch_matches_the_in_process_runner(
     torchserve: RunningTorchServe, client: TorchServeClient
 ) -> None:
     for model, items in (("convnet", batch(5)), ("fcn", batch(3, 45, 64))):
-        outputs = await client.predict_batch(model, items, timeout_s=60)
         expected = reference(torchserve, model, items)
-        assert outputs.shape == expected.shape
-        assert np.abs(outputs - expected).max() <= TOLERANCE
+        # The version by number, and TorchServe's default version (the only one here).
+        for version in ("1", ""):
+            outputs = await client.predict_batch(model, items, timeout_s=60, version=version)
+            assert outputs.shape == expected.shape
+            assert np.abs(outputs - expected).max() <= TOLERANCE
 
 
 async def test_concurrent_uneven_batches_get_their_own_outputs(
@@ -93,10 +98,13 @@ async def test_a_malformed_batch_is_refused_before_sending(client: TorchServeCli
         await client.predict_batch("convnet", batch(1)[0])
 
 
-async def test_an_unknown_model_is_unknown(client: TorchServeClient) -> None:
-    """TorchServe answers INTERNAL "Model not found"; callers see NOT_FOUND's error."""
-    with pytest.raises(UnknownModelError, match="'resnet'"):
+async def test_an_unknown_model_or_version_is_unknown(client: TorchServeClient) -> None:
+    """TorchServe answers INTERNAL ("Model not found", "Model version: 9 does not exist for
+    model"); callers see NOT_FOUND's error."""
+    with pytest.raises(UnknownModelError, match=r"does not serve resnet$"):
         await client.predict_batch("resnet", batch(1))
+    with pytest.raises(UnknownModelError, match=r"does not serve convnet version 9$"):
+        await client.predict_batch("convnet", batch(1), version="9")
 
 
 async def test_a_wrong_key_is_refused(torchserve: RunningTorchServe) -> None:
@@ -104,7 +112,7 @@ async def test_a_wrong_key_is_refused(torchserve: RunningTorchServe) -> None:
         client = TorchServeClient(torchserve.settings.grpc_target, key)
         try:
             assert not await client.ping()
-            assert not await client.models_ready(["convnet"])
+            assert not await client.ready(get_spec("convnet"))
             with pytest.raises(UnavailableError, match="refused the inference key"):
                 await client.predict_batch("convnet", batch(1))
         finally:
@@ -113,8 +121,11 @@ async def test_a_wrong_key_is_refused(torchserve: RunningTorchServe) -> None:
 
 async def test_ping_and_readiness(client: TorchServeClient) -> None:
     assert await client.ping()
-    assert await client.models_ready(["convnet", "fcn"])
-    assert not await client.models_ready(["convnet", "resnet"])
+    assert await client.ready(get_spec("convnet"), "1")
+    assert await client.ready(get_spec("fcn"))
+    assert not await client.ready(get_spec("fcn"), "2")
+    unknown = dataclasses.replace(get_spec("convnet"), name="resnet")
+    assert not await client.ready(unknown)
 
 
 async def test_an_unreachable_server_is_unavailable(torchserve: RunningTorchServe) -> None:
@@ -122,7 +133,7 @@ async def test_an_unreachable_server_is_unavailable(torchserve: RunningTorchServ
     client = TorchServeClient(f"127.0.0.1:{port}", torchserve.inference_key)
     try:
         assert not await client.ping()
-        assert not await client.models_ready(["convnet"])
+        assert not await client.ready(get_spec("convnet"))
         with pytest.raises(UnavailableError, match=f"127.0.0.1:{port} is unavailable"):
             await client.predict_batch("convnet", batch(1), timeout_s=10)
     finally:

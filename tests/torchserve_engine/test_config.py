@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from cnnserve.settings import Settings
 from cnnserve.torchserve_engine.config import LOG_FILES, config_properties, log4j2_xml
 
-ARCHIVES = ["convnet.mar", "fcn.mar"]
+ARCHIVES = ["convnet.1.mar", "fcn.1.mar"]
 
 
 def properties(settings: Settings, store: Path) -> dict[str, str]:
@@ -25,9 +26,13 @@ def test_defaults_are_safe(tmp_path: Path) -> None:
     assert props["grpc_inference_address"] == props["grpc_management_address"] == "127.0.0.1"
     assert (props["grpc_inference_port"], props["grpc_management_port"]) == ("7070", "7071")
     assert props["disable_token_authorization"] == "false"
-    assert props["enable_model_api"] == "false"
+    # Registration is on (the gateway registers versions), for archives in the store only:
+    # no URL matches allowed_urls, so TorchServe downloads nothing.
+    assert props["enable_model_api"] == "true"
+    assert re.fullmatch(props["allowed_urls"], "https://example.com/evil.mar") is None
+    assert re.fullmatch(props["allowed_urls"], "file:///tmp/evil.mar") is None
     assert props["enable_envvars_config"] == "false"
-    assert props["load_models"] == "convnet.mar,fcn.mar"
+    assert props["load_models"] == "convnet.1.mar,fcn.1.mar"
     assert props["model_store"] == str(tmp_path.resolve())
     # An FCN batch of 32 images of 512×512 answers 128 MiB of scores; TorchServe allows 6.5 MB.
     assert int(props["max_request_size"]) >= 32 * 4 * 512 * 512 * 4
@@ -62,6 +67,11 @@ def test_settings_flow_into_the_file(tmp_path: Path) -> None:
     # TorchServe's worker timeout; the gateway's own call timeout is no TorchServe setting.
     assert props["default_response_timeout"] == "45"
     assert "7.5" not in props.values()
+
+
+def test_an_empty_store_registers_nothing_at_start(tmp_path: Path) -> None:
+    text = config_properties(Settings(), tmp_path, [])
+    assert "load_models=\n" in text
 
 
 def test_ipv6_hosts_are_bracketed_in_urls(tmp_path: Path) -> None:

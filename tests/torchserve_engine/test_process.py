@@ -43,15 +43,17 @@ def predict(
     )
 
 
-def reference_top1(artifacts_dir: Path, png: bytes) -> str:
+def reference_top1(repository: Path, png: bytes) -> str:
+    """The label the served version (the repository's convnet version 1) gives ``png``."""
     spec = get_spec("convnet")
-    runner = load_runner(artifacts_dir / "convnet.pt", "torchscript", "cpu")
+    runner = load_runner(repository / "convnet" / "1" / "model.pt", "torchscript", "cpu")
     logits = runner.infer(normalize(spec.image_to_pixels(png))[np.newaxis])
     return spec.labels[int(np.argmax(logits[0]))]
 
 
-def reference_mask(artifacts_dir: Path, png: bytes) -> np.ndarray:
-    runner = load_runner(artifacts_dir / "fcn.pt", "torchscript", "cpu")
+def reference_mask(repository: Path, png: bytes) -> np.ndarray:
+    """The mask the served version (the repository's fcn version 1) gives ``png``."""
+    runner = load_runner(repository / "fcn" / "1" / "model.pt", "torchscript", "cpu")
     return class_mask(runner.infer(normalize(get_spec("fcn").image_to_pixels(png))[None]))[0]
 
 
@@ -65,7 +67,7 @@ def test_digit_pngs_come_back_as_the_right_digit(torchserve: RunningTorchServe) 
         assert response.headers["content-type"] == "application/json"
         (prediction,) = response.json()["predictions"]
         assert len(prediction["top_k"]) == 2
-        assert prediction["label"] == reference_top1(torchserve.artifacts_dir, png)
+        assert prediction["label"] == reference_top1(torchserve.repository, png)
         correct += prediction["label"] == str(label)
     assert correct >= 9
 
@@ -79,7 +81,7 @@ def test_an_fcn_image_comes_back_as_its_mask(torchserve: RunningTorchServe) -> N
     mask = np.asarray(Image.open(io.BytesIO(response.content)))
     assert mask.shape == truth.shape == (80, 80)
     assert set(np.unique(mask)) <= set(range(len(SHAPE_CLASSES)))
-    np.testing.assert_array_equal(mask, reference_mask(torchserve.artifacts_dir, png))
+    np.testing.assert_array_equal(mask, reference_mask(torchserve.repository, png))
     counts = json.loads(response.headers[PIXEL_COUNTS_HEADER])
     assert sum(counts.values()) == 80 * 80
     assert counts["background"] == int((mask == 0).sum())
@@ -107,12 +109,12 @@ def test_concurrent_requests_with_corrupt_images_among_them(
             assert "could not decode image" in response.json()["message"]
         elif model == "convnet":
             assert response.status_code == 200
-            expected = reference_top1(torchserve.artifacts_dir, body)
+            expected = reference_top1(torchserve.repository, body)
             assert response.json()["predictions"][0]["label"] == expected
         else:
             assert response.status_code == 200
             mask = np.asarray(Image.open(io.BytesIO(response.content)))
-            np.testing.assert_array_equal(mask, reference_mask(torchserve.artifacts_dir, body))
+            np.testing.assert_array_equal(mask, reference_mask(torchserve.repository, body))
 
 
 @pytest.mark.torchserve
@@ -141,14 +143,25 @@ def test_requests_without_the_inference_key_are_refused(
 
 
 @pytest.mark.torchserve
-def test_models_cannot_be_registered_over_http(torchserve: RunningTorchServe) -> None:
+@pytest.mark.parametrize(
+    "url",
+    ["https://example.com/evil.mar", "file:///tmp/evil.mar", "../evil.mar", "missing.1.mar"],
+)
+def test_registration_takes_archives_from_the_model_store_only(
+    torchserve: RunningTorchServe, url: str
+) -> None:
+    """The management API registers versions (with the management key, on loopback), but
+    downloads nothing and reads nothing outside the store."""
+    management = f"{torchserve.server.management_url}/models"
+    refused = httpx.post(management, params={"url": url}, headers={"Authorization": "Bearer x"})
+    assert refused.status_code == 400
+    assert "Token Authorization failed" in refused.json()["message"]
     key = torchserve.server.key("management")
     response = httpx.post(
-        f"{torchserve.server.management_url}/models",
-        params={"url": "https://example.com/evil.mar"},
-        headers={"Authorization": f"Bearer {key}"},
+        management, params={"url": url}, headers={"Authorization": f"Bearer {key}"}
     )
-    assert response.status_code == 405
+    assert response.status_code == 404
+    assert "not" in response.json()["message"]
 
 
 @pytest.mark.torchserve
@@ -177,7 +190,9 @@ def test_status_shows_ready_workers_and_workers_run_this_python(
 ) -> None:
     found = status(torchserve.model_store)
     assert found.running
-    assert found.workers == {"convnet": ["READY"], "fcn": ["READY"]}
+    # Each archive registers its repository version; the workers answer per version.
+    assert found.workers == {"convnet/1": ["READY"], "fcn/1": ["READY"]}
+    assert torchserve.server.models == ("convnet/1", "fcn/1")
     workers = psutil.Process(torchserve.server.pid).children()
     assert len(workers) == 2
     venv_python = Path(psutil.Process().exe()).resolve()
@@ -225,7 +240,8 @@ def test_start_without_java_fails_at_once_naming_the_package(
     assert not run_dir_of(tmp_path).exists()
 
 
-def test_start_without_archives_says_how_to_build_them(tmp_path: Path) -> None:
-    missing = r"convnet\.mar, fcn\.mar not found .*`cnnserve archive`"
-    with pytest.raises(TorchServeError, match=missing):
+def test_start_with_an_unreadable_archive_names_it(tmp_path: Path) -> None:
+    (tmp_path / "convnet.1.mar").write_bytes(b"not a zip file")
+    with pytest.raises(TorchServeError, match=r"convnet\.1\.mar is not a TorchServe archive"):
         start(torchserve_settings(tmp_path), tmp_path)
+    assert not run_dir_of(tmp_path).exists()

@@ -18,7 +18,7 @@ import pytest
 
 from cnnserve.models.runtime import load_runner
 from cnnserve.settings import Settings
-from cnnserve.torchserve_engine.archive import archive_models
+from cnnserve.torchserve_engine.archive import archive_repository
 from cnnserve.torchserve_engine.client import TorchServeClient
 from cnnserve.torchserve_engine.keys import KeyDir
 from cnnserve.torchserve_engine.process import ServerInfo, start, stop
@@ -71,11 +71,13 @@ def test_unusable_targets_are_refused(target: str) -> None:
 
 @pytest.fixture(scope="module")
 @starts_torchserve
-def second(artifacts_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerInfo]:
+def second(
+    model_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerInfo]:
     """A second TorchServe with tokens on (its own key), on its own free ports."""
     store = tmp_path_factory.mktemp("second_replica")
     settings: Settings = torchserve_settings(store)
-    archive_models(artifacts_dir, store, "torchscript", False, settings)
+    archive_repository(model_repository, store, settings, "torchscript")
     server = start(settings, store)
     try:
         yield server
@@ -122,7 +124,7 @@ async def test_batches_spread_over_replicas_each_with_its_own_key(
     client = TorchServeClient(target, KeyDir(key_dir))
     try:
         before = [served_requests(server) for server in servers]
-        await send(client, 24, torchserve.artifacts_dir / "convnet.pt")
+        await send(client, 24, torchserve.repository / "convnet" / "1" / "model.pt")
         served = [served_requests(s) - b for s, b in zip(servers, before, strict=True)]
     finally:
         await client.close()
@@ -143,7 +145,7 @@ async def test_a_wrong_key_on_one_replica_sends_its_batches_to_the_other(
     client = TorchServeClient(target, KeyDir(tmp_path))
     try:
         before = served_requests(torchserve.server)
-        await send(client, 8, torchserve.artifacts_dir / "convnet.pt")
+        await send(client, 8, torchserve.repository / "convnet" / "1" / "model.pt")
         assert served_requests(torchserve.server) - before == 8
     finally:
         await client.close()
@@ -162,7 +164,7 @@ async def test_replicas_join_and_leave_the_rotation_as_resolution_changes(
         resolve_interval_s=0.1,
         resolver=lambda: list(resolved),
     )
-    model = torchserve.artifacts_dir / "convnet.pt"
+    model = torchserve.repository / "convnet" / "1" / "model.pt"
     try:
         added_before = served_requests(added)
         await send(client, 8, model)
