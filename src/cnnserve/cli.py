@@ -310,7 +310,8 @@ def torchserve_start(
     settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
     with user_errors():
         info = start(settings, model_store)
-    typer.echo(f"TorchServe ready (pid {info.pid}): {', '.join(info.models)}")
+    registered = ", ".join(info.models) or "no model yet (a gateway registers what it loads)"
+    typer.echo(f"TorchServe ready (pid {info.pid}): {registered}")
     typer.echo(f"  REST inference  {info.inference_url}/predictions/<model>")
     typer.echo(f"  gRPC inference  {info.grpc_target}")
     typer.echo(f"  metrics         {info.metrics_url}/metrics")
