@@ -230,8 +230,10 @@ def index_to_json(entries: Iterable[IndexEntry]) -> list[dict[str, str]]:
 
 
 def _json_body(body: bytes, what: str) -> dict[str, Any]:
-    """An optional JSON object body: empty (or only whitespace) is ``{}``."""
-    if not body.strip():
+    """An optional JSON object body: empty (or only JSON's whitespace) is ``{}``."""
+    # JSON's whitespace only: bytes.strip() would also drop \x0b and \x0c, letting a body
+    # that is not JSON pass as empty.
+    if not body.strip(b" \t\r\n"):
         return {}
     try:
         document = json.loads(body)
