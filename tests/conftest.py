@@ -131,6 +131,19 @@ class RunningTorchServe:
     artifacts_dir: Path
     repository: Path
 
+    def gateway_settings(self, model_repository: Path, **overrides: object) -> Settings:
+        """Settings of a gateway whose batches run here: torchserve backend, ``model_repository``,
+        loopback and ephemeral ports, then ``overrides``."""
+        update = {
+            "backend": "torchserve",
+            "model_repository": model_repository,
+            "host": "127.0.0.1",
+            "grpc_port": 0,
+            "http_port": 0,
+            "metrics_port": 0,
+        }
+        return self.settings.model_copy(update={**update, **overrides})
+
     @property
     def inference_key(self) -> str:
         """The key TorchServe expects on inference calls (REST and gRPC)."""

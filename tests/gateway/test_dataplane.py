@@ -601,13 +601,7 @@ async def test_read_only_input_buffers_are_served(core: DataPlane) -> None:
 async def test_core_over_torchserve_classifies_and_segments(
     torchserve: RunningTorchServe, model_repository: Path
 ) -> None:
-    settings = torchserve.settings.model_copy(
-        update={
-            "backend": "torchserve",
-            "model_repository": model_repository,
-            "max_batch_delay_ms": 20,
-        }
-    )
+    settings = torchserve.gateway_settings(model_repository, max_batch_delay_ms=20)
     core = await create_core(settings)
     await core.start()
     try:

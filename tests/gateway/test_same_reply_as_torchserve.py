@@ -37,17 +37,7 @@ CASES = [
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def gateway(torchserve: RunningTorchServe, model_repository: Path) -> AsyncIterator[Gateway]:
     """A gateway whose batches run on the session's TorchServe."""
-    settings = torchserve.settings.model_copy(
-        update={
-            "backend": "torchserve",
-            "model_repository": model_repository,
-            "host": "127.0.0.1",
-            "grpc_port": 0,
-            "http_port": 0,
-            "metrics_port": 0,
-            "drain_grace_s": 10.0,
-        }
-    )
+    settings = torchserve.gateway_settings(model_repository, drain_grace_s=10.0)
     async with running_gateway(settings) as running:
         yield running
 

@@ -172,17 +172,7 @@ async def test_no_secret_in_debug_logs(
 ) -> None:
     """Every logger at DEBUG (grpc, httpx, uvicorn, cnnserve) over the same calls."""
     caplog.set_level(logging.DEBUG)
-    settings = torchserve.settings.model_copy(
-        update={
-            "backend": "torchserve",
-            "model_repository": model_repository,
-            "host": "127.0.0.1",
-            "grpc_port": 0,
-            "http_port": 0,
-            "metrics_port": 0,
-            "api_key": SecretStr(API_KEY),
-        }
-    )
+    settings = torchserve.gateway_settings(model_repository, api_key=SecretStr(API_KEY))
     async with running_gateway(settings) as gateway:
         await asyncio.to_thread(_calls, gateway.grpc_port, gateway.http_port)
     # A gateway holding a key TorchServe refuses: the refusal is logged, the key is not.

@@ -72,16 +72,7 @@ async def test_gateway_over_a_real_torchserve(
     torchserve: RunningTorchServe, model_repository: Path
 ) -> None:
     """``--backend torchserve`` end to end: both transports, both models, a real TorchServe."""
-    settings = torchserve.settings.model_copy(
-        update={
-            "backend": "torchserve",
-            "model_repository": model_repository,
-            "host": "127.0.0.1",
-            "grpc_port": 0,
-            "http_port": 0,
-            "metrics_port": 0,
-        }
-    )
+    settings = torchserve.gateway_settings(model_repository)
     digits = [digit_png(i) for i in (0, 1, 2)]
     scene, truth = shapes_png(5, side=40)
     async with running_gateway(settings) as gateway:
