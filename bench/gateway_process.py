@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import psutil
 
+from cnnserve.export.repository import ensure_default_repository
 from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
 
@@ -90,6 +91,14 @@ class GatewayProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def demo_repository(artifacts: Path) -> Path:
+    """The default model repository (the demo models, version 1) kept in ``artifacts``, made
+    on first use: what the benchmark gateways serve."""
+    root = artifacts / "repository"
+    ensure_default_repository(root)
+    return root
 
 
 def start_gateway(

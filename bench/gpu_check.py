@@ -210,13 +210,13 @@ def gateway_under_load(plan: Plan, artifacts: Path, out: Path, recorder: Recorde
             "cnnserve's dependencies (pip install -e .) to measure the gateway",
         )  # fmt: skip
         return
-    from .gateway_process import start_gateway
+    from .gateway_process import demo_repository, start_gateway
     from .loadgen import LoadSpec, check_request, infer_request, run_load
     from .scrape import batch_sizes
 
     on_cuda = plan.device.startswith("cuda")
     env = {
-        "CNNSERVE_ARTIFACTS_DIR": str(artifacts),
+        "CNNSERVE_MODEL_REPOSITORY": str(demo_repository(artifacts)),
         "CNNSERVE_DEVICE": plan.device,
         "CNNSERVE_HALF_PRECISION": str(on_cuda).lower(),
         "CNNSERVE_CUDA_GRAPH_BATCH_SIZES": json.dumps(list(plan.graph_buckets)),

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .gateway_process import start_gateway
+from .gateway_process import demo_repository, start_gateway
 from .loadgen import LoadResult, LoadSpec, check_request, run_load
 from .payloads import oip_request
 from .suite import CLIENT_CHANNELS
@@ -74,7 +74,7 @@ def record(profile: Profile, artifacts: Path, out: Path, duration_s: float) -> L
         raise FileNotFoundError("py-spy is not installed; pip install 'cnnserve[dev]'")
     out.mkdir(parents=True, exist_ok=True)
     env = {
-        "CNNSERVE_ARTIFACTS_DIR": str(artifacts),
+        "CNNSERVE_MODEL_REPOSITORY": str(demo_repository(artifacts)),
         "CNNSERVE_MAX_QUEUE_SIZE": "8192",
         "CNNSERVE_MAX_BATCH_SIZE": str(max(32, profile.items)),
         **dict(profile.env),

@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from .gateway_process import GatewayProcess, start_gateway
+from .gateway_process import GatewayProcess, demo_repository, start_gateway
 from .loadgen import LoadResult, LoadSpec, check_request, infer_request, run_load
 
 QUEUE_DEPTH = "cnnserve_queue_depth"
@@ -154,7 +154,7 @@ def run_overload(
     gateway = start_gateway(
         "onnxruntime",
         {
-            "CNNSERVE_ARTIFACTS_DIR": str(artifacts_dir),
+            "CNNSERVE_MODEL_REPOSITORY": str(demo_repository(artifacts_dir)),
             "CNNSERVE_DEVICE": "cpu",
             "CNNSERVE_MAX_QUEUE_SIZE": str(max_queue_size),
             "CNNSERVE_MAX_BATCH_SIZE": str(max_batch_size),

@@ -45,7 +45,7 @@ from cnnserve.models.steps import normalize
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
 from cnnserve.torchserve_engine.process import start
 
-from .gateway_process import GatewayProcess, start_gateway
+from .gateway_process import GatewayProcess, demo_repository, start_gateway
 from .soak_traffic import Shot, Verdict, fire_grpc, fire_http, make_shots, valid
 from .torchserve_run import TorchServeRun, running_torchserve
 
@@ -277,7 +277,7 @@ def run_soak(options: SoakOptions) -> Tally:
             labels = _expected_labels(options.artifacts_dir / "convnet.pt", "torchscript")
         else:
             env = {
-                "CNNSERVE_ARTIFACTS_DIR": str(options.artifacts_dir),
+                "CNNSERVE_MODEL_REPOSITORY": str(demo_repository(options.artifacts_dir)),
                 "CNNSERVE_DEVICE": "cpu",
                 "CNNSERVE_INFERENCE_THREADS": "1",
             }

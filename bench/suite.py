@@ -37,7 +37,7 @@ from cnnserve.models.runtime import ARTIFACT_SUFFIX, ArtifactFormat, Runner, loa
 from cnnserve.settings import Settings
 
 from .echo import serve_echo_forever
-from .gateway_process import GatewayProcess, free_ports, start_gateway
+from .gateway_process import GatewayProcess, demo_repository, free_ports, start_gateway
 from .loadgen import LoadResult, LoadSpec, check_http_request, check_request, run_load
 from .payloads import oip_request, rest_request, tensor_items
 from .report import TORCHSERVE_REST
@@ -351,7 +351,7 @@ def _start_gateways(
         key = _gateway_key(scenario)
         if scenario.backend == TORCHSERVE_REST or key in gateways:
             continue
-        env = {"CNNSERVE_ARTIFACTS_DIR": str(ctx.artifacts), **dict(key[1])}
+        env = {"CNNSERVE_MODEL_REPOSITORY": str(demo_repository(ctx.artifacts)), **dict(key[1])}
         if scenario.backend == "torchserve":
             assert torchserve is not None
             env.update(torchserve.gateway_env())
