@@ -104,9 +104,7 @@ SERVE_FLAGS = $(if $(MODEL_REPOSITORY),--model-repository $(MODEL_REPOSITORY)) \
 # makes with the two demo models the first time); CONTROL=poll|explicit picks the model
 # control mode (README "Model repository").
 serve: install ## Serve the model repository (MODEL_REPOSITORY=DIR, CONTROL=poll): gateway on 8000 HTTP, 8001 gRPC, 8002 metrics; Ctrl-C stops
-	@(for f in convnet.pt convnet.onnx fcn.pt fcn.onnx; do test -f $(ARTIFACTS)/$$f || exit 1; done) \
-		|| $(MAKE) --no-print-directory export
-	@export CNNSERVE_ARTIFACTS_DIR=$(ARTIFACTS) CNNSERVE_MODEL_STORE_DIR=$(MODEL_STORE); \
+	@export CNNSERVE_MODEL_STORE_DIR=$(MODEL_STORE); \
 	if command -v $(JAVA) >/dev/null 2>&1; then \
 		trap '$(BIN)/cnnserve torchserve stop' EXIT; trap 'exit 130' INT TERM; \
 		$(BIN)/cnnserve torchserve start || exit 1; \

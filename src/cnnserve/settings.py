@@ -55,12 +55,6 @@ class Settings(BaseSettings):
         description="Explicit mode: the models loaded at start (the flag repeats; the "
         'variable is a JSON list, e.g. ["convnet"]); "*" loads every model.',
     )
-    artifacts_dir: Path = Field(
-        Path("artifacts"),
-        description="Directory of flat exports <model>.pt/.onnx/.json (`cnnserve export "
-        "--out`); the gateway serves model_repository, and `cnnserve archive` packs it for "
-        "TorchServe.",
-    )
     model_store_dir: Path = Field(
         Path("model_store"),
         description="TorchServe's model store: one archive per model version (<name>.<N>.mar, "
