@@ -230,10 +230,9 @@ def index_to_json(entries: Iterable[IndexEntry]) -> list[dict[str, str]]:
 
 
 def _json_body(body: bytes, what: str) -> dict[str, Any]:
-    """An optional JSON object body: empty (or only JSON's whitespace) is ``{}``."""
-    # JSON's whitespace only: bytes.strip() would also drop \x0b and \x0c, letting a body
-    # that is not JSON pass as empty.
-    if not body.strip(b" \t\r\n"):
+    """An optional JSON object body: no bytes at all is ``{}``; anything else must be a JSON
+    object (whitespace alone is not JSON, as the OpenAPI description says)."""
+    if not body:
         return {}
     try:
         document = json.loads(body)
