@@ -7,13 +7,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from ts.context import Context
 
+from cnnserve.handlers.service import ModelHandler
 from cnnserve.models.repository import Repository
 from cnnserve.models.runtime import ArtifactFormat
 from cnnserve.settings import Settings
 from cnnserve.torchserve_engine.archive import archive_version
 
-from .harness import unpack
+from .harness import make_context, unpack
 
 #: (model, artifact format) → archive file.
 Archives = dict[tuple[str, ArtifactFormat], Path]
@@ -42,3 +44,13 @@ def unpacked(archives: Archives, tmp_path: Path) -> Unpacked:
         return target if target.exists() else unpack(archives[(model, artifact_format)], target)
 
     return unpack_one
+
+
+@pytest.fixture(scope="module")
+def handler_and_context(model_dir: Path) -> tuple[ModelHandler, Context]:
+    """The handler initialized on the test module's ``model_dir`` (an unpacked archive), and
+    the TorchServe context it answers through."""
+    handler = ModelHandler()
+    context = make_context(model_dir)
+    handler.handle(None, context)
+    return handler, context

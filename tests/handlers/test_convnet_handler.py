@@ -28,14 +28,6 @@ def model_dir(archives: Archives, tmp_path_factory: pytest.TempPathFactory) -> P
     return unpack(archives[("convnet", "torchscript")], tmp_path_factory.mktemp("convnet"))
 
 
-@pytest.fixture(scope="module")
-def handler_and_context(model_dir: Path) -> tuple[ModelHandler, Context]:
-    handler = ModelHandler()
-    context = make_context(model_dir)
-    handler.handle(None, context)
-    return handler, context
-
-
 def test_digits_come_back_right_with_the_in_process_probabilities(
     handler_and_context: tuple[ModelHandler, Context], model_dir: Path
 ) -> None:

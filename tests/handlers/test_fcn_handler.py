@@ -28,14 +28,6 @@ def model_dir(archives: Archives, tmp_path_factory: pytest.TempPathFactory) -> P
     return unpack(archives[("fcn", "torchscript")], tmp_path_factory.mktemp("fcn"))
 
 
-@pytest.fixture(scope="module")
-def handler_and_context(model_dir: Path) -> tuple[ModelHandler, Context]:
-    handler = ModelHandler()
-    context = make_context(model_dir)
-    handler.handle(None, context)
-    return handler, context
-
-
 def reference_mask(model_dir: Path, png: bytes) -> np.ndarray:
     """The mask the in-process pipeline computes for ``png`` with the archived artifact."""
     runner = load_runner(model_dir / "model.pt", "torchscript", "cpu")
