@@ -47,12 +47,9 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 PARITY_TOLERANCE = 1e-4
 CONVNET = Architecture.CONVNET
 FCN = Architecture.FCN
-#: The tutorial checkpoints served here: repository name, architecture, checkpoint, classes.
-TUTORIAL_MODELS = (
-    ("digits10", CONVNET, "convnet10", 10),
-    ("scenes10", FCN, "fcn10", 10),
-    ("scenes3", FCN, "fcn3", 3),
-)
+#: The tutorial checkpoints of the session's ``tutorial_repository`` (each served under its
+#: own name): name, architecture, classes.
+TUTORIAL_MODELS = (("convnet10", CONVNET, 10), ("fcn10", FCN, 10), ("fcn3", FCN, 3))
 
 
 def copy_repository(source: Path, target: Path) -> Path:
@@ -124,28 +121,15 @@ async def started_core(repository: Path, **overrides: Any) -> AsyncIterator[Data
 # --- tutorial checkpoints of any class count ---
 
 
-@pytest.fixture(scope="module")
-def tutorial_repository(
-    model_repository: Path,
-    tutorial_checkpoints: dict[str, Path],
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Path:
-    """The default repository plus the tutorial's ConvNet (10 classes) and FCNs (10 and 3)."""
-    repository = copy_repository(model_repository, tmp_path_factory.mktemp("tutorial") / "repo")
-    for name, architecture, checkpoint, _ in TUTORIAL_MODELS:
-        export_to_repository(architecture, tutorial_checkpoints[checkpoint], name, repository)
-    return repository
-
-
 @pytest.mark.parametrize("backend", ["onnxruntime", "torchscript"])
 async def test_tutorial_checkpoints_serve_what_the_tutorial_class_computes(
     tutorial_repository: Path, tutorial_checkpoints: dict[str, Path], backend: str
 ) -> None:
     settings = gateway_settings(tutorial_repository, backend=backend)
     async with running_gateway(settings) as gateway, grpc_stub(gateway.grpc_port) as stub:
-        for name, architecture, checkpoint, classes in TUTORIAL_MODELS:
+        for name, architecture, classes in TUTORIAL_MODELS:
             network = (tutorial.ConvNet if architecture is CONVNET else tutorial.FCN)(classes)
-            network.load_state_dict(torch.load(tutorial_checkpoints[checkpoint]))
+            network.load_state_dict(torch.load(tutorial_checkpoints[name]))
             side = 28 if architecture is CONVNET else 23
             x = fp32(3, side, side, seed=classes)
             output = "logits" if architecture is CONVNET else "scores"
@@ -172,9 +156,9 @@ async def test_the_friendly_route_answers_with_the_repository_model_s_classes(
         running_gateway(gateway_settings(tutorial_repository)) as gateway,
         httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}") as http,
     ):
-        masked = await http.post("/predict/scenes3", content=scene)
-        counted = await http.post("/predict/scenes3?format=json", content=scene)
-        ranked = await http.post("/predict/digits10?top_k=10", content=digit)
+        masked = await http.post("/predict/fcn3", content=scene)
+        counted = await http.post("/predict/fcn3?format=json", content=scene)
+        ranked = await http.post("/predict/convnet10?top_k=10", content=digit)
     assert masked.status_code == 200, masked.text
     mask = np.asarray(Image.open(io.BytesIO(masked.content)))
     assert mask.shape == (32, 32)
