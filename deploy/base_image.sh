@@ -67,6 +67,8 @@ cleanup() {
   rm -rf --one-file-system "$rootfs"
 }
 trap cleanup EXIT
+# Interrupted or stopped: exit, so the cleanup runs.
+trap 'exit 130' INT TERM HUP
 
 echo "== debootstrap --variant=minbase $suite $mirror"
 debootstrap --variant=minbase --components=main "$suite" "$rootfs" "$mirror"

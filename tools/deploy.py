@@ -163,7 +163,7 @@ def _query(command: Sequence[str]) -> subprocess.CompletedProcess[str]:
     try:
         return _run(command, QUERY_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        raise DeployError(
+        raise _preflight(
             f"`{' '.join(command)}` got no answer within {QUERY_TIMEOUT_S} s: "
             "check that dockerd is running and responsive"
         ) from None
@@ -247,6 +247,12 @@ def check_model_repository(repository: Path) -> list[str]:
         raise _preflight(f"model repository {repository} does not exist: {hint}")
     if not repository.is_dir():
         raise _preflight(f"model repository {repository} is not a directory: {hint}")
+    if STAGED_REPOSITORY.resolve().is_relative_to(repository.resolve()):
+        # It would be copied into itself.
+        raise _preflight(
+            f"model repository {repository} holds the build folder {_relative(DEPLOY_DIR)}: "
+            "give the folder of the models themselves"
+        )
     try:
         models = repository_models(repository)
     except OSError as exc:
@@ -379,7 +385,8 @@ def fill_wheelhouse(variant: str) -> None:
     log = DEPLOY_DIR / "wheelhouse.log"
     print(f"filling the wheelhouse ({variant}; log: {_relative(log)})", flush=True)
     command = [sys.executable, str(WHEELHOUSE_SCRIPT), "--variant", variant]
-    done = _run(command, DEFAULT_TIMEOUT_S * 2, log)
+    # No limit: a cold GPU wheelhouse is gigabytes, and pip gives up on a dead network itself.
+    done = _run(command, None, log)
     if done.returncode != 0:
         raise DeployError(
             f"deploy failed: filling the wheelhouse failed: {_last_line(done.stdout)} "
@@ -392,29 +399,39 @@ def stage_model_repository(repository: Path | None) -> None:
     build takes it from, replacing what an earlier deployment staged there."""
     if repository is not None and repository.resolve() == STAGED_REPOSITORY.resolve():
         return
-    STAGED_REPOSITORY.parent.mkdir(parents=True, exist_ok=True)
     incoming = STAGED_REPOSITORY.with_name(STAGED_REPOSITORY.name + ".incoming")
-    shutil.rmtree(incoming, ignore_errors=True)
-    if repository is None:
-        incoming.mkdir()
-    else:
-        # Symbolic links are copied as what they point to: the build context holds no links out.
-        shutil.copytree(repository, incoming)
-    shutil.rmtree(STAGED_REPOSITORY, ignore_errors=True)
-    incoming.rename(STAGED_REPOSITORY)
+    try:
+        STAGED_REPOSITORY.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(incoming, ignore_errors=True)
+        if repository is None:
+            incoming.mkdir()
+        else:
+            # Links are copied as what they point to: the build context cannot follow links out.
+            shutil.copytree(repository, incoming)
+        shutil.rmtree(STAGED_REPOSITORY, ignore_errors=True)
+        incoming.rename(STAGED_REPOSITORY)
+    except (OSError, shutil.Error) as exc:
+        raise DeployError(
+            f"deploy failed: staging the model repository into {_relative(STAGED_REPOSITORY)} "
+            f"failed: {exc}; nothing was started"
+        ) from None
 
 
 def _ps(files: Sequence[str]) -> list[dict[str, object]]:
     """``docker compose ps -a`` of the project, one dict per container."""
-    listed = _query([*compose_command(files, PROFILES), "ps", "-a", "--format", "json"])
-    text = listed.stdout.strip()
-    if listed.returncode != 0 or not text:
+    try:
+        listed = _query([*compose_command(files, PROFILES), "ps", "-a", "--format", "json"])
+        text = listed.stdout.strip()
+        if listed.returncode != 0 or not text:
+            return []
+        # Compose prints a JSON array (before 2.21) or one object per line.
+        if text.startswith("["):
+            entries = json.loads(text)
+            return entries if isinstance(entries, list) else []
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except (DeployError, ValueError):
+        # Without the list no service is named; the stack is taken down all the same.
         return []
-    # Compose prints a JSON array (before 2.21) or one object per line.
-    if text.startswith("["):
-        entries = json.loads(text)
-        return entries if isinstance(entries, list) else []
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def failed_service(entries: Sequence[dict[str, object]], timeout_s: float) -> tuple[str, str]:
@@ -437,7 +454,7 @@ def failed_service(entries: Sequence[dict[str, object]], timeout_s: float) -> tu
     if found := of(health="unhealthy"):
         return str(found["Service"]), "did not become healthy: its health check failed"
     if found := of(health="starting"):
-        return str(found["Service"]), f"did not become healthy within {timeout_s:g} s"
+        return str(found["Service"]), f"did not become healthy within {timeout_s} s"
     return "", ""
 
 
@@ -501,7 +518,7 @@ def _fail_and_take_down(
 def up(
     variant: str,
     model_repository: Path | None = None,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
+    timeout_s: int = DEFAULT_TIMEOUT_S,
     scale: int = 1,
     profiles: Sequence[str] = (),
 ) -> Deployment:
@@ -511,6 +528,8 @@ def up(
     failed and was taken down)."""
     if variant not in COMPOSE_FILES:
         raise _preflight(f"unknown variant {variant!r}: use one of {', '.join(COMPOSE_FILES)}")
+    if timeout_s < 1:
+        raise _preflight(f"--timeout {timeout_s}: give the seconds to wait, at least 1")
     if scale < 1:
         raise _preflight(f"--scale {scale}: at least one TorchServe replica is needed")
     unknown = sorted(set(profiles) - set(PROFILES))
@@ -543,17 +562,17 @@ def up(
         )
 
     print(
-        f"starting the stack ({scale} TorchServe replica(s)); waiting up to {timeout_s:g} s "
+        f"starting the stack ({scale} TorchServe replica(s)); waiting up to {timeout_s} s "
         "for every service to be healthy",
         flush=True,
     )
-    command = [*compose, "up", "--detach", "--wait", "--wait-timeout", f"{timeout_s:g}"]
+    command = [*compose, "up", "--detach", "--wait", "--wait-timeout", f"{timeout_s}"]
     command += ["--scale", f"torchserve={scale}"]
     started = time.monotonic()
     try:
         waited = _run(command, timeout_s + COMPOSE_MARGIN_S, DEPLOY_DIR / "up.log")
     except subprocess.TimeoutExpired:
-        reason = f"docker compose up did not return within {timeout_s + COMPOSE_MARGIN_S:g} s"
+        reason = f"docker compose up did not return within {timeout_s + COMPOSE_MARGIN_S} s"
         raise _fail_and_take_down(files, reason, timeout_s, time.monotonic() - started) from None
     except KeyboardInterrupt:
         raise _fail_and_take_down(files, "interrupted while starting", timeout_s) from None
@@ -597,7 +616,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     start.add_argument(
         "--timeout",
-        type=float,
+        type=int,
         default=DEFAULT_TIMEOUT_S,
         metavar="S",
         help="seconds to wait for every service to be healthy (default: %(default)s)",
