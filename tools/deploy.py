@@ -52,6 +52,8 @@ COMPOSE_FILES = {
     "cpu": ("docker-compose.yml", "docker-compose.cpu.yml"),
 }
 PROFILES = ("monitoring",)
+#: docker-compose.cpu.yml drops the GPU reservation with `!reset`, new in Compose 2.24.
+MIN_COMPOSE = (2, 24)
 #: Host ports the stack publishes: (address it binds, port, what it is).
 GATEWAY_PORTS = (
     ("0.0.0.0", 8000, "OIP REST"),
@@ -200,6 +202,13 @@ def check_docker() -> None:
             "`docker compose` (Compose v2) is not available: install the Compose v2 plugin "
             "(https://docs.docker.com/compose/install/linux/); the old docker-compose 1.x will "
             "not do"
+        )
+    found = re.match(r"v?(\d+)\.(\d+)", version.stdout.strip())
+    if found and (int(found[1]), int(found[2])) < MIN_COMPOSE:
+        raise _preflight(
+            f"Docker Compose {version.stdout.strip()} is too old: the compose files need "
+            f"{'.'.join(map(str, MIN_COMPOSE))} or newer "
+            "(https://docs.docker.com/compose/install/linux/)"
         )
     info = _query(["docker", "info", "--format", "{{.ServerVersion}}"])
     if info.returncode != 0 or not info.stdout.strip():
