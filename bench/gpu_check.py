@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cnnserve.models.runtime import TorchScriptRunner
+from cnnserve.models.torchscript import TorchScriptRunner
 
 #: Modules the gateway phase needs beyond torch and numpy.
 GATEWAY_MODULES = (

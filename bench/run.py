@@ -8,6 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from cnnserve.errors import MissingExtraError, require_extra
 from cnnserve.torchserve_engine import TorchServeError
 from cnnserve.torchserve_engine.process import find_java
 
@@ -21,10 +22,12 @@ NOTES_DIR = "notes"
 
 
 def default_backends() -> list[str]:
-    """Every gateway backend; torchserve (and TorchServe alone) only where Java is installed."""
+    """Every gateway backend; torchserve (and TorchServe alone) only where TorchServe and
+    Java are installed."""
     try:
+        require_extra("torchserve", "the torchserve backend", "ts")
         find_java()
-    except TorchServeError as exc:
+    except (MissingExtraError, TorchServeError) as exc:
         logger.warning("skipping the torchserve backend and baseline: %s", exc)
         return [b for b in GATEWAY_BACKENDS if b != "torchserve"]
     return list(GATEWAY_BACKENDS)

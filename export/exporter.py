@@ -20,20 +20,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from cnnserve.errors import require_extra
 from cnnserve.models.checkpoint import sha256_file
 from cnnserve.models.repository import ARTIFACT_FILES, EXPORT_FILE
-from cnnserve.models.runtime import OnnxRunner, TorchScriptRunner
+from cnnserve.models.runtime import OnnxRunner
 from cnnserve.models.spec import ModelSpec
+from cnnserve.models.torchscript import TorchScriptRunner
+
+from . import ExportError
 
 #: Largest max-abs difference tolerated between eager, TorchScript and ONNX Runtime.
 PARITY_TOLERANCE = 1e-4
 PARITY_BATCH_SIZES = (1, 3, 8)
 FCN_PARITY_SIZES = ((7, 7), (28, 28), (45, 64))
 ONNX_OPSET = 18
-
-
-class ExportError(Exception):
-    """Export failed or the exported artifacts disagree with the eager model."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,14 @@ class ExportResult:
     max_abs_diff: float
 
 
+def check_installed() -> None:
+    """Raise :class:`~cnnserve.errors.MissingExtraError` unless the modules an export loads
+    only while it runs are installed (torch imports onnx and onnxscript when it writes ONNX;
+    ONNX Runtime checks parity): checked before anything is written, so a missing one leaves
+    no half-made export behind."""
+    require_extra("export", "an ONNX export", "onnx", "onnxscript", "onnxruntime")
+
+
 def _example(spec: ModelSpec, batch: int, height: int, width: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(batch * 1000 + height + width)
     return torch.rand(batch, 3, height, width, generator=generator) * 2 - 1
@@ -82,6 +90,7 @@ def export_model(
     spec: ModelSpec, network: nn.Module, paths: ExportPaths, checkpoint: Path
 ) -> ExportResult:
     """Export ``network`` (weights from ``checkpoint``) to ``paths`` and check parity."""
+    check_installed()
     for path in (paths.torchscript, paths.onnx, paths.metadata):
         path.parent.mkdir(parents=True, exist_ok=True)
     network = network.eval()

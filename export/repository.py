@@ -27,7 +27,7 @@ from cnnserve.models.repository import (
 )
 from cnnserve.models.spec import Architecture
 
-from .exporter import ExportPaths, ExportResult, export_model
+from .exporter import ExportPaths, ExportResult, check_installed, export_model
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,7 @@ def export_to_repository(
     is never overwritten. The model's ``config.yaml`` is written when it has none.
     """
     check_model_name(name)
+    check_installed()  # before the model's folder is made
     if version is not None and version < 1:
         raise RepositoryError(f"version must be a positive integer, got {version}")
     model_dir = repository / name

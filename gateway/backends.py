@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-import torch
 
-from cnnserve.errors import UnavailableError
+from cnnserve.errors import UnavailableError, needs_extra
 from cnnserve.models.repository import ModelVersion
 from cnnserve.models.runtime import ArtifactFormat, Runner, load_runner
 from cnnserve.models.semantics import probe_input
@@ -128,8 +127,15 @@ class InProcessBackend:
         self._loaded: dict[int, _Loaded] = {}
 
     async def start(self) -> None:
-        """Set TorchScript's process-wide thread count; versions load one by one later."""
-        if self._format == "torchscript" and self._options.threads:
+        """TorchScript: load torch (a missing one fails the start, naming the extra to
+        install, rather than every version's load) and set its process-wide thread count.
+        Versions load one by one later."""
+        if self._format != "torchscript":
+            return
+        # Here, not at the top: the onnxruntime and torchserve backends run without torch.
+        with needs_extra("torchscript", "the torchscript backend"):
+            import torch
+        if self._options.threads:
             torch.set_num_threads(self._options.threads)  # process-wide in torch
 
     async def load(self, model: ModelVersion) -> None:

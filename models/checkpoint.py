@@ -13,11 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import CheckpointError
 from .spec import Architecture, ModelSpec
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used; the message names the file and the mismatch."""
 
 
 def save_checkpoint(spec: ModelSpec, model: nn.Module, path: Path, metadata: dict[str, Any]) -> str:

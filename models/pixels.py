@@ -1,8 +1,8 @@
 """Pixels → network input scale: the one normalization every backend and device applies.
 
 Kept apart from :mod:`cnnserve.models.steps` (which decodes images with Pillow) so the
-model runners (:mod:`cnnserve.models.runtime`) import with numpy and torch alone, as on a
-bare GPU host.
+model runners (:mod:`cnnserve.models.runtime`, :mod:`cnnserve.models.torchscript`) import
+with numpy (and torch) alone, as on a bare GPU host.
 """
 
 from __future__ import annotations

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Literal, Self
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import ErrorDetails
 
@@ -227,6 +226,10 @@ def parse_config(data: Any, source: str) -> ModelConfig:
 
 def read_config(path: Path) -> ModelConfig:
     """Read and validate a ``config.yaml``."""
+    # YAML is imported where configs are read and written: the client and ``cnnserve
+    # predict`` use the demo models' specs from this module without PyYAML installed.
+    import yaml
+
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -239,6 +242,8 @@ def read_config(path: Path) -> ModelConfig:
 
 def write_config(path: Path, config: ModelConfig) -> None:
     """Write ``config`` as YAML, only the fields that differ from the defaults."""
+    import yaml  # see read_config
+
     data = config.model_dump(mode="json", exclude_defaults=True)
     data["architecture"] = config.architecture.value
     path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")

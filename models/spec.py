@@ -10,15 +10,17 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from torch import nn
 
 from cnnserve.errors import InvalidInputError
 
 from .imaging import DEFAULT_MAX_IMAGE_PIXELS, decode_rgb
-from .networks import FCN, ConvNet
 from .pixels import DEFAULT_NORMALIZATION, Normalization
+
+if TYPE_CHECKING:
+    from torch import nn
 
 #: Largest FCN input side by default; bounds memory (one 512×512 image needs ~140 MB of
 #: activations).
@@ -49,6 +51,10 @@ class Architecture(enum.StrEnum):
 
     def network(self, num_classes: int) -> nn.Module:
         """A fresh, untrained network of this architecture."""
+        # torch only where a network is built (training, export, checkpoints): everything
+        # else a spec serves runs from exported artifacts, without torch.
+        from .networks import FCN, ConvNet
+
         return ConvNet(num_classes) if self is Architecture.CONVNET else FCN(num_classes)
 
     @property

@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from cnnserve import handlers
+from cnnserve.errors import require_extra
 from cnnserve.models.repository import (
     CONFIG_FILE,
     EXPORT_FILE,
@@ -175,6 +176,9 @@ def archive_version(
         if archived_digest(target) == digest:
             return Archive(name, version.version, target, artifact, digest)
         (work / DIGEST_FILE).write_text(digest + "\n")
+        # The archiver runs as a process of its own: a missing one is named here, not by
+        # the last line of its traceback.
+        require_extra("torchserve", "archiving for TorchServe", "model_archiver")
         command = [
             sys.executable,
             "-m",

@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 import psutil
 
-from cnnserve.errors import UnavailableError
+from cnnserve.errors import UnavailableError, require_extra
 from cnnserve.settings import Settings
 
 from . import TorchServeError
@@ -159,11 +159,14 @@ def start(settings: Settings, model_store: Path | None = None) -> ServerInfo:
     """Start TorchServe on ``model_store``, registering every archive in it, and return once
     each has a READY worker.
 
-    Raises :class:`TorchServeError` with the reason when Java is missing, an archive is
+    Raises :class:`~cnnserve.errors.MissingExtraError` when TorchServe is not installed, and
+    :class:`TorchServeError` with the reason when Java is missing, an archive is
     unreadable, a server already runs from this store, the JVM exits (e.g. a port is taken)
     or a model version has no READY worker within ``settings.torchserve_start_timeout_s``;
     nothing is left running.
     """
+    # TorchServe runs as ``python -m ts.model_server``: a missing package is named here.
+    require_extra("torchserve", "TorchServe", "ts")
     find_java()
     store = (model_store or settings.model_store_dir).resolve()
     archives = {archived_label(path): path.name for path in store_archives(store)}

@@ -3,7 +3,9 @@
 ``train`` and ``export`` make the demo weights and the TorchScript/ONNX artifacts;
 ``archive`` and ``torchserve start|stop|status`` package and run TorchServe; ``serve`` runs
 the gateway; ``predict`` calls a running gateway; ``bench`` measures it and writes
-docs/benchmarks.md. Each command imports what it needs only when it runs.
+docs/benchmarks.md. Each command imports what it needs only when it runs, so ``predict``
+and ``--help`` work with cnnserve's core dependencies alone; a command whose extra is not
+installed says which one to install (``pip install 'cnnserve[export]'``).
 
 Every expected failure prints one line on stderr and exits with status 2; tracebacks are
 kept for real bugs.
@@ -18,6 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
+
+from cnnserve.errors import needs_extra
 
 if TYPE_CHECKING:
     from cnnserve.settings import Settings
@@ -43,8 +47,8 @@ class UsageError(Exception):
 def user_errors() -> Iterator[None]:
     """Turn the errors a user can fix into one line on stderr and exit status 2."""
     from cnnserve.errors import CnnserveError
-    from cnnserve.export.exporter import ExportError
-    from cnnserve.models.checkpoint import CheckpointError
+    from cnnserve.export import ExportError
+    from cnnserve.models import CheckpointError
     from cnnserve.models.repository import RepositoryError
     from cnnserve.torchserve_engine import TorchServeError
 
@@ -73,10 +77,11 @@ def train(
 ) -> None:
     """Train the demo weights for MODEL from a fixed seed (a few minutes on 2 CPU cores)."""
     from cnnserve.models.registry import WEIGHTS_DIR, get_spec
-    from cnnserve.training.train import train_convnet, train_fcn
 
     with user_errors():
         spec = get_spec(model)
+        with needs_extra("train", "cnnserve train"):
+            from cnnserve.training.train import train_convnet, train_fcn
     trainer = train_convnet if spec.name == "convnet" else train_fcn
     result = trainer(seed=seed, out_dir=out or WEIGHTS_DIR)
     typer.echo(
@@ -125,7 +130,7 @@ def export(
     version of --name in the repository (config.yaml written when the model has none);
     without, a demo MODEL is written flat into --out.
     """
-    with user_errors():
+    with user_errors(), needs_extra("export", "cnnserve export"):
         if repository is None:
             if model is None:
                 raise UsageError("give a demo MODEL (convnet or fcn), or --repository")
@@ -208,25 +213,25 @@ def bench(
     ] = False,
 ) -> None:
     """Benchmark real gateway processes against their baselines; write docs/benchmarks.md."""
-    from cnnserve.bench.run import default_backends, rerender, run_benchmarks
+    # matplotlib draws the plots at the end: checked first, so a missing one fails before
+    # minutes of measuring, not after them.
+    with user_errors(), needs_extra("bench", "cnnserve bench", "matplotlib"):
+        from cnnserve.bench.run import default_backends, rerender, run_benchmarks
 
-    if report_only:
-        with user_errors():
-            typer.echo(f"wrote {rerender(docs)}")
-        return
-    if profile_name not in {"quick", "full"}:
-        typer.echo(f"error: unknown profile {profile_name!r}; use quick or full", err=True)
-        raise typer.Exit(2)
-    with user_errors():
-        path = run_benchmarks(
-            profile_name,
-            backend or default_backends(),
-            artifacts,
-            docs,
-            duration_s,
-            warmup_s,
-            processes,
-        )
+        if report_only:
+            path = rerender(docs)
+        elif profile_name not in {"quick", "full"}:
+            raise UsageError(f"unknown profile {profile_name!r}; use quick or full")
+        else:
+            path = run_benchmarks(
+                profile_name,
+                backend or default_backends(),
+                artifacts,
+                docs,
+                duration_s,
+                warmup_s,
+                processes,
+            )
     typer.echo(f"wrote {path}")
 
 
@@ -259,10 +264,11 @@ def archive(
     of the repository into the model store (the gateway does this itself for the versions it
     loads; this builds a store TorchServe serves from its start)."""
     from cnnserve.settings import Settings
-    from cnnserve.torchserve_engine.archive import archive_repository
 
     settings = Settings()
-    with user_errors():
+    with user_errors(), needs_extra("torchserve", "cnnserve archive"):
+        from cnnserve.torchserve_engine.archive import archive_repository
+
         archives = archive_repository(
             repository or settings.model_repository,
             model_store or settings.model_store_dir,
@@ -300,7 +306,6 @@ def torchserve_start(
 ) -> None:
     """Start TorchServe in the background; return once every model has a READY worker."""
     from cnnserve.settings import Settings
-    from cnnserve.torchserve_engine.process import start
 
     overrides: dict[str, Any] = {
         "torchserve_host": host,
@@ -308,7 +313,9 @@ def torchserve_start(
         "torchserve_start_timeout_s": timeout_s,
     }
     settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
-    with user_errors():
+    with user_errors(), needs_extra("torchserve", "cnnserve torchserve"):
+        from cnnserve.torchserve_engine.process import start
+
         info = start(settings, model_store)
     registered = ", ".join(info.models) or "no model yet (a gateway registers what it loads)"
     typer.echo(f"TorchServe ready (pid {info.pid}): {registered}")
@@ -323,9 +330,10 @@ def torchserve_start(
 def torchserve_stop(model_store: ModelStoreOption = None) -> None:
     """Stop TorchServe and its workers (waits until they are gone)."""
     from cnnserve.settings import Settings
-    from cnnserve.torchserve_engine.process import stop
 
-    with user_errors():
+    with user_errors(), needs_extra("torchserve", "cnnserve torchserve"):
+        from cnnserve.torchserve_engine.process import stop
+
         stopped = stop(model_store or Settings().model_store_dir)
     typer.echo("TorchServe stopped" if stopped else "TorchServe was not running")
 
@@ -338,9 +346,10 @@ def torchserve_status(model_store: ModelStoreOption = None) -> None:
     but some model is not ready yet (so the command can serve as a readiness probe).
     """
     from cnnserve.settings import Settings
-    from cnnserve.torchserve_engine.process import status
 
-    with user_errors():
+    with user_errors(), needs_extra("torchserve", "cnnserve torchserve"):
+        from cnnserve.torchserve_engine.process import status
+
         found = status(model_store or Settings().model_store_dir)
     if not found.running or found.info is None:
         typer.echo("TorchServe is not running")
@@ -415,7 +424,6 @@ def serve(
 
     from pydantic import ValidationError
 
-    from cnnserve.gateway.server import serve_forever
     from cnnserve.settings import Settings
 
     overrides: dict[str, Any] = {
@@ -440,7 +448,9 @@ def serve(
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    with user_errors():
+    with user_errors(), needs_extra("gateway", "cnnserve serve"):
+        from cnnserve.gateway.server import serve_forever
+
         _default_repository(settings)
         serve_forever(settings)
 
@@ -451,15 +461,17 @@ def _default_repository(settings: Settings) -> None:
     (flag or variable) is never created: a typo should fail, not serve the demos."""
     import logging
 
-    from cnnserve.export.repository import ensure_default_repository
-
     root = settings.model_repository
     if "model_repository" in settings.model_fields_set or root.exists():
         return
     log = logging.getLogger(__name__)
     log.info("%s does not exist: exporting the demo models into it", root)
-    for added in ensure_default_repository(root):
-        log.info("%s version %d → %s", added.name, added.version, added.folder)
+    with needs_extra("export", f"making the default model repository {root}"):
+        from cnnserve.export.repository import ensure_default_repository
+
+        added = ensure_default_repository(root)
+    for version in added:
+        log.info("%s version %d → %s", version.name, version.version, version.folder)
 
 
 @app.command()

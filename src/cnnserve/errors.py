@@ -7,6 +7,9 @@ is :mod:`cnnserve.protocol.status`, used by the transports; nothing else decides
 
 from __future__ import annotations
 
+import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from typing import ClassVar
 
@@ -70,6 +73,44 @@ class UnauthenticatedError(CnnserveError):
     """The call carries no valid API key (``authorization: Bearer <key>``)."""
 
     status = Status.UNAUTHENTICATED
+
+
+class MissingExtraError(UnavailableError):
+    """A part of cnnserve was asked for without the optional packages it needs installed; the
+    message names the extra of the ``cnnserve`` distribution that installs them."""
+
+    def __init__(self, what: str, module: str, extra: str) -> None:
+        super().__init__(
+            f"{what} needs {module!r}, which is not installed: pip install 'cnnserve[{extra}]'"
+        )
+
+
+def require_extra(extra: str, what: str, *modules: str) -> None:
+    """Raise :class:`MissingExtraError` for the first of ``modules`` that is not installed.
+
+    For what a library imports only deep inside a call (torch imports onnxscript when it
+    exports) or another process runs (``python -m ts.model_server``): checked up front,
+    nothing is left half done when one is missing.
+    """
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            raise MissingExtraError(what, module, extra)
+
+
+@contextmanager
+def needs_extra(extra: str, what: str, *modules: str) -> Iterator[None]:
+    """Run the block — ``what``, for the message — as a part that needs the extra ``extra``
+    (one of pyproject.toml's optional dependencies): ``modules`` are checked first
+    (:func:`require_extra`), and a third-party module found missing inside the block becomes
+    one :class:`MissingExtraError` naming the extra to install."""
+    require_extra(extra, what, *modules)
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").partition(".")[0]
+        if not missing or missing == "cnnserve":
+            raise  # a broken install or a bug, not a missing extra
+        raise MissingExtraError(what, missing, extra) from None
 
 
 #: The error class of each status, to raise again an error that crossed a process boundary.

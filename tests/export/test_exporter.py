@@ -10,7 +10,8 @@ import onnx
 import pytest
 import torch
 
-from cnnserve.export.exporter import ExportError, check_parity
+from cnnserve.export import ExportError
+from cnnserve.export.exporter import check_parity
 from cnnserve.models.checkpoint import sha256_file
 from cnnserve.models.registry import MODELS, weights_path
 from cnnserve.models.runtime import load_runner

@@ -17,10 +17,11 @@ from cnnserve.export.repository import (
     export_to_repository,
     read_labels,
 )
-from cnnserve.models.checkpoint import CheckpointError
+from cnnserve.models import CheckpointError
 from cnnserve.models.repository import Repository, RepositoryError
-from cnnserve.models.runtime import OnnxRunner, TorchScriptRunner
+from cnnserve.models.runtime import OnnxRunner
 from cnnserve.models.spec import Architecture
+from cnnserve.models.torchscript import TorchScriptRunner
 from tests.models import tutorial_classes as tutorial
 
 

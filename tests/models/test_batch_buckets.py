@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cnnserve.models.batch_buckets import StaticBatches, bucket_for, normalize_buckets
-from cnnserve.models.runtime import TorchScriptRunner
+from cnnserve.models.torchscript import TorchScriptRunner
 
 
 class EagerSteps:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnserve.models.checkpoint import CheckpointError, load_network, save_checkpoint
+from cnnserve.models import CheckpointError
+from cnnserve.models.checkpoint import load_network, save_checkpoint
 from cnnserve.models.networks import ConvNet
 from cnnserve.models.registry import MODELS
 
