@@ -7,6 +7,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 ARTIFACTS ?= artifacts
 MODEL_STORE ?= model_store
+# Two installs share .venv/, each with its marker: `make serve` installs what serving runs only
+# (cnnserve[serve]: the gateway, TorchServe, and the export that makes the default model
+# repository), no dev tools; `make install`, `make test` and the other targets install every
+# extra and the dev tools (cnnserve[dev]), which include serving's, so that marks both done.
+INSTALLED := $(VENV)/.installed
+INSTALLED_SERVE := $(VENV)/.installed-serve
+# Where pip gets torch when not from its configured index (PyPI's torch 2.13.0 for Linux is
+# the multi-GB CUDA build): TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU one.
+TORCH_INDEX ?=
 # The editable install is setuptools' strict mode: a tree of links under build/ that lays the
 # top-level folders out as the one package they are installed as, which mypy can follow (the
 # default mode's import hook it cannot). New modules need new links: LINKED re-runs the
@@ -14,33 +23,45 @@ MODEL_STORE ?= model_store
 LINKED := $(VENV)/.linked
 PACKAGE_FILES = $$($(PYTHON) -c 'import tomllib, pathlib; dirs = tomllib.load(open("pyproject.toml", "rb"))["tool"]["setuptools"]["package-dir"].values(); print(*sorted(str(p) for d in dirs for p in pathlib.Path(d).glob("*.py*")))')
 
-.PHONY: help install test test-fast lint format train export archive torchserve-start torchserve-stop \
-	proto proto-check bench soak overload serve \
+.PHONY: help install install-serve test test-fast lint format train export archive \
+	torchserve-start torchserve-stop proto proto-check bench soak overload serve \
 	deploy undeploy logs deploy-check deploy-lock dockerignore
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 
-$(VENV)/.installed: pyproject.toml
+# $(call venv_install,EXTRA): the venv, then cnnserve[EXTRA] editable into it.
+define venv_install
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; cnnserve needs Python 3.11" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and exactly pinned: a CPU wheel of 2.13.0 lies on local disk.
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]' --config-settings editable_mode=strict
+	$(BIN)/pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/pip install --quiet -e '.[$(1)]' --config-settings editable_mode=strict
+endef
+
+$(INSTALLED): pyproject.toml
+	$(call venv_install,dev)
+	touch $@ $(INSTALLED_SERVE)
+
+$(INSTALLED_SERVE): pyproject.toml
+	$(call venv_install,serve)
 	touch $@
 
 # Cheap when nothing was added or removed: compares the list of package files with the last one.
-$(LINKED): $(VENV)/.installed FORCE
-	@echo $(PACKAGE_FILES) > $@.new
-	@cmp -s $@.new $@ || { echo "package files changed: refreshing the editable install's links"; \
+define relink
+	@echo $(PACKAGE_FILES) > $(LINKED).new
+	@cmp -s $(LINKED).new $(LINKED) || { echo "package files changed: refreshing the editable install's links"; \
 		$(BIN)/pip install --quiet --no-deps -e . --config-settings editable_mode=strict \
 		> $(VENV)/relink.log 2>&1 || { cat $(VENV)/relink.log; exit 1; }; }
-	@mv $@.new $@
+	@mv $(LINKED).new $(LINKED)
+endef
 
-FORCE:
+install: $(INSTALLED) ## Create .venv/ with cnnserve (editable), every extra and the dev tools
+	$(relink)
 
-install: $(LINKED) ## Create .venv/ with cnnserve (editable) and the dev tools
+install-serve: $(INSTALLED_SERVE) ## Create .venv/ with what `make serve` runs only (cnnserve[serve])
+	$(relink)
 
 test: install ## Run the test suite
 	$(BIN)/pytest -q
@@ -103,7 +124,7 @@ SERVE_FLAGS = $(if $(MODEL_REPOSITORY),--model-repository $(MODEL_REPOSITORY)) \
 # gateway serves MODEL_REPOSITORY when given, else ./model_repository (which `cnnserve serve`
 # makes with the two demo models the first time); CONTROL=poll|explicit picks the model
 # control mode (README "Model repository").
-serve: install ## Serve the model repository (MODEL_REPOSITORY=DIR, CONTROL=poll): gateway on 8000 HTTP, 8001 gRPC, 8002 metrics; Ctrl-C stops
+serve: install-serve ## Serve the model repository (MODEL_REPOSITORY=DIR, CONTROL=poll): gateway on 8000 HTTP, 8001 gRPC, 8002 metrics; Ctrl-C stops
 	@export CNNSERVE_MODEL_STORE_DIR=$(MODEL_STORE); \
 	if command -v $(JAVA) >/dev/null 2>&1; then \
 		trap '$(BIN)/cnnserve torchserve stop' EXIT; trap 'exit 130' INT TERM; \
