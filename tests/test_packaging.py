@@ -194,6 +194,14 @@ def _extra_call(node: ast.AST, module: str) -> tuple[str, set[str]] | None:
     return str(extra.value), {str(m.value) for m in modules if isinstance(m, ast.Constant)}
 
 
+def _extra_block(node: ast.With, module: str) -> tuple[str, set[str]] | None:
+    """The ``needs_extra(...)`` a ``with`` statement enters, if any."""
+    for item in node.items:
+        if (checked := _extra_call(item.context_expr, module)) is not None:
+            return checked
+    return None
+
+
 def _run_modules(node: ast.List | ast.Tuple) -> set[str]:
     """Modules a command line runs with ``-m``: ``[sys.executable, "-m", "ts.model_server"]``."""
     values = [e.value if isinstance(e, ast.Constant) else None for e in node.elts]
@@ -217,29 +225,25 @@ def imports_of(module: str, path: Path) -> Imports:
             found.anywhere |= _run_modules(node)
         if (checked := _extra_call(node, module)) is not None:
             found.anywhere |= checked[1]
+        if isinstance(node, ast.Expr) and (checked := _extra_call(node.value, module)):
+            found.extra_checks.append(checked)  # a bare require_extra: modules only
         if isinstance(node, ast.If) and _is_type_checking(node):
             at_load = False
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
             at_load, block = False, None
-        if isinstance(node, ast.With):
-            for item in node.items:
-                if (checked := _extra_call(item.context_expr, module)) is not None:
-                    extra, modules = checked
-                    found.anywhere |= modules
-                    inside = set(modules)
-                    found.extra_checks.append((extra, inside))
-                    for child in node.body:
-                        visit(child, at_load, inside)
-                    return
+        if isinstance(node, ast.With) and (checked := _extra_block(node, module)):
+            extra, modules = checked
+            found.anywhere |= modules
+            inside = set(modules)
+            found.extra_checks.append((extra, inside))
+            for child in node.body:
+                visit(child, at_load, inside)
+            return
         for child in ast.iter_child_nodes(node):
             visit(child, at_load, block)
 
     for node in ast.parse(path.read_text(), str(path)).body:
         visit(node, True, None)
-    # A bare require_extra(...) (no with-block) checks modules only.
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Expr) and (checked := _extra_call(node.value, module)) is not None:
-            found.extra_checks.append(checked)
     return found
 
 
