@@ -1,9 +1,11 @@
 """Write .dockerignore from pyproject.toml's list of product folders, or check it.
 
-The images build from the repository root with one ``COPY . ./``; what reaches them is decided
-here: pyproject.toml and README.md (the package's metadata), deploy/ (locks, entry point), and
-every folder in ``[tool.setuptools.package-dir]`` -- the one list of product folders. So a new
-product folder is one line in pyproject.toml, then ``make dockerignore``.
+The images build from the repository root, and the build stage mounts the whole context; what
+reaches them is decided here: pyproject.toml and README.md (the package's metadata), deploy/
+(locks, entry point), the wheelhouse and the staged model repository that ``make deploy``
+prepares under build/, and every folder in ``[tool.setuptools.package-dir]`` -- the one list of
+product folders. So a new product folder is one line in pyproject.toml, then
+``make dockerignore``.
 
     python tools/dockerignore.py           # rewrite .dockerignore
     python tools/dockerignore.py --check   # exit 1 when .dockerignore differs from pyproject
@@ -19,7 +21,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = ROOT / ".dockerignore"
 #: What the build needs besides the package folders.
-ALWAYS = ("pyproject.toml", "README.md", "deploy/")
+ALWAYS = (
+    "pyproject.toml",
+    "README.md",
+    "deploy/",
+    "build/wheelhouse/",
+    "build/deploy/model_repository/",
+)
 #: Inside what is let through, what never belongs in an image.
 NEVER = ("**/__pycache__", "**/*.pyc", "deploy/k8s/")
 

@@ -9,6 +9,7 @@ anyone runs ``make deploy`` on a GPU host.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -23,7 +24,6 @@ from typing import Any
 
 import pytest
 import yaml
-from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
@@ -185,14 +185,30 @@ def container_port(container: dict[str, Any], port: int | str) -> int:
     return int(numbers[0])
 
 
-def lock_pins(variant: str) -> dict[str, str]:
-    """deploy/requirements/<variant>.txt as package name → pinned version."""
+def lock_pins(lock: str) -> dict[str, str]:
+    """deploy/requirements/<lock>.txt as package name → pinned version; every line has a hash."""
     pins = {}
-    for line in (DEPLOY / "requirements" / f"{variant}.txt").read_text().splitlines():
+    for line in (DEPLOY / "requirements" / f"{lock}.txt").read_text().splitlines():
         if line and not line.startswith("#"):
-            name, _, version = line.partition("==")
+            pin, _, hash_option = line.partition(" ")
+            assert re.fullmatch(r"--hash=sha256:[0-9a-f]{64}", hash_option), line
+            name, _, version = pin.partition("==")
             pins[canonicalize_name(name)] = version
     return pins
+
+
+def load_lock_module() -> Any:
+    """deploy/lock.py, the one place that says which extras each lock installs."""
+    spec = importlib.util.spec_from_file_location("deploy_lock", DEPLOY / "lock.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    # Registered first: its dataclasses look their module up while being defined.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+LOCK_MODULE = load_lock_module()
 
 
 def grpc_dns_target(target: str) -> tuple[str, int]:
@@ -465,7 +481,7 @@ def test_archives_land_in_the_model_store_torchserve_serves(
 
 def test_build_context_is_derived_from_the_package_folders() -> None:
     """.dockerignore is what tools/dockerignore.py derives from pyproject's package-dir, and
-    the build stage copies that whole context, so no list of folders can fall behind."""
+    the build stage mounts that whole context, so no list of folders can fall behind."""
     check = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "dockerignore.py"), "--check"],
         capture_output=True,
@@ -479,31 +495,61 @@ def test_build_context_is_derived_from_the_package_folders() -> None:
         if line.startswith("!")
     }
     folders = set(PYPROJECT["tool"]["setuptools"]["package-dir"].values())
-    assert folders | {"pyproject.toml", "README.md", "deploy"} <= allowed
-    assert "COPY . ./" in [
-        f"COPY {c}" for c in dockerfile_stages(DEPLOY / "Dockerfile")["build"].args("COPY")
-    ]
+    assert folders | {"pyproject.toml", "README.md", "deploy", "build/wheelhouse"} <= allowed
+    builds = dockerfile_stages(DEPLOY / "Dockerfile")["build"].args("RUN")
+    assert any(r.startswith("--mount=type=bind,target=/src") and "pip wheel" in r for r in builds)
+
+
+def test_every_python_package_comes_hash_checked_from_the_wheelhouse(
+    dockerfile: dict[str, Stage],
+) -> None:
+    """No image step reaches a package index: each lock install is --no-index and
+    --require-hashes over the wheelhouse mount, and every lock file is installed somewhere."""
+    installs = [run for stage in dockerfile.values() for run in stage.args("RUN") if "-r " in run]
+    assert installs
+    for run in installs:
+        assert "source=build/wheelhouse" in run and "--no-index" in run, run
+        assert "--require-hashes" in run, run
+    installed = " ".join(installs)
+    for lock in LOCK_MODULE.LOCKS:
+        # The torchserve locks are picked by the TORCH_VARIANT build argument.
+        chosen = "torchserve-${TORCH_VARIANT}.txt" if lock.name.startswith("torchserve-") else ""
+        assert f"{lock.name}.txt" in installed or chosen in installed, lock.name
 
 
 # --- locks ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["cpu", "gpu"])
-def test_lock_satisfies_pyproject(variant: str) -> None:
-    """Every runtime dependency is pinned in both locks at a version pyproject accepts."""
-    pins = lock_pins(variant)
+@pytest.mark.parametrize("lock", LOCK_MODULE.LOCKS, ids=lambda lock: lock.name)
+def test_lock_satisfies_pyproject(lock: Any) -> None:
+    """Every requirement of a lock's extras is pinned there at a version pyproject accepts."""
+    pins = lock_pins(lock.name)
     stale = []
-    for requirement in map(Requirement, PYPROJECT["project"]["dependencies"]):
+    for requirement in LOCK_MODULE.requirements_of(lock.extras, PYPROJECT):
         name = canonicalize_name(requirement.name)
-        if variant == "gpu" and name == "onnxruntime":
+        if lock.gpu and name == "onnxruntime":
             # The same module built for CUDA, with its own version line (deploy/lock.py).
             assert "onnxruntime-gpu" in pins, "gpu lock lacks onnxruntime-gpu"
         elif name not in pins or not requirement.specifier.contains(pins[name], prereleases=True):
             stale.append(f"{requirement} (lock: {pins.get(name, 'missing')})")
-    assert not stale, f"{variant} lock is stale: {stale}; run `make deploy-lock`"
+    assert not stale, f"{lock.name} lock is stale: {stale}; run `make deploy-lock`"
     assert not {"onnxruntime", "onnxruntime-gpu"} <= set(pins), "never both onnxruntime builds"
-    torch = Version(pins["torch"])
-    assert (torch.local == "cpu") == (variant == "cpu"), f"{variant} lock has torch {torch}"
+    if "torch" in pins:
+        torch = Version(pins["torch"])
+        assert (torch.local == "cpu") != lock.gpu, f"{lock.name} lock has torch {torch}"
+
+
+def test_gateway_image_has_no_torch_and_no_jvm(dockerfile: dict[str, Stage]) -> None:
+    """The gateway's lock holds neither torch nor CUDA libraries, and its stages install no
+    Java: what it runs is onnxruntime at most."""
+    pins = lock_pins("gateway")
+    assert not {name for name in pins if name == "torch" or name.startswith("nvidia-")}
+    chain, stage = [], dockerfile["gateway"]
+    while stage.base in dockerfile:
+        chain.append(stage)
+        stage = dockerfile[stage.base]
+    chain.append(stage)
+    assert not any("jre" in run or "jdk" in run for s in chain for run in s.args("RUN"))
 
 
 # --- Kubernetes -------------------------------------------------------------------------
