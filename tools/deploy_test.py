@@ -271,13 +271,14 @@ def _timestamp(text: str) -> float:
 
 
 def healthy_after(container: str) -> float | None:
-    """Seconds from the container's start to its first passing health check, while Docker
-    still keeps that check (its last five)."""
+    """Seconds from the container's start to its first passing health check; None once
+    Docker no longer knows which was first (it keeps the last five checks)."""
     state = inspect(container)["State"]
-    passed = [p for p in state.get("Health", {}).get("Log", []) if p["ExitCode"] == 0]
-    if not passed:
+    probes = state.get("Health", {}).get("Log", [])
+    first = next((i for i, p in enumerate(probes) if p["ExitCode"] == 0), None)
+    if first is None or (first == 0 and len(probes) == 5):
         return None
-    return round(_timestamp(passed[0]["End"]) - _timestamp(state["StartedAt"]), 1)
+    return round(_timestamp(probes[first]["End"]) - _timestamp(state["StartedAt"]), 1)
 
 
 def wait_for(what: str, condition: Callable[[], bool], bound_s: float = WAIT_BOUND_S) -> float:
