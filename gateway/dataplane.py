@@ -138,9 +138,10 @@ class DataPlane:
         return all(s.batcher.running for s in self.models.served_versions())
 
     async def server_ready(self) -> bool:
-        """Not draining, and every loaded version's batcher runs and its backend answers a
-        probe (a model that failed to load is in the repository index, not here)."""
-        if not self._accepting():
+        """Not draining, every model that was to be served serves (one whose every version
+        failed to load makes the server not ready; its reason is in the repository index),
+        and every loaded version's batcher runs and its backend answers a probe."""
+        if not self._accepting() or self.models.unservable():
             return False
         states = await asyncio.gather(*(self._answers(s) for s in self.models.served_versions()))
         return all(states)

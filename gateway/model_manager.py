@@ -396,6 +396,15 @@ class ModelManager:
         model = self._models.get(name)
         return model.ready_versions() if model is not None else []
 
+    def unservable(self) -> list[str]:
+        """The models that were to be served but have no version taking requests, because
+        loading them failed (not the ones unloaded on request), sorted by name."""
+        return sorted(
+            name
+            for name, model in self._models.items()
+            if model.problems and not model.served and not model.loading
+        )
+
     def served_versions(self) -> list[ServedVersion]:
         """Every version taking requests."""
         return [s for m in self._models.values() for s in m.served.values()]

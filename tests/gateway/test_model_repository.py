@@ -489,7 +489,15 @@ async def test_broken_models_are_reported_and_the_others_serve(
     (repository / "fcn" / "2" / EXPORT_FILE).write_text("{not json")
     async with started_core(repository) as core:
         assert core.model_names() == ["convnet", "fcn"]
-        assert await core.server_ready()
+        # Models that were to be served and serve no version: the server is not ready.
+        assert core.models.unservable() == [
+            "bad name",
+            "bad_artifact",
+            "bad_config",
+            "no_export",
+            "no_versions",
+        ]
+        assert not await core.server_ready()
         index = {(row.name, row.version): row for row in core.models.index()}
         reasons = {key: (row.state, row.reason) for key, row in index.items()}
         assert reasons[("convnet", "1")] == (ModelState.READY, "")
@@ -510,6 +518,19 @@ async def test_broken_models_are_reported_and_the_others_serve(
             await core.infer(raw_request("bad_artifact", fp32(1, 28, 28, 0), "logits"))
         response = await core.infer(raw_request("fcn", fp32(1, 9, 9, 0), "scores"))
         assert response.model_version == "1"
+
+
+async def test_a_broken_newer_version_leaves_the_server_ready(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """Readiness asks that every model serve, not that every file be loadable: an older
+    version serving is enough."""
+    repository = copy_repository(model_repository, tmp_path / "repo")
+    shutil.copytree(repository / "fcn" / "1", repository / "fcn" / "2")
+    (repository / "fcn" / "2" / EXPORT_FILE).write_text("{not json")
+    async with started_core(repository) as core:
+        assert core.models.unservable() == []
+        assert await core.server_ready()
 
 
 async def test_a_repository_that_is_not_there_fails_the_start(tmp_path: Path) -> None:
