@@ -11,6 +11,9 @@ worker — then:
   without being baked into an image. Without a key directory it goes to
   ``CNNSERVE_TORCHSERVE_KEY_FILE`` (one replica). With tokens off, a stale copy is removed;
   on SIGTERM the replica removes its published key;
+- copies TorchServe's log files (server, model workers with the handlers' errors, access) to
+  its own stdout as they grow, from the start on, so ``docker logs`` and ``make logs`` show
+  them; the files stay where TorchServe writes them;
 - stays in the foreground while the JVM lives. When the JVM dies it exits 1, so the
   orchestrator restarts the container; on SIGTERM/SIGINT it stops TorchServe and exits 0.
 
@@ -26,16 +29,18 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import FrameType
+from typing import TextIO
 
 import psutil
 
 from cnnserve.settings import Settings
 from cnnserve.torchserve_engine import TorchServeError
 from cnnserve.torchserve_engine.keys import key_file_name, read_inference_key
-from cnnserve.torchserve_engine.process import start, status, stop
+from cnnserve.torchserve_engine.process import RUN_DIR_NAME, start, status, stop
 
 #: How often the foreground loop checks that the JVM still lives.
 POLL_INTERVAL_S = 1.0
@@ -87,6 +92,63 @@ def publish_key(source: Path | None, target: Path | None) -> None:
         raise
 
 
+#: TorchServe's log files copied to stdout (metrics are scraped, not logged).
+FOLLOWED_LOGS = ("ts_log.log", "model_log.log", "access_log.log")
+
+
+class LogFollower:
+    """Copies what TorchServe appends to its log files to stdout, from a thread of its own
+    (TorchServe logs while :func:`start` waits for its workers)."""
+
+    def __init__(self, log_dir: Path, out: TextIO = sys.stdout) -> None:
+        self.log_dir = log_dir
+        self.out = out
+        # What is there already was shown by an earlier run of this container (a restart
+        # keeps its files): only what TorchServe appends from now on is copied.
+        self._offsets = {name: _size(log_dir / name) for name in FOLLOWED_LOGS}
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="log-follower", daemon=True)
+
+    def __enter__(self) -> LogFollower:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(POLL_INTERVAL_S / 2):
+            self.copy_new_lines()
+        self.copy_new_lines()
+
+    def copy_new_lines(self) -> None:
+        """Write every complete line added to a followed file since the last call."""
+        for name, last_offset in self._offsets.items():
+            path = self.log_dir / name
+            size = _size(path)
+            # Smaller than what was read: rolled over, the file was started anew.
+            offset = last_offset if size >= last_offset else 0
+            if size == offset:
+                continue
+            with path.open("rb") as file:
+                file.seek(offset)
+                chunk = file.read(size - offset)
+            complete = chunk[: chunk.rfind(b"\n") + 1]
+            self._offsets[name] = offset + len(complete)
+            if complete:
+                self.out.write(complete.decode("utf-8", "replace"))
+                self.out.flush()
+
+
+def _size(path: Path) -> int:
+    """The size of ``path`` in bytes; 0 while it does not exist."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def jvm_alive(pid: int) -> bool:
     """Whether process ``pid`` exists and is not a zombie."""
     try:
@@ -111,6 +173,12 @@ def serve(settings: Settings) -> int:
     store = settings.model_store_dir
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _on_signal)
+    with LogFollower(store / RUN_DIR_NAME / "logs"):
+        return _serve(settings, store)
+
+
+def _serve(settings: Settings, store: Path) -> int:
+    """:func:`serve` once the signal handlers are set and the logs followed."""
     try:
         info = start(settings, store)
         published = published_key_path(settings)

@@ -8,6 +8,7 @@ here it runs as a process on free ports against a real TorchServe, with the same
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
 import signal
 import stat
@@ -91,6 +92,28 @@ def test_unknown_command_is_a_usage_error() -> None:
     assert "usage: torchserve_entrypoint.py [serve|ready]" in result.stderr
 
 
+# --- logs to stdout ----------------------------------------------------------------------
+
+
+def test_log_follower_copies_whole_new_lines_and_survives_a_rollover(tmp_path: Path) -> None:
+    (tmp_path / "ts_log.log").write_text("from an earlier run of the container\n")
+    out = io.StringIO()
+    follower = entrypoint.LogFollower(tmp_path, out)
+    with (tmp_path / "ts_log.log").open("a") as ts_log:
+        ts_log.write("server line\nhalf a li")
+    (tmp_path / "model_log.log").write_text("handler error\n")
+    follower.copy_new_lines()
+    assert out.getvalue() == "server line\nhandler error\n"
+    with (tmp_path / "ts_log.log").open("a") as ts_log:
+        ts_log.write("ne\n")
+    follower.copy_new_lines()
+    assert out.getvalue().endswith("handler error\nhalf a line\n")
+    # log4j rolled the file over: it starts again, shorter than what was read.
+    (tmp_path / "ts_log.log").write_text("after rollover\n")
+    follower.copy_new_lines()
+    assert out.getvalue().endswith("half a line\nafter rollover\n")
+
+
 # --- the real thing ---------------------------------------------------------------------
 
 
@@ -138,9 +161,10 @@ def wait_ready(process: subprocess.Popen[str], env: dict[str, str]) -> None:
 @starts_torchserve
 def container(
     model_repository: Path, tmp_path: Path
-) -> Iterator[tuple[subprocess.Popen[str], dict[str, str], Path]]:
+) -> Iterator[tuple[subprocess.Popen[str], dict[str, str], Path, Path]]:
     """The entry point serving a fresh model store with the repository's archives, as the
-    image builds it; (process, env, published key path)."""
+    image builds it; (process, env, published key path, its stdout and stderr as a file —
+    a pipe nobody reads while TorchServe logs would fill and stall it)."""
     store = tmp_path / "model_store"
     store.mkdir()
     settings = torchserve_settings(store)
@@ -151,16 +175,18 @@ def container(
     name = key_file_name(entrypoint.own_address(), settings.torchserve_grpc_inference_port)
     published_key = key_dir / name
     assert ready(env).returncode == 1, "healthy before anything started"
-    process = subprocess.Popen(
-        [sys.executable, str(SCRIPT)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    output = tmp_path / "entrypoint.out"
+    with output.open("w") as output_file:
+        process = subprocess.Popen(
+            [sys.executable, str(SCRIPT)],
+            env=env,
+            stdout=output_file,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     try:
         wait_ready(process, env)
-        yield process, env, published_key
+        yield process, env, published_key, output
     finally:
         stop_process(process, STOP_TIMEOUT_S)
         # Whatever the test did, no TorchServe outlives it.
@@ -171,9 +197,9 @@ def container(
 
 @pytest.mark.torchserve
 async def test_serves_publishes_the_key_and_stops_on_sigterm(
-    container: tuple[subprocess.Popen[str], dict[str, str], Path],
+    container: tuple[subprocess.Popen[str], dict[str, str], Path, Path],
 ) -> None:
-    process, env, published_key = container
+    process, env, published_key, output_path = container
     store = Path(env["CNNSERVE_MODEL_STORE_DIR"])
     # The published key is TorchServe's own inference key, and it works for inference.
     assert read_inference_key(published_key) == read_inference_key(run_dir_of(store) / KEY_FILE)
@@ -188,9 +214,15 @@ async def test_serves_publishes_the_key_and_stops_on_sigterm(
     assert outputs.shape == (2, 10)
 
     process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=STOP_TIMEOUT_S)
+    process.wait(timeout=STOP_TIMEOUT_S)
+    output = output_path.read_text()
     assert process.returncode == 0, output
     assert "SIGTERM: stopping TorchServe" in output
+    # TorchServe's own log lines reach the container's stdout: the server's, a worker's
+    # (where handler errors go), and the access log's line for the call above.
+    assert "Torchserve version" in output
+    assert "MODEL_LOG" in output
+    assert "ACCESS_LOG" in output
     assert not status(store).running
     assert ready(env).returncode == 1
     assert not published_key.exists(), "a stopped replica's key stayed published"
@@ -198,14 +230,15 @@ async def test_serves_publishes_the_key_and_stops_on_sigterm(
 
 @pytest.mark.torchserve
 def test_exits_with_failure_when_torchserve_dies(
-    container: tuple[subprocess.Popen[str], dict[str, str], Path],
+    container: tuple[subprocess.Popen[str], dict[str, str], Path, Path],
 ) -> None:
     """A dead JVM ends the container (exit 1), so the orchestrator restarts it."""
-    process, env, _ = container
+    process, env, _, output_path = container
     info = ServerInfo.load(run_dir_of(Path(env["CNNSERVE_MODEL_STORE_DIR"])))
     assert info is not None
     psutil.Process(info.pid).kill()
-    output, _ = process.communicate(timeout=STOP_TIMEOUT_S)
+    process.wait(timeout=STOP_TIMEOUT_S)
+    output = output_path.read_text()
     assert process.returncode == 1, output
     assert f"TorchServe (pid {info.pid}) exited" in output
     assert ready(env).returncode == 1
