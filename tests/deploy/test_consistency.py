@@ -500,6 +500,16 @@ def test_build_context_is_derived_from_the_package_folders() -> None:
     assert any(r.startswith("--mount=type=bind,target=/src") and "pip wheel" in r for r in builds)
 
 
+def test_no_dockerfile_needs_a_registry_beyond_its_base_image() -> None:
+    """A ``# syntax=`` line makes BuildKit pull a frontend image from a registry; every image
+    must build where only the base image (pulled or made by deploy/base_image.sh) is there."""
+    for path in sorted(DEPLOY.rglob("Dockerfile")):
+        assert not re.search(r"(?im)^#\s*syntax\s*=", path.read_text()), path
+        bases = {stage.base for stage in dockerfile_stages(path).values()}
+        local = set(dockerfile_stages(path)) | {"${BASE_IMAGE}"}
+        assert bases <= local, f"{path}: FROM {bases - local}"
+
+
 def test_every_python_package_comes_hash_checked_from_the_wheelhouse(
     dockerfile: dict[str, Stage],
 ) -> None:
