@@ -35,6 +35,7 @@ from cnnserve.settings import Settings
 
 from .backends import Backend, create_backend
 from .batcher import ModelTime
+from .decode_pool import DecodePool
 from .inputs import input_metadata, item_count, select_input, to_batch
 from .metrics import UNKNOWN_LABEL, GatewayMetrics
 from .model_manager import ModelManager, ServedVersion
@@ -82,6 +83,8 @@ class DataPlane:
         self.metrics = metrics or GatewayMetrics()
         #: The served versions and their lifecycle; the repository API's entry point.
         self.models = ModelManager(settings, backend, self.metrics)
+        #: Where caller-sized work (image and message decoding, big arrays) runs off the loop.
+        self.decode_pool = DecodePool(settings.decode_threads)
         self._started = False
         self._draining = False
         self._in_flight = 0
@@ -127,6 +130,7 @@ class DataPlane:
         await self.wait_idle(grace)
         await self.models.stop(max(0.0, give_up_at - time.monotonic()))
         self._started = False
+        self.decode_pool.close()
         await self.backend.close()
 
     # --- health and metadata ---
@@ -224,7 +228,7 @@ class DataPlane:
         served.batcher.check_room(count)
         preparing = time.monotonic()
         # Image decoding and big array conversions would stall every other request.
-        batch = await _maybe_offload(
+        batch = await self._maybe_offload(
             tensor.datatype == "BYTES" or tensor.data.nbytes > OFFLOAD_BYTES,
             to_batch,
             spec,
@@ -236,7 +240,7 @@ class DataPlane:
         model_time = ModelTime()
         raw = await served.batcher.submit(batch, deadline, model_time)
         computing = time.monotonic()
-        outputs = await _maybe_offload(
+        outputs = await self._maybe_offload(
             raw.nbytes > OFFLOAD_BYTES, compute_outputs, spec, raw, plans
         )
         finished = time.monotonic()
@@ -287,6 +291,12 @@ class DataPlane:
 
     # --- helpers ---
 
+    async def _maybe_offload(self, offload: bool, fn: Callable[..., T], *args: object) -> T:
+        """Run ``fn`` in the decode pool when ``offload``, inline otherwise (cheap work)."""
+        if offload:
+            return await self.decode_pool.run(fn, *args)
+        return fn(*args)
+
     def _accepting(self) -> bool:
         return self._started and not self._draining
 
@@ -302,13 +312,6 @@ class DataPlane:
             self._in_flight -= 1
             if self._in_flight == 0 and self._idle is not None:
                 self._idle.set()
-
-
-async def _maybe_offload(offload: bool, fn: Callable[..., T], *args: object) -> T:
-    """Run ``fn`` in a worker thread when ``offload``, inline otherwise (cheap work)."""
-    if offload:
-        return await asyncio.to_thread(fn, *args)
-    return fn(*args)
 
 
 async def create_core(settings: Settings, metrics: GatewayMetrics | None = None) -> DataPlane:

@@ -147,6 +147,16 @@ class Settings(BaseSettings):
         ge=49,
         description="Largest encoded image (W×H) decoded; checked before decoding.",
     )
+    # --- memory: what requests may hold in the gateway at once, in bytes, reserved from image
+    # headers and tensor shapes before anything is decoded or allocated (docs/reliability.md,
+    # "Memory budgets") ---
+    decode_threads: int = Field(
+        2,
+        ge=1,
+        description="Worker threads that decode images and large messages and prepare big "
+        "arrays, off the event loop; at most this many decodes hold their working memory at "
+        "once.",
+    )
     default_timeout_ms: float | None = Field(
         None, description="Deadline applied to requests that carry none; unset means no deadline."
     )
