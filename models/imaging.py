@@ -7,9 +7,11 @@ before any pixel memory is allocated (a decompression bomb costs nothing).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -18,61 +20,124 @@ from cnnserve.errors import InvalidInputError
 
 #: Largest image, in pixels, that is decoded at all (checked against the header first).
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+#: Most bytes one decoded pixel takes in Pillow's memory (RGBA, CMYK, 32-bit integer or float
+#: modes); a decode's working memory is at most this per pixel of the image's header size.
+MAX_BYTES_PER_PIXEL = 4
+#: Modes Pillow's ``reduce`` takes; others (palette, bilevel, 16-bit) are converted first.
+_REDUCIBLE = frozenset({"L", "LA", "RGB", "RGBA", "I", "F"})
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an encoded image declares about itself, read before any pixel is decoded."""
+
+    width: int
+    height: int
+    format: str
+
+    @property
+    def pixels(self) -> int:
+        """``width × height``."""
+        return self.width * self.height
+
+
+def read_header(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ImageHeader:
+    """Size and format of PNG/JPEG bytes from the header alone; anything else, or more than
+    ``max_pixels`` pixels, is an :class:`InvalidInputError`."""
+    with _decoding():
+        return _header(_open(data), max_pixels)
 
 
 def decode_rgb(
     data: bytes,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     check_size: Callable[[int, int], None] | None = None,
+    shrink_to_side: int | None = None,
 ) -> np.ndarray:
     """Decode PNG/JPEG bytes to an ``H×W×3`` uint8 RGB array.
 
     ``check_size(height, width)`` may refuse the declared size (raising
     :class:`InvalidInputError`) before any pixel is decoded.
 
-    Grayscale becomes three equal channels; an alpha channel is composited onto the
-    background that contrasts with the opaque pixels (dark ink on transparency lands on
-    white, light ink on black), so a transparent digit keeps its strokes visible.
+    ``shrink_to_side``: the image is shrunk by a whole factor, as early as its format allows,
+    until neither side is larger (a JPEG by 1/8 at most, its decoder's smallest scale): a
+    JPEG is decoded at the smaller scale directly (``draft``), a PNG is reduced right after
+    decoding, before any conversion — so a big image never costs more
+    than its decode in its own mode (at most :data:`MAX_BYTES_PER_PIXEL` per pixel).
+
+    Grayscale becomes three equal channels; an alpha channel is composited (in uint8, after
+    shrinking) onto the background that contrasts with the opaque pixels (dark ink on
+    transparency lands on white, light ink on black), so a transparent digit keeps its
+    strokes visible.
     """
-    if not data:
-        raise InvalidInputError("image is empty (0 bytes)")
+    with _decoding():
+        image = _open(data)
+        header = _header(image, max_pixels)
+        if check_size is not None:
+            check_size(header.height, header.width)
+        factor = 1
+        if shrink_to_side is not None:
+            factor = -(-max(header.width, header.height) // shrink_to_side)
+        if factor > 1 and header.format == "JPEG":
+            image.draft("RGB", (header.width // factor, header.height // factor))
+        image.load()
+        if factor > 1 and header.format == "PNG":
+            if image.mode not in _REDUCIBLE:
+                image = image.convert("RGBA" if _has_alpha(image) else "RGB")
+            image = image.reduce(factor)
+        return _to_rgb(image)
+
+
+@contextlib.contextmanager
+def _decoding() -> Iterator[None]:
+    """Every way Pillow fails on untrusted bytes becomes an :class:`InvalidInputError`."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise InvalidInputError(
-                    f"image is {width}×{height} = {width * height} pixels; "
-                    f"the limit is {max_pixels}"
-                )
-            if image.format not in {"PNG", "JPEG"}:
-                raise InvalidInputError(
-                    f"image format {image.format} is not accepted; send PNG or JPEG"
-                )
-            if check_size is not None:
-                check_size(height, width)
-            image.load()
+            yield
     except InvalidInputError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InvalidInputError(f"could not decode image: {exc}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidInputError(f"image rejected: {exc}") from None
-    return _to_rgb(image)
+
+
+def _open(data: bytes) -> Image.Image:
+    if not data:
+        raise InvalidInputError("image is empty (0 bytes)")
+    return Image.open(io.BytesIO(data))
+
+
+def _header(image: Image.Image, max_pixels: int) -> ImageHeader:
+    width, height = image.size
+    if width * height > max_pixels:
+        raise InvalidInputError(
+            f"image is {width}×{height} = {width * height} pixels; the limit is {max_pixels}"
+        )
+    if image.format not in {"PNG", "JPEG"}:
+        raise InvalidInputError(f"image format {image.format} is not accepted; send PNG or JPEG")
+    return ImageHeader(width, height, image.format)
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in {"RGBA", "LA", "PA"} or (
+        image.mode == "P" and "transparency" in image.info
+    )
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:
-    if image.mode in {"RGBA", "LA", "PA"} or (image.mode == "P" and "transparency" in image.info):
-        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32)
-        alpha = rgba[..., 3:4] / 255.0
-        opaque = alpha[..., 0] > 0.5
-        ink_mean = float(rgba[..., :3][opaque].mean()) if opaque.any() else 0.0
-        background = 255.0 if ink_mean < 128 else 0.0
-        rgb = rgba[..., :3] * alpha + background * (1.0 - alpha)
-        composited: np.ndarray = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
-        return composited
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    if not _has_alpha(image):
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    rgba = np.asarray(image.convert("RGBA"), dtype=np.uint8)
+    alpha = rgba[..., 3:4].astype(np.uint16)
+    opaque = rgba[..., 3] > 127
+    ink_mean = float(rgba[..., :3][opaque].mean()) if opaque.any() else 0.0
+    background = 255 if ink_mean < 128 else 0
+    # Integer "over" compositing, rounded: (c·a + bg·(255 − a) + 127) // 255 fits uint16.
+    blended = rgba[..., :3] * alpha + np.uint16(background) * (255 - alpha) + 127
+    composited: np.ndarray = (blended // 255).astype(np.uint8)
+    return composited
 
 
 def encode_png(array: np.ndarray) -> bytes:

@@ -16,7 +16,7 @@ import numpy as np
 
 from cnnserve.errors import InvalidInputError
 
-from .imaging import DEFAULT_MAX_IMAGE_PIXELS, decode_rgb
+from .imaging import DEFAULT_MAX_IMAGE_PIXELS, ImageHeader, decode_rgb, read_header
 from .pixels import DEFAULT_NORMALIZATION, Normalization
 
 if TYPE_CHECKING:
@@ -27,6 +27,12 @@ if TYPE_CHECKING:
 FCN_MAX_SIDE = 512
 #: Smallest FCN input side: three valid 3×3 convolutions need at least 7 pixels.
 FCN_MIN_SIDE = 7
+#: Largest image a fixed-size model (the ConvNet) decodes, in pixels: a digit needs no
+#: poster, and a decode's working memory grows with the image's declared size.
+FIXED_SIZE_MAX_PIXELS = 2048 * 2048
+#: A fixed-size model's images are shrunk while decoding until their longer side is at most
+#: this: ~9× the ConvNet's 28 px, so cropping to the ink still keeps a digit's detail.
+FIXED_SIZE_SHRINK_SIDE = 256
 
 
 class Task(enum.Enum):
@@ -122,11 +128,33 @@ class ModelSpec:
                 f"{self.name} expects {self.shape_text()}, got [N,3,{height},{width}]"
             )
 
+    def max_image_pixels(self, limit: int = DEFAULT_MAX_IMAGE_PIXELS) -> int:
+        """The largest image, in pixels, this model decodes under the server's ``limit``:
+        :data:`FIXED_SIZE_MAX_PIXELS` for a fixed-size model, ``max_side²`` for the others."""
+        own = FIXED_SIZE_MAX_PIXELS if self.fixed_size is not None else self.max_side**2
+        return min(limit, own)
+
+    def read_image_header(
+        self, data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    ) -> ImageHeader:
+        """An encoded image's header, checked as :meth:`image_to_pixels` checks it (format,
+        :meth:`max_image_pixels`, and the size range of a model that takes any size) —
+        nothing is decoded."""
+        header = read_header(data, self.max_image_pixels(max_pixels))
+        if self.fixed_size is None:
+            self.check_size(header.height, header.width)
+        return header
+
     def image_to_pixels(
         self, data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     ) -> np.ndarray:
         """Encoded PNG/JPEG bytes → ``3×H×W`` uint8 pixels ready for :func:`normalize`."""
-        # Any size is resized to a fixed-size network's input; others are checked from the
-        # image's header, before its pixels are decoded.
-        rgb = decode_rgb(data, max_pixels, None if self.fixed_size else self.check_size)
+        # Any size is shrunk towards a fixed-size network's input while it is decoded; the
+        # size of the others is checked from the image's header, before any pixel is decoded.
+        if self.fixed_size is not None:
+            rgb = decode_rgb(
+                data, self.max_image_pixels(max_pixels), shrink_to_side=FIXED_SIZE_SHRINK_SIDE
+            )
+        else:
+            rgb = decode_rgb(data, self.max_image_pixels(max_pixels), self.check_size)
         return self.rgb_to_pixels(rgb)

@@ -9,7 +9,13 @@ import pytest
 from PIL import Image
 
 from cnnserve.errors import InvalidInputError
-from cnnserve.models.imaging import MASK_COLOURS, decode_rgb, encode_mask_png, encode_png
+from cnnserve.models.imaging import (
+    MASK_COLOURS,
+    decode_rgb,
+    encode_mask_png,
+    encode_png,
+    read_header,
+)
 
 from ..images import encode, png_declaring
 
@@ -95,3 +101,38 @@ def test_size_check_runs_on_the_header_before_decoding() -> None:
     assert seen == [(3000, 4000)]
     with pytest.raises(InvalidInputError, match="could not decode image"):
         decode_rgb(png_declaring(4000, 3000))  # without the check: decoding is attempted
+
+
+def test_a_big_png_is_shrunk_before_it_is_converted_and_blended_in_uint8() -> None:
+    """A 2048² transparent PNG with light ink comes back at most 256 px a side; the blend
+    rounds as float compositing does (200 at alpha 128 over black: 200·128/255 = 100.4)."""
+    rgba = np.zeros((2048, 2048, 4), dtype=np.uint8)
+    rgba[512:1536, 768:1280] = 255
+    rgba[:, :16] = (200, 200, 200, 128)  # half-transparent gray stripe, 16 px → 1 px
+    rgb = decode_rgb(encode(rgba), shrink_to_side=256)
+    assert rgb.shape == (256, 256, 3)
+    assert rgb[128, 128].tolist() == [255, 255, 255]
+    assert rgb[0, 100].tolist() == [0, 0, 0]
+    assert rgb[100, 0].tolist() == [100, 100, 100]
+
+
+def test_a_big_jpeg_is_decoded_at_a_smaller_scale() -> None:
+    rgb = np.full((2048, 1024, 3), 90, dtype=np.uint8)
+    decoded = decode_rgb(encode(rgb, fmt="JPEG"), shrink_to_side=256)
+    assert decoded.shape == (256, 128, 3)  # the decoder's 1/8 scale
+    assert abs(int(decoded.mean()) - 90) <= 2
+
+
+@pytest.mark.parametrize("mode", ["P", "I;16", "1"])
+def test_modes_that_reduce_cannot_take_are_converted_first(mode: str) -> None:
+    image = Image.new("L", (600, 300), 255).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    assert decode_rgb(buffer.getvalue(), shrink_to_side=100).shape == (50, 100, 3)
+
+
+def test_read_header_decodes_nothing() -> None:
+    header = read_header(png_declaring(4000, 3000))  # truncated: decoding would fail
+    assert (header.width, header.height, header.format) == (4000, 3000, "PNG")
+    with pytest.raises(InvalidInputError, match="the limit is 1000"):
+        read_header(png_declaring(40, 30), max_pixels=1000)

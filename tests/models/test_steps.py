@@ -9,7 +9,7 @@ from cnnserve.errors import InvalidInputError, UnknownModelError
 from cnnserve.models.registry import MODELS, get_spec
 from cnnserve.models.steps import class_mask, digit_pixels, normalize
 
-from ..images import digit_png, encode, held_out_digit, shapes_png
+from ..images import digit_png, encode, held_out_digit, png_declaring, shapes_png
 
 
 def test_normalize_maps_pixels_to_unit_range() -> None:
@@ -69,3 +69,23 @@ def test_mask_is_the_argmax_class() -> None:
     scores[0, 1, 1, :] = 1.0
     mask = class_mask(scores)
     assert mask.tolist() == [[[2, 0], [1, 1]]]
+
+
+def test_convnet_refuses_an_image_over_its_own_pixel_cap_from_the_header() -> None:
+    """A fixed-size model's images are checked against its cap (2048², below the server's
+    4096²) by their header: this one is truncated, so decoding would fail differently."""
+    spec = MODELS["convnet"]
+    assert spec.max_image_pixels() == 2048 * 2048
+    with pytest.raises(InvalidInputError, match="2049×2048 = 4196352 pixels; the limit is 4194304"):
+        spec.image_to_pixels(png_declaring(2049, 2048))
+    with pytest.raises(InvalidInputError, match="the limit is 4194304"):
+        spec.read_image_header(png_declaring(2049, 2048))
+    assert spec.read_image_header(png_declaring(2048, 2048)).pixels == 2048 * 2048
+
+
+def test_a_big_digit_image_gives_the_pixels_of_its_small_copy() -> None:
+    """Shrinking while decoding changes little: a digit drawn 16× larger prepares like itself."""
+    rgb, _ = held_out_digit(7)
+    big = np.repeat(np.repeat(rgb, 16, axis=0), 16, axis=1)
+    small = MODELS["convnet"].image_to_pixels(encode(rgb)).astype(int)
+    assert np.abs(MODELS["convnet"].image_to_pixels(encode(big)).astype(int) - small).mean() < 8
