@@ -92,9 +92,9 @@ class ErrorTableRoute(APIRoute):
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The whole body, refusing (413) one over ``limit`` bytes before reading all of it."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(int(declared), limit)
+    declared = _byte_count(request.headers.get("content-length"))
+    if declared is not None and declared > limit:
+        raise _too_large(declared, limit)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
@@ -128,13 +128,27 @@ def _too_large(size: int, limit: int, what: str = "") -> PayloadTooLargeError:
     )
 
 
-def _header_length(request: Request) -> int | None:
-    value = request.headers.get(HEADER_LENGTH)
+def _byte_count(value: str | None) -> int | None:
+    """A header's decimal byte count; ``None`` when absent or not one. ASCII digits only
+    (``str.isdigit`` also accepts ``"²"``, which ``int`` refuses), and few enough that ``int``
+    converts them (it refuses more than 4,300) — more than any body could hold."""
     if value is None:
         return None
-    if not value.strip().isdigit():
-        raise InvalidInputError(f"{HEADER_LENGTH} must be a byte count, got {value!r}")
-    return int(value)
+    value = value.strip()
+    ok = value.isascii() and value.isdigit() and len(value) <= _MAX_COUNT_DIGITS
+    return int(value) if ok else None
+
+
+#: Digits of the longest byte count read from a header (10**18 bytes: an exabyte).
+_MAX_COUNT_DIGITS = 18
+
+
+def _header_length(request: Request) -> int | None:
+    value = request.headers.get(HEADER_LENGTH)
+    length = _byte_count(value)
+    if value is not None and length is None:
+        raise InvalidInputError(f"{HEADER_LENGTH} must be a byte count, got {value[:60]!r}")
+    return length
 
 
 def _health(ok: bool, key: str, **extra: Any) -> JSONResponse:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import tokenize
 
 import numpy as np
@@ -77,7 +78,7 @@ def unpack(data: bytes, ndim: int | None = 4, max_bytes: int = MAX_PACKED_BYTES)
         raise InvalidInputError("packed batch is not a .npy file (missing \\x93NUMPY magic)")
     dtype, shape, offset = _read_header(data)
     _check(dtype, shape, max_bytes, ranks=(ndim, ndim) if ndim is not None else _RANKS)
-    expected = int(np.prod(shape)) * _FLOAT32.itemsize
+    expected = math.prod(shape) * _FLOAT32.itemsize
     if len(data) - offset != expected:
         raise InvalidInputError(
             f"packed batch header says {list(shape)} ({expected} bytes of data) "
@@ -114,7 +115,7 @@ def _check(dtype: np.dtype, shape: tuple[int, ...], max_bytes: int, ranks: tuple
         raise InvalidInputError(f"expected an FP32 array of {wanted}, got {shown}")
     if shape[0] < 1 or any(d < 1 for d in shape):
         raise InvalidInputError(f"expected at least one item and no empty axis, got {shown}")
-    nbytes = int(np.prod(shape)) * _FLOAT32.itemsize
+    nbytes = math.prod(shape) * _FLOAT32.itemsize
     if nbytes > max_bytes:
         raise PayloadTooLargeError(
             f"packed batch {shown} is {nbytes} bytes; the limit is {max_bytes} bytes"

@@ -34,6 +34,7 @@ from .domain import (
     TensorMetadata,
 )
 from .errors import CodecError
+from .json_text import load_json, shown
 from .tensor_codec import BYTES, check_datatype, check_shape, decode_raw, decode_values, encode_raw
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -60,7 +61,7 @@ class HttpInferRequest:
 
 def _expect(value: object, kind: type | tuple[type, ...], where: str, what: str) -> Any:
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
-        raise CodecError(f"{where} must be {what}, got {json.dumps(value)[:60]}")
+        raise CodecError(f"{where} must be {what}, got {shown(value)}")
     return value
 
 
@@ -120,10 +121,7 @@ def decode_infer_request(
 ) -> HttpInferRequest:
     """An infer body (JSON, or JSON + binary tensors) → the domain request and output form."""
     header, binary = _split(body, header_length)
-    try:
-        document = json.loads(header)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CodecError(f"request body is not valid JSON: {exc}") from None
+    document = load_json(header, "request body")
     document = _expect(document, dict, "request body", "a JSON object")
     request_id = _expect(document.get("id", ""), str, "id", "a string")
     params = _parameters(document.get("parameters"), "request")
@@ -250,10 +248,7 @@ def encode_infer_request(request: InferRequest) -> tuple[bytes, int]:
 def decode_infer_response(body: bytes, header_length: int | None) -> InferResponse:
     """A response body (JSON, or JSON + binary tensors) → :class:`InferResponse` (client side)."""
     header, binary = _split(body, header_length)
-    try:
-        document = json.loads(header)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CodecError(f"response body is not valid JSON: {exc}") from None
+    document = load_json(header, "response body")
     document = _expect(document, dict, "response body", "a JSON object")
     outputs: list[Tensor] = []
     offset = 0

@@ -15,7 +15,6 @@ Nothing here imports grpc.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
@@ -36,6 +35,7 @@ from .domain import (
     VersionStats,
 )
 from .errors import CodecError
+from .json_text import load_json, shown
 
 #: A parameter of a load or unload request (gRPC's ``bytes_param`` arrives as bytes).
 RepositoryParameter = ParameterValue | bytes
@@ -234,12 +234,9 @@ def _json_body(body: bytes, what: str) -> dict[str, Any]:
     object (whitespace alone is not JSON, as the OpenAPI description says)."""
     if not body:
         return {}
-    try:
-        document = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CodecError(f"{what} body is not valid JSON: {exc}") from None
+    document = load_json(body, f"{what} body")
     if not isinstance(document, dict):
-        raise CodecError(f"{what} body must be a JSON object, got {json.dumps(document)[:60]}")
+        raise CodecError(f"{what} body must be a JSON object, got {shown(document)}")
     return document
 
 
@@ -247,7 +244,7 @@ def index_request_from_json(body: bytes) -> bool:
     """``$repository_index_request`` → whether only ready versions are asked for."""
     ready = _json_body(body, "repository index").get("ready", False)
     if not isinstance(ready, bool):
-        raise CodecError(f"'ready' must be true or false, got {json.dumps(ready)[:60]}")
+        raise CodecError(f"'ready' must be true or false, got {shown(ready)}")
     return ready
 
 
@@ -255,7 +252,7 @@ def repository_request_from_json(body: bytes, what: str) -> dict[str, Repository
     """A load or unload body (``{"parameters": {...}}``, optional) → its parameters."""
     parameters = _json_body(body, what).get("parameters", {})
     if not isinstance(parameters, dict):
-        raise CodecError(f"{what} parameters must be an object, got {json.dumps(parameters)[:60]}")
+        raise CodecError(f"{what} parameters must be an object, got {shown(parameters)}")
     for key, value in parameters.items():
         if not isinstance(value, bool | int | float | str):
             kind = type(value).__name__

@@ -416,7 +416,8 @@ FP32_28 = np.zeros((1, 3, 28, 28), dtype=np.float32)
         (
             lambda: request("convnet", tensor("input", FP32_28), parameters={"timeout": "soon"}),
             InvalidInputError,
-            "parameter 'timeout' must be a non-negative integer of microseconds, got 'soon'",
+            "parameter 'timeout' must be an integer of microseconds from 0 to "
+            '18446744073709551615, got "soon"',
         ),
         (
             lambda: request(

@@ -112,6 +112,13 @@ def test_a_header_claiming_more_than_follows_is_refused_before_allocating() -> N
         unpack(lying_npy((1000, 3, 8, 8), b"\0" * 64))
 
 
+def test_a_header_whose_size_overflows_int64_is_refused() -> None:
+    # 2**32 · 2**32 · 1 · 4 items wrap to 0 in int64: counted as such, the header would pass
+    # the size check and claim an empty body.
+    with pytest.raises(PayloadTooLargeError, match=r"\[4294967296, 4294967296, 1, 4\]"):
+        unpack(lying_npy((2**32, 2**32, 1, 4), b""))
+
+
 def test_size_limit() -> None:
     data = pack(batch(4, 3, 64, 64))
     with pytest.raises(PayloadTooLargeError, match="the limit is 1000 bytes"):
