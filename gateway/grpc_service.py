@@ -47,9 +47,11 @@ T = TypeVar("T")
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-#: Requests of one ModelStreamInfer stream being answered at once; past it the stream is not
-#: read, so HTTP/2 flow control pushes back on the client instead of tasks piling up here.
-STREAM_MAX_IN_FLIGHT = 256
+#: Requests of one ModelStreamInfer stream read and not yet answered *and written*: being
+#: computed, or answered and waiting for a client that does not read. Past it the stream is
+#: not read, so HTTP/2 flow control pushes back on the client instead of answers piling up
+#: in memory here.
+STREAM_MAX_PENDING = 64
 #: How often a health Watch re-reads readiness.
 HEALTH_WATCH_INTERVAL_S = 1.0
 
@@ -169,7 +171,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """
         deadline = deadline_of(context)
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        slots = asyncio.Semaphore(STREAM_MAX_IN_FLIGHT)
+        slots = asyncio.Semaphore(STREAM_MAX_PENDING)
         in_flight: set[asyncio.Task[None]] = set()
 
         async def answer(request: pb.ModelInferRequest) -> None:
@@ -186,8 +188,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                         id=request.id,
                     ),
                 )
-            finally:
-                slots.release()
             answers.put_nowait(message)
 
         async def read() -> None:
@@ -205,6 +205,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             while (message := await answers.get()) is not None:
                 yield message
+                # Written (gRPC resumes the generator once the transport took it): its slot
+                # lets one more request be read.
+                slots.release()
             await reader  # re-raise a failure to read the stream
         finally:
             reader.cancel()
