@@ -36,6 +36,11 @@ class ImageHeader:
     format: str
 
     @property
+    def size(self) -> tuple[int, int]:
+        """``(width, height)``, as Pillow orders them."""
+        return self.width, self.height
+
+    @property
     def pixels(self) -> int:
         """``width × height``."""
         return self.width * self.height
@@ -51,12 +56,12 @@ def read_header(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Imag
 def decode_rgb(
     data: bytes,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-    check_size: Callable[[int, int], None] | None = None,
+    check_header: Callable[[ImageHeader], None] | None = None,
     shrink_to_side: int | None = None,
 ) -> np.ndarray:
     """Decode PNG/JPEG bytes to an ``H×W×3`` uint8 RGB array.
 
-    ``check_size(height, width)`` may refuse the declared size (raising
+    ``check_header(header)`` may refuse the declared size or format (raising
     :class:`InvalidInputError`) before any pixel is decoded.
 
     ``shrink_to_side``: the image is shrunk by a whole factor, as early as its format allows,
@@ -73,8 +78,8 @@ def decode_rgb(
     with _decoding():
         image = _open(data)
         header = _header(image, max_pixels)
-        if check_size is not None:
-            check_size(header.height, header.width)
+        if check_header is not None:
+            check_header(header)
         factor = 1
         if shrink_to_side is not None:
             factor = -(-max(header.width, header.height) // shrink_to_side)

@@ -8,6 +8,7 @@ demo models' are in :mod:`cnnserve.models.registry`.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -27,9 +28,11 @@ if TYPE_CHECKING:
 FCN_MAX_SIDE = 512
 #: Smallest FCN input side: three valid 3×3 convolutions need at least 7 pixels.
 FCN_MIN_SIDE = 7
-#: Largest image a fixed-size model (the ConvNet) decodes, in pixels: a digit needs no
-#: poster, and a decode's working memory grows with the image's declared size.
-FIXED_SIZE_MAX_PIXELS = 2048 * 2048
+#: Largest PNG a fixed-size model (the ConvNet) decodes, in pixels: a PNG is decoded whole
+#: before it can be shrunk, so its cost (memory, ~15 ms of CPU at this size) grows with its
+#: declared size, and a digit needs no poster. A JPEG is decoded at 1/8 of its size, so the
+#: server's max_image_pixels is its only cap.
+FIXED_SIZE_MAX_PNG_PIXELS = 1024 * 1024
 #: A fixed-size model's images are shrunk while decoding until their longer side is at most
 #: this: ~9× the ConvNet's 28 px, so cropping to the ink still keeps a digit's detail.
 FIXED_SIZE_SHRINK_SIDE = 256
@@ -128,21 +131,27 @@ class ModelSpec:
                 f"{self.name} expects {self.shape_text()}, got [N,3,{height},{width}]"
             )
 
-    def max_image_pixels(self, limit: int = DEFAULT_MAX_IMAGE_PIXELS) -> int:
-        """The largest image, in pixels, this model decodes under the server's ``limit``:
-        :data:`FIXED_SIZE_MAX_PIXELS` for a fixed-size model, ``max_side²`` for the others."""
-        own = FIXED_SIZE_MAX_PIXELS if self.fixed_size is not None else self.max_side**2
-        return min(limit, own)
+    def check_image_header(self, header: ImageHeader) -> None:
+        """Refuse an image by its header, before it is decoded: outside the size range of a
+        model that takes any size, or a PNG over a fixed-size model's
+        :data:`FIXED_SIZE_MAX_PNG_PIXELS`."""
+        if self.fixed_size is None:
+            self.check_size(header.height, header.width)
+        elif header.format == "PNG" and header.pixels > FIXED_SIZE_MAX_PNG_PIXELS:
+            side = math.isqrt(FIXED_SIZE_MAX_PNG_PIXELS)
+            raise InvalidInputError(
+                f"{self.name} takes PNG images of at most {FIXED_SIZE_MAX_PNG_PIXELS} pixels "
+                f"({side}×{side}); this one is {header.width}×{header.height}: send it "
+                "smaller, or as JPEG"
+            )
 
     def read_image_header(
         self, data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     ) -> ImageHeader:
         """An encoded image's header, checked as :meth:`image_to_pixels` checks it (format,
-        :meth:`max_image_pixels`, and the size range of a model that takes any size) —
-        nothing is decoded."""
-        header = read_header(data, self.max_image_pixels(max_pixels))
-        if self.fixed_size is None:
-            self.check_size(header.height, header.width)
+        ``max_pixels``, :meth:`check_image_header`) — nothing is decoded."""
+        header = read_header(data, max_pixels)
+        self.check_image_header(header)
         return header
 
     def image_to_pixels(
@@ -151,10 +160,6 @@ class ModelSpec:
         """Encoded PNG/JPEG bytes → ``3×H×W`` uint8 pixels ready for :func:`normalize`."""
         # Any size is shrunk towards a fixed-size network's input while it is decoded; the
         # size of the others is checked from the image's header, before any pixel is decoded.
-        if self.fixed_size is not None:
-            rgb = decode_rgb(
-                data, self.max_image_pixels(max_pixels), shrink_to_side=FIXED_SIZE_SHRINK_SIDE
-            )
-        else:
-            rgb = decode_rgb(data, self.max_image_pixels(max_pixels), self.check_size)
+        shrink_to_side = FIXED_SIZE_SHRINK_SIDE if self.fixed_size is not None else None
+        rgb = decode_rgb(data, max_pixels, self.check_image_header, shrink_to_side)
         return self.rgb_to_pixels(rgb)

@@ -11,6 +11,7 @@ from PIL import Image
 from cnnserve.errors import InvalidInputError
 from cnnserve.models.imaging import (
     MASK_COLOURS,
+    ImageHeader,
     decode_rgb,
     encode_mask_png,
     encode_png,
@@ -88,16 +89,16 @@ def test_mask_png_keeps_class_indices_and_shows_colours() -> None:
 
 
 def test_size_check_runs_on_the_header_before_decoding() -> None:
-    """A header-only PNG declaring 4000×4000 (data truncated): ``check_size`` refuses it by
+    """A header-only PNG declaring 4000×4000 (data truncated): ``check_header`` refuses it by
     its declared size, where decoding would first allocate 48 MB and then fail."""
     seen: list[tuple[int, int]] = []
 
-    def refuse(height: int, width: int) -> None:
-        seen.append((height, width))
-        raise InvalidInputError(f"{width}×{height} is too big for this model")
+    def refuse(header: ImageHeader) -> None:
+        seen.append((header.height, header.width))
+        raise InvalidInputError(f"{header.width}×{header.height} is too big for this model")
 
     with pytest.raises(InvalidInputError, match="4000×3000 is too big"):
-        decode_rgb(png_declaring(4000, 3000), check_size=refuse)
+        decode_rgb(png_declaring(4000, 3000), check_header=refuse)
     assert seen == [(3000, 4000)]
     with pytest.raises(InvalidInputError, match="could not decode image"):
         decode_rgb(png_declaring(4000, 3000))  # without the check: decoding is attempted

@@ -71,16 +71,24 @@ def test_mask_is_the_argmax_class() -> None:
     assert mask.tolist() == [[[2, 0], [1, 1]]]
 
 
-def test_convnet_refuses_an_image_over_its_own_pixel_cap_from_the_header() -> None:
-    """A fixed-size model's images are checked against its cap (2048², below the server's
-    4096²) by their header: this one is truncated, so decoding would fail differently."""
+def test_convnet_refuses_a_png_over_its_own_pixel_cap_from_the_header() -> None:
+    """A fixed-size model's PNGs are checked against its cap (1024², below the server's
+    4096²) by their header: these are truncated, so decoding would fail differently."""
     spec = MODELS["convnet"]
-    assert spec.max_image_pixels() == 2048 * 2048
-    with pytest.raises(InvalidInputError, match="2049×2048 = 4196352 pixels; the limit is 4194304"):
-        spec.image_to_pixels(png_declaring(2049, 2048))
-    with pytest.raises(InvalidInputError, match="the limit is 4194304"):
-        spec.read_image_header(png_declaring(2049, 2048))
-    assert spec.read_image_header(png_declaring(2048, 2048)).pixels == 2048 * 2048
+    refused = r"convnet takes PNG images of at most 1048576 pixels \(1024×1024\); this one is "
+    with pytest.raises(InvalidInputError, match=refused + "1025×1024: send it smaller, or as JPEG"):
+        spec.image_to_pixels(png_declaring(1025, 1024))
+    with pytest.raises(InvalidInputError, match=refused):
+        spec.read_image_header(png_declaring(1025, 1024))
+    assert spec.read_image_header(png_declaring(1024, 1024)).pixels == 1024 * 1024
+
+
+def test_convnet_takes_a_big_jpeg_decoded_at_a_smaller_scale() -> None:
+    """A JPEG is decoded at 1/8 of its size, so only the server's cap applies to it."""
+    photo = np.full((3000, 4000, 3), 230, dtype=np.uint8)
+    photo[1000:2000, 1800:2200] = 20  # a dark stroke on paper
+    pixels = MODELS["convnet"].image_to_pixels(encode(photo, fmt="JPEG"))
+    assert pixels.shape == (3, 28, 28) and pixels[:, 14, 14].min() > 200
 
 
 def test_a_big_digit_image_gives_the_pixels_of_its_small_copy() -> None:
