@@ -37,7 +37,8 @@ from cnnserve.settings import Settings
 from .backends import Backend, create_backend
 from .batcher import ModelTime
 from .decode_pool import DecodePool
-from .inputs import input_metadata, item_count, select_input, to_batch
+from .inputs import declared_input, input_metadata, item_count, select_input, to_batch
+from .memory_budget import MemoryBudget, request_cost
 from .metrics import UNKNOWN_LABEL, GatewayMetrics
 from .model_manager import ModelManager, ServedVersion
 from .outputs import compute_outputs, output_metadata, plan_outputs
@@ -88,6 +89,8 @@ class DataPlane:
         self.models = ModelManager(settings, backend, self.metrics)
         #: Where caller-sized work (image and message decoding, big arrays) runs off the loop.
         self.decode_pool = DecodePool(settings.decode_threads)
+        #: The bytes requests hold in the gateway, reserved before they are spent.
+        self.memory = MemoryBudget(settings.max_request_bytes, settings.max_in_flight_bytes)
         self._started = False
         self._draining = False
         self._in_flight = 0
@@ -230,22 +233,29 @@ class DataPlane:
         # A full queue refuses at once, before images are decoded for nothing.
         served.batcher.check_room(count)
         preparing = time.monotonic()
-        # Image decoding and big array conversions would stall every other request.
-        batch = await self._maybe_offload(
-            tensor.datatype == "BYTES" or tensor.data.nbytes > OFFLOAD_BYTES,
-            to_batch,
-            spec,
-            tensor,
-            self.settings.max_image_pixels,
-            served.keep_pixels,
+        images = tensor.datatype == "BYTES"
+        # Headers only, but one per image: off the loop too.
+        declared = await self._maybe_offload(
+            images, declared_input, spec, tensor, self.settings.max_image_pixels
         )
-        input_s = time.monotonic() - preparing
-        model_time = ModelTime()
-        raw = await served.batcher.submit(batch, deadline, model_time)
-        computing = time.monotonic()
-        outputs = await self._maybe_offload(
-            raw.nbytes > OFFLOAD_BYTES, compute_outputs, spec, raw, plans
-        )
+        cost = request_cost(spec, count, declared.item_shape, declared.largest_image_pixels)
+        with self.memory.reserve(cost, f"this request ({count} items of {spec.name})"):
+            # Image decoding and big array conversions would stall every other request.
+            batch = await self._maybe_offload(
+                images or tensor.data.nbytes > OFFLOAD_BYTES,
+                to_batch,
+                spec,
+                tensor,
+                self.settings.max_image_pixels,
+                served.keep_pixels,
+            )
+            input_s = time.monotonic() - preparing
+            model_time = ModelTime()
+            raw = await served.batcher.submit(batch, deadline, model_time)
+            computing = time.monotonic()
+            outputs = await self._maybe_offload(
+                raw.nbytes > OFFLOAD_BYTES, compute_outputs, spec, raw, plans
+            )
         finished = time.monotonic()
         served.stats.request_succeeded(
             count, finished - started, input_s, model_time.seconds, finished - computing

@@ -17,9 +17,14 @@ limit) with a message that says what was expected and what arrived.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import NoReturn
+
 import numpy as np
 
 from cnnserve.errors import InvalidInputError, PayloadTooLargeError
+from cnnserve.models.imaging import ImageHeader
 from cnnserve.models.spec import ModelSpec
 from cnnserve.models.steps import normalize
 from cnnserve.protocol.domain import DATATYPES, Tensor, TensorMetadata
@@ -148,24 +153,70 @@ def _owned(data: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(data)
 
 
-def _decode_images(spec: ModelSpec, images: np.ndarray, max_pixels: int) -> np.ndarray:
-    """Decode each image; an FCN request's images must share one size (one output tensor)."""
-    pixels: list[np.ndarray] = []
+@dataclass(frozen=True)
+class DeclaredInput:
+    """What a request's input will cost to prepare, known before anything is decoded."""
+
+    #: One item's network input, ``3×H×W`` (from the tensor's shape or the images' headers).
+    item_shape: tuple[int, ...]
+    #: The largest image's size from its header, in pixels (0: not images).
+    largest_image_pixels: int = 0
+
+
+def declared_input(spec: ModelSpec, tensor: Tensor, max_image_pixels: int) -> DeclaredInput:
+    """The item shape the input declares — for images, read from every header, each checked
+    (format, the model's pixel cap, its size range, one size per FCN request) before any
+    pixel is decoded. Call after :func:`item_count`."""
+    if tensor.datatype != "BYTES":
+        return DeclaredInput(tuple(tensor.shape[1:]))
+    first: ImageHeader | None = None
+    largest = 0
+    for index, item in enumerate(_images(tensor.data)):
+        try:
+            header = spec.read_image_header(item, max_image_pixels)
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"image {index}: {exc}") from None
+        if first is None:
+            first = header
+        elif spec.fixed_size is None and header.size != first.size:
+            _refuse_mixed_sizes(spec, first.size, index, header.size)
+        largest = max(largest, header.pixels)
+    assert first is not None  # item_count refused N = 0
+    height, width = spec.fixed_size or (first.height, first.width)
+    return DeclaredInput((3, height, width), largest)
+
+
+def _images(images: np.ndarray) -> Iterator[bytes]:
+    """Each element of a BYTES input as bytes; anything else is refused, naming the item."""
     for index, item in enumerate(images.reshape(-1)):
         if not isinstance(item, bytes | bytearray | memoryview):
             raise InvalidInputError(
                 f"image {index}: expected encoded PNG/JPEG bytes, got {type(item).__name__}"
             )
+        yield bytes(item)
+
+
+def _refuse_mixed_sizes(
+    spec: ModelSpec, first: tuple[int, int], index: int, this: tuple[int, int]
+) -> NoReturn:
+    """An FCN request's images must share one size (``(width, height)`` each)."""
+    raise InvalidInputError(
+        f"images in one {spec.name} request must share one size (their outputs share "
+        f"one tensor): image 0 is {first[0]}×{first[1]}, image {index} is "
+        f"{this[0]}×{this[1]}; send them in separate requests"
+    )
+
+
+def _decode_images(spec: ModelSpec, images: np.ndarray, max_pixels: int) -> np.ndarray:
+    """Decode each image; an FCN request's images must share one size (one output tensor)."""
+    pixels: list[np.ndarray] = []
+    for index, item in enumerate(_images(images)):
         try:
-            decoded = spec.image_to_pixels(bytes(item), max_pixels)
+            decoded = spec.image_to_pixels(item, max_pixels)
         except InvalidInputError as exc:
             raise InvalidInputError(f"image {index}: {exc}") from None
         if pixels and decoded.shape != pixels[0].shape:
             first, this = pixels[0].shape, decoded.shape
-            raise InvalidInputError(
-                f"images in one {spec.name} request must share one size (their outputs share "
-                f"one tensor): image 0 is {first[2]}×{first[1]}, image {index} is "
-                f"{this[2]}×{this[1]}; send them in separate requests"
-            )
+            _refuse_mixed_sizes(spec, (first[2], first[1]), index, (this[2], this[1]))
         pixels.append(decoded)
     return np.stack(pixels)

@@ -157,6 +157,23 @@ class Settings(BaseSettings):
         "arrays, off the event loop; at most this many decodes hold their working memory at "
         "once.",
     )
+    max_request_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="Bytes of gateway memory one request may take, priced from its image "
+        "headers or tensor shape before anything is decoded: its input, its network output "
+        "and every copy of them until it is answered. A request priced higher can never "
+        "succeed: INVALID_ARGUMENT. Default 256 MiB: six 512×512 FCN images, or the "
+        "per-request item limit of ConvNet digits.",
+    )
+    max_in_flight_bytes: int = Field(
+        1024 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="Bytes of gateway memory all requests in flight may take together (as "
+        "max_request_bytes prices them); a request that finds no room is refused at once "
+        "with RESOURCE_EXHAUSTED (retry later). Default 1 GiB: with the process itself and "
+        "decode_threads decoding, the gateway stays under its 2 GiB container limit.",
+    )
     default_timeout_ms: float | None = Field(
         None, description="Deadline applied to requests that carry none; unset means no deadline."
     )
@@ -320,6 +337,16 @@ class Settings(BaseSettings):
             raise ValueError(
                 "load_models applies to model_control_mode explicit only (the other modes "
                 "load every model of the repository)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _one_request_fits_in_flight(self) -> Settings:
+        """A request within max_request_bytes must be able to run when nothing else does."""
+        if self.max_request_bytes > self.max_in_flight_bytes:
+            raise ValueError(
+                f"max_request_bytes ({self.max_request_bytes}) is larger than "
+                f"max_in_flight_bytes ({self.max_in_flight_bytes})"
             )
         return self
 

@@ -1,0 +1,235 @@
+"""Memory budgets at the default settings: requests priced in bytes from image headers and
+tensor shapes, refused before anything is decoded — INVALID_ARGUMENT when one request alone is
+over max_request_bytes, RESOURCE_EXHAUSTED while the in-flight budget is taken — and a real
+gateway process kept under its container's memory limit by the worst requests they accept.
+
+The gateways use the torchserve backend in front of a stand-in TorchServe that answers zeros
+(tests/gateway/null_torchserve.py), as the shipped deployment runs: the model's memory is
+TorchServe's, everything the gateway does with a request is measured here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import psutil
+import pytest
+import yaml
+from PIL import Image
+
+from cnnserve.gateway.memory_budget import request_cost
+from cnnserve.models.registry import get_spec
+from cnnserve.protocol import open_inference_pb2 as pb
+from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
+from cnnserve.settings import Settings
+from tests.gateway.harness import (
+    holding_settings,
+    raw_bytes_elements,
+    running_gateway,
+)
+from tests.gateway.null_torchserve import null_torchserve
+from tests.support import GatewayProcess, gateway_process, wait_until_async
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULTS = Settings()
+FCN = get_spec("fcn")
+#: One 512×512 FCN image, 1 KB as PNG: what costs most gateway memory per byte sent.
+FCN_SIDE = 512
+#: The most 512×512 FCN images one request may carry at the defaults (the docs say six).
+WORST_FCN_ITEMS = 6
+#: Requests of WORST_FCN_ITEMS images that fit in the in-flight budget together.
+WORST_CONCURRENT = 4
+BIG_CHANNEL = [
+    ("grpc.max_receive_message_length", 1 << 30),
+    ("grpc.max_send_message_length", 1 << 30),
+]
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+FCN_PNG = _png(Image.new("RGB", (FCN_SIDE, FCN_SIDE), (40, 40, 40)))
+
+
+def _transparent_png(side: int) -> bytes:
+    """A transparent square with an opaque bar: a ~70 KB file at 4096², 1 GB decoded once."""
+    image = Image.new("RGBA", (side, side), (0, 0, 0, 0))
+    image.paste((255, 255, 255, 255), (side * 3 // 8, side // 4, side * 5 // 8, side * 3 // 4))
+    return _png(image)
+
+
+def _request(
+    model: str, images: list[bytes], outputs: tuple[str, ...] = ()
+) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model)
+    tensor = request.inputs.add(name="image", datatype="BYTES", shape=[len(images), 1])
+    tensor.contents.bytes_contents.extend(images)
+    for name in outputs:
+        request.outputs.add(name=name)
+    return request
+
+
+def _fcn_cost(items: int) -> int:
+    return request_cost(FCN, items, (3, FCN_SIDE, FCN_SIDE), FCN_SIDE * FCN_SIDE)
+
+
+def test_the_documented_worst_requests_are_the_limits() -> None:
+    """Six 512×512 FCN images are the most one request may carry, four such fill the
+    in-flight budget, and the per-request item limit of large digits fits."""
+    assert _fcn_cost(WORST_FCN_ITEMS) <= DEFAULTS.max_request_bytes < _fcn_cost(WORST_FCN_ITEMS + 1)
+    in_flight = DEFAULTS.max_in_flight_bytes
+    assert WORST_CONCURRENT * _fcn_cost(WORST_FCN_ITEMS) <= in_flight
+    assert (WORST_CONCURRENT + 1) * _fcn_cost(WORST_FCN_ITEMS) > in_flight
+    digits = request_cost(
+        get_spec("convnet"), DEFAULTS.max_items_per_request, (3, 28, 28), 4096 * 4096
+    )
+    assert digits <= DEFAULTS.max_request_bytes
+
+
+async def _call(stub: pb_grpc.GRPCInferenceServiceStub, request: pb.ModelInferRequest) -> str:
+    """``OK`` or ``CODE: details``."""
+    try:
+        await stub.ModelInfer(request, timeout=120)
+    except grpc.aio.AioRpcError as exc:
+        return f"{exc.code().name}: {exc.details()}"
+    return "OK"
+
+
+@pytest.fixture(scope="module")
+def torchserve_target() -> Iterator[str]:
+    with null_torchserve() as target:
+        yield target
+
+
+def _torchserve_settings(target: str, store: Path) -> dict[str, Any]:
+    """The torchserve backend's settings in front of the stand-in: nothing to register, no
+    key."""
+    return {
+        "torchserve_grpc_target": target,
+        "torchserve_token_auth": False,
+        "torchserve_registration": False,
+        "model_store_dir": store,
+    }
+
+
+async def test_over_the_request_budget_is_invalid_and_a_full_budget_says_retry(
+    model_repository: Path, torchserve_target: str, tmp_path: Path
+) -> None:
+    """While four of the largest requests wait in the queue (a long batch delay holds them),
+    a fifth is refused at once with RESOURCE_EXHAUSTED; a request over max_request_bytes is
+    INVALID_ARGUMENT (gRPC) / 400 (HTTP), whatever else is in flight; once the four are
+    answered their bytes are free again."""
+    settings = holding_settings(
+        model_repository,
+        5_000,
+        backend="torchserve",
+        **_torchserve_settings(torchserve_target, tmp_path),
+    )
+    async with running_gateway(settings) as gateway:
+        memory = gateway.core.memory
+        async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{gateway.grpc_port}", options=BIG_CHANNEL
+        ) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+            worst = _request("fcn", [FCN_PNG] * WORST_FCN_ITEMS, ("scores",))
+            held = [asyncio.create_task(_call(stub, worst)) for _ in range(WORST_CONCURRENT)]
+            held_bytes = WORST_CONCURRENT * _fcn_cost(WORST_FCN_ITEMS)
+            await wait_until_async(lambda: memory.in_use == held_bytes, 60, "four held requests")
+            refused = await _call(stub, worst)
+            assert refused.startswith("RESOURCE_EXHAUSTED: the gateway's memory budget is taken")
+            assert "retry later" in refused
+            too_big = await _call(stub, _request("fcn", [FCN_PNG] * (WORST_FCN_ITEMS + 1)))
+            assert too_big.startswith("INVALID_ARGUMENT: this request (7 items of fcn) would take")
+            assert "(max_request_bytes)" in too_big
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}") as http:
+                raw = raw_bytes_elements([FCN_PNG] * (WORST_FCN_ITEMS + 1))
+                header = json.dumps(
+                    {
+                        "inputs": [
+                            {
+                                "name": "image",
+                                "datatype": "BYTES",
+                                "shape": [WORST_FCN_ITEMS + 1],
+                                "parameters": {"binary_data_size": len(raw)},
+                            }
+                        ]
+                    }
+                ).encode()
+                reply = await http.post(
+                    "/v2/models/fcn/infer",
+                    content=header + raw,
+                    headers={"Inference-Header-Content-Length": str(len(header))},
+                )
+                assert reply.status_code == 400 and "max_request_bytes" in reply.text
+            assert await asyncio.gather(*held) == ["OK"] * WORST_CONCURRENT
+            assert memory.in_use == 0
+            assert await _call(stub, worst) == "OK"
+
+
+def _pod_memory_limit() -> int:
+    """The gateway container's memory limit in deploy/k8s/gateway.yaml, in bytes."""
+    documents = yaml.safe_load_all((ROOT / "deploy" / "k8s" / "gateway.yaml").read_text())
+    deployment = next(d for d in documents if d["kind"] == "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    limit = str(container["resources"]["limits"]["memory"])
+    units = {"Gi": 2**30, "Mi": 2**20}
+    return int(limit[:-2]) * units[limit[-2:]]
+
+
+def _reset_peak(gateway: GatewayProcess) -> int:
+    """Restart the process's peak RSS count (VmHWM) from now; its RSS now."""
+    Path(f"/proc/{gateway.process.pid}/clear_refs").write_text("5")
+    return int(psutil.Process(gateway.process.pid).memory_info().rss)
+
+
+def _peak(gateway: GatewayProcess) -> int:
+    """The process's peak RSS (VmHWM) since :func:`_reset_peak`, in bytes."""
+    for line in Path(f"/proc/{gateway.process.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/<pid>/status")
+
+
+async def test_a_real_gateway_stays_under_its_pod_limit_at_the_worst_it_accepts(
+    model_repository: Path, torchserve_target: str, tmp_path: Path
+) -> None:
+    """A ``cnnserve serve`` process at the default settings: the worst requests they accept —
+    the in-flight budget filled with the largest FCN requests, scores asked for — keep its
+    peak RSS under the container limit shipped in deploy/k8s/gateway.yaml (and its growth
+    under what the budget reserved for them), while the audit's payloads and the next-bigger
+    request are refused from their headers before their pixels cost anything."""
+    limit = _pod_memory_limit()
+    with gateway_process(
+        "torchserve",
+        tmp_path / "gateway.log",
+        model_repository=model_repository,
+        **_torchserve_settings(torchserve_target, tmp_path / "store"),
+    ) as gateway:
+        async with grpc.aio.insecure_channel(gateway.grpc_target, options=BIG_CHANNEL) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+            assert await _call(stub, _request("fcn", [FCN_PNG])) == "OK"  # warm: first batch
+            before = _reset_peak(gateway)
+            refused = await asyncio.gather(
+                _call(stub, _request("fcn", [FCN_PNG] * DEFAULTS.max_items_per_request)),
+                _call(stub, _request("fcn", [FCN_PNG] * (WORST_FCN_ITEMS + 1), ("scores",))),
+                _call(stub, _request("convnet", [_transparent_png(4096)])),
+            )
+            assert [r.split(":")[0] for r in refused] == ["INVALID_ARGUMENT"] * 3, refused
+            assert _peak(gateway) - before < 32 << 20  # headers only: nothing decoded
+            before = _reset_peak(gateway)
+            worst = _request("fcn", [FCN_PNG] * WORST_FCN_ITEMS, ("scores",))
+            answers = await asyncio.gather(*(_call(stub, worst) for _ in range(WORST_CONCURRENT)))
+            assert answers == ["OK"] * WORST_CONCURRENT
+            peak = _peak(gateway)
+        assert peak < limit, f"peak RSS {peak >> 20} MiB, the pod's limit {limit >> 20} MiB"
+        assert peak - before <= WORST_CONCURRENT * _fcn_cost(WORST_FCN_ITEMS)
