@@ -109,17 +109,19 @@ _HANDLER_FACTORIES: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]
 
 
 def _refusal(handler: grpc.RpcMethodHandler, exc: UnauthenticatedError) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as ``handler`` that only aborts with ``exc``'s status."""
+    """A handler that only aborts with ``exc``'s status, before receiving any message.
 
-    async def abort(_request: Any, context: grpc.aio.ServicerContext) -> None:
+    It is request-streaming whatever the method is: gRPC receives (and parses) a unary
+    request's message before calling its handler, up to the message size limit, while a
+    request-streaming handler reads only what it asks for — nothing here. The wire is the
+    same either way, so the caller sees the method's usual kind of call end UNAUTHENTICATED.
+    """
+
+    async def abort(_requests: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc_status(exc), str(exc))
 
-    make = _HANDLER_FACTORIES[(handler.request_streaming, handler.response_streaming)]
-    return make(
-        abort,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    make = _HANDLER_FACTORIES[(True, handler.response_streaming)]
+    return make(abort, request_deserializer=None, response_serializer=handler.response_serializer)
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]

@@ -32,6 +32,7 @@ from cnnserve.protocol.domain import (
 )
 from cnnserve.protocol.errors import CodecError
 from cnnserve.protocol.json_text import shown
+from cnnserve.protocol.tensor_codec import InputLimits
 from cnnserve.settings import Settings
 
 from .backends import Backend, create_backend
@@ -89,6 +90,12 @@ class DataPlane:
         self.models = ModelManager(settings, backend, self.metrics)
         #: Where caller-sized work (image and message decoding, big arrays) runs off the loop.
         self.decode_pool = DecodePool(settings.decode_threads)
+        #: What transports check each input's declared shape against before converting it
+        #: (an image input holds one BYTES element per item).
+        self.input_limits = InputLimits(
+            max_items=settings.max_items_per_request,
+            max_bytes_elements=settings.max_items_per_request,
+        )
         #: The bytes requests hold in the gateway, reserved before they are spent.
         self.memory = MemoryBudget(settings.max_request_bytes, settings.max_in_flight_bytes)
         self._started = False
@@ -308,6 +315,14 @@ class DataPlane:
         return min(candidates, default=None)
 
     # --- helpers ---
+
+    async def convert_message(self, size: int, fn: Callable[..., T], *args: object) -> T:
+        """A transport's conversion of a caller's message ``fn(*args)`` (decoding a request,
+        encoding its answer): in the decode pool when the message is big (``size`` bytes
+        over :data:`OFFLOAD_BYTES`: a JSON parse or millions of typed elements would freeze
+        the loop for seconds), inline otherwise; a protocol violation is the caller's."""
+        with caller_input():
+            return await self._maybe_offload(size > OFFLOAD_BYTES, fn, *args)
 
     async def _maybe_offload(self, offload: bool, fn: Callable[..., T], *args: object) -> T:
         """Run ``fn`` in the decode pool when ``offload``, inline otherwise (cheap work)."""

@@ -23,6 +23,7 @@ from cnnserve.errors import CnnserveError, UnknownModelError, public_message
 from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
 from cnnserve.protocol.grpc_codec import (
+    decode_work,
     grpc_status,
     model_metadata_to_proto,
     request_from_proto,
@@ -39,7 +40,8 @@ from cnnserve.settings import Settings
 
 from . import repository_api
 from .auth import ApiKeyInterceptor, ApiKeys
-from .dataplane import DataPlane, caller_input
+from .dataplane import DataPlane
+from .grpc_messages import ParsedByGateway
 
 logger = logging.getLogger(__name__)
 
@@ -293,8 +295,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(
         self, request: pb.ModelInferRequest, deadline: float | None
     ) -> pb.ModelInferResponse:
-        with caller_input():
-            domain_request = request_from_proto(request, deadline)
+        domain_request = await self._core.convert_message(
+            decode_work(request), request_from_proto, request, deadline, self._core.input_limits
+        )
         return response_to_proto(await self._core.infer(domain_request))
 
 
@@ -357,13 +360,17 @@ def create_grpc_server(core: DataPlane, settings: Settings) -> grpc.aio.Server:
     """
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
-        ("grpc.max_send_message_length", settings.max_message_bytes),
+        # Answers are bounded by the request's memory budget, not by what a request may send
+        # (six FCN items' FP32 scores are 24 MiB).
+        ("grpc.max_send_message_length", settings.max_request_bytes),
         # A port already taken must fail loudly, not be shared with another process — unless
         # this gateway runs as several processes on purpose (gateway_processes).
         ("grpc.so_reuseport", int(settings.gateway_processes > 1)),
     ]
     keys = ApiKeys.from_settings(settings)
+    # The key check first: a refused call is not received, let alone parsed.
     interceptors = [] if keys is None else [ApiKeyInterceptor(keys)]
+    interceptors.append(ParsedByGateway(core))
     server = grpc.aio.server(options=options, interceptors=interceptors)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
         InferenceServicer(core), server

@@ -190,9 +190,22 @@ def _oip_router(core: DataPlane, settings: Settings) -> APIRouter:
     async def infer(model: str, request: Request, version: str = "") -> Response:
         """Inference with a JSON body, or JSON + binary tensors (Triton's extension)."""
         body = await read_body(request, settings.max_message_bytes)
-        with caller_input():
-            decoded = decode_infer_request(body, _header_length(request), model, version)
-        content, header_length = encode_infer_response(await core.infer(decoded.request), decoded)
+        decoded = await core.convert_message(
+            len(body),
+            decode_infer_request,
+            body,
+            _header_length(request),
+            model,
+            version,
+            core.input_limits,
+        )
+        response = await core.infer(decoded.request)
+        content, header_length = await core.convert_message(
+            sum(np.asarray(t.data).nbytes for t in response.outputs),
+            encode_infer_response,
+            response,
+            decoded,
+        )
         if header_length is None:
             return Response(content, media_type="application/json")
         return Response(

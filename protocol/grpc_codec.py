@@ -11,6 +11,7 @@ outputs in ``raw_output_contents``, as Triton does, so standard clients read the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
@@ -31,7 +32,17 @@ from .domain import (
 )
 from .errors import CodecError
 from .status import grpc_code_name
-from .tensor_codec import check_datatype, decode_raw, decode_values, encode_raw
+from .tensor_codec import (
+    BYTES,
+    InputLimits,
+    check_count,
+    check_datatype,
+    check_declared,
+    check_shape,
+    decode_raw,
+    decode_values,
+    encode_raw,
+)
 
 #: Which typed ``InferTensorContents`` field carries each datatype (FP16 has none: send raw).
 CONTENTS_FIELD: dict[str, str] = {
@@ -48,6 +59,23 @@ CONTENTS_FIELD: dict[str, str] = {
     "FP64": "fp64_contents",
     "BYTES": "bytes_contents",
 }
+
+#: The numpy dtype of each numeric typed field, so its values are read straight into an
+#: array (no Python list of a message's worth of int or float objects).
+_FIELD_DTYPES: dict[str, np.dtype[np.generic]] = {
+    "bool_contents": np.dtype(np.bool_),
+    "uint_contents": np.dtype(np.uint32),
+    "uint64_contents": np.dtype(np.uint64),
+    "int_contents": np.dtype(np.int32),
+    "int64_contents": np.dtype(np.int64),
+    "fp32_contents": np.dtype(np.float32),
+    "fp64_contents": np.dtype(np.float64),
+}
+#: Typed elements are counted as this many bytes of decoding work (see :func:`decode_work`).
+_TYPED_ELEMENT_WORK = 8
+#: Typed elements converted per step (a few ms): each step is one C call holding the GIL, so
+#: an event loop in another thread gets its turn between steps, not after millions of them.
+_TYPED_CHUNK = 1 << 16
 
 _INT64_MAX = 2**63 - 1
 
@@ -82,9 +110,11 @@ def parameters_to_proto(
             param.string_param = value
 
 
-def _typed_values(
-    tensor: pb.ModelInferRequest.InferInputTensor | pb.ModelInferResponse.InferOutputTensor,
-) -> list[Any]:
+_Tensor = pb.ModelInferRequest.InferInputTensor | pb.ModelInferResponse.InferOutputTensor
+
+
+def _typed_field(tensor: _Tensor) -> str:
+    """The name of the one typed field ``tensor``'s datatype uses (the others must be empty)."""
     field = CONTENTS_FIELD.get(tensor.datatype)
     if field is None:
         raise CodecError(
@@ -97,20 +127,56 @@ def _typed_values(
                 f"tensor {tensor.name!r} is {tensor.datatype} but its contents are in "
                 f"{other}; use {field}"
             )
-    return list(getattr(tensor.contents, field))
+    return field
 
 
-def _input_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> Tensor:
+def _typed_values(tensor: _Tensor, field: str) -> list[Any] | np.ndarray:
+    values = getattr(tensor.contents, field)
+    dtype = _FIELD_DTYPES.get(field)
+    if dtype is None:  # bytes_contents: the elements are bytes objects anyway
+        return list(values)
+    array = np.empty(len(values), dtype=dtype)
+    for start in range(0, len(values), _TYPED_CHUNK):
+        array[start : start + _TYPED_CHUNK] = values[start : start + _TYPED_CHUNK]
+    return array
+
+
+def _check_input(
+    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, limits: InputLimits | None
+) -> str | None:
+    """Everything about an input that is known without converting its contents: datatype,
+    shape, ``limits``, and how many elements or bytes the contents hold. Returns the typed
+    field to read (``None``: raw contents)."""
     check_datatype(tensor.name, tensor.datatype)
-    shape = tuple(tensor.shape)
+    dims = check_shape(tensor.name, tensor.shape)
+    if limits is not None:
+        check_declared(tensor.name, tensor.datatype, dims, limits)
     if raw is not None:
         if tensor.HasField("contents"):
             raise CodecError(
                 f"input {tensor.name!r} has both typed contents and raw_input_contents; send one"
             )
+        # decode_raw checks the exact length; a BYTES element takes at least its 4-byte length.
+        if tensor.datatype == BYTES and len(raw) < 4 * math.prod(dims):
+            raise CodecError(
+                f"tensor {tensor.name!r}: shape {list(dims)} declares {math.prod(dims)} BYTES "
+                f"elements, more than {len(raw)} bytes of raw data can hold"
+            )
+        return None
+    field = _typed_field(tensor)
+    check_count(tensor.name, tensor.datatype, dims, len(getattr(tensor.contents, field)))
+    return field
+
+
+def _input_tensor(
+    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, field: str | None
+) -> Tensor:
+    shape = tuple(tensor.shape)
+    if field is None:
+        assert raw is not None
         data = decode_raw(tensor.name, tensor.datatype, shape, raw)
     else:
-        data = decode_values(tensor.name, tensor.datatype, shape, _typed_values(tensor))
+        data = decode_values(tensor.name, tensor.datatype, shape, _typed_values(tensor, field))
     return Tensor(
         name=tensor.name,
         datatype=tensor.datatype,
@@ -120,16 +186,38 @@ def _input_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | No
     )
 
 
-def request_from_proto(message: pb.ModelInferRequest, deadline: float | None) -> InferRequest:
-    """A ModelInferRequest → :class:`InferRequest` (``deadline`` on ``time.monotonic()``)."""
+def decode_work(message: pb.ModelInferRequest) -> int:
+    """Roughly how many bytes decoding ``message``'s inputs touches (raw contents as sent,
+    typed ones at 8 bytes an element), without reading any contents: for deciding whether
+    to decode it off the event loop."""
+    work = sum(len(raw) for raw in message.raw_input_contents)
+    for tensor in message.inputs:
+        field = CONTENTS_FIELD.get(tensor.datatype)
+        if field is not None:
+            work += _TYPED_ELEMENT_WORK * len(getattr(tensor.contents, field))
+    return work
+
+
+def request_from_proto(
+    message: pb.ModelInferRequest, deadline: float | None, limits: InputLimits | None = None
+) -> InferRequest:
+    """A ModelInferRequest → :class:`InferRequest` (``deadline`` on ``time.monotonic()``).
+
+    Every input's declared shape is checked — against ``limits`` too, when given — and its
+    element count against its contents, before any input's contents are converted.
+    """
     raw = message.raw_input_contents
     if raw and len(raw) != len(message.inputs):
         raise CodecError(
             f"raw_input_contents has {len(raw)} entries for {len(message.inputs)} inputs; "
             "send raw contents for every input (in input order) or for none"
         )
+    contents = [raw[index] if raw else None for index in range(len(message.inputs))]
+    fields = [
+        _check_input(tensor, contents[index], limits) for index, tensor in enumerate(message.inputs)
+    ]
     inputs = [
-        _input_tensor(tensor, raw[index] if raw else None)
+        _input_tensor(tensor, contents[index], fields[index])
         for index, tensor in enumerate(message.inputs)
     ]
     outputs = [
@@ -184,7 +272,8 @@ def response_from_proto(message: pb.ModelInferResponse) -> InferResponse:
         if index < len(raw):
             data = decode_raw(tensor.name, tensor.datatype, shape, raw[index])
         else:
-            data = decode_values(tensor.name, tensor.datatype, shape, _typed_values(tensor))
+            field = _typed_field(tensor)
+            data = decode_values(tensor.name, tensor.datatype, shape, _typed_values(tensor, field))
         outputs.append(
             Tensor(
                 tensor.name, tensor.datatype, shape, data, parameters_from_proto(tensor.parameters)

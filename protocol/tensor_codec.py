@@ -14,8 +14,11 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
+
+from cnnserve.errors import PayloadTooLargeError
 
 from .domain import DATATYPES
 from .errors import CodecError
@@ -58,6 +61,39 @@ def check_shape(name: str, shape: Iterable[int]) -> tuple[int, ...]:
             f"tensor {name!r} has shape {list(dims)}, more elements than any request can carry"
         )
     return dims
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """What a server accepts in one request's inputs, checked against each input's declared
+    shape before any of its contents are converted: a message within the size limit can still
+    hold millions of tiny elements, each a Python object once decoded."""
+
+    #: Most items (the leading dimension) an input may declare.
+    max_items: int
+    #: Most elements a BYTES input may declare.
+    max_bytes_elements: int
+
+
+def check_declared(name: str, datatype: str, dims: tuple[int, ...], limits: InputLimits) -> None:
+    """Refuse (PayloadTooLargeError) an input whose declared shape is over ``limits``."""
+    if dims and dims[0] > limits.max_items:
+        raise PayloadTooLargeError(
+            f"request has {dims[0]} items; the limit is {limits.max_items} per request "
+            "(max_items_per_request); split it"
+        )
+    if datatype == BYTES and math.prod(dims) > limits.max_bytes_elements:
+        raise PayloadTooLargeError(
+            f"input {name!r} declares {math.prod(dims)} BYTES elements {list(dims)}; at most "
+            f"{limits.max_bytes_elements} are accepted (one encoded image per item, "
+            "max_items_per_request)"
+        )
+
+
+def check_count(name: str, datatype: str, dims: tuple[int, ...], count: int) -> None:
+    """Refuse contents of ``count`` elements for a shape that declares another number."""
+    if count != math.prod(dims):
+        raise _count_error(name, datatype, dims, count)
 
 
 def _wire_dtype(datatype: str) -> np.dtype[np.generic]:
@@ -149,8 +185,12 @@ def decode_values(
     dims = check_shape(name, shape)
     count = math.prod(dims)
     if datatype == BYTES:
-        flat = _flatten_bytes(name, values)
-        if len(flat) != count:
+        flat = _flatten_bytes(name, values, count)
+        if len(flat) > count:
+            raise CodecError(
+                f"tensor {name!r}: {datatype} {list(dims)} needs {count} elements, got more"
+            )
+        if len(flat) < count:
             raise _count_error(name, datatype, dims, len(flat))
         array = np.empty(count, dtype=object)
         array[:] = flat
@@ -221,11 +261,13 @@ def _kind_name(kind: str) -> str:
     )
 
 
-def _flatten_bytes(name: str, values: Sequence[object] | np.ndarray) -> list[bytes]:
+def _flatten_bytes(name: str, values: Sequence[object] | np.ndarray, count: int) -> list[bytes]:
+    """The elements, row-major; stops at ``count + 1`` (already too many: no need to walk
+    millions more)."""
     flat: list[bytes] = []
     stack: list[object] = [values]
     # Depth-first, row-major, without recursion (a deeply nested body cannot blow the stack).
-    while stack:
+    while stack and len(flat) <= count:
         item = stack.pop()
         if isinstance(item, str):
             flat.append(item.encode())

@@ -140,7 +140,13 @@ class Settings(BaseSettings):
     # --- limits on what one request may carry ---
     max_items_per_request: int = Field(256, ge=1, description="Images/tensor rows in one request.")
     max_message_bytes: int = Field(
-        64 * 1024 * 1024, ge=1024, description="Largest gRPC message or HTTP body accepted."
+        20 * 1024 * 1024,
+        ge=1024,
+        description="Largest gRPC message or HTTP body accepted. Default 20 MiB: the largest "
+        "tensor request max_request_bytes accepts, six 512×512 FCN items as raw FP32 (18 MiB), "
+        "with room to spare. Parsing a message holds Python's GIL whatever thread does it "
+        "(~12 ms per MiB of tiny repeated elements), so this bounds the event loop's longest "
+        "stall too.",
     )
     max_image_pixels: int = Field(
         4096 * 4096,

@@ -24,6 +24,7 @@ from pydantic import SecretStr
 
 from cnnserve.errors import UnauthenticatedError
 from cnnserve.gateway.auth import MISSING_KEY, WRONG_KEY, ApiKeys, read_keys_file
+from cnnserve.gateway.grpc_service import INFERENCE_SERVICE
 from cnnserve.gateway.server import Gateway
 from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
@@ -121,6 +122,24 @@ async def test_grpc_inference_needs_an_accepted_key(gateway: Gateway) -> None:
         for key in (KEY, ROTATED_KEY):  # the setting's key and the file's
             reply = await stub.ModelInfer(_pixels_request(), metadata=_auth(key))
             assert list(reply.outputs[0].shape) == [1, 1]
+
+
+@module_loop
+async def test_a_call_without_a_key_is_refused_before_its_message_is_read(gateway: Gateway) -> None:
+    # Bytes that are no ModelInferRequest: parsed first, the call would end as a malformed
+    # message; refused first, the caller learns only that it needs a key. The same for a
+    # message of the full size limit, which is never received.
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
+        infer = channel.unary_unary(f"/{INFERENCE_SERVICE}/ModelInfer")  # bytes in and out
+        limit = gateway.settings.max_message_bytes
+        for message in (b"\xff" * 1000, b"\xff" * (limit - 64)):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await infer(message, timeout=30)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert refused.value.details() == MISSING_KEY
+        with pytest.raises(grpc.aio.AioRpcError) as malformed:
+            await infer(b"\xff" * 1000, metadata=_auth(KEY), timeout=30)
+        assert malformed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 @module_loop
