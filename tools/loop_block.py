@@ -62,8 +62,8 @@ def _fcn_pixels_typed() -> pb.ModelInferRequest:
     return _uint_contents(3 * 512 * 512, FCN_PIXELS)
 
 
-def _fcn_pixels_json() -> bytes:
-    body = {
+def _fcn_pixels_json(outputs: list[str] | None = None) -> bytes:
+    body: dict[str, object] = {
         "inputs": [
             {
                 "name": "pixels",
@@ -73,6 +73,8 @@ def _fcn_pixels_json() -> bytes:
             }
         ]
     }
+    if outputs:
+        body["outputs"] = [{"name": name} for name in outputs]
     return json.dumps(body).encode()
 
 
@@ -163,6 +165,9 @@ def main() -> None:
             ),
             "HTTP JSON data, valid FCN pixels [1,3,512,512] (1.5 MiB)": _http_sender(
                 gateway, _fcn_pixels_json(), "fcn"
+            ),
+            "HTTP JSON answer, FCN scores of one 512×512 image": _http_sender(
+                gateway, _fcn_pixels_json(["scores"]), "fcn"
             ),
         }
         for name, send in cases.items():
