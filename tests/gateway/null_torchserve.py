@@ -8,12 +8,14 @@ own memory and time (TorchServe's pods in a deployment) stay out of the gateway'
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import grpc
 import numpy as np
+from google.protobuf import empty_pb2
 
 from cnnserve.handlers.packing import PACKED_INPUT_NAME, pack, unpack
 from cnnserve.models.registry import get_spec
@@ -26,7 +28,12 @@ MAX_MESSAGE_BYTES = 256 << 20
 
 
 class NullTorchServe(ts_grpc.InferenceAPIsServiceServicer):
-    """Answers each packed batch of a demo model with zeros of its output shape."""
+    """Healthy; answers each packed batch of a demo model with zeros of its output shape."""
+
+    def Ping(  # noqa: N802 (the gRPC method's name)
+        self, request: empty_pb2.Empty, context: grpc.ServicerContext
+    ) -> ts_pb.TorchServeHealthResponse:
+        return ts_pb.TorchServeHealthResponse(health=json.dumps({"status": "Healthy"}))
 
     def Predictions(  # noqa: N802 (the gRPC method's name)
         self, request: ts_pb.PredictionsRequest, context: grpc.ServicerContext

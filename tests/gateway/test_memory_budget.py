@@ -30,6 +30,7 @@ from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
 from cnnserve.settings import Settings
 from tests.gateway.harness import (
+    exploding_core,
     holding_settings,
     raw_bytes_elements,
     running_gateway,
@@ -174,6 +175,37 @@ async def test_over_the_request_budget_is_invalid_and_a_full_budget_says_retry(
             assert await asyncio.gather(*held) == ["OK"] * WORST_CONCURRENT
             assert memory.in_use == 0
             assert await _call(stub, worst) == "OK"
+
+
+async def test_the_bytes_come_back_however_a_request_ends(
+    model_repository: Path, torchserve_target: str, tmp_path: Path
+) -> None:
+    """A caller whose deadline passes while its request waits in the queue, and one whose
+    batch fails in the backend, leave nothing reserved behind them."""
+    settings = holding_settings(
+        model_repository,
+        5_000,
+        backend="torchserve",
+        **_torchserve_settings(torchserve_target, tmp_path),
+    )
+    async with running_gateway(settings) as gateway:
+        memory = gateway.core.memory
+        async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{gateway.grpc_port}", options=BIG_CHANNEL
+        ) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+            with pytest.raises(grpc.aio.AioRpcError) as expired:
+                await stub.ModelInfer(_request("fcn", [FCN_PNG] * 2), timeout=1.0)
+            assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            await wait_until_async(lambda: memory.in_use == 0, 10, "the expired request's bytes")
+    async with (
+        running_gateway(settings, exploding_core(settings)) as gateway,
+        grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel,
+    ):
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+        failed = await _call(stub, _request("fcn", [FCN_PNG]))
+        assert failed.startswith("INTERNAL"), failed
+        assert gateway.core.memory.in_use == 0
 
 
 def _pod_memory_limit() -> int:
