@@ -54,6 +54,8 @@ HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 #: not read, so HTTP/2 flow control pushes back on the client instead of answers piling up
 #: in memory here.
 STREAM_MAX_PENDING = 64
+#: The shortest interval between a client's keepalive pings the server tolerates.
+CLIENT_PING_MIN_INTERVAL_MS = 10_000
 #: How often a health Watch re-reads readiness.
 HEALTH_WATCH_INTERVAL_S = 1.0
 
@@ -353,6 +355,10 @@ class ReadinessHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
             await asyncio.sleep(HEALTH_WATCH_INTERVAL_S)
 
 
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)
+
+
 def create_grpc_server(core: DataPlane, settings: Settings) -> grpc.aio.Server:
     """A gRPC server with inference, health and reflection; ports are added by the caller.
 
@@ -366,6 +372,19 @@ def create_grpc_server(core: DataPlane, settings: Settings) -> grpc.aio.Server:
         # A port already taken must fail loudly, not be shared with another process — unless
         # this gateway runs as several processes on purpose (gateway_processes).
         ("grpc.so_reuseport", int(settings.gateway_processes > 1)),
+        # What one connection may hold, and for how long (each documented in settings).
+        ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
+        ("grpc.keepalive_time_ms", _ms(settings.grpc_keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", _ms(settings.grpc_keepalive_timeout_s)),
+        # Ping idle connections too: a half-open one with no call is closed as well.
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Clients' own keepalive pings: every 10 s at most, calls open or not; two pings
+        # faster than that and the connection is closed (GOAWAY "too_many_pings").
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", CLIENT_PING_MIN_INTERVAL_MS),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.max_connection_idle_ms", _ms(settings.grpc_max_connection_idle_s)),
+        ("grpc.max_connection_age_ms", _ms(settings.grpc_max_connection_age_s)),
+        ("grpc.max_connection_age_grace_ms", _ms(settings.grpc_max_connection_age_grace_s)),
     ]
     keys = ApiKeys.from_settings(settings)
     # The key check first: a refused call is not received, let alone parsed.

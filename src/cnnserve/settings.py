@@ -187,6 +187,44 @@ class Settings(BaseSettings):
         30.0, ge=0, description="On SIGTERM, how long in-flight requests get to finish."
     )
 
+    # --- slow, silent and greedy clients: what one connection may hold, and for how long ---
+    grpc_max_concurrent_streams: int = Field(
+        256,
+        ge=1,
+        description="gRPC calls one client connection may have open at once (HTTP/2 "
+        "MAX_CONCURRENT_STREAMS); a client's further calls wait on its side for one to end.",
+    )
+    grpc_keepalive_time_s: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds without traffic after which the gateway pings a gRPC connection; "
+        "one that does not answer within grpc_keepalive_timeout_s is closed and its calls "
+        "cancelled (a client gone without a word holds nothing). Clients may ping every 10 s "
+        "at most, with or without calls open; faster pings close the connection.",
+    )
+    grpc_keepalive_timeout_s: float = Field(
+        20.0, gt=0, description="Seconds the gateway waits for a keepalive ping's answer."
+    )
+    grpc_max_connection_idle_s: float = Field(
+        600.0,
+        gt=0,
+        description="A gRPC connection with no call for this many seconds is closed (GOAWAY; "
+        "clients reconnect transparently).",
+    )
+    grpc_max_connection_age_s: float = Field(
+        3600.0,
+        gt=0,
+        description="A gRPC connection is asked to go away (GOAWAY) after this many seconds, so "
+        "clients re-resolve and spread over replicas added since; calls open then get "
+        "grpc_max_connection_age_grace_s more to finish before the connection is closed.",
+    )
+    grpc_max_connection_age_grace_s: float = Field(
+        300.0,
+        ge=0,
+        description="Seconds calls still open on a connection past grpc_max_connection_age_s "
+        "(a long ModelStreamInfer) get before they are cut.",
+    )
+
     # --- who may call the gateway (every field optional: off by default) ---
     tls_cert_file: Path | None = Field(
         None,

@@ -16,7 +16,7 @@ from cnnserve.gateway.server import Gateway
 from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
 from tests.gateway.harness import gateway_settings, metric, raw_bytes_elements, running_gateway
-from tests.images import shapes_png
+from tests.images import digit_png, shapes_png
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -37,6 +37,14 @@ def _scores_request(request_id: str) -> pb.ModelInferRequest:
     request.inputs.add(name="image", datatype="BYTES", shape=[1])
     request.raw_input_contents.append(raw_bytes_elements([SCENE]))
     request.outputs.add(name="scores")
+    return request
+
+
+def _digit_request(request_id: str) -> pb.ModelInferRequest:
+    """A one-digit ConvNet request: cheap to answer."""
+    request = pb.ModelInferRequest(model_name="convnet", id=request_id)
+    request.inputs.add(name="image", datatype="BYTES", shape=[1])
+    request.raw_input_contents.append(raw_bytes_elements([digit_png(1)[0]]))
     return request
 
 
@@ -78,3 +86,30 @@ async def test_unread_stream_stops_being_read(gateway: Gateway) -> None:
         assert await _answered(gateway) - before > answered
         call.cancel()
         writer.cancel()
+
+
+async def test_one_connection_holds_at_most_max_concurrent_streams(gateway: Gateway) -> None:
+    """A client opening more calls on one connection than the limit: the extra one waits
+    (on the client's side) until another ends, instead of growing the server's share."""
+    limit = gateway.settings.grpc_max_concurrent_streams
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        request = _digit_request("held")
+        held = [stub.ModelStreamInfer() for _ in range(limit)]
+        for call in held:  # each is open on the server once it answered
+            await call.write(request)
+        for call in held:
+            assert (await asyncio.wait_for(call.read(), 30)).error_message == ""
+        extra = stub.ModelStreamInfer()
+
+        async def answered() -> pb.ModelStreamInferResponse:
+            await extra.write(request)  # waits, as the stream does, for room on the connection
+            return await extra.read()
+
+        answer = asyncio.ensure_future(answered())
+        done, _ = await asyncio.wait({answer}, timeout=1.5)
+        assert not done, "a call past the connection's stream limit was served"
+        held[0].cancel()
+        assert (await asyncio.wait_for(answer, 10)).error_message == ""
+        for call in [*held, extra]:
+            call.cancel()
