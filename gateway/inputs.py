@@ -122,19 +122,7 @@ def to_batch(
     if tensor.datatype == "BYTES":
         pixels = _decode_images(spec, tensor.data, max_image_pixels)
         return pixels if keep_pixels else normalize(pixels, spec.normalization)
-    shape = tensor.shape
-    if shape[1] != 3:
-        raise InvalidInputError(
-            f"{spec.name} expects {tensor.datatype} {spec.shape_text()}, "
-            f"got {describe(tensor.datatype, shape)}"
-        )
-    try:
-        spec.check_size(shape[2], shape[3])
-    except InvalidInputError:
-        raise InvalidInputError(
-            f"{spec.name} expects {tensor.datatype} {spec.shape_text()}, "
-            f"got {describe(tensor.datatype, shape)}"
-        ) from None
+    _check_tensor_shape(spec, tensor)
     data = np.asarray(tensor.data, dtype=DATATYPES[tensor.datatype])
     if tensor.datatype == "UINT8":
         # A read-only transport buffer is copied once, by normalize or here.
@@ -142,6 +130,20 @@ def to_batch(
     if not np.isfinite(data).all():
         raise InvalidInputError(f"input {tensor.name!r} contains NaN or infinite values")
     return _owned(data)
+
+
+def _check_tensor_shape(spec: ModelSpec, tensor: Tensor) -> None:
+    """Refuse a tensor input whose ``3×H×W`` items the network cannot take (rank checked)."""
+    shape = tensor.shape
+    try:
+        if shape[1] != 3:
+            raise InvalidInputError("not three channels")
+        spec.check_size(shape[2], shape[3])
+    except InvalidInputError:
+        raise InvalidInputError(
+            f"{spec.name} expects {tensor.datatype} {spec.shape_text()}, "
+            f"got {describe(tensor.datatype, shape)}"
+        ) from None
 
 
 def _owned(data: np.ndarray) -> np.ndarray:
@@ -168,6 +170,8 @@ def declared_input(spec: ModelSpec, tensor: Tensor, max_image_pixels: int) -> De
     (format, the model's pixel cap, its size range, one size per FCN request) before any
     pixel is decoded. Call after :func:`item_count`."""
     if tensor.datatype != "BYTES":
+        # A shape the network cannot take is refused as such, not priced.
+        _check_tensor_shape(spec, tensor)
         return DeclaredInput(tuple(tensor.shape[1:]))
     first: ImageHeader | None = None
     largest = 0
