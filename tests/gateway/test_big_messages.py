@@ -38,8 +38,12 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 LIMIT = Settings().max_message_bytes
 #: Room for the message's own fields within the limit.
 SLACK = 4096
-#: The longest stall accepted. Before, these messages stalled the loop for 3–6 s each.
-MAX_STALL_S = 1.0
+#: The longest stall accepted for a message at the size limit. Before, these messages stalled
+#: the loop for 2.8–8.9 s each; now 0.04–0.66 s on a busy 2-core machine, what remains being
+#: the parse itself (one C call holding the GIL).
+MAX_STALL_S = 1.5
+#: The longest stall accepted while a big JSON answer is encoded (before: 1.2 s in one call).
+MAX_ENCODE_STALL_S = 0.8
 TICK_S = 0.005
 
 
@@ -174,4 +178,4 @@ async def test_a_big_json_answer_is_encoded_off_the_loop(gateway: Gateway) -> No
 
     got, stall = await _longest_stall(send)
     assert got == f"200: {get_spec('fcn').num_classes * 512 * 512}", got
-    assert stall < MAX_STALL_S, f"event loop stalled {stall:.2f} s"
+    assert stall < MAX_ENCODE_STALL_S, f"event loop stalled {stall:.2f} s"
