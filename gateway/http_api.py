@@ -16,10 +16,12 @@ Thin by design, like the gRPC servicer: each route converts HTTP ↔ domain
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import zlib
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, FastAPI, Request, Response
@@ -27,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import Message
 
 from cnnserve.errors import (
@@ -61,6 +64,8 @@ from .openapi import describe_api, option_parameters
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 #: zlib ``wbits`` for each accepted request ``Content-Encoding``.
 _ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
@@ -82,12 +87,41 @@ class ErrorTableRoute(APIRoute):
                 return await handler(request)
             except (HTTPException, RequestValidationError):
                 raise  # FastAPI's own, formatted by the app's handlers below
+            except ClientDisconnect:
+                # The caller is gone (or was too slow: see .http_connections); this answer
+                # reaches no one, and there is nothing to log.
+                return Response(status_code=400)
             except Exception as exc:
                 if not isinstance(exc, CnnserveError):
                     logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
                 return error_response(exc)
 
         return guarded
+
+
+async def while_connected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Await ``work`` unless the caller hangs up first: then it is cancelled — its items
+    leave the batcher's queue unseen, as a cancelled gRPC call's do — and
+    :class:`ClientDisconnect` is raised."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():  # the caller left, or this handler itself was cancelled
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        raise ClientDisconnect
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the server reports the caller gone (the body was read whole before)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -199,7 +233,7 @@ def _oip_router(core: DataPlane, settings: Settings) -> APIRouter:
             version,
             core.input_limits,
         )
-        response = await core.infer(decoded.request)
+        response = await while_connected(request, core.infer(decoded.request))
         content, header_length = await core.convert_message(
             sum(np.asarray(t.data).nbytes for t in response.outputs),
             encode_infer_response,
@@ -320,13 +354,16 @@ def _predict_router(core: DataPlane, settings: Settings) -> APIRouter:
         check_image_count(spec, options, len(images))
         data = np.empty(len(images), dtype=object)
         data[:] = images
-        response = await core.infer(
-            InferRequest(
-                model_name=model,
-                inputs=[Tensor("image", "BYTES", (len(images),), data)],
-                outputs=[RequestedOutput(spec.output_name)],
-                model_version=str(served.version),
-            )
+        response = await while_connected(
+            request,
+            core.infer(
+                InferRequest(
+                    model_name=model,
+                    inputs=[Tensor("image", "BYTES", (len(images),), data)],
+                    outputs=[RequestedOutput(spec.output_name)],
+                    model_version=str(served.version),
+                )
+            ),
         )
         (raw,) = response.outputs
         reply = render_reply(spec, raw.data, options)

@@ -40,6 +40,7 @@ from .auth import ApiKeys, log_auth_mode
 from .dataplane import DataPlane, create_core
 from .grpc_service import create_grpc_server
 from .http_api import create_http_app
+from .http_connections import guarded_h11_protocol
 from .metrics import GatewayMetrics
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ async def _start_http(
     app: ASGIApp,
     host: str,
     port: int,
-    grace_s: float,
+    settings: Settings,
     reuse_port: bool = False,
     **ssl_options: Any,
 ) -> _HttpServer:
@@ -99,10 +100,11 @@ async def _start_http(
     bound = sock.getsockname()[1]
     config = uvicorn.Config(
         app,
+        http=guarded_h11_protocol(settings),
         lifespan="off",
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=max(1, round(grace_s)),
+        timeout_graceful_shutdown=max(1, round(settings.drain_grace_s)),
         **ssl_options,
     )
     server = _EmbeddedUvicorn(config)
@@ -153,7 +155,7 @@ class Gateway:
         await self.core.start()
         if self._serve_metrics:
             self._metrics = await _start_http(
-                create_metrics_app(self.core.metrics), s.host, s.metrics_port, s.drain_grace_s
+                create_metrics_app(self.core.metrics), s.host, s.metrics_port, s
             )
             self.metrics_port = self._metrics.port
         self._grpc = create_grpc_server(self.core, s)
@@ -168,7 +170,7 @@ class Gateway:
             create_http_app(self.core, s),
             s.host,
             s.http_port,
-            s.drain_grace_s,
+            s,
             s.gateway_processes > 1,
             **tls.uvicorn_ssl_options(s),
         )

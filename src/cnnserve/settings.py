@@ -224,6 +224,26 @@ class Settings(BaseSettings):
         description="Seconds calls still open on a connection past grpc_max_connection_age_s "
         "(a long ModelStreamInfer) get before they are cut.",
     )
+    http_max_connections: int = Field(
+        1000,
+        ge=1,
+        description="Open HTTP connections; a connection past it is answered 503 (Connection: "
+        "close) and closed before anything is read.",
+    )
+    http_header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a client has to send a request's line and headers, from the "
+        "connection's start or the request's first byte; then it is answered 408 and the "
+        "connection closed.",
+    )
+    http_body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a client has to send a request's whole body once its headers are "
+        "in; then the request is answered 408 and the connection closed (a 20 MiB body in "
+        "30 s needs about 6 Mbit/s).",
+    )
 
     # --- who may call the gateway (every field optional: off by default) ---
     tls_cert_file: Path | None = Field(
