@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from typing_extensions import override
 
-from cnnserve.errors import CnnserveError, UnknownModelError, public_message
+from cnnserve.errors import CnnserveError, OverloadedError, UnknownModelError, public_message
 from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
 from cnnserve.protocol.grpc_codec import (
@@ -56,8 +56,10 @@ HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 STREAM_MAX_PENDING = 64
 #: The shortest interval between a client's keepalive pings the server tolerates.
 CLIENT_PING_MIN_INTERVAL_MS = 10_000
-#: How often a health Watch re-reads readiness.
+#: How often a health Watch re-reads readiness (a cached state: cheap).
 HEALTH_WATCH_INTERVAL_S = 1.0
+#: Health Watch streams open at once, over all connections.
+HEALTH_MAX_WATCHES = 128
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -304,14 +306,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 class ReadinessHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
-    """``grpc.health.v1.Health`` answered from the core's readiness at the time of asking.
+    """``grpc.health.v1.Health`` answered from the core's readiness at the time of asking
+    (a cached state, :mod:`.readiness`: no call probes a model).
 
     Service ``""`` (and ``inference.GRPCInferenceService``) is the whole server; a model's
-    name is that model. Draining turns readiness — and so every status — NOT_SERVING.
+    name is that model. Draining turns readiness — and so every status — NOT_SERVING. At most
+    :data:`HEALTH_MAX_WATCHES` Watch streams are open at once (health needs no key).
     """
 
     def __init__(self, core: DataPlane) -> None:
         self._core = core
+        self._watches = 0
 
     async def _status(self, service: str) -> health_pb2.HealthCheckResponse.ServingStatus:
         if service in ("", INFERENCE_SERVICE):
@@ -345,14 +350,27 @@ class ReadinessHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
         request: health_pb2.HealthCheckRequest,
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
-        """The status now, then every change, until the caller goes away."""
-        last: int | None = None
-        while True:
-            status = await _guarded(context, self._status(request.service), "Health.Watch")
-            if status != last:
-                yield health_pb2.HealthCheckResponse(status=status)
-                last = status
-            await asyncio.sleep(HEALTH_WATCH_INTERVAL_S)
+        """The status now, then every change, until the caller goes away;
+        RESOURCE_EXHAUSTED past :data:`HEALTH_MAX_WATCHES` open Watch streams."""
+        if self._watches >= HEALTH_MAX_WATCHES:
+            await _abort(
+                context,
+                OverloadedError(
+                    f"{HEALTH_MAX_WATCHES} health Watch streams are open already; "
+                    "use Check, or retry later"
+                ),
+            )
+        self._watches += 1
+        try:
+            last: int | None = None
+            while True:
+                status = await _guarded(context, self._status(request.service), "Health.Watch")
+                if status != last:
+                    yield health_pb2.HealthCheckResponse(status=status)
+                    last = status
+                await asyncio.sleep(HEALTH_WATCH_INTERVAL_S)
+        finally:
+            self._watches -= 1
 
 
 def _ms(seconds: float) -> int:

@@ -36,6 +36,7 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cnnserve.gateway.readiness import PROBE_TIMEOUT_S, REFRESH_INTERVAL_S
 from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
 from cnnserve.protocol.grpc_codec import response_from_proto
@@ -267,7 +268,14 @@ async def test_the_only_torchserve_killed_then_started_again(
             await classify(stub, timeout=CALL_TIMEOUT_S)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "TorchServe at" in (caught.value.details() or "")
-    assert not deployment.ready()
+
+    async def not_ready() -> bool:
+        return not await asyncio.to_thread(deployment.ready)
+
+    # Readiness is a cached state: the next background refresh's probe sees TorchServe gone.
+    await wait_until_async(
+        not_ready, 2 * REFRESH_INTERVAL_S + PROBE_TIMEOUT_S, "readiness to turn false", 0.2
+    )
     async with grpc.aio.insecure_channel(deployment.gateway.grpc_target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         status = await health.Check(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT_S)
