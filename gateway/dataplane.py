@@ -39,11 +39,10 @@ from .backends import Backend, create_backend
 from .batcher import ModelTime
 from .decode_pool import DecodePool
 from .inputs import declared_input, input_metadata, item_count, select_input, to_batch
-from .memory_budget import MemoryBudget, request_cost
+from .memory_budget import INPUT_BYTES_PER_ELEMENT, MemoryBudget, request_cost
 from .metrics import UNKNOWN_LABEL, GatewayMetrics
 from .model_manager import ModelManager, ServedVersion
 from .outputs import compute_outputs, output_metadata, plan_outputs
-from .readiness import ReadinessCache
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +61,9 @@ EXTENSIONS = (
 TIMEOUT_PARAMETER = "timeout"
 #: The largest ``timeout`` accepted: the protocol's uint64 range.
 MAX_TIMEOUT_US = 2**64 - 1
+#: Most elements a BYTES input may declare: far above any request's images (one per item,
+#: max_items_per_request), low enough that their Python objects cost little (~3 MiB).
+MAX_BYTES_ELEMENTS = 1 << 16
 #: Arrays larger than this are prepared / post-processed in a worker thread, not on the loop.
 OFFLOAD_BYTES = 1 << 20
 
@@ -91,16 +93,15 @@ class DataPlane:
         self.models = ModelManager(settings, backend, self.metrics)
         #: Where caller-sized work (image and message decoding, big arrays) runs off the loop.
         self.decode_pool = DecodePool(settings.decode_threads)
-        #: What transports check each input's declared shape against before converting it
-        #: (an image input holds one BYTES element per item).
+        #: What transports check each input's declared shape against before converting it:
+        #: more elements than the memory budget prices under max_request_bytes, or more BYTES
+        #: elements than MAX_BYTES_ELEMENTS, can never succeed.
         self.input_limits = InputLimits(
-            max_items=settings.max_items_per_request,
-            max_bytes_elements=settings.max_items_per_request,
+            max_elements=settings.max_request_bytes // INPUT_BYTES_PER_ELEMENT,
+            max_bytes_elements=MAX_BYTES_ELEMENTS,
         )
         #: The bytes requests hold in the gateway, reserved before they are spent.
         self.memory = MemoryBudget(settings.max_request_bytes, settings.max_in_flight_bytes)
-        #: Each served version's readiness, refreshed in the background (health reads it).
-        self.readiness = ReadinessCache(backend, self.models.served_versions)
         self._started = False
         self._draining = False
         self._in_flight = 0
@@ -118,8 +119,6 @@ class DataPlane:
         except BaseException:
             await self.backend.close()
             raise
-        await self.readiness.refresh()
-        self.readiness.start()
         self._draining = False
         self._started = True
         logger.info("data plane started: %s backend", self.backend.describe())
@@ -146,7 +145,6 @@ class DataPlane:
         grace = self.settings.drain_grace_s if grace_s is None else grace_s
         give_up_at = time.monotonic() + grace
         await self.wait_idle(grace)
-        await self.readiness.stop()
         await self.models.stop(max(0.0, give_up_at - time.monotonic()))
         self._started = False
         self.decode_pool.close()
@@ -163,24 +161,23 @@ class DataPlane:
     async def server_ready(self) -> bool:
         """Not draining, every model that was to be served serves (one whose every version
         failed to load makes the server not ready; its reason is in the repository index),
-        and every loaded version's batcher runs and its backend answered lately (a cached
-        state: :mod:`.readiness`)."""
+        and every loaded version's batcher runs and its backend answers a probe."""
         if not self._accepting() or self.models.unservable():
             return False
-        return all(self._answers(s) for s in self.models.served_versions())
+        states = await asyncio.gather(*(self._answers(s) for s in self.models.served_versions()))
+        return all(states)
 
     async def model_ready(self, name: str, version: str = "") -> bool:
-        """The version (``""``: the highest ready one) takes requests and its backend answered
-        lately (cached, as for :meth:`server_ready`); a model or version that is not known →
-        NOT_FOUND."""
+        """The version (``""``: the highest ready one) takes requests and its backend answers
+        a probe; a model or version that is not known → NOT_FOUND."""
         try:
             served = self.models.route(name, version)
         except UnavailableError:
             return False
-        return self._accepting() and self._answers(served)
+        return self._accepting() and await self._answers(served)
 
-    def _answers(self, served: ServedVersion) -> bool:
-        return served.batcher.running and self.readiness.ready(served)
+    async def _answers(self, served: ServedVersion) -> bool:
+        return served.batcher.running and await self.backend.ready(served.model)
 
     def model_names(self) -> list[str]:
         """The models with a version taking requests."""

@@ -373,8 +373,10 @@ class ModelManager:
         return self._served_version(name, model, version)
 
     def _served_version(self, name: str, model: _Model, version: str) -> ServedVersion:
-        # isdigit() alone lets through digits int() refuses, such as "¹".
-        number = int(version) if version.isascii() and version.isdigit() else None
+        # isdigit() alone lets through digits int() refuses, such as "¹", and int() refuses
+        # more than 4,300 digits; no version has 19 (over 10**18).
+        digits = version.isascii() and version.isdigit() and len(version) <= 18
+        number = int(version) if digits else None
         served = None if number is None else model.served.get(number)
         if served is not None:
             return served
@@ -384,7 +386,8 @@ class ModelManager:
                 f"model {name} version {version} is not ready: {problem or 'loading'}"
             )
         raise UnknownModelError(
-            f"model {name} has no version {version!r}; available versions: {self._numbers(model)}"
+            f"model {name} has no version {version[:40]!r}; available versions: "
+            f"{self._numbers(model)}"
         )
 
     def model_names(self) -> list[str]:

@@ -148,8 +148,9 @@ def parse_options(values: Mapping[str, str]) -> ReplyOptions:
     found = _lookup(values, TOP_K_OPTION)
     if found is not None:
         sent_as, text = found
-        if not (text.isascii() and text.isdigit() and int(text) >= 1):
-            raise InvalidInputError(f"{sent_as} must be an integer ≥ 1, got {text!r}")
+        # int() refuses more than 4,300 digits; 18 are past any number of classes.
+        if not (text.isascii() and text.isdigit() and len(text) <= 18 and int(text) >= 1):
+            raise InvalidInputError(f"{sent_as} must be an integer ≥ 1, got {text[:40]!r}")
         options = ReplyOptions(int(text), options.format)
     found = _lookup(values, FORMAT_OPTION)
     if found is not None:

@@ -149,8 +149,7 @@ def _check_input(
     field to read (``None``: raw contents)."""
     check_datatype(tensor.name, tensor.datatype)
     dims = check_shape(tensor.name, tensor.shape)
-    if limits is not None:
-        check_declared(tensor.name, tensor.datatype, dims, limits)
+    field = None
     if raw is not None:
         if tensor.HasField("contents"):
             raise CodecError(
@@ -162,9 +161,11 @@ def _check_input(
                 f"tensor {tensor.name!r}: shape {list(dims)} declares {math.prod(dims)} BYTES "
                 f"elements, more than {len(raw)} bytes of raw data can hold"
             )
-        return None
-    field = _typed_field(tensor)
-    check_count(tensor.name, tensor.datatype, dims, len(getattr(tensor.contents, field)))
+    else:
+        field = _typed_field(tensor)
+        check_count(tensor.name, tensor.datatype, dims, len(getattr(tensor.contents, field)))
+    if limits is not None:
+        check_declared(tensor.name, tensor.datatype, dims, limits)
     return field
 
 

@@ -18,8 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cnnserve.errors import PayloadTooLargeError
-
 from .domain import DATATYPES
 from .errors import CodecError
 
@@ -65,28 +63,24 @@ def check_shape(name: str, shape: Iterable[int]) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class InputLimits:
-    """What a server accepts in one request's inputs, checked against each input's declared
-    shape before any of its contents are converted: a message within the size limit can still
-    hold millions of tiny elements, each a Python object once decoded."""
+    """What a server accepts in one input, checked against its declared shape before any of
+    its contents are converted: a message within the size limit can still hold millions of
+    tiny elements, each a Python object while it is converted."""
 
-    #: Most items (the leading dimension) an input may declare.
-    max_items: int
+    #: Most elements a numeric input may declare.
+    max_elements: int
     #: Most elements a BYTES input may declare.
     max_bytes_elements: int
 
 
 def check_declared(name: str, datatype: str, dims: tuple[int, ...], limits: InputLimits) -> None:
-    """Refuse (PayloadTooLargeError) an input whose declared shape is over ``limits``."""
-    if dims and dims[0] > limits.max_items:
-        raise PayloadTooLargeError(
-            f"request has {dims[0]} items; the limit is {limits.max_items} per request "
-            "(max_items_per_request); split it"
-        )
-    if datatype == BYTES and math.prod(dims) > limits.max_bytes_elements:
-        raise PayloadTooLargeError(
-            f"input {name!r} declares {math.prod(dims)} BYTES elements {list(dims)}; at most "
-            f"{limits.max_bytes_elements} are accepted (one encoded image per item, "
-            "max_items_per_request)"
+    """Refuse an input declaring more elements than ``limits`` allow: it can never succeed."""
+    count = math.prod(dims)
+    limit = limits.max_bytes_elements if datatype == BYTES else limits.max_elements
+    if count > limit:
+        raise CodecError(
+            f"tensor {name!r} declares {count} {datatype} elements {list(dims)}; a request may "
+            f"carry at most {limit}"
         )
 
 

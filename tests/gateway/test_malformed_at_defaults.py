@@ -136,3 +136,21 @@ async def test_the_largest_uint64_timeout_is_accepted(
         request.parameters["timeout"].uint64_param = 2**64 - 1
         answer = await stub.ModelInfer(request, timeout=30)
     assert answer.outputs
+
+
+@pytest.mark.parametrize(
+    "route",
+    ["ready", "stats", "config", ""],
+    ids=["ready", "stats", "config", "metadata"],
+)
+async def test_a_version_of_5000_digits_is_not_found(http: httpx.AsyncClient, route: str) -> None:
+    # int() refuses more than 4,300 digits: the version lookup raised ValueError (500).
+    path = f"/v2/models/convnet/versions/1{'0' * 4999}" + (f"/{route}" if route else "")
+    reply = await http.get(path)
+    assert reply.status_code == 404, reply.text
+    assert reply.json()["error"].startswith("model convnet has no version '1000")
+
+
+async def test_a_top_k_of_5000_digits_is_400(http: httpx.AsyncClient) -> None:
+    reply = await http.post("/predict/convnet", params={"top_k": "1" * 5000}, content=b"x")
+    assert _refusal(reply).startswith("top_k must be an integer ≥ 1")

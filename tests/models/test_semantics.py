@@ -92,6 +92,8 @@ def test_options_by_name_or_header(values: dict[str, str], expected: ReplyOption
         ({"x-top-k": "many"}, "X-Top-K must be an integer ≥ 1, got 'many'"),
         ({"top_k": "-2"}, "top_k must be an integer ≥ 1, got '-2'"),
         ({"top_k": "²"}, "top_k must be an integer ≥ 1, got '²'"),
+        # More digits than int() reads (4,300): refused, not raised as ValueError.
+        ({"top_k": "1" * 5000}, f"top_k must be an integer ≥ 1, got '{'1' * 40}'"),
         ({"format": "gif"}, "format must be png or json, got 'gif'"),
         ({"x-format": "JSON"}, "X-Format must be png or json, got 'JSON'"),
     ],
