@@ -43,6 +43,7 @@ from .memory_budget import INPUT_BYTES_PER_ELEMENT, MemoryBudget, request_cost
 from .metrics import UNKNOWN_LABEL, GatewayMetrics
 from .model_manager import ModelManager, ServedVersion
 from .outputs import compute_outputs, output_metadata, plan_outputs
+from .readiness import ReadinessCache
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,8 @@ class DataPlane:
         )
         #: The bytes requests hold in the gateway, reserved before they are spent.
         self.memory = MemoryBudget(settings.max_request_bytes, settings.max_in_flight_bytes)
+        #: Each served version's readiness, refreshed in the background (health reads it).
+        self.readiness = ReadinessCache(backend, self.models.served_versions)
         self._started = False
         self._draining = False
         self._in_flight = 0
@@ -119,6 +122,8 @@ class DataPlane:
         except BaseException:
             await self.backend.close()
             raise
+        await self.readiness.refresh()
+        self.readiness.start()
         self._draining = False
         self._started = True
         logger.info("data plane started: %s backend", self.backend.describe())
@@ -145,6 +150,7 @@ class DataPlane:
         grace = self.settings.drain_grace_s if grace_s is None else grace_s
         give_up_at = time.monotonic() + grace
         await self.wait_idle(grace)
+        await self.readiness.stop()
         await self.models.stop(max(0.0, give_up_at - time.monotonic()))
         self._started = False
         self.decode_pool.close()
@@ -161,23 +167,24 @@ class DataPlane:
     async def server_ready(self) -> bool:
         """Not draining, every model that was to be served serves (one whose every version
         failed to load makes the server not ready; its reason is in the repository index),
-        and every loaded version's batcher runs and its backend answers a probe."""
+        and every loaded version's batcher runs and its backend answered lately (a cached
+        state: :mod:`.readiness`)."""
         if not self._accepting() or self.models.unservable():
             return False
-        states = await asyncio.gather(*(self._answers(s) for s in self.models.served_versions()))
-        return all(states)
+        return all(self._answers(s) for s in self.models.served_versions())
 
     async def model_ready(self, name: str, version: str = "") -> bool:
-        """The version (``""``: the highest ready one) takes requests and its backend answers
-        a probe; a model or version that is not known → NOT_FOUND."""
+        """The version (``""``: the highest ready one) takes requests and its backend answered
+        lately (cached, as for :meth:`server_ready`); a model or version that is not known →
+        NOT_FOUND."""
         try:
             served = self.models.route(name, version)
         except UnavailableError:
             return False
-        return self._accepting() and await self._answers(served)
+        return self._accepting() and self._answers(served)
 
-    async def _answers(self, served: ServedVersion) -> bool:
-        return served.batcher.running and await self.backend.ready(served.model)
+    def _answers(self, served: ServedVersion) -> bool:
+        return served.batcher.running and self.readiness.ready(served)
 
     def model_names(self) -> list[str]:
         """The models with a version taking requests."""
