@@ -39,7 +39,7 @@ LIMIT = Settings().max_message_bytes
 #: Room for the message's own fields within the limit.
 SLACK = 4096
 #: The longest stall accepted for a message at the size limit. Before, these messages stalled
-#: the loop for 2.8–8.9 s each; now 0.04–0.66 s on a busy 2-core machine, what remains being
+#: the loop for 2.8–8.9 s each; now 0.03–0.66 s on a busy 2-core machine, what remains being
 #: the parse itself (one C call holding the GIL).
 MAX_STALL_S = 1.5
 #: The longest stall accepted while a big JSON answer is encoded (before: 1.2 s in one call).
