@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
-from starlette.types import Message
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cnnserve.errors import (
     CnnserveError,
@@ -372,6 +372,28 @@ def _predict_router(core: DataPlane, settings: Settings) -> APIRouter:
     return router
 
 
+class CloseWhileDraining:
+    """While the gateway drains, every answer says ``Connection: close`` (and the connection is
+    closed after it): a keep-alive client opens its next connection anew — through the load
+    balancer, to a replica that serves — instead of being answered 503 on this one until the
+    process exits."""
+
+    def __init__(self, app: ASGIApp, core: DataPlane) -> None:
+        self.app = app
+        self._core = core
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Add the header to a response that starts during a drain."""
+
+        async def closing(message: Message) -> None:
+            if message["type"] == "http.response.start" and self._core.draining:
+                headers = [*message.get("headers", []), (b"connection", b"close")]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, closing if scope["type"] == "http" else send)
+
+
 def create_http_app(core: DataPlane, settings: Settings) -> FastAPI:
     """The ASGI app: OIP REST, friendly routes, and uniform ``{"error"}`` bodies; with API
     keys configured, every route but ``/v2/health/*`` needs one (:mod:`.auth`)."""
@@ -383,6 +405,7 @@ def create_http_app(core: DataPlane, settings: Settings) -> FastAPI:
     keys = ApiKeys.from_settings(settings)
     if keys is not None:
         app.add_middleware(ApiKeyMiddleware, keys=keys)
+    app.add_middleware(CloseWhileDraining, core=core)
     app.include_router(_repository_router(core, settings))
     app.include_router(_oip_router(core, settings))
     app.include_router(_predict_router(core, settings))
