@@ -39,7 +39,7 @@ from .backends import Backend, create_backend
 from .batcher import ModelTime
 from .decode_pool import DecodePool
 from .inputs import declared_input, input_metadata, item_count, select_input, to_batch
-from .memory_budget import MemoryBudget, request_cost
+from .memory_budget import INPUT_BYTES_PER_ELEMENT, MemoryBudget, request_cost
 from .metrics import UNKNOWN_LABEL, GatewayMetrics
 from .model_manager import ModelManager, ServedVersion
 from .outputs import compute_outputs, output_metadata, plan_outputs
@@ -62,6 +62,9 @@ EXTENSIONS = (
 TIMEOUT_PARAMETER = "timeout"
 #: The largest ``timeout`` accepted: the protocol's uint64 range.
 MAX_TIMEOUT_US = 2**64 - 1
+#: Most elements a BYTES input may declare: far above any request's images (one per item,
+#: max_items_per_request), low enough that their Python objects cost little (~3 MiB).
+MAX_BYTES_ELEMENTS = 1 << 16
 #: Arrays larger than this are prepared / post-processed in a worker thread, not on the loop.
 OFFLOAD_BYTES = 1 << 20
 
@@ -91,11 +94,12 @@ class DataPlane:
         self.models = ModelManager(settings, backend, self.metrics)
         #: Where caller-sized work (image and message decoding, big arrays) runs off the loop.
         self.decode_pool = DecodePool(settings.decode_threads)
-        #: What transports check each input's declared shape against before converting it
-        #: (an image input holds one BYTES element per item).
+        #: What transports check each input's declared shape against before converting it:
+        #: more elements than the memory budget prices under max_request_bytes, or more BYTES
+        #: elements than MAX_BYTES_ELEMENTS, can never succeed.
         self.input_limits = InputLimits(
-            max_items=settings.max_items_per_request,
-            max_bytes_elements=settings.max_items_per_request,
+            max_elements=settings.max_request_bytes // INPUT_BYTES_PER_ELEMENT,
+            max_bytes_elements=MAX_BYTES_ELEMENTS,
         )
         #: The bytes requests hold in the gateway, reserved before they are spent.
         self.memory = MemoryBudget(settings.max_request_bytes, settings.max_in_flight_bytes)
