@@ -443,12 +443,25 @@ def _ps(files: Sequence[str]) -> list[dict[str, object]]:
         return []
 
 
+#: The order compose starts the services in (depends_on): the first one in trouble is the cause.
+START_ORDER = ("torchserve", "gateway", "prometheus")
+
+
 def failed_service(entries: Sequence[dict[str, object]], timeout_s: float) -> tuple[str, str]:
     """(service, what happened to it) for the service that kept the stack from being healthy,
-    or ("", "") when every container looks fine."""
+    or ("", "") when every container looks fine. Services are looked at in the order they
+    start: a gateway still starting because TorchServe never became healthy is not the cause."""
+    in_start_order = sorted(
+        entries,
+        key=lambda entry: (
+            START_ORDER.index(str(entry.get("Service")))
+            if entry.get("Service") in START_ORDER
+            else len(START_ORDER)
+        ),
+    )
 
     def of(state: str | None = None, health: str | None = None) -> dict[str, object] | None:
-        for entry in entries:
+        for entry in in_start_order:
             if (state is None or entry.get("State") == state) and (
                 health is None or entry.get("Health") == health
             ):

@@ -219,3 +219,16 @@ def test_model_folders_follow_cnnserve(tmp_path: Path) -> None:
     expected = [name for name in Repository(tmp_path).names() if readable(name)]
     assert expected == ["convnet", "fcn"]
     assert runpy.run_path(str(DEPLOY))["repository_models"](tmp_path) == expected
+
+
+def test_a_failed_start_names_the_first_service_in_trouble_in_start_order() -> None:
+    """compose lists the gateway first, still starting because TorchServe never became
+    healthy: the line must name TorchServe, whose log holds the cause."""
+    failed_service = runpy.run_path(str(DEPLOY))["failed_service"]
+    entries = [
+        {"Service": "gateway", "State": "running", "Health": "starting"},
+        {"Service": "torchserve", "State": "running", "Health": "starting"},
+    ]
+    assert failed_service(entries, 60) == ("torchserve", "did not become healthy within 60 s")
+    entries.append({"Service": "gateway", "State": "exited", "ExitCode": 1})
+    assert failed_service(entries, 60) == ("gateway", "exited with code 1")
