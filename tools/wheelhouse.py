@@ -9,14 +9,16 @@ with ``pip download --require-hashes``: a file whose sha256 differs from the loc
     python3 tools/wheelhouse.py --variant cpu   # gateway + CPU TorchServe + the build stage
     python3 tools/wheelhouse.py --variant gpu   # gateway + CUDA TorchServe + the build stage
 
-Files already present with the right hash are not downloaded again. Needs only the standard
-library and pip (``python3 -m pip``), not cnnserve's environment.
+A lock whose every file is already present, with the right hash, is not downloaded again.
+Needs only the standard library and pip (``python3 -m pip``), not cnnserve's environment.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +33,17 @@ VARIANT_LOCKS = {
     "cpu": ("gateway", "torchserve-cpu", "build"),
     "gpu": ("gateway", "torchserve-gpu", "build"),
 }
+
+
+def lock_hashes(lock: str) -> set[str]:
+    """The sha256 digests ``lock`` pins, one per package."""
+    text = (LOCK_DIR / f"{lock}.txt").read_text()
+    return set(re.findall(r"--hash=sha256:([0-9a-f]{64})", text))
+
+
+def present_hashes(wheelhouse: Path) -> set[str]:
+    """The sha256 digests of the wheels already in ``wheelhouse``."""
+    return {hashlib.sha256(wheel.read_bytes()).hexdigest() for wheel in wheelhouse.glob("*.whl")}
 
 
 def download(lock: str, wheelhouse: Path) -> None:
@@ -60,8 +73,12 @@ def main() -> int:
     parser.add_argument("--dest", type=Path, default=WHEELHOUSE, help="default: %(default)s")
     args = parser.parse_args()
     args.dest.mkdir(parents=True, exist_ok=True)
+    # A full wheelhouse is checked here in a second or two; pip download would ask the index
+    # about every package again (~25 s) only to find each file present.
+    present = present_hashes(args.dest)
     for lock in VARIANT_LOCKS[args.variant]:
-        download(lock, args.dest)
+        if not lock_hashes(lock) <= present:
+            download(lock, args.dest)
     wheels = list(args.dest.glob("*.whl"))
     size_mb = sum(wheel.stat().st_size for wheel in wheels) / 1e6
     print(f"wheelhouse {args.dest}: {len(wheels)} wheels, {size_mb:.0f} MB ({args.variant})")
