@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import yaml
 from PIL import Image
 
 from cnnserve.gateway.memory_budget import request_cost
+from cnnserve.gateway.server import Gateway
 from cnnserve.models.registry import get_spec
 from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
@@ -123,6 +125,28 @@ def _torchserve_settings(target: str, store: Path) -> dict[str, Any]:
     }
 
 
+def _holding_settings(model_repository: Path, torchserve_target: str, store: Path) -> Settings:
+    """A long batch delay that holds requests in the queue, before the stand-in TorchServe."""
+    return holding_settings(
+        model_repository,
+        5_000,
+        backend="torchserve",
+        **_torchserve_settings(torchserve_target, store),
+    )
+
+
+@asynccontextmanager
+async def _holding_gateway(
+    settings: Settings,
+) -> AsyncIterator[tuple[Gateway, pb_grpc.GRPCInferenceServiceStub]]:
+    """A gateway on ``settings`` and a stub on a channel that takes its largest messages."""
+    async with (
+        running_gateway(settings) as gateway,
+        grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}", options=BIG_CHANNEL) as channel,
+    ):
+        yield gateway, pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+
+
 async def test_over_the_request_budget_is_invalid_and_a_full_budget_says_retry(
     model_repository: Path, torchserve_target: str, tmp_path: Path
 ) -> None:
@@ -130,51 +154,42 @@ async def test_over_the_request_budget_is_invalid_and_a_full_budget_says_retry(
     a fifth is refused at once with RESOURCE_EXHAUSTED; a request over max_request_bytes is
     INVALID_ARGUMENT (gRPC) / 400 (HTTP), whatever else is in flight; once the four are
     answered their bytes are free again."""
-    settings = holding_settings(
-        model_repository,
-        5_000,
-        backend="torchserve",
-        **_torchserve_settings(torchserve_target, tmp_path),
-    )
-    async with running_gateway(settings) as gateway:
+    settings = _holding_settings(model_repository, torchserve_target, tmp_path)
+    async with _holding_gateway(settings) as (gateway, stub):
         memory = gateway.core.memory
-        async with grpc.aio.insecure_channel(
-            f"127.0.0.1:{gateway.grpc_port}", options=BIG_CHANNEL
-        ) as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
-            worst = _request("fcn", [FCN_PNG] * WORST_FCN_ITEMS, ("scores",))
-            held = [asyncio.create_task(_call(stub, worst)) for _ in range(WORST_CONCURRENT)]
-            held_bytes = WORST_CONCURRENT * _fcn_cost(WORST_FCN_ITEMS)
-            await wait_until_async(lambda: memory.in_use == held_bytes, 60, "four held requests")
-            refused = await _call(stub, worst)
-            assert refused.startswith("RESOURCE_EXHAUSTED: the gateway's memory budget is taken")
-            assert "retry later" in refused
-            too_big = await _call(stub, _request("fcn", [FCN_PNG] * (WORST_FCN_ITEMS + 1)))
-            assert too_big.startswith("INVALID_ARGUMENT: this request (7 items of fcn) would take")
-            assert "(max_request_bytes)" in too_big
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}") as http:
-                raw = raw_bytes_elements([FCN_PNG] * (WORST_FCN_ITEMS + 1))
-                header = json.dumps(
-                    {
-                        "inputs": [
-                            {
-                                "name": "image",
-                                "datatype": "BYTES",
-                                "shape": [WORST_FCN_ITEMS + 1],
-                                "parameters": {"binary_data_size": len(raw)},
-                            }
-                        ]
-                    }
-                ).encode()
-                reply = await http.post(
-                    "/v2/models/fcn/infer",
-                    content=header + raw,
-                    headers={"Inference-Header-Content-Length": str(len(header))},
-                )
-                assert reply.status_code == 400 and "max_request_bytes" in reply.text
-            assert await asyncio.gather(*held) == ["OK"] * WORST_CONCURRENT
-            assert memory.in_use == 0
-            assert await _call(stub, worst) == "OK"
+        worst = _request("fcn", [FCN_PNG] * WORST_FCN_ITEMS, ("scores",))
+        held = [asyncio.create_task(_call(stub, worst)) for _ in range(WORST_CONCURRENT)]
+        held_bytes = WORST_CONCURRENT * _fcn_cost(WORST_FCN_ITEMS)
+        await wait_until_async(lambda: memory.in_use == held_bytes, 60, "four held requests")
+        refused = await _call(stub, worst)
+        assert refused.startswith("RESOURCE_EXHAUSTED: the gateway's memory budget is taken")
+        assert "retry later" in refused
+        too_big = await _call(stub, _request("fcn", [FCN_PNG] * (WORST_FCN_ITEMS + 1)))
+        assert too_big.startswith("INVALID_ARGUMENT: this request (7 items of fcn) would take")
+        assert "(max_request_bytes)" in too_big
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}") as http:
+            raw = raw_bytes_elements([FCN_PNG] * (WORST_FCN_ITEMS + 1))
+            header = json.dumps(
+                {
+                    "inputs": [
+                        {
+                            "name": "image",
+                            "datatype": "BYTES",
+                            "shape": [WORST_FCN_ITEMS + 1],
+                            "parameters": {"binary_data_size": len(raw)},
+                        }
+                    ]
+                }
+            ).encode()
+            reply = await http.post(
+                "/v2/models/fcn/infer",
+                content=header + raw,
+                headers={"Inference-Header-Content-Length": str(len(header))},
+            )
+            assert reply.status_code == 400 and "max_request_bytes" in reply.text
+        assert await asyncio.gather(*held) == ["OK"] * WORST_CONCURRENT
+        assert memory.in_use == 0
+        assert await _call(stub, worst) == "OK"
 
 
 async def test_the_bytes_come_back_however_a_request_ends(
@@ -182,22 +197,13 @@ async def test_the_bytes_come_back_however_a_request_ends(
 ) -> None:
     """A caller whose deadline passes while its request waits in the queue, and one whose
     batch fails in the backend, leave nothing reserved behind them."""
-    settings = holding_settings(
-        model_repository,
-        5_000,
-        backend="torchserve",
-        **_torchserve_settings(torchserve_target, tmp_path),
-    )
-    async with running_gateway(settings) as gateway:
+    settings = _holding_settings(model_repository, torchserve_target, tmp_path)
+    async with _holding_gateway(settings) as (gateway, stub):
         memory = gateway.core.memory
-        async with grpc.aio.insecure_channel(
-            f"127.0.0.1:{gateway.grpc_port}", options=BIG_CHANNEL
-        ) as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
-            with pytest.raises(grpc.aio.AioRpcError) as expired:
-                await stub.ModelInfer(_request("fcn", [FCN_PNG] * 2), timeout=1.0)
-            assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            await wait_until_async(lambda: memory.in_use == 0, 10, "the expired request's bytes")
+        with pytest.raises(grpc.aio.AioRpcError) as expired:
+            await stub.ModelInfer(_request("fcn", [FCN_PNG] * 2), timeout=1.0)
+        assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await wait_until_async(lambda: memory.in_use == 0, 10, "the expired request's bytes")
     async with (
         running_gateway(settings, exploding_core(settings)) as gateway,
         grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel,
