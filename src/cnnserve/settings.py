@@ -375,8 +375,21 @@ class Settings(BaseSettings):
     torchserve_token_expiration_min: float = Field(
         7 * 24 * 60,
         gt=0,
-        description="Minutes TorchServe's generated keys stay valid; after that, calls are "
-        "refused until TorchServe is restarted.",
+        description="Minutes each key TorchServe draws stays valid. cnnserve renews the "
+        "inference and management keys before they expire (see "
+        "torchserve_token_renew_fraction), so this bounds how long a leaked key works, not "
+        "how long TorchServe serves.",
+    )
+    torchserve_token_renew_fraction: float = Field(
+        0.25,
+        ge=0,
+        lt=1,
+        description="Renew a TorchServe key once less than this fraction of its lifetime "
+        "(torchserve_token_expiration_min) is left: 0.25 renews a one-week key with 42 h to "
+        "spare, time for a renewer that was down (a restarting container or gateway) to catch "
+        "up. Renewal is checked every second by the TorchServe container's entry point and by "
+        "a gateway for the TorchServes of its model stores; the margin must stay above a few "
+        "seconds. 0 turns renewal off: keys are then refused once they expire.",
     )
     torchserve_initial_worker_port: int = Field(
         9000,
