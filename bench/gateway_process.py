@@ -107,12 +107,14 @@ def start_gateway(
     log_path: Path,
     ready_timeout_s: float = 120.0,
     environ: Mapping[str, str] | None = None,
+    ports: tuple[int, int, int] | None = None,
 ) -> GatewayProcess:
-    """Run ``cnnserve serve`` on free ports and wait until gRPC ServerReady says true (and,
-    with ``CNNSERVE_GATEWAY_PROCESSES``, until every process listens, so the load reaches
-    all of them). Its environment is ``environ`` (default: this process's) with
+    """Run ``cnnserve serve`` on free ports (or ``ports``: gRPC, HTTP, metrics — a
+    replacement on the ports of the process it replaces) and wait until gRPC ServerReady
+    says true (and, with ``CNNSERVE_GATEWAY_PROCESSES``, until every process listens, so the
+    load reaches all of them). Its environment is ``environ`` (default: this process's) with
     ``env_overrides``; its output is appended to ``log_path``."""
-    grpc_port, http_port, metrics_port = free_ports(3)
+    grpc_port, http_port, metrics_port = ports or free_ports(3)
     env = {**(os.environ if environ is None else environ), **env_overrides}
     listeners = int(env.get("CNNSERVE_GATEWAY_PROCESSES", "1"))
     command = [

@@ -112,9 +112,14 @@ def _env_value(value: object) -> str:
 
 @contextmanager
 def gateway_process(
-    backend: str, log_path: Path, ready_timeout_s: float = 120.0, **settings: object
+    backend: str,
+    log_path: Path,
+    ready_timeout_s: float = 120.0,
+    ports: tuple[int, int, int] | None = None,
+    **settings: object,
 ) -> Iterator[GatewayProcess]:
-    """``cnnserve serve --backend <backend>`` in its own process on free ports, configured
+    """``cnnserve serve --backend <backend>`` in its own process on free ports (or ``ports``:
+    gRPC, HTTP, metrics — a replacement on the ports of the process it replaces), configured
     by ``settings`` (field names of :class:`~cnnserve.settings.Settings`) and nothing else:
     no ``CNNSERVE_*`` variable of this process reaches it. Ready (gRPC ServerReady) when
     entered, its output in ``log_path``; stopped on exit, SIGTERM then SIGKILL if it does
@@ -123,7 +128,7 @@ def gateway_process(
     assert not unknown, f"not settings: {unknown}"
     environ = {k: v for k, v in os.environ.items() if not k.startswith("CNNSERVE_")}
     variables = {f"CNNSERVE_{name.upper()}": _env_value(v) for name, v in settings.items()}
-    gateway = start_gateway(backend, variables, log_path, ready_timeout_s, environ)
+    gateway = start_gateway(backend, variables, log_path, ready_timeout_s, environ, ports)
     try:
         yield gateway
     finally:
