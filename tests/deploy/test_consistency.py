@@ -4,7 +4,10 @@ No Docker engine or cluster is needed: the compose files are rendered by Docker 
 own binary (``config --format json``, which also validates them), the Dockerfile, manifests,
 locks and Prometheus configuration are parsed. A wrong port, a misspelt ``CNNSERVE_*``
 variable, a key directory outside the shared volume or a stale lock fails here, long before
-anyone runs ``make deploy`` on a GPU host.
+anyone runs ``make deploy`` on a GPU host. So does a deployment that is not closed by default
+(a port on every address, the metrics port published, a gateway without an API key) or not
+hardened (a container with capabilities, a writable root filesystem, a service account token,
+a drain the grace period cuts short).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from cnnserve.settings import Settings
+from cnnserve.torchserve_engine.process import RUN_DIR_NAME, STOP_TIMEOUT_S
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -37,6 +41,9 @@ VERSION = PYPROJECT["project"]["version"]
 #: Settings' defaults, read from the class: the test environment's CNNSERVE_* never leak in.
 DEFAULTS = {name: info.default for name, info in Settings.model_fields.items()}
 GATEWAY_PORTS = {DEFAULTS["http_port"], DEFAULTS["grpc_port"], DEFAULTS["metrics_port"]}
+#: What the gateway publishes on the host: the inference ports; metrics stay on the network.
+PUBLISHED_PORTS = GATEWAY_PORTS - {DEFAULTS["metrics_port"]}
+LOOPBACK = "127.0.0.1"
 #: TorchServe's ports other containers may reach: inference (REST, gRPC) and metrics.
 TORCHSERVE_PORTS = {
     DEFAULTS[f"torchserve_{name}_port"] for name in ("inference", "metrics", "grpc_inference")
@@ -63,10 +70,12 @@ def compose_binary() -> Path:
     return Path(compose.__file__).parent / "docker-compose"
 
 
-def render_compose(args: list[str]) -> dict[str, Any]:
-    """The compose model ``docker compose <args> config`` resolves (merged, interpolated)."""
+def render_compose(args: list[str], **variables: str) -> dict[str, Any]:
+    """The compose model ``docker compose <args> config`` resolves (merged, interpolated),
+    with ``variables`` in its environment."""
     # Interpolation must see the files' own defaults, not a developer's CNNSERVE_* exports.
     env = {key: value for key, value in os.environ.items() if not key.startswith(ENV_PREFIX)}
+    env.update(variables)
     result = subprocess.run(
         [str(compose_binary()), *args, "config", "--format", "json"],
         cwd=ROOT,
@@ -264,12 +273,12 @@ def test_every_cnnserve_variable_is_a_setting_with_a_valid_value(
 
 
 def test_only_the_gateway_publishes_its_ports(composes: dict[str, dict[str, Any]]) -> None:
-    """Published: the gateway's REST, gRPC and metrics ports; TorchServe: nothing."""
+    """Published: the gateway's REST and gRPC ports; TorchServe: nothing."""
     for variant, model in composes.items():
         services = model["services"]
         published = {int(p["target"]) for p in services["gateway"]["ports"]}
-        assert published == GATEWAY_PORTS, variant
-        assert {int(p["published"]) for p in services["gateway"]["ports"]} == GATEWAY_PORTS
+        assert published == PUBLISHED_PORTS, variant
+        assert {int(p["published"]) for p in services["gateway"]["ports"]} == PUBLISHED_PORTS
         assert not services["torchserve"].get("ports"), f"{variant}: TorchServe publishes ports"
         assert {int(port) for port in services["torchserve"]["expose"]} == TORCHSERVE_PORTS
 
@@ -441,11 +450,11 @@ def test_dockerfile_targets_run_unprivileged_with_healthchecks(
 
 
 def test_gateway_healthcheck_asks_readiness(dockerfile: dict[str, Stage]) -> None:
-    """The gateway's HEALTHCHECK fetches /v2/health/ready on the HTTP port."""
+    """The gateway's HEALTHCHECK runs deploy/gateway_health.py where the image copies it
+    (tests/deploy/test_gateway_health.py runs it against real gateways)."""
     stage = dockerfile["gateway"]
-    command = " ".join(stage.exec_form("HEALTHCHECK"))
-    assert "/v2/health/ready" in command
-    assert f"'CNNSERVE_HTTP_PORT', '{DEFAULTS['http_port']}'" in command
+    (copy,) = [c for c in stage.args("COPY") if "deploy/gateway_health.py" in c]
+    assert stage.exec_form("HEALTHCHECK") == ["python", copy.split()[-1]]
     assert stage.exec_form("ENTRYPOINT") == ["cnnserve", "serve"]
     assert stage.env()["CNNSERVE_BACKEND"] == "torchserve"
 
@@ -669,6 +678,53 @@ def test_k8s_tokens_are_on_and_keys_travel_through_a_read_write_many_claim(
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"], "pods on many nodes share it"
 
 
+def test_k8s_network_policies_limit_prometheus_to_one_namespace_and_egress(
+    manifests: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    """Both pods have an ingress and an egress policy. Prometheus is admitted from the
+    namespace `monitoring` only (never `namespaceSelector: {}`, any namespace), on the metrics
+    port only; TorchServe may send nothing but DNS; the gateway DNS and TorchServe's gRPC
+    inference port; the gateway's inference ports are open to clients, its metrics port not."""
+    dns = [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]
+    grpc_port = DEFAULTS["torchserve_grpc_inference_port"]
+    metrics_ports = {
+        "gateway": DEFAULTS["metrics_port"],
+        "torchserve": DEFAULTS["torchserve_metrics_port"],
+    }
+    for name, metrics_port in metrics_ports.items():
+        policy = manifests[("NetworkPolicy", name)]["spec"]
+        pod_labels = manifests[("Deployment", name)]["spec"]["template"]["metadata"]["labels"]
+        assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items(), name
+        assert set(policy["policyTypes"]) == {"Ingress", "Egress"}, name
+        sources = [
+            (source, {p["port"] for p in rule["ports"]})
+            for rule in policy["ingress"]
+            for source in rule.get("from", [{}])
+        ]
+        for source, ports in sources:
+            if "namespaceSelector" in source:
+                assert source["namespaceSelector"] == {
+                    "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}
+                }, name
+                assert source["podSelector"]["matchLabels"] == {
+                    "app.kubernetes.io/name": "prometheus"
+                }
+                assert ports == {metrics_port}, name
+        scrapers = [ports for source, ports in sources if "namespaceSelector" in source]
+        assert scrapers == [{metrics_port}], f"{name}: Prometheus rules {scrapers}"
+        open_to_all = {port for source, ports in sources if not source for port in ports}
+        assert open_to_all == (PUBLISHED_PORTS if name == "gateway" else set()), name
+        egress = policy["egress"]
+        assert egress[0] == {"ports": dns}, f"{name}: the first egress rule is DNS"
+        if name == "torchserve":
+            assert len(egress) == 1, "TorchServe sends nothing but DNS"
+        else:
+            (to_torchserve,) = egress[1:]
+            torchserve = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "torchserve"}}}
+            assert to_torchserve["to"] == [torchserve]
+            assert to_torchserve["ports"] == [{"port": grpc_port, "protocol": "TCP"}]
+
+
 def test_k8s_network_policy_admits_only_the_gateway_to_torchserve(
     manifests: dict[tuple[str, str], dict[str, Any]],
 ) -> None:
@@ -694,3 +750,202 @@ def test_k8s_images_match_the_compose_images(
     for name in ("torchserve", "gateway"):
         (container,) = pod_containers(manifests[("Deployment", name)])
         assert container["image"] == services[name]["image"]
+
+
+# --- closed by default -----------------------------------------------------------------
+
+
+def _deploy_tool() -> dict[str, Any]:
+    """tools/deploy.py's names (what `make deploy` runs)."""
+    import runpy
+
+    return runpy.run_path(str(ROOT / "tools" / "deploy.py"))
+
+
+DEPLOY_TOOL = _deploy_tool()
+
+
+def test_ports_bind_loopback_unless_opened_and_metrics_stay_unpublished(
+    composes: dict[str, dict[str, Any]],
+) -> None:
+    """By default every published port binds 127.0.0.1 and the metrics port is not published
+    at all; CNNSERVE_BIND_ADDRESS (make deploy BIND_ADDRESS=) opens the gateway's ports only,
+    never Prometheus (no authentication). tools/deploy.py checks the ports compose publishes."""
+    for variant, model in composes.items():
+        for name, service in model["services"].items():
+            for port in service.get("ports", []):
+                assert port.get("host_ip") == LOOPBACK, f"{variant} {name}: {port}"
+                assert int(port["target"]) != DEFAULTS["metrics_port"], f"{variant} {name}"
+                assert int(port["published"]) != DEFAULTS["metrics_port"], f"{variant} {name}"
+    opened = render_compose(COMPOSE_VARIANTS["monitoring"], CNNSERVE_BIND_ADDRESS="0.0.0.0")
+    hosts = {
+        name: {p["host_ip"] for p in service.get("ports", [])}
+        for name, service in opened["services"].items()
+    }
+    assert hosts == {"gateway": {"0.0.0.0"}, "torchserve": set(), "prometheus": {LOOPBACK}}
+    assert DEPLOY_TOOL["BIND_ADDRESS_ENV"] == "CNNSERVE_BIND_ADDRESS"
+    assert DEPLOY_TOOL["DEFAULT_BIND_ADDRESS"] == LOOPBACK
+    assert {port for port, _ in DEPLOY_TOOL["GATEWAY_PORTS"]} == PUBLISHED_PORTS
+    prometheus_ports = composes["monitoring"]["services"]["prometheus"]["ports"]
+    assert [(a, p) for a, p, _ in DEPLOY_TOOL["MONITORING_PORTS"]] == [
+        (p["host_ip"], int(p["published"])) for p in prometheus_ports
+    ]
+
+
+def test_compose_gateway_reads_its_api_keys_from_a_secret_outside_git(
+    composes: dict[str, dict[str, Any]],
+) -> None:
+    """The gateway's CNNSERVE_API_KEYS_FILE is the `api_keys` secret's mount; the secret's file
+    is the one tools/deploy.py creates, ignored by git and outside the build context."""
+    key_file = Path(DEPLOY_TOOL["API_KEYS_FILE"])
+    for variant, model in composes.items():
+        gateway = model["services"]["gateway"]
+        (secret,) = gateway["secrets"]
+        assert gateway["environment"]["CNNSERVE_API_KEYS_FILE"] == secret["target"], variant
+        assert Path(model["secrets"][secret["source"]]["file"]) == key_file, variant
+        assert "CNNSERVE_API_KEY" not in gateway["environment"], "a key in the compose file"
+    ignored = subprocess.run(
+        ["git", "check-ignore", "--quiet", str(key_file.relative_to(ROOT))],
+        cwd=ROOT,
+        check=False,
+    )
+    assert ignored.returncode == 0, f"{key_file} is not ignored by git"
+    allowed = [
+        line.removeprefix("!").rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    ]
+    relative = key_file.relative_to(ROOT)
+    assert not any(relative.is_relative_to(folder) for folder in allowed), "in the build context"
+
+
+def test_every_compose_container_is_hardened(
+    composes: dict[str, dict[str, Any]], dockerfile: dict[str, Stage]
+) -> None:
+    """Every service drops every capability, cannot gain privileges and runs read-only; the
+    places TorchServe writes (its run directory, /tmp, the key directory) are tmpfs or volumes."""
+    for variant, model in composes.items():
+        for name, service in model["services"].items():
+            assert service.get("cap_drop") == ["ALL"], f"{variant} {name}"
+            assert "no-new-privileges:true" in service.get("security_opt", []), f"{variant} {name}"
+            assert service.get("read_only") is True, f"{variant} {name}"
+        torchserve = model["services"]["torchserve"]
+        writable = {PurePosixPath(entry.split(":", 1)[0]) for entry in torchserve["tmpfs"]}
+        writable |= {PurePosixPath(v["target"]) for v in torchserve["volumes"]}
+        store = PurePosixPath(dockerfile["torchserve"].env()["CNNSERVE_MODEL_STORE_DIR"])
+        needed = {store / RUN_DIR_NAME, PurePosixPath("/tmp")}
+        needed.add(PurePosixPath(torchserve["environment"]["CNNSERVE_TORCHSERVE_KEY_DIR"]))
+        assert needed <= writable, f"{variant}: TorchServe cannot write {needed - writable}"
+        assert PurePosixPath("/tmp") in {
+            PurePosixPath(entry) for entry in model["services"]["gateway"]["tmpfs"]
+        }
+
+
+def _mounts(pod: dict[str, Any], container: dict[str, Any]) -> dict[PurePosixPath, dict[str, Any]]:
+    """A container's mount paths and the pod volume each one mounts."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    return {PurePosixPath(m["mountPath"]): volumes[m["name"]] for m in container["volumeMounts"]}
+
+
+def test_k8s_gateway_reads_its_api_keys_from_a_secret_not_in_git(
+    manifests: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    """CNNSERVE_API_KEYS_FILE is a file of the Secret volume `gateway-api-keys`, readable by
+    the pod's group; no Secret and no secretGenerator is in the manifests (never a key in git:
+    the Secret is created with kubectl, as gateway.yaml says)."""
+    deployment = manifests[("Deployment", "gateway")]
+    pod = deployment["spec"]["template"]["spec"]
+    (gateway,) = pod_containers(deployment)
+    key_file = PurePosixPath(container_env(gateway)["CNNSERVE_API_KEYS_FILE"])
+    volume = _mounts(pod, gateway)[key_file.parent]
+    secret = volume["secret"]
+    assert secret["secretName"] == "gateway-api-keys"
+    assert [item["path"] for item in secret["items"]] == [key_file.name]
+    assert secret["defaultMode"] & 0o440 == 0o440 and not secret["defaultMode"] & 0o007
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    assert not [key for key in manifests if key[0] == "Secret"]
+    assert "secretGenerator" not in kustomization()
+    assert "kubectl -n cnnserve create secret generic gateway-api-keys" in (
+        (K8S / "gateway.yaml").read_text()
+    )
+
+
+def test_every_k8s_pod_is_hardened(
+    manifests: dict[tuple[str, str], dict[str, Any]], dockerfile: dict[str, Stage]
+) -> None:
+    """Every pod: no service account token, non-root; every container: read-only root
+    filesystem, no privilege escalation, no capabilities. TorchServe's run directory and /tmp
+    are emptyDirs, as in compose."""
+    deployments = [doc for (kind, _), doc in manifests.items() if kind == "Deployment"]
+    assert len(deployments) == 2
+    for deployment in deployments:
+        name = deployment["metadata"]["name"]
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["automountServiceAccountToken"] is False, name
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        for container in pod_containers(deployment):
+            context = container["securityContext"]
+            assert context["readOnlyRootFilesystem"] is True, name
+            assert context["allowPrivilegeEscalation"] is False, name
+            assert context["capabilities"]["drop"] == ["ALL"], name
+            assert not context["capabilities"].get("add"), name
+    deployment = manifests[("Deployment", "torchserve")]
+    (torchserve,) = pod_containers(deployment)
+    mounts = _mounts(deployment["spec"]["template"]["spec"], torchserve)
+    store = PurePosixPath(dockerfile["torchserve"].env()["CNNSERVE_MODEL_STORE_DIR"])
+    for path in (store / RUN_DIR_NAME, PurePosixPath("/tmp")):
+        assert "emptyDir" in mounts[path], f"TorchServe cannot write {path}"
+
+
+def test_k8s_gateway_probes_follow_tls(manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """Plaintext: HTTP probes of the health routes. TLS on (CNNSERVE_TLS_CERT_FILE): scheme
+    HTTPS. Mutual TLS (CNNSERVE_TLS_CLIENT_CA_FILE): the kubelet has no client certificate, so
+    the probes ask the plaintext metrics port, as the image's health check does."""
+    (gateway,) = pod_containers(manifests[("Deployment", "gateway")])
+    env = container_env(gateway)
+    for name in ("readinessProbe", "livenessProbe"):
+        probe = gateway[name]["httpGet"]
+        port = container_port(gateway, probe["port"])
+        scheme = probe.get("scheme", "HTTP")
+        if "CNNSERVE_TLS_CLIENT_CA_FILE" in env:
+            assert (scheme, port, probe["path"]) == ("HTTP", DEFAULTS["metrics_port"], "/metrics")
+        else:
+            assert scheme == ("HTTPS" if "CNNSERVE_TLS_CERT_FILE" in env else "HTTP"), name
+            assert port == DEFAULTS["http_port"], name
+            assert probe["path"].startswith("/v2/health/"), name
+
+
+def _pre_stop_s(container: dict[str, Any]) -> float:
+    """The seconds a container's preStop hook sleeps (``/bin/sleep N``)."""
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "/bin/sleep" and len(command) == 2, command
+    return float(command[1])
+
+
+def test_k8s_pods_drain_within_their_grace_and_roll_without_a_gap(
+    manifests: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    """Each Deployment: a preStop sleep (endpoints drop the pod before SIGTERM), then its stop
+    (the gateway's drain_grace_s; TorchServe's STOP_TIMEOUT_S) and at least 5 s of margin
+    inside terminationGracePeriodSeconds; rolling updates add a pod before removing one; a
+    PodDisruptionBudget keeps one pod."""
+    stops = {"gateway": DEFAULTS["drain_grace_s"], "torchserve": STOP_TIMEOUT_S}
+    for name, stop_s in stops.items():
+        deployment = manifests[("Deployment", name)]
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod_containers(deployment)
+        pre_stop = _pre_stop_s(container)
+        assert pre_stop >= 5, f"{name}: a preStop of {pre_stop} s"
+        grace = pod["terminationGracePeriodSeconds"]
+        assert grace >= pre_stop + stop_s + 5, f"{name}: {grace} s < {pre_stop} + {stop_s} + 5"
+        assert deployment["spec"]["strategy"] == {
+            "type": "RollingUpdate",
+            "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+        }, name
+        budget = manifests[("PodDisruptionBudget", name)]["spec"]
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert budget["selector"]["matchLabels"].items() <= labels.items(), name
+        assert budget["minAvailable"] == 1, name
+    # The gateway's preStop must cover the gateway's DNS re-resolve of TorchServe's pods.
+    (torchserve,) = pod_containers(manifests[("Deployment", "torchserve")])
+    assert _pre_stop_s(torchserve) > DEFAULTS["torchserve_resolve_interval_s"]
