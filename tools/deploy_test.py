@@ -10,15 +10,20 @@ subprocesses and is timed:
    8001 taken, and a model repository TorchServe cannot load (a short DEPLOY_TIMEOUT_S): each
    must exit non-zero with exactly one ``error:`` line and leave no container or network of
    the project behind;
-2. deploy: ``make deploy DEPLOY=cpu``, then the standard client (``tritonclient``, gRPC and
-   HTTP) through the published ports: held-out digits classified, an FCN mask of the scene's
-   size, the model repository index, each model's metadata and configuration, the gateway's
-   request counters moved on :8002/metrics;
+2. deploy: ``make deploy DEPLOY=cpu``; closed by default: a call without the API key is
+   refused (HTTP 401, gRPC UNAUTHENTICATED), one with the key file ``make deploy`` printed is
+   answered, ``docker port`` shows only 127.0.0.1 and no metrics port, ``docker inspect``
+   shows every container without capabilities, without privilege gain, read-only and not
+   root; then the standard client (``tritonclient``, gRPC and HTTP, sending the key) through
+   the published ports: held-out digits classified, an FCN mask of the scene's size, the
+   model repository index, each model's metadata and configuration, the gateway's request
+   counters moved (its metrics port, read inside its container);
 3. scale: two TorchServe replicas under load, both serving; one ``docker kill``ed mid-load
    (failed calls counted), ``docker start``ed again and taking traffic; the gateway recreated
    with ``docker compose up -d --force-recreate`` under load, once with a plain client and
    once with a client that retries UNAVAILABLE (what each saw: failures, longest gap);
-4. monitoring: ``MONITORING=1``; Prometheus reports the gateway and every replica up;
+4. monitoring: ``MONITORING=1``; Prometheus (hardened and on 127.0.0.1 as well) reports the
+   gateway and every replica up;
 5. ``make undeploy``: no container or network of the project left; named volumes listed.
 
 Each check prints one PASS/FAIL line; the figures (time to healthy, image sizes, failed calls,
@@ -47,6 +52,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -61,6 +67,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from tritonclient._plugin import InferenceServerClientPlugin
 from tritonclient.utils import InferenceServerException
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,9 +78,13 @@ STAGES = ("faults", "deploy", "scale", "monitoring")
 HOST = "127.0.0.1"
 GRPC_URL = f"{HOST}:8001"
 HTTP_URL = f"{HOST}:8000"
-METRICS_URL = f"http://{HOST}:8002/metrics"
 PROMETHEUS_URL = f"http://{HOST}:9090"
+#: Metrics ports, not published: read inside their containers.
+GATEWAY_METRICS = "http://127.0.0.1:8002/metrics"
 TORCHSERVE_METRICS = "http://127.0.0.1:8082/metrics"
+#: The one address the stack's ports may bind by default, and the port it must not publish.
+LOOPBACK = "127.0.0.1"
+METRICS_PORT = 8002
 DEMO_MODELS = {"convnet", "fcn"}
 
 #: Bounds on the make targets: a cold build of the images, a checked failure, undeploy.
@@ -392,19 +403,52 @@ def labels_of(result: Any) -> list[str]:
     return [row[0].decode() for row in result.as_numpy("labels")]
 
 
-def get(url: str) -> bytes:
+def get(url: str, headers: dict[str, str] | None = None) -> bytes:
     """GET ``url``, always on 127.0.0.1, with a bounded wait."""
     if not url.startswith(f"http://{HOST}:"):
         raise ValueError(f"only {HOST} is reached: {url}")
-    with urllib.request.urlopen(url, timeout=10) as reply:
+    request = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(request, timeout=10) as reply:
         body: bytes = reply.read()
     return body
+
+
+def http_status(url: str, headers: dict[str, str] | None = None) -> int:
+    """The status a GET of ``url`` is answered with (an error status too)."""
+    try:
+        get(url, headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    return 200
+
+
+class BearerKey(InferenceServerClientPlugin):  # type: ignore[misc]
+    """Sends ``authorization: Bearer <key>`` with every call of a tritonclient client, gRPC
+    or HTTP (``client.register_plugin``)."""
+
+    def __init__(self, key: str) -> None:
+        self.header = f"Bearer {key}"
+
+    def __call__(self, request: Any) -> None:
+        request.headers["authorization"] = self.header
+
+
+def api_key_printed(output: str) -> str:
+    """The gateway's API key, from the file ``make deploy`` says it is in."""
+    found = re.search(r"^API key: (\S+)", output, re.MULTILINE)
+    if not found:
+        raise CheckError("make deploy printed no `API key:` line")
+    keys = [k.strip() for k in Path(found[1]).read_text().splitlines() if k.strip()]
+    if not keys:
+        raise CheckError(f"{found[1]} holds no key")
+    return keys[0]
 
 
 def request_counts() -> dict[str, float]:
     """The gateway's successful inference requests per model (``cnnserve_requests_total``)."""
     counts: dict[str, float] = {}
-    for family in text_string_to_metric_families(get(METRICS_URL).decode()):
+    gateway = service_containers("gateway")[-1]
+    for family in text_string_to_metric_families(metrics_inside(gateway, GATEWAY_METRICS)):
         for sample in family.samples:
             if sample.name == "cnnserve_requests_total" and sample.labels["outcome"] == "success":
                 model = sample.labels["model"]
@@ -412,12 +456,15 @@ def request_counts() -> dict[str, float]:
     return counts
 
 
-def client_checks(report: Report) -> None:
-    """The standard client through the published ports; the gateway counted its calls."""
+def client_checks(report: Report, key: str) -> None:
+    """The standard client through the published ports, sending ``key``; the gateway counted
+    its calls."""
     grpc = grpcclient.InferenceServerClient(GRPC_URL)
     http = httpclient.InferenceServerClient(HTTP_URL, connection_timeout=10, network_timeout=30)
+    grpc.register_plugin(BearerKey(key))
+    http.register_plugin(BearerKey(key))
     before: dict[str, float] = {}
-    with report.check("metrics: :8002/metrics answers") as detail:
+    with report.check("metrics: :8002/metrics answers inside the gateway's container") as detail:
         before = request_counts()
         detail.append(f"requests so far {before}")
     try:
@@ -514,9 +561,12 @@ class Load:
     ``retry_unavailable``, a call answered UNAVAILABLE is sent again (PAUSE_S apart) for up to
     RETRY_BOUND_S, as a client that rides over a server restart would."""
 
-    def __init__(self, digits: Sequence[tuple[bytes, str]], retry_unavailable: bool) -> None:
+    def __init__(
+        self, digits: Sequence[tuple[bytes, str]], retry_unavailable: bool, key: str
+    ) -> None:
         self.digits = digits
         self.retry = retry_unavailable
+        self.key = key
         self.calls: list[Call] = []
         self.stop = threading.Event()
         self.threads = [
@@ -539,6 +589,7 @@ class Load:
 
     def _run(self, index: int) -> None:
         client = grpcclient.InferenceServerClient(GRPC_URL)
+        client.register_plugin(BearerKey(self.key))
         wanted = [grpcclient.InferRequestedOutput("labels")]
         try:
             for n in range(LOAD_MAX_CALLS):
@@ -609,14 +660,18 @@ class Load:
         }
 
 
-def served_by(container: str) -> float:
-    """convnet requests a TorchServe replica has answered, from its own metrics API (read
-    inside the container: the port is not published)."""
+def metrics_inside(container: str, url: str) -> str:
+    """The Prometheus text at ``url`` as seen inside ``container`` (its metrics port is not
+    published)."""
     script = (
-        "import urllib.request; print(urllib.request.urlopen("
-        f"{TORCHSERVE_METRICS!r}, timeout=10).read().decode())"
+        f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=10).read().decode())"
     )
-    text = docker("exec", container, "python", "-c", script)
+    return docker("exec", container, "python", "-c", script)
+
+
+def served_by(container: str) -> float:
+    """convnet requests a TorchServe replica has answered, from its own metrics API."""
+    text = metrics_inside(container, TORCHSERVE_METRICS)
     return sum(
         sample.value
         for family in text_string_to_metric_families(text)
@@ -696,8 +751,10 @@ def faults(report: Report) -> None:
     )  # fmt: skip
 
 
-def deployed(report: Report, name: str, key: str, *args: str) -> None:
-    """``make deploy DEPLOY=cpu ARGS`` returns healthy; figures under ``key``."""
+def deployed(report: Report, name: str, key: str, *args: str) -> str:
+    """``make deploy DEPLOY=cpu ARGS`` returns healthy; figures under ``key``; the API key it
+    printed the file of."""
+    api_key = ""
     with report.check(name) as detail:
         ran = make("deploy", "DEPLOY=cpu", *args, timeout=BUILD_BOUND_S)
         report.figures[key] = {"make_s": round(ran.seconds, 1), **reported_times(ran.output)}
@@ -705,14 +762,93 @@ def deployed(report: Report, name: str, key: str, *args: str) -> None:
             raise CheckError(
                 f"exit {ran.returncode}: {(ran.error_lines() or [ran.output[-300:]])[0]}"
             )
+        api_key = api_key_printed(ran.output)
         stack_figures(report, f"{key}_containers")
         detail.append(f"{ran.seconds:.0f} s; {reported_times(ran.output) or 'no times printed'}")
     report.need()
+    return api_key
+
+
+def closed_checks(report: Report, key: str) -> None:
+    """Without the key nothing but health is answered; with it, calls are. Both transports."""
+    models_url = f"http://{HTTP_URL}/v2/models/convnet"
+    with report.check("closed: no API key, no answer (HTTP 401, gRPC UNAUTHENTICATED)") as d:
+        statuses = {
+            "no key": http_status(models_url),
+            "wrong key": http_status(models_url, {"authorization": "Bearer not-the-key"}),
+            "the printed key": http_status(models_url, {"authorization": f"Bearer {key}"}),
+            "health, no key": http_status(f"http://{HTTP_URL}/v2/health/ready"),
+        }
+        wanted = {"no key": 401, "wrong key": 401, "the printed key": 200, "health, no key": 200}
+        if statuses != wanted:
+            raise CheckError(f"HTTP statuses {statuses}, wanted {wanted}")
+        grpc = grpcclient.InferenceServerClient(GRPC_URL)
+        try:
+            try:
+                grpc.get_model_metadata("convnet")
+                raise CheckError("gRPC ModelMetadata without a key was answered")
+            except InferenceServerException as exc:
+                if exc.status() != "StatusCode.UNAUTHENTICATED":
+                    raise CheckError(
+                        f"gRPC without a key: {exc.status()} {exc.message()}"
+                    ) from None
+            grpc.register_plugin(BearerKey(key))
+            versions = grpc.get_model_metadata("convnet", as_json=True)["versions"]
+        finally:
+            grpc.close()
+        d.append(f"HTTP {statuses}; gRPC UNAUTHENTICATED, then versions {versions} with the key")
+
+
+def hardening_checks(report: Report, stage: str) -> None:
+    """``docker port``: only 127.0.0.1, never the metrics port; ``docker inspect``: every
+    container without capabilities or privilege gain, on a read-only root, not root."""
+    containers = docker("ps", "--filter", PROJECT_LABEL, "--format", "{{.Names}}").split()
+    with report.check(
+        f"closed ({stage}): docker port shows 127.0.0.1 only, no {METRICS_PORT}"
+    ) as d:
+        bindings = {c: docker("port", c).split("\n") for c in containers}
+        bindings = {c: [line for line in lines if line] for c, lines in bindings.items()}
+        report.figures[f"docker_port_{stage}"] = bindings
+        wrong = [
+            f"{c}: {line}"
+            for c, lines in bindings.items()
+            for line in lines
+            if not line.split(" -> ")[1].startswith(f"{LOOPBACK}:")
+            or line.startswith(f"{METRICS_PORT}/")
+        ]
+        if wrong or not any(bindings.values()):
+            raise CheckError(f"bindings {bindings}")
+        d.append("; ".join(f"{c}: {', '.join(lines) or 'none'}" for c, lines in bindings.items()))
+    with report.check(f"hardened ({stage}): docker inspect of every container") as d:
+        seen = {}
+        for container in containers:
+            details = inspect(container)
+            host = details["HostConfig"]
+            seen[container] = {
+                "cap_drop": host.get("CapDrop"),
+                "security_opt": host.get("SecurityOpt"),
+                "read_only_root": host.get("ReadonlyRootfs"),
+                "user": details["Config"].get("User"),
+            }
+        report.figures[f"hardening_{stage}"] = seen
+        weak = {
+            c: h
+            for c, h in seen.items()
+            if h["cap_drop"] != ["ALL"]
+            or "no-new-privileges:true" not in (h["security_opt"] or [])
+            or h["read_only_root"] is not True
+            or str(h["user"]).split(":")[0] in ("", "0", "root")
+        }
+        if weak or not seen:
+            raise CheckError(f"not hardened: {weak or 'no container'}")
+        d.append(f"{len(seen)} containers: cap_drop ALL, no-new-privileges, read-only, non-root")
 
 
 def deploy_stage(report: Report) -> None:
-    deployed(report, "make deploy DEPLOY=cpu", "deploy")
-    client_checks(report)
+    key = deployed(report, "make deploy DEPLOY=cpu", "deploy")
+    closed_checks(report, key)
+    hardening_checks(report, "deploy")
+    client_checks(report, key)
 
 
 def served_share(replicas: Sequence[str], load: Load, wanted: str) -> Callable[[], bool]:
@@ -731,13 +867,13 @@ def served_share(replicas: Sequence[str], load: Load, wanted: str) -> Callable[[
 
 
 def scale_stage(report: Report) -> None:
-    deployed(report, "make deploy DEPLOY=cpu SCALE=2", "deploy_scale2", "SCALE=2")
+    key = deployed(report, "make deploy DEPLOY=cpu SCALE=2", "deploy_scale2", "SCALE=2")
     digits = held_out_digits(DIGITS)
     replicas = [c for c in service_containers("torchserve") if health(c) == "healthy"]
     with report.check("scale-out: both replicas serve") as detail:
         if len(replicas) != 2:
             raise CheckError(f"{len(replicas)} healthy replicas")
-        with Load(digits, retry_unavailable=False) as load:
+        with Load(digits, retry_unavailable=False, key=key) as load:
             for replica in replicas:
                 wait_for(f"replica {replica} answering", served_share(replicas, load, replica), 60)
         outcome = load.outcome()
@@ -748,7 +884,7 @@ def scale_stage(report: Report) -> None:
 
     victim = replicas[0]
     with report.check("scale-out: a replica killed under load") as detail:
-        with Load(digits, retry_unavailable=False) as load:
+        with Load(digits, retry_unavailable=False, key=key) as load:
             load.wait_answered(50)
             docker("kill", victim)
             killed_at = load.since_start()
@@ -769,7 +905,7 @@ def scale_stage(report: Report) -> None:
         state = inspect(victim)["State"]["Status"]
         docker("start", victim)
         healthy_s = wait_for("restarted replica healthy", lambda: health(victim) == "healthy")
-        with Load(digits, retry_unavailable=False) as load:
+        with Load(digits, retry_unavailable=False, key=key) as load:
             traffic_s = wait_for("its share of the load", served_share(replicas, load, victim), 60)
         outcome = load.outcome()
         report.figures["replica_restarted"] = {
@@ -785,10 +921,10 @@ def scale_stage(report: Report) -> None:
             f"{traffic_s:.0f} s later"
         )
 
-    gateway_restarts(report, digits)
+    gateway_restarts(report, digits, key)
 
 
-def gateway_restarts(report: Report, digits: Sequence[tuple[bytes, str]]) -> None:
+def gateway_restarts(report: Report, digits: Sequence[tuple[bytes, str]], key: str) -> None:
     """The gateway recreated under load, as a plain client and as a client retrying
     UNAVAILABLE see it. With one gateway container, the published ports have no listener for
     a moment and the draining gateway answers UNAVAILABLE: a plain client sees failures
@@ -800,7 +936,7 @@ def gateway_restarts(report: Report, digits: Sequence[tuple[bytes, str]]) -> Non
         # and once one CANCELLED call of 1,171 (a call cut in the gateway's drain; open).
         name = f"gateway recreated under load: back, answering a {kind} client (failures counted)"
         with report.check(name) as detail:
-            with Load(digits, retry_unavailable=retrying) as load:
+            with Load(digits, retry_unavailable=retrying, key=key) as load:
                 load.wait_answered(50)
                 began = load.since_start()
                 recreate_s = recreate_gateway()
@@ -830,6 +966,7 @@ def monitoring_stage(report: Report) -> None:
         report, "make deploy DEPLOY=cpu SCALE=2 MONITORING=1", "deploy_monitoring",
         "SCALE=2", "MONITORING=1",
     )  # fmt: skip
+    hardening_checks(report, "monitoring")
     replicas = len(service_containers("torchserve"))
     with report.check(f"prometheus: gateway and {replicas} TorchServe targets up") as detail:
         seen: dict[str, list[str]] = {}
