@@ -180,6 +180,17 @@ class Settings(BaseSettings):
         "with RESOURCE_EXHAUSTED (retry later). Default 1 GiB: with the process itself and "
         "decode_threads decoding, the gateway stays under its 2 GiB container limit.",
     )
+    max_batch_model_bytes: int = Field(
+        1024 * 1024 * 1024,
+        ge=64 * 1024 * 1024,
+        description="Working memory a model run in this process (the onnxruntime and "
+        "torchscript backends) may take for one batch, priced per pixel from what each "
+        "network was measured to take on each runtime; a larger batch runs in parts, and an "
+        "item that alone is over it is refused (INVALID_ARGUMENT). Default 1 GiB: one "
+        "512×512 FCN image on ONNX Runtime, two on TorchScript; with max_in_flight_bytes, "
+        "cnnserve serve --backend onnxruntime stays under 2 GiB. The torchserve backend "
+        "ignores it (the model's memory is in TorchServe's pods).",
+    )
     default_timeout_ms: float | None = Field(
         None, description="Deadline applied to requests that carry none; unset means no deadline."
     )
