@@ -216,12 +216,17 @@ class DataPlane:
 
     # --- inference ---
 
-    async def infer(self, request: InferRequest) -> InferResponse:
-        """Answer one request; raises :mod:`cnnserve.errors` exceptions only."""
+    async def infer(self, request: InferRequest, admitted: bool = False) -> InferResponse:
+        """Answer one request; raises :mod:`cnnserve.errors` exceptions only.
+
+        ``admitted``: the transport accepted the call and turns new ones away itself during
+        a drain (gRPC: GOAWAY), so the call is served while the drain lasts like any call
+        already in flight, not refused.
+        """
         started = time.monotonic()
         served: ServedVersion | None = None
         try:
-            if not self._accepting():
+            if not (self._accepting() or (admitted and self._started)):
                 raise UnavailableError(
                     "server is not accepting requests (starting or shutting down)"
                 )
