@@ -161,7 +161,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> pb.ModelInferResponse:
         """One inference call, within the call's gRPC deadline."""
-        return await _guarded(context, self._infer(request, deadline_of(context)), "ModelInfer")
+        # Reached here, the call was accepted before the drain's GOAWAY: served, not refused.
+        call = self._infer(request, deadline_of(context), admitted=True)
+        return await _guarded(context, call, "ModelInfer")
 
     @override
     async def ModelStreamInfer(
@@ -297,12 +299,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
     async def _infer(
-        self, request: pb.ModelInferRequest, deadline: float | None
+        self, request: pb.ModelInferRequest, deadline: float | None, admitted: bool = False
     ) -> pb.ModelInferResponse:
         domain_request = await self._core.convert_message(
             decode_work(request), request_from_proto, request, deadline, self._core.input_limits
         )
-        return response_to_proto(await self._core.infer(domain_request))
+        return response_to_proto(await self._core.infer(domain_request, admitted))
 
 
 class ReadinessHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
