@@ -2,10 +2,14 @@
 
 Shutdown (SIGTERM or Ctrl-C) drains, all within ``settings.drain_grace_s``:
 
-1. readiness turns false at once — ``/v2/health/ready`` answers 503, ``ServerReady`` false,
-   ``grpc.health.v1`` NOT_SERVING — and new inference calls get UNAVAILABLE / 503;
-2. the listeners stay open while the calls already accepted finish, so probes and clients
-   see an explicit answer rather than a refused connection;
+1. readiness turns false at once — ``/v2/health/ready`` answers 503 — and the gRPC server
+   starts its graceful stop: every gRPC connection gets an HTTP/2 GOAWAY, so a client opens
+   its next calls on another replica (a load-balancing client at once; a client of this one
+   address gets UNAVAILABLE, retryable), and the gRPC listener closes;
+2. calls already accepted finish — unary calls and open ``ModelStreamInfer`` streams on both
+   transports — while the HTTP listener stays open, so probes see 503 rather than a refused
+   connection; every HTTP answer says ``Connection: close``, and new inference calls that
+   still arrive get UNAVAILABLE / 503;
 3. when they have (or a moment before the grace runs out) whatever is still queued is
    answered UNAVAILABLE, the listeners close, and the process exits with status 0.
 
@@ -191,20 +195,33 @@ class Gateway:
         grace = self.settings.drain_grace_s if grace_s is None else grace_s
         give_up_at = time.monotonic() + grace
         self.core.begin_drain()
-        logger.info("draining: readiness false; in-flight calls get up to %.1f s", grace)
-        close_s = min(MAX_CLOSE_S, grace * CLOSE_SHARE)
-        if not await self.core.wait_idle(give_up_at - close_s - time.monotonic()):
+        grpc_stopping: asyncio.Future[None] | None = None
+        if self._grpc is not None:
+            # grpc.aio sends GOAWAY only from a stop, which also closes the listener: started
+            # now, it moves gRPC clients on while the calls they already made finish here.
+            # Streams still open when the grace runs out (ModelStreamInfer, health Watch)
+            # are cut.
+            grpc_stopping = asyncio.ensure_future(self._grpc.stop(grace))
+        logger.info(
+            "draining: readiness false, gRPC clients sent GOAWAY; in-flight calls get up to %.1f s",
+            grace,
+        )
+        until = give_up_at - min(MAX_CLOSE_S, grace * CLOSE_SHARE)
+        if grpc_stopping is not None:
+            # A gRPC call accepted before the GOAWAY may not have reached the core yet: the
+            # core is idle for good only once the gRPC server has no call left either.
+            await asyncio.wait({grpc_stopping}, timeout=max(0.0, until - time.monotonic()))
+        if not await self.core.wait_idle(until - time.monotonic()):
             logger.warning("drain grace ran out: calls still in flight get UNAVAILABLE")
         await self.core.stop(0.0)
-        closing = []
         left = max(0.0, give_up_at - time.monotonic())
-        if self._grpc is not None:
-            # Streams still open (ModelStreamInfer, health Watch) are cut when this runs out.
-            closing.append(self._grpc.stop(left))
+        closing = [] if grpc_stopping is None else [grpc_stopping]
         for http in (self._http, self._metrics):
             if http is not None:
                 http.server.should_exit = True
-                closing.append(_finish(http.task, max(left, MIN_UVICORN_CLOSE_S)))
+                closing.append(
+                    asyncio.ensure_future(_finish(http.task, max(left, MIN_UVICORN_CLOSE_S)))
+                )
         await asyncio.gather(*closing)
         logger.info("gateway stopped")
 

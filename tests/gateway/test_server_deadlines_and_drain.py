@@ -3,17 +3,18 @@
 - A request whose deadline passes while it waits behind a slow batch is never computed: the
   backend never sees it, the caller gets DEADLINE_EXCEEDED / 504, and
   ``cnnserve_expired_before_compute_total`` counts it.
-- SIGTERM under load: readiness turns false first (ServerReady, grpc.health.v1, HTTP
-  /v2/health/ready), new calls are refused UNAVAILABLE / 503 while every accepted call is
-  answered, and the process exits 0 — within ``drain_grace_s`` even when a client holds a
-  stream open.
+- SIGTERM under load: readiness turns false first (HTTP /v2/health/ready 503) and gRPC
+  clients are sent GOAWAY at once (a new call on an existing channel does not reach the
+  process: UNAVAILABLE from the client's own connection attempt); new HTTP calls are refused
+  503 while every accepted call, unary or on an open stream, is answered, and the process
+  exits 0 — within ``drain_grace_s`` even when a client holds a stream open.
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,8 +140,10 @@ async def test_expired_while_queued_is_never_computed(model_repository: Path) ->
 async def test_stop_answers_in_flight_and_refuses_new_calls_over_the_wire(
     model_repository: Path,
 ) -> None:
-    """While a call waits in the batcher, stop(): readiness is false on every probe and new
-    calls are refused (UNAVAILABLE / 503) on the still-open listeners; the call is answered."""
+    """While a unary call and a request on an open ModelStreamInfer stream wait in the
+    batcher, stop(): the gRPC channel is sent GOAWAY (its new calls never reach the
+    process), HTTP readiness is 503 on the still-open listener and a new HTTP call 503; the
+    unary call is answered, and so is the stream's request, and the stream then ends OK."""
     async with (
         running_gateway(holding_settings(model_repository, 1500.0)) as gateway,
         grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel,
@@ -148,13 +151,20 @@ async def test_stop_answers_in_flight_and_refuses_new_calls_over_the_wire(
     ):
         stub = Stub(channel)
         in_flight = asyncio.ensure_future(stub.ModelInfer(_digits_request(2)))
-        await wait_for_metric(gateway.metrics_port, "cnnserve_queue_depth", 2, model="convnet")
+        half_close = asyncio.Event()
+        stream = _open_stream(stub, half_close)
+        streamed = asyncio.ensure_future(anext(stream))
+        await wait_for_metric(gateway.metrics_port, "cnnserve_queue_depth", 3, model="convnet")
         stopping = asyncio.ensure_future(gateway.stop(10.0))
-        await asyncio.sleep(0)  # let stop() turn readiness false
-        await _assert_draining(stub, health_pb2_grpc.HealthStub(channel), http)
-        assert not in_flight.done()
+        await _assert_draining(channel, http)
+        assert not in_flight.done() and not streamed.done()
         response = await in_flight
         assert list(response.outputs[0].shape) == [2, 1]
+        answer = await streamed
+        assert not answer.error_message
+        assert list(answer.infer_response.outputs[0].shape) == [1, 1]
+        half_close.set()
+        assert [r async for r in stream] == []  # the stream ended with OK
         await stopping
 
 
@@ -176,26 +186,55 @@ async def test_grace_runs_out_for_a_stuck_batch(model_repository: Path) -> None:
     assert "shut down" in (cut.value.details() or "")
 
 
-async def _assert_draining(
-    stub: pb_grpc.GRPCInferenceServiceStub,
-    health: health_pb2_grpc.HealthStub,
-    http: httpx.AsyncClient,
-) -> None:
-    """Readiness false on every probe; a new call refused on both transports."""
-    assert not (await stub.ServerReady(pb.ServerReadyRequest())).ready
-    assert (await stub.ServerLive(pb.ServerLiveRequest())).live
-    check = await health.Check(health_pb2.HealthCheckRequest(service=""))
-    assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
+async def _assert_draining(channel: grpc.aio.Channel, http: httpx.AsyncClient) -> None:
+    """gRPC: the channel was told to go away and no new call on it reaches the process (the
+    listener is closed too), probes included. HTTP: readiness 503, liveness 200, a new
+    inference call refused 503."""
+    stub = Stub(channel)
+    health = health_pb2_grpc.HealthStub(channel)
+    await _wait_told_to_go_away(stub)
+    new_calls: list[Awaitable[object]] = [
+        stub.ServerReady(pb.ServerReadyRequest()),
+        stub.ServerLive(pb.ServerLiveRequest()),
+        health.Check(health_pb2.HealthCheckRequest(service="")),
+        stub.ModelInfer(_digits_request(1)),
+    ]
+    for call in new_calls:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        # The client's own connection attempt failed: the process never saw the call.
+        assert DRAINING not in (refused.value.details() or "")
     ready = await http.get("/v2/health/ready")
     assert ready.status_code == 503
     assert ready.json() == {"ready": False}
-    with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await stub.ModelInfer(_digits_request(1))
-    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert DRAINING in (refused.value.details() or "")
+    assert (await http.get("/v2/health/live")).status_code == 200
     reply = await http.post("/predict/convnet", content=b"\x89PNG")
     assert reply.status_code == 503
     assert DRAINING in reply.json()["error"]
+
+
+#: What a call gets that races the GOAWAY: the gRPC server cancels a call it received but
+#: had not handed to the gateway yet when its stop began, or that arrived before the client
+#: read the GOAWAY (grpc core: no grace for new streams), so CANCELLED is one answer.
+RACING_GOAWAY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+
+
+async def _wait_told_to_go_away(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    """Poll ServerReady until the channel no longer reaches the server: the GOAWAY (sent when
+    the drain begins, after a signal that arrives asynchronously) has been read."""
+
+    async def gone() -> bool:
+        try:
+            await stub.ServerReady(pb.ServerReadyRequest(), timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in RACING_GOAWAY:
+                raise
+            # Until the GOAWAY is read a call may still be cancelled; then UNAVAILABLE.
+            return exc.code() == grpc.StatusCode.UNAVAILABLE
+        return False
+
+    await wait_until_async(gone, 10.0, "the gRPC channel to be sent away after SIGTERM", 0.01)
 
 
 # --- real processes ---
@@ -278,8 +317,9 @@ async def test_sigterm_under_load_answers_every_accepted_call(
     model_repository: Path, tmp_path: Path
 ) -> None:
     """Six gRPC and three HTTP callers in a loop (2, 3, 1 items), SIGTERM while all of them
-    wait in the queue: readiness false first, new calls refused on both transports, every
-    accepted call answered with the right labels, exit status 0 within the grace."""
+    wait in the queue: gRPC clients sent away and HTTP readiness false first, new calls
+    refused on both transports, every accepted call answered with the right labels, exit
+    status 0 within the grace."""
     grace_s = 30.0
     with gateway_process(
         "onnxruntime",
@@ -308,9 +348,9 @@ async def test_sigterm_under_load_answers_every_accepted_call(
                 served.metrics_port, "cnnserve_queue_depth", sum(counts), model="convnet"
             )
             served.process.send_signal(signal.SIGTERM)
-            # Readiness is false and new calls are refused while the queued calls still wait.
-            await _wait_not_ready(stub)
-            await _assert_draining(stub, health_pb2_grpc.HealthStub(channel), http)
+            # Sent away / not ready, new calls refused, while the queued calls still wait.
+            await _assert_draining(channel, http)
+            assert not load.done()
             await asyncio.wait_for(load, 60)
         status = await _exit_status(served, grace_s + 15)
     output = served.output()
@@ -324,21 +364,14 @@ async def test_sigterm_under_load_answers_every_accepted_call(
     assert "gateway stopped" in output
 
 
-async def _wait_not_ready(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
-    """Poll ServerReady until false (the signal reaches the process asynchronously)."""
-
-    async def not_ready() -> bool:
-        return not (await stub.ServerReady(pb.ServerReadyRequest(), timeout=5)).ready
-
-    await wait_until_async(not_ready, 10.0, "readiness to turn false after SIGTERM", 0.01)
-
-
 async def _open_stream(
     stub: pb_grpc.GRPCInferenceServiceStub, hold: asyncio.Event
 ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    """A ModelStreamInfer stream of one request, kept open until ``hold`` is set."""
+
     async def requests() -> AsyncIterator[pb.ModelInferRequest]:
         yield _digits_request(1)
-        await hold.wait()  # keep the stream open: the client never half-closes it
+        await hold.wait()  # keep the stream open: the client half-closes only then
 
     async for response in stub.ModelStreamInfer(requests()):
         yield response
@@ -364,7 +397,7 @@ async def test_sigterm_exits_within_the_grace_despite_an_open_stream(
             first = await anext(stream)
             assert not first.error_message
             served.process.send_signal(signal.SIGTERM)
-            await _wait_not_ready(stub)
+            await _wait_told_to_go_away(stub)
             # Without the grace the process would wait for this stream forever.
             status = await _exit_status(served, grace_s + 20)
             with pytest.raises(grpc.aio.AioRpcError) as cut:
