@@ -119,9 +119,8 @@ class Deployment:
 
     def endpoints(self) -> list[tuple[str, str]]:
         """(what, where) for each endpoint the host reaches."""
-        # Every address (0.0.0.0, ::) is reached at localhost from this host.
-        host = "localhost" if self.bind_address in ("0.0.0.0", "::") else self.bind_address
-        host = f"[{host}]" if ":" in host else host
+        # Every address (0.0.0.0) is reached at localhost from this host.
+        host = "localhost" if self.bind_address == "0.0.0.0" else self.bind_address
         found = [("OIP REST", f"http://{host}:8000"), ("OIP gRPC", f"{host}:8001")]
         if "monitoring" in self.profiles:
             found.append(("Prometheus", "http://127.0.0.1:9090"))
@@ -415,13 +414,13 @@ def ensure_base_image() -> None:
 
 
 def check_bind_address(address: str) -> None:
-    """``address`` is an IP address of this host (or every address); else a preflight error."""
+    """``address`` is an IPv4 address (compose's short port syntax, ``ADDR:8000:8000``, takes
+    no IPv6 address); else a preflight error."""
     try:
-        family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        socket.inet_pton(family, address)
+        socket.inet_pton(socket.AF_INET, address)
     except OSError:
         raise _preflight(
-            f"bind address {address!r} is not an IP address: give 127.0.0.1 (the default), "
+            f"bind address {address!r} is not an IPv4 address: give 127.0.0.1 (the default), "
             "an address of this host, or 0.0.0.0 for every address"
         ) from None
 
@@ -786,8 +785,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(line)
     if deployment.bind_address != DEFAULT_BIND_ADDRESS:
         print(
-            f"warning: the gateway's ports bind {deployment.bind_address}: anyone who reaches "
-            "this host on them may call it with a key; keep the key secret, or use TLS"
+            f"warning: the gateway's ports bind {deployment.bind_address}: whoever reaches "
+            "this host on them reaches the gateway (the key still guards every call but "
+            "health, in plaintext unless the gateway has TLS)"
         )
     print(f"build {deployment.build_s:.0f} s, healthy after {deployment.healthy_s:.0f} s")
     return 0

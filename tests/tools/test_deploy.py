@@ -239,7 +239,10 @@ def test_a_failed_start_names_the_first_service_in_trouble_in_start_order() -> N
 def test_bind_address_must_be_an_address() -> None:
     """``--bind-address`` that is no IP address: one line, exit 2, before anything else."""
     line = one_error_line(deploy("up", "--variant", "cpu", "--bind-address", "every"))
-    assert "bind address 'every' is not an IP address" in line
+    assert "bind address 'every' is not an IPv4 address" in line
+    assert "not an IPv4 address" in one_error_line(
+        deploy("up", "--variant", "cpu", "--bind-address", "::")
+    )
 
 
 def test_api_key_file_is_made_once_and_only_the_gateway_user_reads_past_its_folder(
