@@ -92,7 +92,8 @@ def gateway(
         publish_key(replica.server, key_dir)
     assert len({replica.server.key("inference") for replica in replicas}) == REPLICAS
     target = "ipv4:" + ",".join(replica.server.grpc_target for replica in replicas)
-    # The settings docker-compose.yml's gateway runs with, on this test's ports.
+    # The settings docker-compose.yml's gateway runs with, on this test's ports, but its API
+    # key (tests/gateway/test_auth.py covers keys; here every call would only carry one).
     with gateway_process(
         "torchserve",
         tmp_path_factory.mktemp("gateway") / "gateway.log",
