@@ -5,13 +5,20 @@ Shutdown (SIGTERM or Ctrl-C) drains, all within ``settings.drain_grace_s``:
 1. readiness turns false at once — ``/v2/health/ready`` answers 503 — and the gRPC server
    starts its graceful stop: every gRPC connection gets an HTTP/2 GOAWAY, so a client opens
    its next calls on another replica (a load-balancing client at once; a client of this one
-   address gets UNAVAILABLE, retryable), and the gRPC listener closes;
-2. calls already accepted finish — unary calls and open ``ModelStreamInfer`` streams on both
-   transports — while the HTTP listener stays open, so probes see 503 rather than a refused
-   connection; every HTTP answer says ``Connection: close``, and new inference calls that
-   still arrive get UNAVAILABLE / 503;
-3. when they have (or a moment before the grace runs out) whatever is still queued is
-   answered UNAVAILABLE, the listeners close, and the process exits with status 0.
+   address gets UNAVAILABLE from its connection attempt, retryable), and the gRPC listener
+   closes (grpc.aio has no GOAWAY without it);
+2. calls already accepted finish — unary calls and open ``ModelStreamInfer`` streams; a unary
+   gRPC call that reaches the servicer now was accepted before the GOAWAY and is served, a
+   new request on an open stream is answered UNAVAILABLE in the stream — while the HTTP
+   listener stays open, so probes see 503 rather than a refused connection; every HTTP
+   answer says ``Connection: close``, and new HTTP inference calls get 503;
+3. when the gRPC server has no call left and the data plane is idle (or a moment before the
+   grace runs out) whatever is still queued is answered UNAVAILABLE, the listeners close,
+   and the process exits with status 0.
+
+grpc core itself cancels (CANCELLED) a call it had received but not handed to the gateway
+when the stop began, or one that arrives before the client read the GOAWAY: see "A drain
+moves clients on" in docs/reliability.md.
 
 With the ``tls_*`` settings the gRPC and HTTP listeners speak TLS (mutual TLS with a client
 CA, :mod:`.tls`); with API keys, calls need ``authorization: Bearer <key>`` (:mod:`.auth`).
