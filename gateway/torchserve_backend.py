@@ -26,11 +26,23 @@ whenever their file changes (``torchserve_key_dir``: one file per replica;
 ``torchserve_key_file``: one server), so a restarted or added replica is served without
 restarting the gateway, and a gateway started before TorchServe becomes ready once
 TorchServe is up.
+
+Keys also expire (``torchserve_token_expiration_min``). A TorchServe in a container renews its
+own (its entry point); one started on this machine by ``cnnserve torchserve start`` (``make
+serve``) has no process of its own after the start, so the gateway renews the keys of every
+TorchServe running from its model stores (``torchserve_model_stores``, else
+``model_store_dir``), checked every :data:`RENEW_INTERVAL_S`
+(:func:`~cnnserve.torchserve_engine.process.renew_keys`; several gateway processes take turns
+under its lock). A call refused because its key was just renewed is made again with the new
+key (:mod:`~cnnserve.torchserve_engine.client`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -41,11 +53,14 @@ from cnnserve.settings import Settings
 from cnnserve.torchserve_engine.client import TorchServeClient
 from cnnserve.torchserve_engine.keys import key_store
 from cnnserve.torchserve_engine.management import Registrar
-from cnnserve.torchserve_engine.process import KEY_FILE, run_dir_of
+from cnnserve.torchserve_engine.process import KEY_FILE, renew_keys_of, run_dir_of
 
 logger = logging.getLogger(__name__)
 
 PLATFORM = "torchserve"
+#: Seconds between two checks whether the local TorchServes' keys are due for renewal (a file
+#: read each): far below any sensible renewal margin.
+RENEW_INTERVAL_S = 1.0
 
 
 class TorchServeBackend:
@@ -60,6 +75,8 @@ class TorchServeBackend:
         key_dir: Path | None = None,
         resolve_interval_s: float = 5.0,
         registrar: Registrar | None = None,
+        renewed_stores: Sequence[Path] = (),
+        renew_fraction: float = 0.0,
     ) -> None:
         self._target = target
         self._keys = key_store(key_file, key_dir)
@@ -67,6 +84,11 @@ class TorchServeBackend:
         self._timeout_s = timeout_s
         self._resolve_interval_s = resolve_interval_s
         self._registrar = registrar
+        #: The model stores whose running TorchServe's keys this gateway renews (with
+        #: ``renew_fraction`` > 0; ``torchserve_token_renew_fraction``).
+        self._renewed_stores = [store.resolve() for store in renewed_stores]
+        self._renew_fraction = renew_fraction
+        self._renewal: asyncio.Task[None] | None = None
         # Loaded versions by object identity (the Backend contract's reloads hold two).
         self._loaded: dict[int, ModelVersion] = {}
         self._client: TorchServeClient | None = None
@@ -76,6 +98,7 @@ class TorchServeBackend:
         """Target, keys, size limit, timeout and resolution interval as ``settings`` give."""
         key_file: Path | None = None
         key_dir: Path | None = None
+        stores = settings.torchserve_model_stores or [settings.model_store_dir]
         if settings.torchserve_token_auth:
             key_dir = settings.torchserve_key_dir
             key_file = settings.torchserve_key_file or (
@@ -83,7 +106,6 @@ class TorchServeBackend:
             )
         registrar = None
         if settings.torchserve_registration:
-            stores = settings.torchserve_model_stores or [settings.model_store_dir]
             registrar = Registrar(stores, settings)
         return cls(
             target=settings.grpc_target,
@@ -93,6 +115,8 @@ class TorchServeBackend:
             key_dir=key_dir,
             resolve_interval_s=settings.torchserve_resolve_interval_s,
             registrar=registrar,
+            renewed_stores=stores if settings.torchserve_token_auth else (),
+            renew_fraction=settings.torchserve_token_renew_fraction,
         )
 
     async def start(self) -> None:
@@ -105,6 +129,8 @@ class TorchServeBackend:
         )
         if self._registrar is not None:
             await self._registrar.start()
+        if self._renewed_stores and self._renew_fraction > 0:
+            self._renewal = asyncio.get_running_loop().create_task(self._renew_forever())
         if not await self._client.ping():
             logger.warning("TorchServe at %s is not healthy yet", self._target)
 
@@ -114,6 +140,11 @@ class TorchServeBackend:
             for model in list(self._loaded.values()):
                 await self.unload(model)
         finally:
+            renewal, self._renewal = self._renewal, None
+            if renewal is not None:
+                renewal.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await renewal
             if self._registrar is not None:
                 await self._registrar.close()
             client, self._client = self._client, None
@@ -159,6 +190,28 @@ class TorchServeBackend:
     def takes_pixels(self, model: ModelVersion) -> bool:
         """No: the handler's packed format carries normalized float32 batches."""
         return False
+
+    async def _renew_forever(self) -> None:
+        """Renew the keys of the TorchServes of the renewed stores whenever due; a failure is
+        logged once per failing spell and tried again at the next check."""
+        failing: set[Path] = set()
+        while True:
+            for store in self._renewed_stores:
+                try:
+                    renewed = await asyncio.to_thread(renew_keys_of, store, self._renew_fraction)
+                except Exception as exc:
+                    # Any failure (a state file read half-written, say): were this task to
+                    # end, the keys would expire.
+                    if store not in failing:
+                        logger.warning("%s (the TorchServe of %s); trying again", exc, store)
+                    failing.add(store)
+                    continue
+                failing.discard(store)
+                if renewed:
+                    logger.info(
+                        "renewed the %s key of the TorchServe of %s", " and ".join(renewed), store
+                    )
+            await asyncio.sleep(RENEW_INTERVAL_S)
 
     def _connected(self) -> TorchServeClient:
         """The client; :class:`UnavailableError` before :meth:`start` or after :meth:`close`."""

@@ -10,6 +10,12 @@ here, so callers see one error table:
 - the handler rejects the batch (4xx): gRPC status is still OK and the error is in the body;
 - the model is unknown: INTERNAL with "Model not found" (not NOT_FOUND);
 - the inference key is missing, wrong or expired: PERMISSION_DENIED.
+
+A renewed key (:func:`~.process.renew_keys`) is refused by TorchServe from the moment it is
+drawn, while the gateway may still hold the old one for a moment (the file is re-read when it
+changes; a replica publishes its new key a few milliseconds after drawing it). So a refused
+key is read again, for up to :data:`KEY_WAIT_S`, and the call made once more with the new one;
+a key that does not change is still refused, and the caller learns so.
 """
 
 from __future__ import annotations
@@ -62,6 +68,13 @@ NOT_RUN = frozenset(
         grpc.StatusCode.UNAUTHENTICATED,
     }
 )
+#: The codes TorchServe refuses a key with (PERMISSION_DENIED; UNAUTHENTICATED to be safe).
+KEY_REFUSED = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED})
+#: How long a refused call waits for its replica's key to change (renewed, not yet re-read or
+#: published) before it counts as refused: well above the milliseconds a publication takes.
+KEY_WAIT_S = 1.0
+#: How often the key is read again meanwhile.
+KEY_POLL_S = 0.05
 #: Within one replica's channel, retry a call that failed UNAVAILABLE (a connection reset
 #: while TorchServe restarts) before giving up on that replica.
 SERVICE_CONFIG = json.dumps(
@@ -85,6 +98,16 @@ SERVICE_CONFIG = json.dumps(
 def _named(model: str, version: str) -> str:
     """How messages name a model version: ``convnet version 2`` (or ``convnet``)."""
     return f"{model} version {version}" if version else model
+
+
+def _now() -> float:
+    """The running loop's clock, which deadlines are measured on."""
+    return asyncio.get_running_loop().time()
+
+
+def _metadata(key: str | None) -> tuple[tuple[str, str], ...]:
+    """The call metadata carrying an inference key (none without tokens)."""
+    return (("authorization", f"Bearer {key}"),) if key else ()
 
 
 def _health_status(health: str) -> str:
@@ -137,8 +160,9 @@ class TorchServeClient:
         TorchServe holds as default); its raw outputs, N first.
 
         The batch goes to the next replica in turn; if that one did not run it (unavailable,
-        key refused or not published yet), once more to another. Raises :class:`InvalidInputError`
-        when the handler rejects the batch, :class:`UnknownModelError`,
+        key refused or not published yet), once more to another. A key refused because it was
+        just renewed does not count: the call is made again with the new key. Raises
+        :class:`InvalidInputError` when the handler rejects the batch, :class:`UnknownModelError`,
         :class:`UnavailableError` (unreachable, not ready, key refused),
         :class:`DeadlineExceededError` and :class:`PayloadTooLargeError`.
         """
@@ -147,8 +171,7 @@ class TorchServeClient:
             model_version=version,
             input={PACKED_INPUT_NAME: pack(batch, ndim=4, max_bytes=self._max_message_bytes)},
         )
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout_s is None else loop.time() + timeout_s
+        deadline = None if timeout_s is None else _now() + timeout_s
         tried: list[Replica] = []
         failure: CnnserveError = UnavailableError(
             f"TorchServe at {self.target} resolves to no replica"
@@ -159,16 +182,10 @@ class TorchServeClient:
                 break
             tried.append(replica)
             try:
-                metadata = self._metadata(replica)
+                response = await self._predict_on(replica, request, deadline)
             except UnavailableError as exc:
                 failure = exc
                 continue
-            remaining = None if deadline is None else max(deadline - loop.time(), 0.0)
-            try:
-                with self.replicas.calling(replica):
-                    response = await replica.stub.Predictions(
-                        request, timeout=remaining, metadata=metadata
-                    )
             except grpc.aio.AioRpcError as exc:
                 failure = self._error(replica, _named(model, version), exc, timeout_s)
                 if exc.code() not in NOT_RUN:
@@ -212,10 +229,61 @@ class TorchServeClient:
         """Close every replica's channel; calls in flight are cancelled."""
         await self.replicas.close()
 
+    async def _predict_on(
+        self, replica: Replica, request: pb.PredictionsRequest, deadline: float | None
+    ) -> pb.PredictionResponse:
+        """``request`` on ``replica`` with its key; a key refused because it was just renewed
+        is read again and the call made once more with the new one. Raises the call's
+        :class:`grpc.aio.AioRpcError`, or :class:`UnavailableError` when the key is unknown."""
+        key = self._key(replica)
+        try:
+            return await self._predictions(replica, request, key, deadline)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in KEY_REFUSED:
+                raise
+            renewed = await self._renewed_key(replica, key, deadline)
+            if renewed is None:
+                raise
+        return await self._predictions(replica, request, renewed, deadline)
+
+    async def _predictions(
+        self,
+        replica: Replica,
+        request: pb.PredictionsRequest,
+        key: str | None,
+        deadline: float | None,
+    ) -> pb.PredictionResponse:
+        """One ``Predictions`` call on ``replica`` with ``key``, within what is left until
+        ``deadline`` (the loop's clock)."""
+        remaining = None if deadline is None else max(deadline - _now(), 0.0)
+        with self.replicas.calling(replica):
+            response: pb.PredictionResponse = await replica.stub.Predictions(
+                request, timeout=remaining, metadata=_metadata(key)
+            )
+        return response
+
+    async def _renewed_key(
+        self, replica: Replica, refused: str | None, deadline: float | None
+    ) -> str | None:
+        """``replica``'s key once it differs from ``refused``, read again every
+        :data:`KEY_POLL_S` for up to :data:`KEY_WAIT_S` (and never past ``deadline``);
+        ``None`` if it stays the same."""
+        give_up = _now() + KEY_WAIT_S if deadline is None else min(_now() + KEY_WAIT_S, deadline)
+        while True:
+            try:
+                key = self._key(replica, fresh=True)
+            except UnavailableError:
+                key = refused  # being rewritten (TorchServe writes its file in place)
+            if key != refused:
+                return key
+            if _now() + KEY_POLL_S > give_up:
+                return None
+            await asyncio.sleep(KEY_POLL_S)
+
     async def _ping(self, replica: Replica) -> bool:
         """Whether ``replica`` answers Ping healthy (with its key)."""
         try:
-            metadata = self._metadata(replica)
+            metadata = _metadata(self._key(replica))
             with self.replicas.calling(replica):
                 response = await replica.stub.Ping(
                     empty_pb2.Empty(), timeout=PROBE_TIMEOUT_S, metadata=metadata
@@ -224,10 +292,9 @@ class TorchServeClient:
             return False
         return _health_status(response.health) == HEALTHY
 
-    def _metadata(self, replica: Replica) -> tuple[tuple[str, str], ...]:
-        """The call metadata carrying ``replica``'s inference key (none without tokens)."""
-        key = self._keys.key_for(replica.address.host, replica.address.port)
-        return (("authorization", f"Bearer {key}"),) if key else ()
+    def _key(self, replica: Replica, fresh: bool = False) -> str | None:
+        """``replica``'s inference key (``None`` without tokens); ``fresh``: read again."""
+        return self._keys.key_for(replica.address.host, replica.address.port, fresh)
 
     def _error(
         self, replica: Replica, model: str, exc: grpc.aio.AioRpcError, timeout_s: float | None
@@ -243,7 +310,8 @@ class TorchServeClient:
         if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
             return UnavailableError(
                 f"TorchServe at {replica.address} refused the inference key (missing, wrong or "
-                "expired); read it again from TorchServe's key_file.json"
+                "expired), also when read again; is anything renewing it "
+                "(torchserve_token_renew_fraction)?"
             )
         if code == grpc.StatusCode.UNAVAILABLE or WORKER_DIED in details:
             # TorchServe reports a worker that crashed mid-batch as RESOURCE_EXHAUSTED: not the

@@ -6,23 +6,30 @@ replica: each replica publishes its key into a shared directory under a file nam
 address the gateway reaches it at (:func:`key_file_name`), and :class:`KeyDir` looks it up per
 address. One local server needs no directory: :class:`KeyFile` reads its ``key_file.json``.
 
-Both re-read a file only when it changed (a restarted TorchServe writes a new key), so a key
-is picked up without restarting the gateway. Keys are never logged.
+Both re-read a file only when it changed (a restarted TorchServe writes a new key, and so
+does a renewal: :func:`cnnserve.torchserve_engine.process.renew_keys`), so a key is picked up
+without restarting the gateway; ``fresh=True`` reads it again regardless (a key just refused,
+whose file may have been rewritten within the file system's timestamp granularity). Keys are
+never logged.
 """
 
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Literal, Protocol
 
 from cnnserve.errors import UnavailableError
 
 KeyKind = Literal["inference", "management"]
+#: The keys that expire, in the order they are renewed.
+EXPIRING: tuple[KeyKind, ...] = ("inference", "management")
 
 
-def read_key(key_file: Path, kind: KeyKind) -> str:
-    """One key from TorchServe's ``key_file.json`` (written at start when tokens are on)."""
+def read_key(key_file: Path, kind: KeyKind | Literal["API"]) -> str:
+    """One key from TorchServe's ``key_file.json`` (written at start when tokens are on):
+    ``inference``, ``management`` or ``API`` (the token API's, which never expires)."""
     try:
         keys = json.loads(key_file.read_text())
         return str(keys[kind]["key"])
@@ -35,6 +42,18 @@ def read_key(key_file: Path, kind: KeyKind) -> str:
         raise UnavailableError(f"TorchServe key file {key_file} has no {kind} key") from None
 
 
+def key_expiry(key_file: Path, kind: KeyKind) -> datetime:
+    """When the ``kind`` key in TorchServe's ``key_file.json`` expires (its ``expiration
+    time``, an ISO-8601 instant in UTC; nanoseconds are cut to microseconds)."""
+    try:
+        keys = json.loads(key_file.read_text())
+        return datetime.fromisoformat(str(keys[kind]["expiration time"]))
+    except FileNotFoundError:
+        raise UnavailableError(f"TorchServe key file {key_file} not found") from None
+    except (ValueError, KeyError, TypeError):
+        raise UnavailableError(f"TorchServe key file {key_file} has no {kind} expiry") from None
+
+
 def read_inference_key(key_file: Path) -> str:
     """The inference key from TorchServe's ``key_file.json``."""
     return read_key(key_file, "inference")
@@ -43,8 +62,9 @@ def read_inference_key(key_file: Path) -> str:
 class KeyStore(Protocol):
     """The inference key to send to the TorchServe at an address (``None``: tokens off)."""
 
-    def key_for(self, host: str, port: int) -> str | None:
-        """The key for ``host:port``; raises :class:`UnavailableError` when it is unknown."""
+    def key_for(self, host: str, port: int, fresh: bool = False) -> str | None:
+        """The key for ``host:port`` (``fresh``: read again even if its file seems unchanged);
+        raises :class:`UnavailableError` when it is unknown."""
         ...
 
 
@@ -60,7 +80,7 @@ class FixedKey:
     def __init__(self, key: str | None) -> None:
         self._key = key
 
-    def key_for(self, host: str, port: int) -> str | None:
+    def key_for(self, host: str, port: int, fresh: bool = False) -> str | None:
         """The one key, whatever the address."""
         return self._key
 
@@ -73,13 +93,14 @@ class _CachedFile:
         self._stamp: int | None = None
         self._key = ""
 
-    def key(self) -> str:
-        """The inference key in the file; :class:`UnavailableError` if missing or malformed."""
+    def key(self, fresh: bool = False) -> str:
+        """The inference key in the file (``fresh``: read even if the modification time did
+        not move); :class:`UnavailableError` if missing or malformed."""
         try:
             stamp = self.path.stat().st_mtime_ns
         except FileNotFoundError:
             stamp = None
-        if stamp is None or stamp != self._stamp:
+        if fresh or stamp is None or stamp != self._stamp:
             self._key = read_inference_key(self.path)
             self._stamp = stamp
         return self._key
@@ -91,9 +112,9 @@ class KeyFile:
     def __init__(self, path: Path) -> None:
         self._file = _CachedFile(path)
 
-    def key_for(self, host: str, port: int) -> str | None:
+    def key_for(self, host: str, port: int, fresh: bool = False) -> str | None:
         """The key in the file, re-read when TorchServe wrote a new one."""
-        return self._file.key()
+        return self._file.key(fresh)
 
 
 class KeyDir:
@@ -103,14 +124,14 @@ class KeyDir:
         self.directory = directory
         self._files: dict[tuple[str, int], _CachedFile] = {}
 
-    def key_for(self, host: str, port: int) -> str | None:
+    def key_for(self, host: str, port: int, fresh: bool = False) -> str | None:
         """The key the replica at ``host:port`` published (re-read when it changed)."""
         cached = self._files.get((host, port))
         if cached is None:
             cached = _CachedFile(self.directory / key_file_name(host, port))
             self._files[(host, port)] = cached
         try:
-            return cached.key()
+            return cached.key(fresh)
         except UnavailableError:
             raise UnavailableError(
                 f"no inference key published for TorchServe at {host}:{port} (expected "

@@ -6,7 +6,8 @@ key — which stays in the server's own ``key_file.json`` and is never published
 inference key is, :mod:`.keys`). So versions are registered with servers on this machine that
 cnnserve started (:func:`.process.start`): each is known by its model store, whose run directory
 holds its management address (``state.json``) and key, read again at every call so a restarted
-server (new key, maybe new pid) is found without a restart here.
+server (new key, maybe new pid) is found without a restart here, and once more when TorchServe
+refuses it: a key renewed (:func:`.process.renew_keys`) between reading and calling.
 
 Registering a version archives it into the server's model store (``<name>.<N>.mar``,
 :func:`.archive.archive_version`) and asks TorchServe to register that file under the model's
@@ -40,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 #: How long an unregistration may take (TorchServe stops the version's workers first).
 UNREGISTER_TIMEOUT_S = 60.0
+#: How TorchServe's REST APIs answer a key they refuse (HTTP 400, this error type).
+KEY_REFUSED = "InvalidKeyException"
 #: What TorchServe's Python worker logs when a handler fails to load its model.
 LOAD_FAILED = "Failed to load model "
 
@@ -136,19 +139,33 @@ class ManagedServer:
             await self._delete(info, name, version)
             logger.info("%s unregistered %s version %d", self, name, version)
 
-    def _headers(self, info: ServerInfo) -> dict[str, str]:
-        key = info.key("management")
-        return {"Authorization": f"Bearer {key}"} if key else {}
-
     async def _call(
         self, info: ServerInfo, method: str, path: str, timeout_s: float, **params: Any
+    ) -> httpx.Response:
+        """The management API's answer, made once more if the key was renewed meanwhile."""
+        key = info.key("management")
+        response = await self._send(info, method, path, key, timeout_s, params)
+        if _key_refused(response):
+            renewed = info.key("management")
+            if renewed != key:
+                response = await self._send(info, method, path, renewed, timeout_s, params)
+        return response
+
+    async def _send(
+        self,
+        info: ServerInfo,
+        method: str,
+        path: str,
+        key: str | None,
+        timeout_s: float,
+        params: dict[str, Any],
     ) -> httpx.Response:
         try:
             return await self._http.request(
                 method,
                 f"{info.management_url}{path}",
                 params=params,
-                headers=self._headers(info),
+                headers={"Authorization": f"Bearer {key}"} if key else {},
                 timeout=timeout_s,
             )
         except httpx.HTTPError as exc:
@@ -214,6 +231,16 @@ class ManagedServer:
             return ""
         reason = failures[-1].split(LOAD_FAILED, 1)[1].partition(", exception ")[2].strip()
         return f"; the worker said: {reason}" if reason else ""
+
+
+def _key_refused(response: httpx.Response) -> bool:
+    """Whether TorchServe refused the key (it answers 400, not 401)."""
+    if response.status_code != httpx.codes.BAD_REQUEST:
+        return False
+    try:
+        return bool(response.json().get("type") == KEY_REFUSED)
+    except (ValueError, AttributeError):
+        return False
 
 
 def _message(response: httpx.Response) -> str:

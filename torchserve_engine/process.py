@@ -13,11 +13,18 @@ TorchServe never mistakes it for a model) holding ``config.properties``, ``log4j
 ``key_file.json``, ``logs/`` and ``state.json``, and a private temporary directory for the
 pid file, worker sockets and unpacked archives — so several servers (tests running in
 parallel) never share files.
+
+Its keys expire (``torchserve_token_expiration_min``) and nothing in TorchServe renews them:
+:func:`renew_keys` does, through TorchServe's token API, once less than
+``torchserve_token_renew_fraction`` of a key's lifetime is left. Whoever holds the server
+calls it every second: the container's entry point, or a gateway for the servers of its
+model stores (``cnnserve torchserve start`` returns at once, so nothing else would).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -25,8 +32,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +47,18 @@ from cnnserve.settings import Settings
 from . import TorchServeError
 from .archive import archived_label, store_archives, version_label
 from .config import config_properties, log4j2_xml, management_address
-from .keys import KeyKind, read_key
+from .keys import EXPIRING, KeyKind, key_expiry, read_key
 
 RUN_DIR_NAME = ".run"
 STATE_FILE = "state.json"
 KEY_FILE = "key_file.json"
 LAUNCHER_OUTPUT = "torchserve.out"
+#: Held (``flock``) while one process renews a server's keys: a renewal refuses the key before
+#: it at once, so two renewers racing (several gateway processes, a gateway and an entry
+#: point) would each cut off the key the other just drew.
+RENEWAL_LOCK = "key_renewal.lock"
+#: How long TorchServe's token API may take to draw a key.
+RENEW_TIMEOUT_S = 10.0
 #: The Debian package to install when Java is missing.
 JAVA_PACKAGE = "openjdk-17-jre-headless"
 JVM_MAIN_CLASS = "org.pytorch.serve.ModelServer"
@@ -72,6 +86,9 @@ class ServerInfo:
     grpc_target: str
     #: TorchServe's ``key_file.json``; ``None`` when token authorization is off.
     key_file: Path | None
+    #: Seconds each key TorchServe draws stays valid (``None``: tokens off, or a state file
+    #: written before renewal existed: such a server is not renewed).
+    token_lifetime_s: float | None = None
 
     def key(self, kind: KeyKind) -> str | None:
         """The ``inference`` or ``management`` key; ``None`` without token authorization."""
@@ -181,7 +198,9 @@ def start(settings: Settings, model_store: Path | None = None) -> ServerInfo:
         _clean(previous)
     info = _launch(settings, store, run_dir, archives)
     try:
-        _wait_until_ready(info, settings.torchserve_start_timeout_s)
+        _wait_until_ready(
+            info, settings.torchserve_start_timeout_s, settings.torchserve_token_renew_fraction
+        )
     except BaseException:
         # Also on Ctrl-C: a half-started server must not outlive the command.
         _terminate(info)
@@ -251,10 +270,15 @@ def _launch(settings: Settings, store: Path, run_dir: Path, archives: dict[str, 
         metrics_url=f"http://{url_host}:{settings.torchserve_metrics_port}",
         grpc_target=f"{url_host}:{settings.torchserve_grpc_inference_port}",
         key_file=run_dir / KEY_FILE if settings.torchserve_token_auth else None,
+        token_lifetime_s=(
+            settings.torchserve_token_expiration_min * 60
+            if settings.torchserve_token_auth
+            else None
+        ),
     )
 
 
-def _wait_until_ready(info: ServerInfo, timeout_s: float) -> None:
+def _wait_until_ready(info: ServerInfo, timeout_s: float, renew_fraction: float) -> None:
     deadline = time.monotonic() + timeout_s
     workers: dict[str, list[str]] | None = None
     missing: list[int] = []
@@ -263,6 +287,10 @@ def _wait_until_ready(info: ServerInfo, timeout_s: float) -> None:
             jvm = _jvm(info.pid)
             if jvm is None:
                 raise TorchServeError(f"TorchServe exited while starting: {_failure_reason(info)}")
+            # The wait reads the workers with the management key, which may expire first (a
+            # short lifetime, workers slow to load); nobody else renews it before the start.
+            with contextlib.suppress(TorchServeError):  # not answering yet: the next poll
+                renew_keys(info, renew_fraction)
             workers = _workers(http, info)
             if workers is not None and all("READY" in workers.get(m, []) for m in info.models):
                 # The management API answers before the other listeners are bound (at once
@@ -323,6 +351,72 @@ def _not_listening(jvm: psutil.Process, info: ServerInfo) -> list[int]:
         if conn.status == psutil.CONN_LISTEN
     }
     return sorted(ports - listening)
+
+
+def renew_keys(info: ServerInfo, fraction: float) -> list[KeyKind]:
+    """Renew each key of ``info``'s TorchServe with less than ``fraction`` of its lifetime
+    left; the kinds renewed (none with tokens off or ``fraction`` 0).
+
+    TorchServe's token API (``GET /token?type=<kind>`` on the management API, with the ``API``
+    key, which never expires) draws a new key with a new expiry and rewrites
+    ``key_file.json``; the old key is refused from that moment on, so callers re-read the
+    file when refused (:class:`~.client.TorchServeClient`). Raises :class:`TorchServeError`
+    when the key file cannot be read or TorchServe does not renew.
+    """
+    if info.key_file is None or info.token_lifetime_s is None or fraction <= 0:
+        return []
+    margin = timedelta(seconds=fraction * info.token_lifetime_s)
+    with _renewal_lock(info.run_dir):
+        try:
+            # Read under the lock: a renewer that held it before may have renewed already.
+            now = datetime.now(UTC)
+            due = [kind for kind in EXPIRING if key_expiry(info.key_file, kind) - now < margin]
+            api_key = read_key(info.key_file, "API") if due else ""
+        except UnavailableError as exc:
+            raise TorchServeError(f"cannot renew TorchServe's keys: {exc}") from None
+        for kind in due:
+            _draw_key(info, kind, api_key)
+    return due
+
+
+def _draw_key(info: ServerInfo, kind: KeyKind, api_key: str) -> None:
+    """Have ``info``'s TorchServe draw a new ``kind`` key (token API, with the ``API`` key)."""
+    try:
+        response = httpx.get(
+            f"{info.management_url}/token",
+            params={"type": kind},
+            headers={"Authorization": f"Bearer {api_key}"},
+            timeout=RENEW_TIMEOUT_S,
+        )
+    except httpx.HTTPError as exc:
+        raise TorchServeError(
+            f"TorchServe at {info.management_url} did not renew its {kind} key: "
+            f"{exc or type(exc).__name__}"
+        ) from None
+    if response.status_code != httpx.codes.OK:
+        raise TorchServeError(
+            f"TorchServe at {info.management_url} refused to renew its {kind} key: "
+            f"HTTP {response.status_code} {' '.join(response.text.split())[:200]}"
+        )
+
+
+def renew_keys_of(model_store: Path, fraction: float) -> list[KeyKind]:
+    """:func:`renew_keys` for the TorchServe started from ``model_store``, if one runs there."""
+    info = ServerInfo.load(run_dir_of(model_store))
+    if info is None or not is_running(info):
+        return []
+    return renew_keys(info, fraction)
+
+
+@contextlib.contextmanager
+def _renewal_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run directory's renewal lock (other processes wait for it)."""
+    with (run_dir / RENEWAL_LOCK).open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def stop(model_store: Path) -> bool:

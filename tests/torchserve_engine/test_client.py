@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,16 +20,19 @@ from cnnserve.errors import (
 )
 from cnnserve.models.registry import get_spec
 from cnnserve.models.runtime import load_runner
-from cnnserve.torchserve_engine.client import TorchServeClient
-from cnnserve.torchserve_engine.keys import read_inference_key, read_key
-from cnnserve.torchserve_engine.process import KEY_FILE, run_dir_of
+from cnnserve.torchserve_engine.client import KEY_POLL_S, KEY_WAIT_S, TorchServeClient
+from cnnserve.torchserve_engine.keys import KeyDir, read_inference_key, read_key
+from cnnserve.torchserve_engine.process import KEY_FILE, ServerInfo, renew_keys, run_dir_of
 
-from ..conftest import RunningTorchServe
+from ..conftest import RunningTorchServe, publish_key
 from ..support import free_ports
 
 pytestmark = [pytest.mark.torchserve, pytest.mark.asyncio(loop_scope="module")]
 
 TOLERANCE = 1e-4
+#: How long after a renewal the test publishes the new key (the entry point takes
+#: milliseconds; within :data:`KEY_WAIT_S`).
+PUBLISH_DELAY_S = 0.3
 
 
 def batch(count: int, height: int = 28, width: int = 28, seed: int = 0) -> np.ndarray:
@@ -158,3 +162,29 @@ async def test_keys_are_read_from_torchserves_key_file(
     (tmp_path / "empty.json").write_text("{}")
     with pytest.raises(UnavailableError, match="has no inference key"):
         read_inference_key(tmp_path / "empty.json")
+
+
+async def test_a_key_refused_because_it_was_just_renewed_is_read_again(
+    short_lived_keys: ServerInfo, tmp_path: Path
+) -> None:
+    """A replica publishes its new key a moment after TorchServe drew it (and refused the old
+    one): the call waits for it and is made again with it. A key that does not change is
+    still refused, after :data:`KEY_WAIT_S`, and the caller is told so."""
+    server = short_lived_keys
+    renew_keys(server, 1.0)  # fresh: 9 s
+    publish_key(server, tmp_path)
+    client = TorchServeClient(server.grpc_target, KeyDir(tmp_path))
+    try:
+        assert (await client.predict_batch("convnet", batch(1), timeout_s=60)).shape == (1, 10)
+        assert renew_keys(server, 1.0) == ["inference", "management"]
+        asyncio.get_running_loop().call_later(PUBLISH_DELAY_S, publish_key, server, tmp_path)
+        started = time.monotonic()
+        assert (await client.predict_batch("convnet", batch(1), timeout_s=60)).shape == (1, 10)
+        assert time.monotonic() - started >= PUBLISH_DELAY_S, "answered with the old key?"
+        renew_keys(server, 1.0)  # and not published
+        started = time.monotonic()
+        with pytest.raises(UnavailableError, match="refused the inference key"):
+            await client.predict_batch("convnet", batch(1), timeout_s=60)
+        assert time.monotonic() - started >= KEY_WAIT_S - KEY_POLL_S
+    finally:
+        await client.close()

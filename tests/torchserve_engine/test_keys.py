@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,10 @@ from cnnserve.torchserve_engine.keys import (
     FixedKey,
     KeyDir,
     KeyFile,
+    key_expiry,
     key_file_name,
     key_store,
+    read_key,
 )
 
 
@@ -73,3 +76,44 @@ def test_the_store_follows_the_settings(tmp_path: Path) -> None:
     assert key_store(tmp_path / "key_file.json", None).key_for("127.0.0.1", 1) == "from-file"
     assert key_store(None, None).key_for("127.0.0.1", 1) is None
     assert FixedKey("k").key_for("anywhere", 2) == "k"
+
+
+def test_expiry_is_read_as_torchserve_writes_it(tmp_path: Path) -> None:
+    """TorchServe writes Java ``Instant``s, with nanoseconds; Python keeps microseconds."""
+    path = tmp_path / "key_file.json"
+    path.write_text(
+        json.dumps(
+            {
+                "management": {"key": "m", "expiration time": "2026-11-30T19:01:05Z"},
+                "inference": {"key": "i", "expiration time": "2026-11-30T19:01:05.756811537Z"},
+                "API": {"key": "a"},
+            }
+        )
+    )
+    assert key_expiry(path, "inference") == datetime(2026, 11, 30, 19, 1, 5, 756811, UTC)
+    assert key_expiry(path, "management") == datetime(2026, 11, 30, 19, 1, 5, tzinfo=UTC)
+    assert read_key(path, "API") == "a"
+    write_key(path, "published copies carry no expiry")
+    with pytest.raises(UnavailableError, match="has no inference expiry"):
+        key_expiry(path, "inference")
+
+
+def test_a_fresh_read_sees_a_key_rewritten_within_one_timestamp(tmp_path: Path) -> None:
+    """A file rewritten within the file system's timestamp granularity looks unchanged; a key
+    just refused is read again all the same."""
+    path = tmp_path / "key_file.json"
+    keys = KeyFile(path)
+    write_key(path, "old")
+    stamp = path.stat().st_mtime_ns
+    assert keys.key_for("127.0.0.1", 7070) == "old"
+    write_key(path, "new")
+    os.utime(path, ns=(stamp, stamp))
+    assert keys.key_for("127.0.0.1", 7070) == "old"
+    assert keys.key_for("127.0.0.1", 7070, fresh=True) == "new"
+    directory = KeyDir(tmp_path)
+    write_key(tmp_path / "10.0.0.1_7070.json", "old")
+    assert directory.key_for("10.0.0.1", 7070) == "old"
+    stamp = (tmp_path / "10.0.0.1_7070.json").stat().st_mtime_ns
+    write_key(tmp_path / "10.0.0.1_7070.json", "new")
+    os.utime(tmp_path / "10.0.0.1_7070.json", ns=(stamp, stamp))
+    assert directory.key_for("10.0.0.1", 7070, fresh=True) == "new"

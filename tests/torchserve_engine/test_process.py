@@ -2,35 +2,55 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import json
 import shutil
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 
+import grpc
 import httpx
 import numpy as np
 import psutil
 import pytest
 from PIL import Image
 
+from cnnserve.errors import UnavailableError
+from cnnserve.gateway.readiness import PROBE_TIMEOUT_S, REFRESH_INTERVAL_S
 from cnnserve.models.registry import SHAPE_CLASSES, get_spec
 from cnnserve.models.runtime import load_runner
 from cnnserve.models.semantics import PIXEL_COUNTS_HEADER
 from cnnserve.models.steps import class_mask, normalize
+from cnnserve.protocol import open_inference_pb2 as pb
+from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
+from cnnserve.protocol.grpc_codec import response_from_proto
+from cnnserve.settings import Settings
 from cnnserve.torchserve_engine import TorchServeError
+from cnnserve.torchserve_engine.keys import EXPIRING, key_expiry, read_inference_key
 from cnnserve.torchserve_engine.process import (
     JAVA_PACKAGE,
     ServerInfo,
+    renew_keys,
     run_dir_of,
     start,
     status,
 )
 
 from ..conftest import RunningTorchServe, torchserve_settings
+from ..gateway.harness import digit_pixels
 from ..images import digit_png, shapes_png
+from ..support import GatewayProcess, gateway_process, wait_until_async
+from .renewal import LOAD_TIMEOUT_S, RENEWALS, SHORT_EXPIRATION_MIN, keep_calling
 
 LOCALHOST = {"127.0.0.1", "::ffff:127.0.0.1"}
+#: Bounds one gRPC call through a gateway.
+CALL_TIMEOUT_S = 60.0
 
 
 def predict(
@@ -245,3 +265,174 @@ def test_start_with_an_unreadable_archive_names_it(tmp_path: Path) -> None:
     with pytest.raises(TorchServeError, match=r"convnet\.1\.mar is not a TorchServe archive"):
         start(torchserve_settings(tmp_path), tmp_path)
     assert not run_dir_of(tmp_path).exists()
+
+
+# --- keys that renew themselves ------------------------------------------------------------
+#
+# A TorchServe whose keys expire within seconds (tests/torchserve_engine/conftest.py). A
+# fraction of 1 renews whatever is left of a key: ``renew_keys(server, 1.0)`` renews now.
+
+
+def key_answer(server: ServerInfo, key: str | None, api: str = "inference") -> int:
+    """The status TorchServe answers ``key`` with on a call that runs nothing: an unknown
+    model's predictions (404 once the key is accepted) or the management API's model list
+    (200); a refused key is 400."""
+    url = (
+        f"{server.inference_url}/predictions/.no-such-model"
+        if api == "inference"
+        else f"{server.management_url}/models"
+    )
+    return httpx.get(url, headers={"Authorization": f"Bearer {key}"}, timeout=10).status_code
+
+
+def test_due_keys_are_renewed_and_the_old_keys_refused_at_once(
+    short_lived_keys: ServerInfo,
+) -> None:
+    server = short_lived_keys
+    assert renew_keys(server, 0.0) == [], "fraction 0 renews nothing"
+    old = {kind: server.key(kind) for kind in EXPIRING}
+    assert server.key_file is not None
+    expiry = key_expiry(server.key_file, "inference")
+    assert renew_keys(server, 1.0) == ["inference", "management"]
+    # Freshly drawn: not due at the default fraction (a quarter of its 9 s left).
+    assert renew_keys(server, Settings().torchserve_token_renew_fraction) == []
+    assert key_expiry(server.key_file, "inference") > expiry
+    new = {kind: server.key(kind) for kind in EXPIRING}
+    assert all(new[kind] != old[kind] for kind in EXPIRING)
+    assert key_answer(server, old["inference"]) == 400
+    assert key_answer(server, new["inference"]) == 404
+    assert key_answer(server, old["management"], "management") == 400
+    assert key_answer(server, new["management"], "management") == 200
+
+
+def test_renewers_racing_renew_once(short_lived_keys: ServerInfo) -> None:
+    """Four renewers at once (several gateway processes): the lock lets one renew, and the
+    others find the key fresh; one renewing after another would refuse the key just drawn."""
+    server = short_lived_keys
+    renew_keys(server, 1.0)  # a known start: 9 s left
+    time.sleep(1.0)  # now due at 0.95 (8.55 s margin); fresh again once renewed
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: renew_keys(server, 0.95), range(4)))
+    assert sorted(kind for kinds in results for kind in kinds) == ["inference", "management"]
+
+
+async def watch_keys(key_file: Path, seen: list[str]) -> None:
+    """Record each new inference key ``key_file`` holds in ``seen``, every 0.1 s, until
+    cancelled."""
+    while True:
+        with contextlib.suppress(UnavailableError):  # rewritten in place
+            key = read_inference_key(key_file)
+            if not seen or seen[-1] != key:
+                seen.append(key)
+        await asyncio.sleep(0.1)
+
+
+def convnet_call(gateway: GatewayProcess) -> Callable[[], Awaitable[object]]:
+    """One gRPC ModelInfer of two digits through convnet on ``gateway``, labels checked."""
+    pixels, labels = digit_pixels(range(2))
+    request = pb.ModelInferRequest(model_name="convnet")
+    request.inputs.add(name="pixels", datatype="UINT8", shape=pixels.shape)
+    request.raw_input_contents.append(pixels.tobytes())
+    request.outputs.add(name="labels")
+    channel = grpc.aio.insecure_channel(gateway.grpc_target)
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+
+    async def call() -> None:
+        response = await stub.ModelInfer(request, timeout=CALL_TIMEOUT_S)
+        (answered,) = response_from_proto(response).outputs
+        assert [int(row[0]) for row in answered.data] == labels
+
+    return call
+
+
+def gateway_ready(gateway: GatewayProcess) -> bool:
+    """The gateway's HTTP readiness."""
+    url = f"http://127.0.0.1:{gateway.http_port}/v2/health/ready"
+    return httpx.get(url, timeout=30.0).status_code == 200
+
+
+@contextlib.contextmanager
+def gateway_of(
+    server: ServerInfo, model_repository: Path, log: Path, renew_fraction: float
+) -> Iterator[GatewayProcess]:
+    """``cnnserve serve --backend torchserve`` on ``server``'s model store, as ``make serve``
+    runs it (registration on, the key from the run directory), renewing keys at
+    ``renew_fraction``."""
+    with gateway_process(
+        "torchserve",
+        log,
+        model_repository=model_repository,
+        model_store_dir=server.model_store,
+        torchserve_grpc_target=server.grpc_target,
+        torchserve_token_expiration_min=SHORT_EXPIRATION_MIN,
+        torchserve_token_renew_fraction=renew_fraction,
+    ) as gateway:
+        yield gateway
+
+
+async def test_a_gateway_renews_its_local_torchserves_keys_and_serves_on(
+    short_lived_keys: ServerInfo, model_repository: Path, tmp_path: Path
+) -> None:
+    """``make serve``: nothing but the gateway runs beside a TorchServe started by ``cnnserve
+    torchserve start``, so the gateway renews its keys. Under load from concurrent callers,
+    through several renewals (each refusing the key before it at once), no call fails."""
+    server = short_lived_keys
+    assert server.key_file is not None
+    renew_keys(server, 1.0)  # fresh, so the gateway starts before it expires
+    seen: list[str] = []
+    default = Settings().torchserve_token_renew_fraction
+    with gateway_of(server, model_repository, tmp_path / "gateway.log", default) as gateway:
+        watcher = asyncio.get_running_loop().create_task(watch_keys(server.key_file, seen))
+        try:
+            load = await keep_calling(
+                convnet_call(gateway), lambda: len(seen) > RENEWALS, LOAD_TIMEOUT_S
+            )
+        finally:
+            watcher.cancel()
+        log = gateway.output()
+    assert len(seen) > RENEWALS, f"{len(seen) - 1} renewals in {LOAD_TIMEOUT_S} s:\n{log}"
+    assert load.failures == [], f"{len(load.failures)} of {load.answered} calls failed"
+    assert load.answered > 0
+    assert log.count("renewed the inference") >= RENEWALS, log
+
+
+async def test_with_renewal_off_the_key_expires_and_the_gateway_is_not_ready(
+    short_lived_keys: ServerInfo, model_repository: Path, tmp_path: Path
+) -> None:
+    """``torchserve_token_renew_fraction=0``: nobody renews, so once the key expires every
+    call is refused, saying so, and the gateway's cached readiness turns false."""
+    server = short_lived_keys
+    assert server.key_file is not None
+    # This test stands in for a renewer until the gateway is up (it starts ready only with a
+    # key TorchServe accepts), then stops.
+    stop_renewing = threading.Event()
+
+    def renew_until_stopped() -> None:
+        while not stop_renewing.wait(0.5):
+            renew_keys(server, 0.5)
+
+    renewer = threading.Thread(target=renew_until_stopped)
+    renew_keys(server, 1.0)
+    renewer.start()
+    try:
+        with gateway_of(server, model_repository, tmp_path / "gateway.log", 0.0) as gateway:
+            call = convnet_call(gateway)
+            await call()
+            assert gateway_ready(gateway)
+            stop_renewing.set()
+            renewer.join()
+            expiry = key_expiry(server.key_file, "inference")
+            await asyncio.sleep((expiry - datetime.now(UTC)).total_seconds() + 0.5)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call()
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "refused the inference key" in (refused.value.details() or "")
+            await wait_until_async(
+                lambda: not gateway_ready(gateway),
+                2 * (REFRESH_INTERVAL_S + PROBE_TIMEOUT_S),
+                "the gateway to report not ready",
+            )
+            assert "renewed" not in gateway.output()
+    finally:
+        stop_renewing.set()
+        renewer.join()
