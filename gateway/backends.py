@@ -7,7 +7,9 @@ takes a float32 ``N×3×H×W`` batch (already normalized) — or, when it says i
 ``takes_pixels``, uint8 pixels it normalizes itself — and returns the network's raw float32
 output for it; pre- and post-processing stay in the data plane.
 The in-process backends call :mod:`cnnserve.models.runtime`, the same code the TorchServe
-handler runs, so all three give the same numbers.
+handler runs, so all three give the same numbers. They also bound the model's own working
+memory: a batch runs in parts of at most ``max_batch_model_bytes``, priced per pixel
+(:data:`~.memory_budget.MODEL_WORKING_MEMORY`).
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from typing import Protocol
 
 import numpy as np
 
-from cnnserve.errors import UnavailableError, needs_extra
+from cnnserve.errors import InvalidInputError, UnavailableError, needs_extra
 from cnnserve.models.repository import ModelVersion
 from cnnserve.models.runtime import ArtifactFormat, Runner, load_runner
 from cnnserve.models.semantics import probe_input
 from cnnserve.settings import Settings
 
+from .memory_budget import MODEL_WORKING_MEMORY, WorkingMemory, mib
 from .torchserve_backend import TorchServeBackend
 
 logger = logging.getLogger(__name__)
@@ -94,11 +97,39 @@ async def answers(
 
 @dataclass(frozen=True)
 class _Loaded:
-    """A loaded version: its runner and the one thread that runs its batches."""
+    """A loaded version: its runner, the one thread that runs its batches, and what its
+    batches' working memory is priced at."""
 
     model: ModelVersion
     runner: Runner
     executor: ThreadPoolExecutor
+    memory: WorkingMemory
+
+
+def run_in_parts(
+    infer: Callable[[np.ndarray], np.ndarray],
+    batch: np.ndarray,
+    memory: WorkingMemory,
+    limit: int,
+    what: str,
+) -> np.ndarray:
+    """``infer`` on ``batch`` in as few consecutive parts as keep each part's working memory
+    within ``limit`` bytes; :class:`InvalidInputError` when one item alone is over it (a
+    batch's items share H×W, so that is every item of it)."""
+    pixels = batch.shape[-2] * batch.shape[-1]
+    most = memory.max_items(pixels, limit)
+    if most == 0:
+        one = memory.batch_bytes(1, pixels)
+        raise InvalidInputError(
+            f"one {batch.shape[-2]}×{batch.shape[-1]} image takes {mib(one)} of {what}'s "
+            f"working memory; a batch may take at most {mib(limit)} (max_batch_model_bytes): "
+            "send smaller images"
+        )
+    if len(batch) <= most:
+        return infer(batch)
+    return np.concatenate(
+        [infer(batch[start : start + most]) for start in range(0, len(batch), most)]
+    )
 
 
 class InProcessBackend:
@@ -174,7 +205,8 @@ class InProcessBackend:
             # The runtimes' messages name the file and the fault; the first line is enough.
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UnavailableError(f"{path}: cannot be loaded: {detail}") from exc
-        self._loaded[id(model)] = _Loaded(model, runner, executor)
+        memory = MODEL_WORKING_MEMORY[self._format, model.spec.architecture]
+        self._loaded[id(model)] = _Loaded(model, runner, executor, memory)
         # ORT may fall back to CPU silently; the log says where the model really runs.
         logger.info("%s: %s on %s", version_text(model), self._platform, runner.device)
 
@@ -190,12 +222,20 @@ class InProcessBackend:
             await self.unload(loaded.model)
 
     async def infer_batch(self, model: ModelVersion, batch: np.ndarray) -> np.ndarray:
-        """Run ``batch`` on ``model``'s worker thread."""
+        """Run ``batch`` on ``model``'s worker thread, in parts that keep the model's working
+        memory within ``max_batch_model_bytes`` (:func:`run_in_parts`)."""
         loaded = self._loaded.get(id(model))
         if loaded is None:
             raise UnavailableError(f"{version_text(model)} is not loaded")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(loaded.executor, loaded.runner.infer, batch)
+        run = functools.partial(
+            run_in_parts,
+            loaded.runner.infer,
+            batch,
+            loaded.memory,
+            self._options.max_batch_model_bytes,
+            version_text(model),
+        )
+        return await asyncio.get_running_loop().run_in_executor(loaded.executor, run)
 
     async def ready(self, model: ModelVersion) -> bool:
         """Loaded, and a one-image probe runs through it."""
@@ -222,6 +262,8 @@ class RunnerOptions:
     device_preprocess: bool = True
     pinned_memory: bool = True
     cuda_graph_batch_sizes: tuple[int, ...] = ()
+    #: Working memory one batch of a model may take (a larger batch runs in parts).
+    max_batch_model_bytes: int = Settings.model_fields["max_batch_model_bytes"].default
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RunnerOptions:
@@ -232,6 +274,7 @@ class RunnerOptions:
             device_preprocess=settings.device_preprocess,
             pinned_memory=settings.pinned_memory,
             cuda_graph_batch_sizes=tuple(settings.cuda_graph_batch_sizes),
+            max_batch_model_bytes=settings.max_batch_model_bytes,
         )
 
 

@@ -15,6 +15,11 @@ The price covers every copy the gateway makes of a request's data, at the most t
 alive at once (measured: docs/reliability.md, "Memory budgets"): its input from decoded pixels
 to the batch sent to the backend, its network output from the backend's answer to the
 encoded reply, and the working memory of decoding its largest image.
+
+A model run in this process (the ``onnxruntime`` and ``torchscript`` backends) takes working
+memory of its own on top, bounded per batch: :data:`MODEL_WORKING_MEMORY` prices it per pixel
+of the batch's items, from measurements of each network on each runtime, and the backend
+splits a batch into parts of at most ``max_batch_model_bytes`` (:class:`WorkingMemory`).
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from cnnserve.errors import InvalidInputError, OverloadedError
 from cnnserve.models.imaging import MAX_BYTES_PER_PIXEL
-from cnnserve.models.spec import ModelSpec, Task
+from cnnserve.models.runtime import ArtifactFormat
+from cnnserve.models.spec import Architecture, ModelSpec, Task
 
 #: Bytes the gateway may hold, all copies together, per element of a request's network input
 #: (``N×3×H×W``): decoded uint8 pixels and their stack, the float32 normalization and its
@@ -104,3 +111,36 @@ class MemoryBudget:
         finally:
             with self._lock:
                 self._in_use -= nbytes
+
+
+@dataclass(frozen=True)
+class WorkingMemory:
+    """What an in-process model's own working memory (activations, convolution workspace,
+    ONNX Runtime's arena) takes for one batch, in bytes per pixel of one item's H×W: once per
+    batch (workspace sized by one item, reused item after item) and once per item."""
+
+    per_batch: int
+    per_item: int
+
+    def batch_bytes(self, count: int, pixels: int) -> int:
+        """Bytes a batch of ``count`` items of ``pixels`` each takes."""
+        return pixels * (self.per_batch + count * self.per_item)
+
+    def max_items(self, pixels: int, limit: int) -> int:
+        """The most items of ``pixels`` each one batch may hold within ``limit`` bytes (0:
+        not even one)."""
+        room = limit // max(pixels, 1) - self.per_batch
+        return max(room // self.per_item, 0)
+
+
+#: Measured peak RSS growth of one batch, rounded up (tools/memory_probe.py --runners; see
+#: docs/reliability.md, "Memory budgets"). ONNX Runtime with its CPU arena on and memory
+#: patterns off (models/runtime.py): a 512×512 FCN batch of 1 took +950 MiB, of 2 +1,306,
+#: of 4 +2,017, of 8 +2,846; TorchScript 376 MiB an item at any batch size; a ConvNet digit
+#: ~0.27 MB on either.
+MODEL_WORKING_MEMORY: dict[tuple[ArtifactFormat, Architecture], WorkingMemory] = {
+    ("onnx", Architecture.FCN): WorkingMemory(per_batch=2560, per_item=1536),
+    ("torchscript", Architecture.FCN): WorkingMemory(per_batch=0, per_item=1536),
+    ("onnx", Architecture.CONVNET): WorkingMemory(per_batch=0, per_item=512),
+    ("torchscript", Architecture.CONVNET): WorkingMemory(per_batch=0, per_item=512),
+}

@@ -60,6 +60,13 @@ class OnnxRunner:
             wanted = [("CUDAExecutionProvider", {"device_id": gpu_id}), "CPUExecutionProvider"]  # type: ignore[list-item]
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
+        # Memory patterns plan one block per input shape on top of the CPU arena, which
+        # keeps every block it grew to: a 512×512 FCN batch of 2 run three times held
+        # 2.7 GiB. Without them the arena stays at the largest batch's peak whatever shapes
+        # follow, at the same speed; the arena stays on (without it every batch faults its
+        # memory in afresh: a 512×512 FCN item took 1.47× as long). docs/reliability.md,
+        # "Memory budgets".
+        options.enable_mem_pattern = False
         self._session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
         active = self._session.get_providers()
         # ORT silently falls back to CPU when CUDA cannot start; say so instead of hiding it.
