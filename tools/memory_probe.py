@@ -10,6 +10,15 @@ gateway of older commits dies of the audit's last payload.
 
     .venv/bin/python tools/memory_probe.py            # every payload
     .venv/bin/python tools/memory_probe.py --audit    # the audit's payloads only
+    .venv/bin/python tools/memory_probe.py --backend onnxruntime   # the model in the process
+
+``--runners`` measures the in-process runners instead (the model's own working memory, which
+``max_batch_model_bytes`` bounds): each artifact's batches, one fresh process each, and ONNX
+Runtime's session as shipped, with its defaults and without the arena; ``--throughput``
+times those sessions against each other in one process::
+
+    .venv/bin/python tools/memory_probe.py --runners
+    .venv/bin/python tools/memory_probe.py --throughput
 
 Older code: a package tree of another commit, first on the path (the stand-in and the tests'
 process helper still come from this checkout)::
@@ -26,13 +35,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
+import numpy as np
 import psutil
 from PIL import Image
 
@@ -42,46 +54,18 @@ sys.path.insert(0, str(ROOT))  # the tests' stand-in TorchServe and process help
 from cnnserve.export.repository import ensure_default_repository  # noqa: E402
 from cnnserve.protocol import open_inference_pb2 as pb  # noqa: E402
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc  # noqa: E402
+from tests.gateway.memory_payloads import (  # noqa: E402
+    BIG_CHANNEL,
+    peak_rss,
+    png,
+    reset_peak,
+    transparent_png,
+)
+from tests.gateway.memory_payloads import image_request as _request  # noqa: E402
 from tests.gateway.null_torchserve import null_torchserve  # noqa: E402
 from tests.support import GatewayProcess, gateway_process  # noqa: E402
 
 MIB = 1 << 20
-CHANNEL = [("grpc.max_receive_message_length", 1 << 30), ("grpc.max_send_message_length", 1 << 30)]
-
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=True)
-    return buffer.getvalue()
-
-
-def _transparent(side: int) -> bytes:
-    """Transparent but for an opaque bar: 70 KB at 4096²."""
-    image = Image.new("RGBA", (side, side), (0, 0, 0, 0))
-    image.paste((255, 255, 255, 255), (side * 3 // 8, side // 4, side * 5 // 8, side * 3 // 4))
-    return _png(image)
-
-
-def _request(
-    model: str, images: list[bytes], outputs: tuple[str, ...] = ()
-) -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name=model)
-    tensor = request.inputs.add(name="image", datatype="BYTES", shape=[len(images), 1])
-    tensor.contents.bytes_contents.extend(images)
-    for name in outputs:
-        request.outputs.add(name=name)
-    return request
-
-
-def _peak_rss(pid: int) -> int:
-    """VmHWM in bytes; 0 once the process is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 async def _call(stub: pb_grpc.GRPCInferenceServiceStub, request: pb.ModelInferRequest) -> str:
@@ -98,21 +82,20 @@ async def _payload(
     """Send ``requests`` at once and print what they cost; whether the gateway survived."""
     pid = gateway.process.pid
     process = psutil.Process(pid)
-    Path(f"/proc/{pid}/clear_refs").write_text("5")
-    before = process.memory_info().rss
+    before = reset_peak(pid)
     cpu_before = sum(process.cpu_times()[:2])
     seen = {"peak": 0, "cpu": cpu_before}
 
     async def watch() -> None:
         while True:
-            seen["peak"] = max(seen["peak"], _peak_rss(pid))
+            seen["peak"] = max(seen["peak"], peak_rss(pid))
             with contextlib.suppress(psutil.Error):
                 seen["cpu"] = sum(process.cpu_times()[:2])
             await asyncio.sleep(0.05)
 
     watcher = asyncio.create_task(watch())
     started = time.monotonic()
-    async with grpc.aio.insecure_channel(gateway.grpc_target, options=CHANNEL) as channel:
+    async with grpc.aio.insecure_channel(gateway.grpc_target, options=BIG_CHANNEL) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
         outcomes = await asyncio.gather(*(_call(stub, r) for r in requests))
     await asyncio.sleep(0.2)
@@ -120,7 +103,7 @@ async def _payload(
     wire = sum(r.ByteSize() for r in requests) / MIB
     print(f"{name}: {len(requests)} request(s), {wire:.2f} MiB sent")
     alive = gateway.process.poll() is None
-    peak = _peak_rss(pid) if alive else seen["peak"]
+    peak = peak_rss(pid) if alive else seen["peak"]
     state = "" if alive else f"; the gateway DIED (exit {gateway.process.returncode})"
     print(
         f"    peak RSS {peak / MIB:.0f} MiB (+{(peak - before) / MIB:.0f} MiB over "
@@ -133,17 +116,20 @@ async def _payload(
 
 
 async def _run(gateway: GatewayProcess, audit_only: bool) -> None:
-    fcn = _png(Image.new("RGB", (512, 512), (40, 40, 40)))
+    fcn = png(Image.new("RGB", (512, 512), (40, 40, 40)))
     small = [
-        _request("convnet", [_transparent(64)]),
-        _request("fcn", [_png(Image.new("RGB", (64, 64)))]),
+        _request("convnet", [transparent_png(64)]),
+        _request("fcn", [png(Image.new("RGB", (64, 64)))]),
     ]
     payloads = [
         ("warm-up: a digit and a 64² FCN image", small),
-        ("one transparent 4096² PNG to the ConvNet", [_request("convnet", [_transparent(4096)])]),
+        (
+            "one transparent 4096² PNG to the ConvNet",
+            [_request("convnet", [transparent_png(4096)])],
+        ),
         (
             "16 transparent 4096² PNGs to the ConvNet",
-            [_request("convnet", [_transparent(4096)] * 16)],
+            [_request("convnet", [transparent_png(4096)] * 16)],
         ),
         ("256 identical 512² FCN PNGs in one request", [_request("fcn", [fcn] * 256)]),
     ]
@@ -152,7 +138,7 @@ async def _run(gateway: GatewayProcess, audit_only: bool) -> None:
         payloads += [
             (
                 "256 transparent 1024² PNGs to the ConvNet",
-                [_request("convnet", [_transparent(1024)] * 256)],
+                [_request("convnet", [transparent_png(1024)] * 256)],
             ),
             ("in-flight budget full: 6 × 512² FCN with scores, 4 at once", [worst] * 4),
             ("the next bigger request: 7 × 512² FCN", [_request("fcn", [fcn] * 7, ("scores",))]),
@@ -163,25 +149,134 @@ async def _run(gateway: GatewayProcess, audit_only: bool) -> None:
             return
 
 
+#: ONNX Runtime sessions compared by ``--runners``: as models/runtime.py opens them, with
+#: ORT's defaults (memory patterns on), and without the CPU arena.
+ORT_VARIANTS = ("shipped", "ort-defaults", "no-arena")
+#: What ``--runners`` measures: (artifact format, model, image side, batch sizes).
+RUNNER_CASES = [
+    ("onnx", "fcn", 512, (1, 2, 4, 8)),
+    ("torchscript", "fcn", 512, (1, 2, 4, 8)),
+    ("onnx", "fcn", 256, (1, 4)),
+    ("onnx", "convnet", 28, (32, 256)),
+    ("torchscript", "convnet", 28, (32, 256)),
+]
+
+
+def _open(artifact_format: str, model: str, variant: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The batch function of ``model``'s repository artifact, one inference thread."""
+    from cnnserve.models.runtime import load_runner
+
+    suffix = "onnx" if artifact_format == "onnx" else "pt"
+    path = ROOT / "model_repository" / model / "1" / f"model.{suffix}"
+    if variant == "shipped":
+        runner = load_runner(path, "onnx" if suffix == "onnx" else "torchscript", "cpu", threads=1)
+        return runner.infer
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.enable_cpu_mem_arena = variant != "no-arena"
+    options.enable_mem_pattern = variant != "no-arena"
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda batch: session.run(None, {"input": batch})[0]
+
+
+def _one_runner(artifact_format: str, model: str, side: int, count: int, variant: str) -> None:
+    """In this (fresh) process: run one batch three times; print the RSS it grew by at its
+    peak, after the first run and after all three, what it keeps, and the time a batch took."""
+    if artifact_format == "torchscript":
+        import torch
+
+        torch.set_num_threads(1)
+    infer = _open(artifact_format, model, variant)
+    small = 28 if model == "convnet" else 32
+    infer(np.zeros((1, 3, small, small), np.float32))  # the session's own first-run setup
+    batch = np.random.default_rng(0).random((count, 3, side, side), np.float32)
+    pid = psutil.Process().pid
+    before = reset_peak(pid)
+    infer(batch)
+    first = peak_rss(pid) - before
+    started = time.perf_counter()
+    infer(batch)
+    infer(batch)
+    seconds = (time.perf_counter() - started) / 2
+    kept = psutil.Process().memory_info().rss - before
+    print(
+        f"{artifact_format:11} {model:7} {side}² ×{count:<3} {variant:12} peak +{first / MIB:5.0f} "
+        f"MiB, after 3 runs +{(peak_rss(pid) - before) / MIB:5.0f}, kept +{kept / MIB:5.0f}, "
+        f"{seconds * 1000:6.0f} ms a batch",
+        flush=True,
+    )
+
+
+def _runners() -> None:
+    """Every :data:`RUNNER_CASES` batch (and ORT variant) in a process of its own."""
+    for artifact_format, model, side, counts in RUNNER_CASES:
+        variants = ORT_VARIANTS if artifact_format == "onnx" else ("shipped",)
+        for count in counts:
+            for variant in variants:
+                args = ["--one-runner", artifact_format, model, str(side), str(count), variant]
+                subprocess.run([sys.executable, __file__, *args], check=False)
+
+
+def _throughput() -> None:
+    """The ORT variants' time a batch, alternated in one process so that a shared machine's
+    load falls on all alike; as ratios to the shipped session."""
+    for model, shape, runs in [("fcn", (1, 3, 512, 512), 4), ("convnet", (256, 3, 28, 28), 30)]:
+        infers = {variant: _open("onnx", model, variant) for variant in ORT_VARIANTS}
+        batch = np.random.default_rng(0).random(shape, np.float32)
+        spent = dict.fromkeys(ORT_VARIANTS, 0.0)
+        for infer in infers.values():
+            infer(batch)
+        for run in range(runs):
+            order = ORT_VARIANTS[run % 3 :] + ORT_VARIANTS[: run % 3]
+            for variant in order:
+                started = time.perf_counter()
+                infers[variant](batch)
+                spent[variant] += time.perf_counter() - started
+        ratios = ", ".join(f"{v} {spent[v] / spent['shipped']:.2f}×" for v in ORT_VARIANTS)
+        print(f"{model} {shape}: {spent['shipped'] / runs * 1000:.0f} ms a batch; {ratios}")
+
+
 def main() -> None:
-    """Start the stand-in and the gateway, send the payloads."""
+    """Start the stand-in and the gateway, send the payloads (or measure the runners)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--audit", action="store_true", help="the audit's payloads only")
+    parser.add_argument(
+        "--runners", action="store_true", help="the in-process runners' own memory per batch"
+    )
+    parser.add_argument("--throughput", action="store_true", help="ORT session variants' speed")
+    parser.add_argument("--one-runner", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--backend",
+        choices=("torchserve", "onnxruntime", "torchscript"),
+        default="torchserve",
+        help="the gateway's backend: torchserve (the stand-in), or the model in its process",
+    )
     args = parser.parse_args()
+    if args.one_runner:
+        artifact_format, model, side, count, variant = args.one_runner
+        _one_runner(artifact_format, model, int(side), int(count), variant)
+        return
+    if args.runners or args.throughput:
+        if args.runners:
+            _runners()
+        else:
+            _throughput()
+        return
     work = Path(tempfile.mkdtemp(prefix="memory_probe-"))
     ensure_default_repository(work / "repository")
-    with (
-        null_torchserve() as target,
-        gateway_process(
-            "torchserve",
-            work / "gateway.log",
-            model_repository=work / "repository",
-            torchserve_grpc_target=target,
-            torchserve_token_auth=False,
-            torchserve_registration=False,
-            model_store_dir=work / "store",
-        ) as gateway,
-    ):
+    with contextlib.ExitStack() as stack:
+        settings: dict[str, Any] = {"model_repository": work / "repository"}
+        if args.backend == "torchserve":
+            settings |= {
+                "torchserve_grpc_target": stack.enter_context(null_torchserve()),
+                "torchserve_token_auth": False,
+                "torchserve_registration": False,
+                "model_store_dir": work / "store",
+            }
+        log = work / "gateway.log"
+        gateway = stack.enter_context(gateway_process(args.backend, log, **settings))
         asyncio.run(_run(gateway, args.audit))
 
 

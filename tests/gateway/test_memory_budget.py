@@ -5,13 +5,14 @@ gateway process kept under its container's memory limit by the worst requests th
 
 The gateways use the torchserve backend in front of a stand-in TorchServe that answers zeros
 (tests/gateway/null_torchserve.py), as the shipped deployment runs: the model's memory is
-TorchServe's, everything the gateway does with a request is measured here.
+TorchServe's, everything the gateway does with a request is measured here. One more runs the
+model in its own process (``--backend onnxruntime``), where max_batch_model_bytes bounds the
+model's working memory as well.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -20,14 +21,18 @@ from typing import Any
 
 import grpc
 import httpx
-import psutil
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
 
-from cnnserve.gateway.memory_budget import request_cost
+from cnnserve.errors import InvalidInputError
+from cnnserve.gateway.backends import run_in_parts
+from cnnserve.gateway.memory_budget import MODEL_WORKING_MEMORY, request_cost
 from cnnserve.gateway.server import Gateway
 from cnnserve.models.registry import get_spec
+from cnnserve.models.runtime import load_runner
+from cnnserve.models.spec import Architecture
 from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
 from cnnserve.settings import Settings
@@ -37,6 +42,14 @@ from tests.gateway.harness import (
     raw_bytes_elements,
     running_gateway,
 )
+from tests.gateway.memory_payloads import (
+    BIG_CHANNEL,
+    peak_rss,
+    png,
+    reset_peak,
+    transparent_png,
+)
+from tests.gateway.memory_payloads import image_request as _request
 from tests.gateway.null_torchserve import null_torchserve
 from tests.support import GatewayProcess, gateway_process, wait_until_async
 
@@ -49,37 +62,7 @@ FCN_SIDE = 512
 WORST_FCN_ITEMS = 6
 #: Requests of WORST_FCN_ITEMS images that fit in the in-flight budget together.
 WORST_CONCURRENT = 4
-BIG_CHANNEL = [
-    ("grpc.max_receive_message_length", 1 << 30),
-    ("grpc.max_send_message_length", 1 << 30),
-]
-
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=True)
-    return buffer.getvalue()
-
-
-FCN_PNG = _png(Image.new("RGB", (FCN_SIDE, FCN_SIDE), (40, 40, 40)))
-
-
-def _transparent_png(side: int) -> bytes:
-    """A transparent square with an opaque bar: a ~70 KB file at 4096², 1 GB decoded once."""
-    image = Image.new("RGBA", (side, side), (0, 0, 0, 0))
-    image.paste((255, 255, 255, 255), (side * 3 // 8, side // 4, side * 5 // 8, side * 3 // 4))
-    return _png(image)
-
-
-def _request(
-    model: str, images: list[bytes], outputs: tuple[str, ...] = ()
-) -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name=model)
-    tensor = request.inputs.add(name="image", datatype="BYTES", shape=[len(images), 1])
-    tensor.contents.bytes_contents.extend(images)
-    for name in outputs:
-        request.outputs.add(name=name)
-    return request
+FCN_PNG = png(Image.new("RGB", (FCN_SIDE, FCN_SIDE), (40, 40, 40)))
 
 
 def _fcn_cost(items: int) -> int:
@@ -100,9 +83,10 @@ def test_the_documented_worst_requests_are_the_limits() -> None:
 
 
 async def _call(stub: pb_grpc.GRPCInferenceServiceStub, request: pb.ModelInferRequest) -> str:
-    """``OK`` or ``CODE: details``."""
+    """``OK`` or ``CODE: details``; a call may take minutes (24 of the largest FCN images
+    on the onnxruntime backend, batched together, on two shared cores)."""
     try:
-        await stub.ModelInfer(request, timeout=120)
+        await stub.ModelInfer(request, timeout=600)
     except grpc.aio.AioRpcError as exc:
         return f"{exc.code().name}: {exc.details()}"
     return "OK"
@@ -224,28 +208,38 @@ def _pod_memory_limit() -> int:
     return int(limit[:-2]) * units[limit[-2:]]
 
 
-def _reset_peak(gateway: GatewayProcess) -> int:
-    """Restart the process's peak RSS count (VmHWM) from now; its RSS now."""
-    Path(f"/proc/{gateway.process.pid}/clear_refs").write_text("5")
-    return int(psutil.Process(gateway.process.pid).memory_info().rss)
-
-
-def _peak(gateway: GatewayProcess) -> int:
-    """The process's peak RSS (VmHWM) since :func:`_reset_peak`, in bytes."""
-    for line in Path(f"/proc/{gateway.process.pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM in /proc/<pid>/status")
+async def _send_the_worst(gateway: GatewayProcess) -> tuple[int, int]:
+    """Send a gateway at the default settings the audit's payloads and the next-bigger request
+    (each refused from its headers, before its pixels cost anything: checked), then the worst
+    requests the defaults accept — the in-flight budget filled with the largest FCN requests,
+    scores asked for — all at once (all answered: checked). Its RSS before those and its peak
+    RSS while they ran, in bytes."""
+    pid = gateway.process.pid
+    async with grpc.aio.insecure_channel(gateway.grpc_target, options=BIG_CHANNEL) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+        assert await _call(stub, _request("fcn", [FCN_PNG])) == "OK"  # warm: first batch
+        before = reset_peak(pid)
+        refused = await asyncio.gather(
+            _call(stub, _request("fcn", [FCN_PNG] * DEFAULTS.max_items_per_request)),
+            _call(stub, _request("fcn", [FCN_PNG] * (WORST_FCN_ITEMS + 1), ("scores",))),
+            _call(stub, _request("convnet", [transparent_png(4096)])),
+        )
+        assert [r.split(":")[0] for r in refused] == ["INVALID_ARGUMENT"] * 3, refused
+        assert peak_rss(pid) - before < 32 << 20  # headers only: nothing decoded
+        before = reset_peak(pid)
+        worst = _request("fcn", [FCN_PNG] * WORST_FCN_ITEMS, ("scores",))
+        answers = await asyncio.gather(*(_call(stub, worst) for _ in range(WORST_CONCURRENT)))
+        assert answers == ["OK"] * WORST_CONCURRENT
+        return before, peak_rss(pid)
 
 
 async def test_a_real_gateway_stays_under_its_pod_limit_at_the_worst_it_accepts(
     model_repository: Path, torchserve_target: str, tmp_path: Path
 ) -> None:
-    """A ``cnnserve serve`` process at the default settings: the worst requests they accept —
-    the in-flight budget filled with the largest FCN requests, scores asked for — keep its
-    peak RSS under the container limit shipped in deploy/k8s/gateway.yaml (and its growth
-    under what the budget reserved for them), while the audit's payloads and the next-bigger
-    request are refused from their headers before their pixels cost anything."""
+    """``cnnserve serve --backend torchserve`` at the default settings, the model in (a
+    stand-in) TorchServe: the worst requests the defaults accept keep its peak RSS under the
+    container limit shipped in deploy/k8s/gateway.yaml, and its growth under what the
+    budget reserved for them (:func:`_send_the_worst`)."""
     limit = _pod_memory_limit()
     with gateway_process(
         "torchserve",
@@ -253,21 +247,59 @@ async def test_a_real_gateway_stays_under_its_pod_limit_at_the_worst_it_accepts(
         model_repository=model_repository,
         **_torchserve_settings(torchserve_target, tmp_path / "store"),
     ) as gateway:
-        async with grpc.aio.insecure_channel(gateway.grpc_target, options=BIG_CHANNEL) as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
-            assert await _call(stub, _request("fcn", [FCN_PNG])) == "OK"  # warm: first batch
-            before = _reset_peak(gateway)
-            refused = await asyncio.gather(
-                _call(stub, _request("fcn", [FCN_PNG] * DEFAULTS.max_items_per_request)),
-                _call(stub, _request("fcn", [FCN_PNG] * (WORST_FCN_ITEMS + 1), ("scores",))),
-                _call(stub, _request("convnet", [_transparent_png(4096)])),
-            )
-            assert [r.split(":")[0] for r in refused] == ["INVALID_ARGUMENT"] * 3, refused
-            assert _peak(gateway) - before < 32 << 20  # headers only: nothing decoded
-            before = _reset_peak(gateway)
-            worst = _request("fcn", [FCN_PNG] * WORST_FCN_ITEMS, ("scores",))
-            answers = await asyncio.gather(*(_call(stub, worst) for _ in range(WORST_CONCURRENT)))
-            assert answers == ["OK"] * WORST_CONCURRENT
-            peak = _peak(gateway)
-        assert peak < limit, f"peak RSS {peak >> 20} MiB, the pod's limit {limit >> 20} MiB"
-        assert peak - before <= WORST_CONCURRENT * _fcn_cost(WORST_FCN_ITEMS)
+        before, peak = await _send_the_worst(gateway)
+    assert peak < limit, f"peak RSS {peak >> 20} MiB, the pod's limit {limit >> 20} MiB"
+    assert peak - before <= WORST_CONCURRENT * _fcn_cost(WORST_FCN_ITEMS)
+
+
+async def test_an_in_process_model_stays_under_the_same_limit_at_the_worst_it_accepts(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """``cnnserve serve --backend onnxruntime`` at the default settings, the model in the
+    process: the same worst requests (24 of the largest FCN images, batched together, run in
+    parts of max_batch_model_bytes) keep its peak RSS under the gateway container's limit
+    too, and its growth under the in-flight budget plus one batch's model memory."""
+    limit = _pod_memory_limit()
+    with gateway_process(
+        "onnxruntime", tmp_path / "gateway.log", model_repository=model_repository
+    ) as gateway:
+        before, peak = await _send_the_worst(gateway)
+    assert peak < limit, f"peak RSS {peak >> 20} MiB, the pod's limit {limit >> 20} MiB"
+    budget = DEFAULTS.max_in_flight_bytes + DEFAULTS.max_batch_model_bytes
+    assert peak - before <= budget, f"grew {(peak - before) >> 20} MiB"
+
+
+def test_the_model_memory_limit_takes_the_largest_image_on_either_runtime() -> None:
+    """One 512×512 FCN image fits in max_batch_model_bytes on ONNX Runtime, two on
+    TorchScript (the settings' description says so); a ConvNet batch of max_batch_size
+    digits runs whole."""
+    limit = DEFAULTS.max_batch_model_bytes
+    fcn_pixels = FCN_SIDE * FCN_SIDE
+    assert MODEL_WORKING_MEMORY["onnx", Architecture.FCN].max_items(fcn_pixels, limit) == 1
+    assert MODEL_WORKING_MEMORY["torchscript", Architecture.FCN].max_items(fcn_pixels, limit) == 2
+    for artifact_format in ("onnx", "torchscript"):
+        convnet = MODEL_WORKING_MEMORY[artifact_format, Architecture.CONVNET]
+        assert convnet.max_items(28 * 28, limit) >= DEFAULTS.max_batch_size
+
+
+def test_a_batch_runs_in_parts_within_the_limit_and_an_image_over_it_is_refused(
+    model_repository: Path,
+) -> None:
+    """A real ONNX Runtime FCN: a batch over max_batch_model_bytes runs in parts, each
+    within it, with the whole batch's numbers; an image that alone is over it is refused as
+    INVALID_ARGUMENT naming the setting."""
+    runner = load_runner(model_repository / "fcn" / "1" / "model.onnx", "onnx", "cpu", threads=1)
+    memory = MODEL_WORKING_MEMORY["onnx", Architecture.FCN]
+    limit = memory.batch_bytes(2, 64 * 64)
+    parts: list[int] = []
+
+    def counted(batch: np.ndarray) -> np.ndarray:
+        parts.append(len(batch))
+        return runner.infer(batch)
+
+    batch = np.random.default_rng(0).random((5, 3, 64, 64), np.float32)
+    scores = run_in_parts(counted, batch, memory, limit, "fcn version 1")
+    assert parts == [2, 2, 1]
+    np.testing.assert_allclose(scores, runner.infer(batch), rtol=1e-5, atol=1e-5)
+    with pytest.raises(InvalidInputError, match=r"96×96 image .* \(max_batch_model_bytes\)"):
+        run_in_parts(counted, np.zeros((1, 3, 96, 96), np.float32), memory, limit, "fcn")

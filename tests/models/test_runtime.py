@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from cnnserve.gateway.memory_budget import MODEL_WORKING_MEMORY
 from cnnserve.models.runtime import load_runner
+from cnnserve.models.spec import Architecture
 from cnnserve.models.steps import normalize
+from tests.gateway.memory_payloads import peak_rss, reset_peak
 
 
 def test_both_formats_agree_on_uneven_batches(artifacts_dir: Path) -> None:
@@ -61,3 +65,19 @@ def test_onnx_threads_are_configurable(artifacts_dir: Path) -> None:
     default = load_runner(artifacts_dir / "convnet.onnx", "onnx", device="cpu")
     x = np.random.default_rng(5).standard_normal((3, 3, 28, 28), dtype=np.float32)
     np.testing.assert_allclose(one.infer(x), default.infer(x), atol=1e-5)
+
+
+def test_onnx_memory_stays_within_the_price_of_its_largest_batch(artifacts_dir: Path) -> None:
+    """ONNX Runtime's arena keeps what it grew to; with memory patterns on, a 512×512 FCN
+    batch of 2 run three times held 2.7 GiB. The shipped session stays within what
+    ``MODEL_WORKING_MEMORY`` prices its largest batch at, however often and whatever shapes
+    follow (measured: tools/memory_probe.py --runners)."""
+    runner = load_runner(artifacts_dir / "fcn.onnx", "onnx", device="cpu", threads=1)
+    runner.infer(np.zeros((1, 3, 32, 32), np.float32))  # the session's own setup
+    pid = os.getpid()
+    before = reset_peak(pid)
+    for count, height, width in [(2, 512, 512)] * 3 + [(1, 500, 500), (4, 256, 256), (2, 512, 511)]:
+        runner.infer(np.random.default_rng(count).random((count, 3, height, width), np.float32))
+    priced = MODEL_WORKING_MEMORY["onnx", Architecture.FCN].batch_bytes(2, 512 * 512)
+    grown = peak_rss(pid) - before
+    assert grown <= priced, f"grew {grown >> 20} MiB, priced {priced >> 20} MiB"
