@@ -6,7 +6,8 @@ continuous load from several concurrent callers on both transports:
 - gRPC through client-side ``round_robin`` over both addresses — how a gRPC client balances
   over a Kubernetes headless Service — with the default service config (no retry policy);
 - HTTP through HAProxy (Debian's 2.6): health checks on ``/v2/health/ready``, a request
-  that meets a refused connection, a closed connection or a 503 sent to the other replica.
+  that meets a refused connection, a closed connection or a 503 sent to the other replica;
+- gRPC through the same HAProxy too (HTTP/2 to the replicas, checked on their HTTP port).
 
 Then each replica in turn is sent SIGTERM, exits once drained, and is replaced by a new
 process on the same ports; the next one goes once the replacement is ready and answers the
@@ -79,8 +80,12 @@ defaults
     retry-on conn-failure empty-response 503
 
 frontend gateways
-    bind 127.0.0.1:{port}
+    bind 127.0.0.1:{http_port}
     default_backend replicas
+
+frontend grpc_gateways
+    bind 127.0.0.1:{grpc_port} proto h2
+    default_backend grpc_replicas
 
 backend replicas
     balance roundrobin
@@ -92,7 +97,16 @@ backend replicas
     default-server check inter 500ms fall 2 rise 1
     # Which replica answered, for the per-replica counts.
     http-response set-header x-served-by %s
-{servers}
+{http_servers}
+
+backend grpc_replicas
+    balance roundrobin
+    option httpchk GET /v2/health/ready
+    http-check expect status 200
+    timeout check 2s
+    default-server check inter 500ms fall 2 rise 1
+    http-response set-header x-served-by %s
+{grpc_servers}
 """
 
 
@@ -118,14 +132,16 @@ class Tally:
     grpc_calls: int = 0
     #: Successful HTTP calls by the replica process that answered (``Replica.label``).
     http_calls: Counter[str] = field(default_factory=Counter)
+    #: Successful gRPC calls through HAProxy, by the replica process that answered.
+    balanced_grpc_calls: Counter[str] = field(default_factory=Counter)
     failed: list[str] = field(default_factory=list)
     #: Successful inference calls each replica process counted, as last scraped.
     served: dict[str, float] = field(default_factory=dict)
 
     def grpc_served(self, label: str) -> float:
-        """gRPC calls a replica process answered: all it counted less the HTTP ones (a
-        lower bound: its count is scraped a moment before the HTTP one is read)."""
-        return self.served.get(label, 0) - self.http_calls[label]
+        """gRPC calls a replica process answered on the round_robin channel: all it counted
+        less those through HAProxy (a lower bound: its count is scraped a moment before)."""
+        return self.served.get(label, 0) - self.http_calls[label] - self.balanced_grpc_calls[label]
 
 
 def _infer_request(count: int) -> tuple[pb.ModelInferRequest, list[int]]:
@@ -138,20 +154,31 @@ def _infer_request(count: int) -> tuple[pb.ModelInferRequest, list[int]]:
 
 
 async def _grpc_caller(
-    stub: pb_grpc.GRPCInferenceServiceStub, stop: asyncio.Event, tally: Tally
+    stub: pb_grpc.GRPCInferenceServiceStub,
+    stop: asyncio.Event,
+    tally: Tally,
+    through_haproxy: dict[str, Replica] | None = None,
 ) -> None:
+    """Call ModelInfer in a loop; ``through_haproxy``: the replicas by name, to count each
+    answer by the replica HAProxy names in ``x-served-by``."""
     request, labels = _infer_request(2)
+    via = "gRPC" if through_haproxy is None else "gRPC via HAProxy"
     while not stop.is_set():
+        call = stub.ModelInfer(request, timeout=30)
         try:
-            response = await stub.ModelInfer(request, timeout=30)
+            response = await call
         except grpc.aio.AioRpcError as exc:
-            tally.failed.append(f"gRPC {exc.code().name}: {exc.details()}")
+            tally.failed.append(f"{via} {exc.code().name}: {exc.details()}")
             continue
         (answer,) = response_from_proto(response).outputs
         got = [int(row[0]) for row in answer.data]
         if got != labels:
-            tally.failed.append(f"gRPC wrong labels {got}")
-        tally.grpc_calls += 1
+            tally.failed.append(f"{via} wrong labels {got}")
+        if through_haproxy is None:
+            tally.grpc_calls += 1
+        else:
+            served_by = dict(await call.initial_metadata() or ())["x-served-by"]
+            tally.balanced_grpc_calls[through_haproxy[str(served_by)].label] += 1
 
 
 async def _http_caller(
@@ -204,12 +231,24 @@ async def _scrape_once(replica: Replica, tally: Tally) -> None:
 
 
 @contextmanager
-def _haproxy(replicas: list[Replica], config_path: Path) -> Iterator[int]:
-    """HAProxy in front of the replicas' HTTP ports; its port."""
+def _haproxy(replicas: list[Replica], config_path: Path) -> Iterator[tuple[int, int]]:
+    """HAProxy in front of the replicas' HTTP and gRPC ports; its HTTP and gRPC ports."""
     assert HAPROXY is not None, "CI=true: the haproxy binary must be installed (.ci/run)"
-    (port,) = free_ports(1)
-    servers = "\n".join(f"    server {r.name} 127.0.0.1:{r.ports[1]}" for r in replicas)
-    config_path.write_text(HAPROXY_CONFIG.format(port=port, servers=servers))
+    http_port, grpc_port = free_ports(2)
+    http_servers = "\n".join(f"    server {r.name} 127.0.0.1:{r.ports[1]}" for r in replicas)
+    # gRPC over HTTP/2 to the replicas, health-checked on their HTTP port.
+    grpc_servers = "\n".join(
+        f"    server {r.name} 127.0.0.1:{r.ports[0]} proto h2 port {r.ports[1]} check-proto h1"
+        for r in replicas
+    )
+    config_path.write_text(
+        HAPROXY_CONFIG.format(
+            http_port=http_port,
+            grpc_port=grpc_port,
+            http_servers=http_servers,
+            grpc_servers=grpc_servers,
+        )
+    )
     check = subprocess.run(
         [HAPROXY, "-c", "-f", str(config_path)], check=False, capture_output=True
     )
@@ -219,7 +258,7 @@ def _haproxy(replicas: list[Replica], config_path: Path) -> Iterator[int]:
             [HAPROXY, "-db", "-f", str(config_path)], stdout=log, stderr=subprocess.STDOUT
         )
     try:
-        yield port
+        yield http_port, grpc_port
     finally:
         stop_process(process, 10)
 
@@ -255,8 +294,9 @@ def _start(
 async def test_rolling_update_behind_load_balancers_fails_no_call(
     model_repository: Path, tmp_path: Path
 ) -> None:
-    """Load on both transports through the whole rolling update of both replicas: no call
-    fails, and every old and every new replica process answered calls."""
+    """Load on both transports, gRPC both ways, through the whole rolling update of both
+    replicas: no call fails, and every old and every new replica process answered each kind
+    of caller."""
     replicas = [
         Replica(f"r{i}", (p[0], p[1], p[2]))
         for i, p in enumerate([free_ports(3) for _ in range(REPLICAS)])
@@ -270,12 +310,13 @@ async def test_rolling_update_behind_load_balancers_fails_no_call(
         )
         for replica, process in zip(replicas, started, strict=True):
             replica.process = process
-        http_port = stack.enter_context(_haproxy(replicas, tmp_path / "haproxy.cfg"))
+        http_port, grpc_port = stack.enter_context(_haproxy(replicas, tmp_path / "haproxy.cfg"))
         target = "ipv4:" + ",".join(f"127.0.0.1:{r.ports[0]}" for r in replicas)
         async with (
             grpc.aio.insecure_channel(
                 target, options=[("grpc.lb_policy_name", "round_robin")]
             ) as channel,
+            grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as balanced,
             httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}") as http,
         ):
             stub = Stub(channel)
@@ -284,6 +325,7 @@ async def test_rolling_update_behind_load_balancers_fails_no_call(
             )
             load = [
                 *(_grpc_caller(stub, stop, tally) for _ in range(CALLERS)),
+                *(_grpc_caller(Stub(balanced), stop, tally, by_name) for _ in range(CALLERS)),
                 *(_http_caller(http, by_name, stop, tally) for _ in range(CALLERS)),
                 _scrape(replicas, stop, tally),
             ]
@@ -298,19 +340,23 @@ async def test_rolling_update_behind_load_balancers_fails_no_call(
                 stop.set()
                 await running
     http_calls = sum(tally.http_calls.values())
+    balanced_calls = sum(tally.balanced_grpc_calls.values())
     per_process = {
-        label: f"{tally.http_calls[label]} HTTP, >= {tally.grpc_served(label):.0f} gRPC"
+        label: f"{tally.http_calls[label]} HTTP, {tally.balanced_grpc_calls[label]} gRPC via "
+        f"HAProxy, >= {tally.grpc_served(label):.0f} gRPC round_robin"
         for label in sorted(tally.served)
     }
     print(
-        f"\ncalls: {tally.grpc_calls + http_calls} ({tally.grpc_calls} gRPC, {http_calls} "
-        f"HTTP), failed: {len(tally.failed)}; answered by process: {per_process}"
+        f"\ncalls: {tally.grpc_calls + balanced_calls + http_calls} ({tally.grpc_calls} gRPC "
+        f"round_robin, {balanced_calls} gRPC via HAProxy, {http_calls} HTTP via HAProxy), "
+        f"failed: {len(tally.failed)}; answered by process: {per_process}"
     )
     assert not tally.failed, tally.failed[:20]
-    # Each old and new process answered on both transports (the waits checked it too).
+    # Each old and new process answered every kind of caller (the waits checked it too).
     processes = sorted(f"{r.name} {g}" for r in replicas for g in ("new", "old"))
     assert sorted(tally.served) == processes, tally.served
-    assert all(tally.http_calls[label] > 0 for label in processes), tally.http_calls
+    for counts in (tally.http_calls, tally.balanced_grpc_calls):
+        assert all(counts[label] > 0 for label in processes), counts
 
 
 async def _ready_through(http: httpx.AsyncClient) -> bool:
@@ -328,7 +374,7 @@ async def _ready_through(http: httpx.AsyncClient) -> bool:
 
 
 async def _answering(replica: Replica, tally: Tally) -> None:
-    """Wait until the replica's current process has answered calls over gRPC and HTTP.
+    """Wait until the replica's current process has answered each kind of caller.
 
     A new process on the old ports is found by the gRPC client only when its reconnection
     backoff runs out (a new pod behind a headless Service has a new address, found when the
@@ -337,6 +383,10 @@ async def _answering(replica: Replica, tally: Tally) -> None:
     label = replica.label
 
     def answering() -> bool:
-        return tally.http_calls[label] > 0 and tally.grpc_served(label) > 0
+        return (
+            tally.http_calls[label] > 0
+            and tally.balanced_grpc_calls[label] > 0
+            and tally.grpc_served(label) > 0
+        )
 
-    await wait_until_async(answering, REJOIN_S, f"{label} to answer gRPC and HTTP calls")
+    await wait_until_async(answering, REJOIN_S, f"{label} to answer every kind of caller")
