@@ -1,20 +1,21 @@
 """Each attack of the hardening work against a real gateway at its default settings: what the
 attacker got, and what it cost the gateway and its other callers.
 
-For every attack it records the answer, the gateway's peak RSS growth (VmHWM, restarted per
-attack through ``/proc/<pid>/clear_refs``), its CPU seconds, the slowest ``GET
-/v2/health/live`` a bystander polling back to back saw meanwhile (the event loop's longest
-stall plus one round trip) and whether the bystander's own inferences (a digit every 0.25 s)
-still succeeded. The data-plane attacks run against ``cnnserve serve --backend onnxruntime``;
-the health checks against ``--backend torchserve`` in front of the stand-in TorchServe
+Each attack gets a gateway process of its own, warmed up with one digit and one small scene.
+For every attack it records the answer, the gateway's peak RSS growth (VmHWM, restarted when
+the attack begins), its CPU seconds, the slowest ``GET /v2/health/live`` a bystander polling
+every 10 ms saw meanwhile (the event loop's longest stall plus one round trip), and whether
+the bystander's own inferences (a digit every 0.25 s) still succeeded within a second. The
+data-plane attacks run against ``cnnserve serve --backend onnxruntime``; the health checks
+against ``--backend torchserve`` in front of the stand-in TorchServe
 (tests/gateway/null_torchserve.py), whose calls are counted so that readiness probes show;
 the unauthenticated call and the keyed slow body against an onnxruntime gateway with an API
-key. A gateway an attack killed is started again for the next one. Output: a Markdown table
-and a JSON file under ``build/attack-table/`` named by ``--label``, and, once both a
-``before`` and an ``after`` run are there, ``table.md`` with both.
+key. Output: a Markdown table and a JSON file under ``build/attack-table/`` named by
+``--label``, and, once both a ``before`` and an ``after`` run are there, ``table.md`` with
+both.
 
-Run it in a memory cgroup (a gateway of older commits dies of some attacks; a death with the
-cgroup's OOM counter grown is reported as OOM-killed at its cap)::
+Run it in a memory cgroup (an older gateway may die of an attack; a death with the cgroup's
+OOM counter grown is reported as OOM-killed at its cap)::
 
     .venv/bin/python tools/attack_table.py --label after
     git worktree add /tmp/before a980b46     # the last commit before the hardening work
@@ -23,8 +24,10 @@ cgroup's OOM counter grown is reported as OOM-killed at its cap)::
     do cp -r /tmp/before/$d /tmp/beforepkg/cnnserve/; done
     PYTHONPATH=/tmp/beforepkg .venv/bin/python tools/attack_table.py --label before
 
-Older code gets only the settings it knows (limits it lacks are reported as absent), and the
-waits for a server to close a connection are capped (``--hold-cap-s``).
+Older code is given no setting the hardening added (each gateway gets its defaults, ports,
+repository and, where needed, a key or the stand-in's address); where it has no deadline of
+its own, the wait for it to close a slow connection ends at ``--hold-cap-s`` ("still open").
+Gateways are started by this checkout's launcher whatever package is on the path.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import itertools
 import json
 import re
@@ -43,7 +47,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -56,16 +60,34 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the tests' helpers and stand-in, the other probes
 
+
+def _this_checkouts_launcher() -> None:
+    """Start gateways with this checkout's launcher (bench/gateway_process.py) even when an
+    older tree's package is first on the path, since tests/support.py calls it with arguments
+    older launchers lack; the gateway itself still runs the package on the path."""
+    import cnnserve.bench
+
+    name = "cnnserve.bench.gateway_process"
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / "gateway_process.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    cnnserve.bench.gateway_process = module
+
+
+_this_checkouts_launcher()
+
 from cnnserve.bench.gateway_process import demo_repository  # noqa: E402
 from cnnserve.protocol import open_inference_pb2 as pb  # noqa: E402
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc  # noqa: E402
 from cnnserve.settings import Settings  # noqa: E402
 from tests.gateway.harness import metric, raw_bytes_elements  # noqa: E402
+from tests.gateway.memory_payloads import peak_rss, reset_peak  # noqa: E402
 from tests.gateway.null_torchserve import NullTorchServe, null_torchserve  # noqa: E402
 from tests.images import digit_png, shapes_png  # noqa: E402
 from tests.support import GatewayProcess, gateway_process  # noqa: E402
 from tools.loop_block import _uint_contents, _zero_length_bytes_raw  # noqa: E402
-from tools.memory_probe import _peak_rss  # noqa: E402
 
 MIB = 1 << 20
 OUT = ROOT / "build" / "attack-table"
@@ -131,25 +153,11 @@ def _cgroup_cap_gib() -> float | None:
     return None
 
 
-class Target:
-    """A gateway started on demand, and again after an attack killed it."""
+#: Starts a gateway (a context manager that stops it).
+Start = Callable[[], AbstractContextManager[GatewayProcess]]
 
-    def __init__(self, start: Callable[[], AbstractContextManager[GatewayProcess]]) -> None:
-        self._start = start
-        self._stack = ExitStack()
-        self._gateway: GatewayProcess | None = None
-
-    def gateway(self) -> GatewayProcess:
-        """The running gateway, started (again) if there is none."""
-        if self._gateway is None or self._gateway.process.poll() is not None:
-            self._stack.close()
-            self._stack = ExitStack()
-            self._gateway = self._stack.enter_context(self._start())
-        return self._gateway
-
-    def close(self) -> None:
-        """Stop the gateway."""
-        self._stack.close()
+#: A bystander inference slower than this counts as the attack reaching other callers.
+SLOW_S = 1.0
 
 
 def _digit_request() -> pb.ModelInferRequest:
@@ -169,6 +177,7 @@ class Bystander:
         self._stop = threading.Event()
         self._connected = threading.Event()
         self.slowest_s = 0.0
+        self.slowest_infer_s = 0.0
         self.peak = 0
         self.calls = 0
         self.failures: Counter[str] = Counter()
@@ -190,7 +199,7 @@ class Bystander:
         url = f"http://127.0.0.1:{self._gateway.http_port}/v2/health/live"
         with httpx.Client(timeout=30) as client:
             while not self._stop.is_set():
-                self.peak = max(self.peak, _peak_rss(self._gateway.process.pid))
+                self.peak = max(self.peak, peak_rss(self._gateway.process.pid))
                 asked = time.monotonic()
                 try:
                     status = str(client.get(url).status_code)
@@ -210,11 +219,13 @@ class Bystander:
             infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer  # type: ignore[no-untyped-call]
             metadata = (("authorization", f"Bearer {API_KEY}"),)
             while not self._stop.wait(0.25):
+                asked = time.monotonic()
                 try:
                     infer(request, timeout=30, metadata=metadata)
                     self._count("infer", True, "")
                 except grpc.RpcError as exc:
                     self._count("infer", False, exc.code().name)
+                self.slowest_infer_s = max(self.slowest_infer_s, time.monotonic() - asked)
 
     def _count(self, what: str, ok: bool, status: str) -> None:
         self.calls += 1
@@ -222,20 +233,42 @@ class Bystander:
             self.failures[f"{what} {status}"] += 1
 
     def verdict(self) -> str:
-        """'unaffected', or the bystander's failures."""
-        if not self.failures:
-            return f"unaffected ({self.calls} calls OK)"
-        failed = ", ".join(f"{n} × {what}" for what, n in self.failures.most_common())
-        return f"AFFECTED: {failed} of {self.calls} calls"
+        """'unaffected', or how the bystander's calls failed or were held up."""
+        slowest = f"slowest inference {self.slowest_infer_s * 1000:,.0f} ms"
+        if self.failures:
+            failed = ", ".join(f"{n} × {what}" for what, n in self.failures.most_common())
+            return f"AFFECTED: {failed} of {self.calls} calls; {slowest}"
+        if max(self.slowest_s, self.slowest_infer_s) > SLOW_S:
+            return f"DELAYED: {self.calls} calls OK; {slowest}"
+        return f"unaffected ({self.calls} calls OK; {slowest})"
 
 
-def measure(target: Target, attack: str, run: Callable[[GatewayProcess], str]) -> Row:
-    """Run one attack against ``target``'s gateway and record what it cost."""
-    gateway = target.gateway()
+def measure(start: Start, attack: str, run: Callable[[GatewayProcess], str]) -> Row:
+    """Run one attack against a gateway of its own (so that no attack's leftover heap hides
+    another's growth) and record what it cost."""
+    with start() as gateway:
+        return _measure(gateway, attack, run)
+
+
+def _warm_up(gateway: GatewayProcess) -> None:
+    """One digit and one small scene through both models, so that first-call costs (lazy
+    imports, the runners' first batches) are not charged to the attack."""
+    scene = pb.ModelInferRequest(model_name="fcn")
+    scene.inputs.add(name="image", datatype="BYTES", shape=[1])
+    scene.raw_input_contents.append(raw_bytes_elements([shapes_png(side=64)[0]]))
+    metadata = (("authorization", f"Bearer {API_KEY}"),)
+    with grpc.insecure_channel(gateway.grpc_target) as channel:
+        infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer  # type: ignore[no-untyped-call]
+        for request in (_digit_request(), scene):
+            infer(request, timeout=60, metadata=metadata)
+    httpx.get(f"http://127.0.0.1:{gateway.http_port}/v2/health/live", timeout=30)
+
+
+def _measure(gateway: GatewayProcess, attack: str, run: Callable[[GatewayProcess], str]) -> Row:
+    _warm_up(gateway)
     pid = gateway.process.pid
     process = psutil.Process(pid)
-    Path(f"/proc/{pid}/clear_refs").write_text("5")  # restart VmHWM at the current RSS
-    rss_before = process.memory_info().rss
+    rss_before = reset_peak(pid)
     cpu_before = sum(process.cpu_times()[:2])
     cpu_seen = cpu_before
     kills_before = _oom_kills()
@@ -251,7 +284,7 @@ def measure(target: Target, attack: str, run: Callable[[GatewayProcess], str]) -
             cpu_seen = sum(process.cpu_times()[:2])
     seconds = time.monotonic() - started
     alive = gateway.process.poll() is None
-    peak = _peak_rss(pid) if alive else bystander.peak
+    peak = peak_rss(pid) if alive else bystander.peak
     state = "alive"
     if not alive:
         code = gateway.process.returncode
@@ -628,11 +661,9 @@ def run(label: str, work: Path, hold_cap_s: float, only: Sequence[str] = ()) -> 
     header_cap = (_setting("http_header_timeout_s") or 30.0) + 10.0
     body_cap = (_setting("http_body_timeout_s") or 30.0) + 10.0
 
-    def serve(name: str, backend: str = "onnxruntime", **settings: Any) -> Target:
-        return Target(
-            lambda: gateway_process(
-                backend, work / f"{name}.log", model_repository=repository, **settings
-            )
+    def serve(name: str, backend: str = "onnxruntime", **settings: Any) -> Start:
+        return lambda: gateway_process(
+            backend, work / f"{name}.log", model_repository=repository, **settings
         )
 
     with _counted_predictions() as backend_calls, null_torchserve() as torchserve:
@@ -646,7 +677,7 @@ def run(label: str, work: Path, hold_cap_s: float, only: Sequence[str] = ()) -> 
             torchserve_registration=False,
             model_store_dir=work / "store",
         )
-        attacks: list[tuple[str, Target, Callable[[GatewayProcess], str]]] = [
+        attacks: list[tuple[str, Start, Callable[[GatewayProcess], str]]] = [
             (
                 "gRPC raw BYTES: 8 MiB of zero-length elements",
                 plain,
@@ -708,13 +739,9 @@ def run(label: str, work: Path, hold_cap_s: float, only: Sequence[str] = ()) -> 
                 _unauthenticated_16_mib,
             ),
         ]
-        try:
-            for name, target, attack in attacks:
-                if not only or any(part in name for part in only):
-                    rows.append(measure(target, name, attack))
-        finally:
-            for target in (plain, keyed, standin):
-                target.close()
+        for name, start, attack in attacks:
+            if not only or any(part in name for part in only):
+                rows.append(measure(start, name, attack))
     for row in rows:
         row.tree = label
     return rows
