@@ -11,6 +11,10 @@ worker — then:
   without being baked into an image. Without a key directory it goes to
   ``CNNSERVE_TORCHSERVE_KEY_FILE`` (one replica). With tokens off, a stale copy is removed;
   on SIGTERM the replica removes its published key;
+- renews TorchServe's keys before they expire (:func:`~cnnserve.torchserve_engine.process.
+  renew_keys`, checked every second; ``CNNSERVE_TORCHSERVE_TOKEN_RENEW_FRACTION``) and
+  publishes the new inference key at once: TorchServe refuses the old one from the moment it
+  draws the new one, and the gateway retries a refused call with the key it reads again;
 - copies TorchServe's log files (server, model workers with the handlers' errors, access) to
   its own stdout as they grow, from the start on, so ``docker logs`` and ``make logs`` show
   them; the files stay where TorchServe writes them;
@@ -18,7 +22,9 @@ worker — then:
   orchestrator restarts the container; on SIGTERM/SIGINT it stops TorchServe and exits 0.
 
 ``ready`` is the HEALTHCHECK and Kubernetes readiness probe: exit 0 only while every model has
-a READY worker (TorchServe's ``/ping`` says healthy before any worker has loaded its model).
+a READY worker (TorchServe's ``/ping`` says healthy before any worker has loaded its model)
+and TorchServe accepts the inference key this replica published (an expired key leaves the
+workers READY while every call is refused).
 """
 
 from __future__ import annotations
@@ -35,15 +41,30 @@ from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
+import httpx
 import psutil
 
+from cnnserve.errors import UnavailableError
 from cnnserve.settings import Settings
 from cnnserve.torchserve_engine import TorchServeError
 from cnnserve.torchserve_engine.keys import key_file_name, read_inference_key
-from cnnserve.torchserve_engine.process import RUN_DIR_NAME, start, status, stop
+from cnnserve.torchserve_engine.process import (
+    RUN_DIR_NAME,
+    ServerInfo,
+    renew_keys,
+    start,
+    status,
+    stop,
+)
 
-#: How often the foreground loop checks that the JVM still lives.
+#: How often the foreground loop checks that the JVM still lives and its keys are fresh.
 POLL_INTERVAL_S = 1.0
+#: The model ``ready`` asks TorchServe for to check the key: a hidden name, which no archive
+#: cnnserve registers has. TorchServe checks the key first (HTTP 400 when refused), then
+#: answers 404 for the unknown model, running nothing.
+KEY_CHECK_MODEL = ".cnnserve-key-check"
+#: How long that check may take.
+KEY_CHECK_TIMEOUT_S = 5.0
 
 
 class StopRequested(BaseException):
@@ -90,6 +111,67 @@ def publish_key(source: Path | None, target: Path | None) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+class KeyKeeper:
+    """Renews the keys of ``info``'s TorchServe before they expire and publishes its inference
+    key to ``target`` whenever it changed (renewed here or by anyone else)."""
+
+    def __init__(self, info: ServerInfo, fraction: float, target: Path | None) -> None:
+        self.info = info
+        self.fraction = fraction
+        self.target = target
+        #: The inference key last published (``None``: none yet, or published before this
+        #: object existed: published again at the first check, harmlessly).
+        self._published: str | None = None
+        self._failing = False
+
+    def check(self) -> None:
+        """Renew what is due, then publish the inference key if it is not the one published."""
+        if self.info.key_file is None:
+            return
+        try:
+            renewed = renew_keys(self.info, self.fraction)
+        except TorchServeError as exc:
+            if not self._failing:  # once per failing spell, not every second
+                print(f"warning: {exc} (trying again every second)", file=sys.stderr, flush=True)
+            self._failing = True
+        else:
+            if renewed:
+                print(f"renewed TorchServe's {' and '.join(renewed)} key", flush=True)
+            self._failing = False
+        try:
+            key = read_inference_key(self.info.key_file)
+            if key != self._published:
+                publish_key(self.info.key_file, self.target)
+                self._published = key
+        except UnavailableError:
+            pass  # TorchServe is rewriting its key file in place: next poll
+
+
+def key_refusal(settings: Settings, info: ServerInfo) -> str | None:
+    """Why TorchServe refuses the inference key this replica published (``None``: accepted,
+    or token authorization off): an inference-API call for :data:`KEY_CHECK_MODEL`."""
+    if info.key_file is None:
+        return None
+    published = published_key_path(settings) or info.key_file
+    try:
+        key = read_inference_key(published)
+        response = httpx.get(
+            f"{info.inference_url}/predictions/{KEY_CHECK_MODEL}",
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=KEY_CHECK_TIMEOUT_S,
+        )
+    except UnavailableError as exc:
+        return str(exc)
+    except httpx.HTTPError as exc:
+        return f"TorchServe's inference API did not answer: {exc or type(exc).__name__}"
+    if response.status_code == httpx.codes.NOT_FOUND:
+        return None
+    return (
+        f"TorchServe refuses the inference key published in {published}: "
+        f"HTTP {response.status_code} {' '.join(response.text.split())[:160]}"
+    )
 
 
 #: TorchServe's log files copied to stdout (metrics are scraped, not logged).
@@ -182,10 +264,12 @@ def _serve(settings: Settings, store: Path) -> int:
     try:
         info = start(settings, store)
         published = published_key_path(settings)
-        publish_key(info.key_file, published)
+        publish_key(info.key_file, published)  # tokens off: removes a stale copy
+        keys = KeyKeeper(info, settings.torchserve_token_renew_fraction, published)
         print(f"TorchServe ready (pid {info.pid}): {', '.join(info.models)}", flush=True)
         while jvm_alive(info.pid):
             reap_children()
+            keys.check()
             time.sleep(POLL_INTERVAL_S)
     except StopRequested as request:
         # A second signal must not interrupt the orderly stop.
@@ -207,10 +291,17 @@ def _serve(settings: Settings, store: Path) -> int:
 
 
 def ready(settings: Settings) -> int:
-    """0 when TorchServe runs and every model has a READY worker, else 1 (with the reason)."""
+    """0 when TorchServe runs, every model has a READY worker and TorchServe accepts the
+    published inference key, else 1 (with the reason)."""
     found = status(settings.model_store_dir)
     if not found.running:
         print("TorchServe is not running")
+        return 1
+    # The key first: expired keys (the management key too) leave the workers unreadable, and
+    # "no READY worker" would hide why.
+    refusal = key_refusal(settings, found.info) if found.info is not None else None
+    if refusal is not None:
+        print(refusal)
         return 1
     waiting = [model for model, states in found.workers.items() if "READY" not in states]
     if not found.workers or waiting:

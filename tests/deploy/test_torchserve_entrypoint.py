@@ -7,6 +7,7 @@ here it runs as a process on free ports against a real TorchServe, with the same
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import io
 import os
@@ -15,6 +16,7 @@ import stat
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 
@@ -22,13 +24,20 @@ import numpy as np
 import psutil
 import pytest
 
+from cnnserve.errors import UnavailableError
 from cnnserve.settings import Settings
 from cnnserve.torchserve_engine.archive import archive_repository
 from cnnserve.torchserve_engine.client import TorchServeClient
-from cnnserve.torchserve_engine.keys import key_file_name, read_inference_key
+from cnnserve.torchserve_engine.keys import KeyFile, key_expiry, key_file_name, read_inference_key
 from cnnserve.torchserve_engine.process import KEY_FILE, ServerInfo, run_dir_of, status
 from tests.conftest import torchserve_settings
 from tests.support import starts_torchserve, stop_process, wait_until
+from tests.torchserve_engine.renewal import (
+    LOAD_TIMEOUT_S,
+    RENEWALS,
+    SHORT_EXPIRATION_MIN,
+    keep_calling,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "deploy" / "torchserve_entrypoint.py"
@@ -160,17 +169,19 @@ def wait_ready(process: subprocess.Popen[str], env: dict[str, str]) -> None:
 @pytest.fixture
 @starts_torchserve
 def container(
-    model_repository: Path, tmp_path: Path
+    model_repository: Path, tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[tuple[subprocess.Popen[str], dict[str, str], Path, Path]]:
     """The entry point serving a fresh model store with the repository's archives, as the
     image builds it; (process, env, published key path, its stdout and stderr as a file —
-    a pipe nobody reads while TorchServe logs would fill and stall it)."""
+    a pipe nobody reads while TorchServe logs would fill and stall it). Parametrized
+    indirectly, its parameter holds more ``CNNSERVE_*`` variables."""
     store = tmp_path / "model_store"
     store.mkdir()
     settings = torchserve_settings(store)
     archive_repository(model_repository, store, settings, "torchscript")
     key_dir = tmp_path / "auth"
     env = container_env(settings, key_dir)
+    env.update(getattr(request, "param", {}))
     # Named after the address the gateway reaches this replica at, as in a container.
     name = key_file_name(entrypoint.own_address(), settings.torchserve_grpc_inference_port)
     published_key = key_dir / name
@@ -242,3 +253,85 @@ def test_exits_with_failure_when_torchserve_dies(
     assert process.returncode == 1, output
     assert f"TorchServe (pid {info.pid}) exited" in output
     assert ready(env).returncode == 1
+
+
+# --- keys that renew themselves -------------------------------------------------------------
+
+#: Keys valid for seconds (tests/torchserve_engine/renewal.py).
+SHORT_KEYS = {"CNNSERVE_TORCHSERVE_TOKEN_EXPIRATION_MIN": str(SHORT_EXPIRATION_MIN)}
+#: Keys nobody renews, valid long enough for the start and its HEALTHCHECK to pass first.
+UNRENEWED_KEYS = {
+    "CNNSERVE_TORCHSERVE_TOKEN_EXPIRATION_MIN": "0.5",
+    "CNNSERVE_TORCHSERVE_TOKEN_RENEW_FRACTION": "0",
+}
+
+
+def replica_client(env: dict[str, str], published_key: Path) -> TorchServeClient:
+    """A client of this replica's gRPC API sending the key it published, read as the gateway
+    reads it (again whenever the file changes or a call is refused)."""
+    target = f"127.0.0.1:{env['CNNSERVE_TORCHSERVE_GRPC_INFERENCE_PORT']}"
+    return TorchServeClient(target, KeyFile(published_key))
+
+
+@pytest.mark.torchserve
+@pytest.mark.parametrize("container", [SHORT_KEYS], indirect=True)
+async def test_keys_renew_and_each_new_key_is_published_while_serving(
+    container: tuple[subprocess.Popen[str], dict[str, str], Path, Path],
+) -> None:
+    """Keys of 9 s: the entry point renews them and publishes each new inference key; a
+    client reading the published file, under load from concurrent callers, has no call fail
+    through several renewals, and the HEALTHCHECK passes throughout."""
+    process, env, published_key, output_path = container
+    client = replica_client(env, published_key)
+    seen: list[str] = []
+    items = np.zeros((2, 3, 28, 28), np.float32)
+
+    async def watch() -> None:
+        while True:
+            key = read_inference_key(published_key)  # replaced atomically: always whole
+            if not seen or seen[-1] != key:
+                seen.append(key)
+            await asyncio.sleep(0.1)
+
+    watcher = asyncio.get_running_loop().create_task(watch())
+    try:
+        load = await keep_calling(
+            lambda: client.predict_batch("convnet", items, timeout_s=60, version="1"),
+            lambda: len(seen) > RENEWALS,
+            LOAD_TIMEOUT_S,
+        )
+        healthy = ready(env)
+    finally:
+        watcher.cancel()
+        await client.close()
+    output = output_path.read_text()
+    assert len(seen) > RENEWALS, f"{len(seen) - 1} renewals in {LOAD_TIMEOUT_S} s:\n{output}"
+    assert load.failures == [], f"{len(load.failures)} of {load.answered} calls failed"
+    assert load.answered > 0
+    assert healthy.returncode == 0, healthy.stdout
+    assert output.count("renewed TorchServe's inference") >= RENEWALS
+    assert process.poll() is None
+
+
+@pytest.mark.torchserve
+@pytest.mark.parametrize("container", [UNRENEWED_KEYS], indirect=True)
+async def test_an_expired_key_fails_the_healthcheck(
+    container: tuple[subprocess.Popen[str], dict[str, str], Path, Path],
+) -> None:
+    """Renewal off: once the key expires, TorchServe still runs but refuses every call, and
+    the HEALTHCHECK says so (exit 1), naming the key."""
+    _, env, published_key, _ = container
+    info = ServerInfo.load(run_dir_of(Path(env["CNNSERVE_MODEL_STORE_DIR"])))
+    assert info is not None and info.key_file is not None
+    expiry = key_expiry(info.key_file, "inference")
+    await asyncio.sleep((expiry - datetime.now(UTC)).total_seconds() + 0.5)
+    client = replica_client(env, published_key)
+    try:
+        with pytest.raises(UnavailableError, match="refused the inference key"):
+            await client.predict_batch("convnet", np.zeros((1, 3, 28, 28), np.float32))
+    finally:
+        await client.close()
+    unhealthy = ready(env)
+    assert unhealthy.returncode == 1
+    assert "TorchServe refuses the inference key published in" in unhealthy.stdout
+    assert status(info.model_store).running
