@@ -410,7 +410,10 @@ async def test_message_over_the_limit_is_resource_exhausted(model_repository: Pa
         assert len((await stub.ModelInfer(small)).outputs) == 2
 
 
-async def test_draining_is_unavailable_and_not_serving(model_repository: Path) -> None:
+async def test_draining_serves_accepted_calls_and_is_not_serving(model_repository: Path) -> None:
+    """The data plane drains (here without the gateway's GOAWAY): a unary call that reaches
+    the servicer was accepted before the GOAWAY, so it is served; a new request on a stream
+    is answered UNAVAILABLE in the stream; readiness and health say not serving."""
     async with (
         running_gateway(gateway_settings(model_repository)) as gateway,
         grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel,
@@ -419,8 +422,14 @@ async def test_draining_is_unavailable_and_not_serving(model_repository: Path) -
         check = health_pb2.HealthCheckRequest(service="")
         assert (await health.Check(check)).status == health_pb2.HealthCheckResponse.SERVING
         gateway.core.begin_drain()
-        error = await rpc_error(Stub(channel).ModelInfer(image_request([digit_png(0)[0]])))
-        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        request = image_request([digit_png(0)[0]])
+        assert (await Stub(channel).ModelInfer(request)).outputs
+
+        async def one_request() -> AsyncIterator[pb.ModelInferRequest]:
+            yield request
+
+        (refused,) = [r async for r in Stub(channel).ModelStreamInfer(one_request())]
+        assert "not accepting requests" in refused.error_message
         assert not (await Stub(channel).ServerReady(pb.ServerReadyRequest())).ready
         assert (await health.Check(check)).status == health_pb2.HealthCheckResponse.NOT_SERVING
         model = health_pb2.HealthCheckRequest(service="convnet")
