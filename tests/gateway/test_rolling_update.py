@@ -52,7 +52,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 Stub = pb_grpc.GRPCInferenceServiceStub
-#: Concurrent callers per transport, each in a loop for the whole test.
+#: Concurrent callers of each kind (gRPC round_robin, gRPC and HTTP through HAProxy), each
+#: calling in a loop for the whole test.
 CALLERS = 4
 #: Replicas behind each load balancer.
 REPLICAS = 2
@@ -280,6 +281,7 @@ async def _replace(
 def _start(
     replica: Replica, stack: ExitStack, tmp_path: Path, model_repository: Path
 ) -> GatewayProcess:
+    """The replica's next process on its ports, stopped with ``stack`` at the latest."""
     return stack.enter_context(
         gateway_process(
             "onnxruntime",
