@@ -15,7 +15,8 @@ A renewed key (:func:`~.process.renew_keys`) is refused by TorchServe from the m
 drawn, while the gateway may still hold the old one for a moment (the file is re-read when it
 changes; a replica publishes its new key a few milliseconds after drawing it). So a refused
 key is read again, for up to :data:`KEY_WAIT_S`, and the call made once more with the new one;
-a key that does not change is still refused, and the caller learns so.
+a key that does not change is still refused, and the caller learns so (at once the next
+time: the same key refused again is not waited for).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from cnnserve.models.spec import ModelSpec
 from cnnserve.protocol import torchserve_inference_pb2 as pb
 
 from .keys import FixedKey, KeyStore
-from .replicas import Replica, ReplicaPool, Resolver
+from .replicas import Address, Replica, ReplicaPool, Resolver
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +153,10 @@ class TorchServeClient:
             ("grpc.initial_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS // 10),
         ]
         self.replicas = ReplicaPool(target, options, resolve_interval_s, resolver)
+        #: The key each replica refused last even after waiting for a new one: a call that is
+        #: refused that key again does not wait again (a key that is simply wrong would
+        #: otherwise cost every call to that replica :data:`KEY_WAIT_S`).
+        self._refused: dict[Address, str | None] = {}
 
     async def predict_batch(
         self, model: str, batch: np.ndarray, timeout_s: float | None = None, version: str = ""
@@ -241,8 +246,10 @@ class TorchServeClient:
         except grpc.aio.AioRpcError as exc:
             if exc.code() not in KEY_REFUSED:
                 raise
-            renewed = await self._renewed_key(replica, key, deadline)
+            known = self._refused.get(replica.address) == key
+            renewed = await self._renewed_key(replica, key, deadline, 0.0 if known else KEY_WAIT_S)
             if renewed is None:
+                self._refused[replica.address] = key
                 raise
         return await self._predictions(replica, request, renewed, deadline)
 
@@ -263,12 +270,12 @@ class TorchServeClient:
         return response
 
     async def _renewed_key(
-        self, replica: Replica, refused: str | None, deadline: float | None
+        self, replica: Replica, refused: str | None, deadline: float | None, wait_s: float
     ) -> str | None:
-        """``replica``'s key once it differs from ``refused``, read again every
-        :data:`KEY_POLL_S` for up to :data:`KEY_WAIT_S` (and never past ``deadline``);
-        ``None`` if it stays the same."""
-        give_up = _now() + KEY_WAIT_S if deadline is None else min(_now() + KEY_WAIT_S, deadline)
+        """``replica``'s key once it differs from ``refused``, read again at once and then
+        every :data:`KEY_POLL_S` for up to ``wait_s`` (never past ``deadline``); ``None`` if
+        it stays the same."""
+        give_up = _now() + wait_s if deadline is None else min(_now() + wait_s, deadline)
         while True:
             try:
                 key = self._key(replica, fresh=True)
