@@ -11,10 +11,11 @@ worker — then:
   without being baked into an image. Without a key directory it goes to
   ``CNNSERVE_TORCHSERVE_KEY_FILE`` (one replica). With tokens off, a stale copy is removed;
   on SIGTERM the replica removes its published key;
-- renews TorchServe's keys before they expire (:func:`~cnnserve.torchserve_engine.process.
-  renew_keys`, checked every second; ``CNNSERVE_TORCHSERVE_TOKEN_RENEW_FRACTION``) and
-  publishes the new inference key at once: TorchServe refuses the old one from the moment it
-  draws the new one, and the gateway retries a refused call with the key it reads again;
+- renews TorchServe's keys before they expire (``renew_keys`` of
+  :mod:`cnnserve.torchserve_engine.process`, checked every second;
+  ``CNNSERVE_TORCHSERVE_TOKEN_RENEW_FRACTION``) and publishes the new inference key at once:
+  TorchServe refuses the old one from the moment it draws the new one, and the gateway
+  retries a refused call with the key it reads again;
 - copies TorchServe's log files (server, model workers with the handlers' errors, access) to
   its own stdout as they grow, from the start on, so ``docker logs`` and ``make logs`` show
   them; the files stay where TorchServe writes them;
