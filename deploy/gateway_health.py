@@ -9,9 +9,9 @@ It reads the gateway's own settings (the same ``CNNSERVE_*`` variables), so it f
   asks this container's own gateway whether it is ready, not who it is, and the certificate
   names the service's public name, not 127.0.0.1;
 - mutual TLS (``tls_client_ca_file`` too): no client certificate is at hand here, so the
-  handshake on the HTTP port would be refused. The check falls back to the metrics port,
-  which stays plaintext: ``GET /metrics`` answering 200 says the gateway's servers run, not
-  that every model is ready (docs/deployment.md, "TLS and the health checks").
+  handshake on the HTTP port would be refused. The check asks the metrics port instead, which
+  stays plaintext and answers the same ``/v2/health/ready`` (docs/deployment.md, "TLS and the
+  health checks").
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ TIMEOUT_S = 4.0
 def health_url(settings: Settings) -> tuple[str, ssl.SSLContext | None]:
     """The URL the check fetches for ``settings``, and the TLS context it needs (or None)."""
     if settings.tls_client_ca_file is not None:
-        return f"http://127.0.0.1:{settings.metrics_port}/metrics", None
+        return f"http://127.0.0.1:{settings.metrics_port}/v2/health/ready", None
     if settings.tls_enabled:
         context = ssl.create_default_context()
         context.check_hostname = False

@@ -185,7 +185,8 @@ def _header_length(request: Request) -> int | None:
     return length
 
 
-def _health(ok: bool, key: str, **extra: Any) -> JSONResponse:
+def health_response(ok: bool, key: str, **extra: Any) -> JSONResponse:
+    """A health answer as the Open Inference Protocol gives it: ``{key: ok}``, 200 or 503."""
     return JSONResponse({**extra, key: ok}, status_code=200 if ok else 503)
 
 
@@ -195,12 +196,12 @@ def _oip_router(core: DataPlane, settings: Settings) -> APIRouter:
     @router.get("/v2/health/live")
     async def server_live() -> JSONResponse:
         """200 while the server can answer requests."""
-        return _health(core.server_live(), "live")
+        return health_response(core.server_live(), "live")
 
     @router.get("/v2/health/ready")
     async def server_ready() -> JSONResponse:
         """200 when every model is loaded and its backend answers; 503 otherwise."""
-        return _health(await core.server_ready(), "ready")
+        return health_response(await core.server_ready(), "ready")
 
     @router.get("/v2")
     async def server_metadata() -> JSONResponse:
@@ -217,7 +218,7 @@ def _oip_router(core: DataPlane, settings: Settings) -> APIRouter:
     @router.get("/v2/models/{model}/versions/{version}/ready")
     async def model_ready(model: str, version: str = "") -> JSONResponse:
         """200 when the model is ready, 503 when not, 404 when it is not served."""
-        return _health(await core.model_ready(model, version), "ready", name=model)
+        return health_response(await core.model_ready(model, version), "ready", name=model)
 
     @router.post("/v2/models/{model}/infer")
     @router.post("/v2/models/{model}/versions/{version}/infer")

@@ -50,7 +50,7 @@ from . import processes, tls
 from .auth import ApiKeys, log_auth_mode
 from .dataplane import DataPlane, create_core
 from .grpc_service import create_grpc_server
-from .http_api import create_http_app
+from .http_api import create_http_app, health_response
 from .http_connections import guarded_h11_protocol
 from .metrics import GatewayMetrics
 
@@ -74,13 +74,31 @@ class _EmbeddedUvicorn(uvicorn.Server):
         yield
 
 
-def create_metrics_app(metrics: GatewayMetrics) -> Starlette:
-    """Prometheus text at ``/metrics`` (as Triton serves it on port 8002)."""
+def create_metrics_app(core: DataPlane) -> Starlette:
+    """Prometheus text at ``/metrics`` (as Triton serves it on port 8002), and the server's
+    liveness and readiness at ``/v2/health/live`` and ``/v2/health/ready`` as on the HTTP port.
+
+    The health routes are here too because this listener is always plaintext: under mutual
+    TLS a probe (a container health check, the kubelet) has no client certificate for the HTTP
+    port, and would otherwise learn only that the process runs, not that its models are ready.
+    """
 
     async def render(_: Request) -> Response:
-        return Response(metrics.render(), media_type=GatewayMetrics.CONTENT_TYPE)
+        return Response(core.metrics.render(), media_type=GatewayMetrics.CONTENT_TYPE)
 
-    return Starlette(routes=[Route("/metrics", render)])
+    async def live(_: Request) -> Response:
+        return health_response(core.server_live(), "live")
+
+    async def ready(_: Request) -> Response:
+        return health_response(await core.server_ready(), "ready")
+
+    return Starlette(
+        routes=[
+            Route("/metrics", render),
+            Route("/v2/health/live", live),
+            Route("/v2/health/ready", ready),
+        ]
+    )
 
 
 def _listen(host: str, port: int, reuse_port: bool = False) -> socket.socket:
@@ -166,7 +184,7 @@ class Gateway:
         await self.core.start()
         if self._serve_metrics:
             self._metrics = await _start_http(
-                create_metrics_app(self.core.metrics), s.host, s.metrics_port, s
+                create_metrics_app(self.core), s.host, s.metrics_port, s
             )
             self.metrics_port = self._metrics.port
         self._grpc = create_grpc_server(self.core, s)

@@ -900,7 +900,8 @@ def test_every_k8s_pod_is_hardened(
 def test_k8s_gateway_probes_follow_tls(manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
     """Plaintext: HTTP probes of the health routes. TLS on (CNNSERVE_TLS_CERT_FILE): scheme
     HTTPS. Mutual TLS (CNNSERVE_TLS_CLIENT_CA_FILE): the kubelet has no client certificate, so
-    the probes ask the plaintext metrics port, as the image's health check does."""
+    the probes ask the plaintext metrics port's health routes, as the image's health check
+    does."""
     (gateway,) = pod_containers(manifests[("Deployment", "gateway")])
     env = container_env(gateway)
     for name in ("readinessProbe", "livenessProbe"):
@@ -908,11 +909,11 @@ def test_k8s_gateway_probes_follow_tls(manifests: dict[tuple[str, str], dict[str
         port = container_port(gateway, probe["port"])
         scheme = probe.get("scheme", "HTTP")
         if "CNNSERVE_TLS_CLIENT_CA_FILE" in env:
-            assert (scheme, port, probe["path"]) == ("HTTP", DEFAULTS["metrics_port"], "/metrics")
+            assert (scheme, port) == ("HTTP", DEFAULTS["metrics_port"]), name
         else:
             assert scheme == ("HTTPS" if "CNNSERVE_TLS_CERT_FILE" in env else "HTTP"), name
             assert port == DEFAULTS["http_port"], name
-            assert probe["path"].startswith("/v2/health/"), name
+        assert probe["path"].startswith("/v2/health/"), name
 
 
 def _pre_stop_s(container: dict[str, Any]) -> float:

@@ -114,7 +114,8 @@ def test_mutual_tls_gateway_is_checked_on_the_metrics_port(
     model_repository: Path, tmp_path: Path, ca: CertificateAuthority
 ) -> None:
     """Mutual TLS: the check has no client certificate, so the HTTPS port refuses it in the
-    handshake; it asks the plaintext metrics port instead, and passes."""
+    handshake; it asks the plaintext metrics port's /v2/health/ready instead (the gateway's
+    real readiness, not only that it runs), and passes."""
     server = ca.issue("server", server=True)
     tls = {"tls_cert_file": server.cert, "tls_key_file": server.key}
     log = tmp_path / "gateway.log"

@@ -48,8 +48,12 @@ async def test_metrics_port_serves_prometheus_text(model_repository: Path) -> No
             )
             == 1
         )
-        async with httpx.AsyncClient() as client:
-            text = (await client.get(f"http://127.0.0.1:{gateway.metrics_port}/metrics")).text
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.metrics_port}") as client:
+            text = (await client.get("/metrics")).text
+            # Health as on the HTTP port, in plaintext (probes under mutual TLS ask here).
+            ready, live = await client.get("/v2/health/ready"), await client.get("/v2/health/live")
+        assert (ready.status_code, ready.json()) == (200, {"ready": True})
+        assert (live.status_code, live.json()) == (200, {"live": True})
         types = {family.name: family.type for family in text_string_to_metric_families(text)}
         for family in (
             "cnnserve_batch_size",

@@ -157,6 +157,12 @@ async def test_stop_answers_in_flight_and_refuses_new_calls_over_the_wire(
         await wait_for_metric(gateway.metrics_port, "cnnserve_queue_depth", 3, model="convnet")
         stopping = asyncio.ensure_future(gateway.stop(10.0))
         await _assert_draining(channel, http)
+        # The plaintext metrics listener answers the same readiness (probes under mutual TLS).
+        async with httpx.AsyncClient() as probe:
+            metrics_ready = await probe.get(
+                f"http://127.0.0.1:{gateway.metrics_port}/v2/health/ready"
+            )
+        assert (metrics_ready.status_code, metrics_ready.json()) == (503, {"ready": False})
         assert not in_flight.done() and not streamed.done()
         response = await in_flight
         assert list(response.outputs[0].shape) == [2, 1]
