@@ -103,7 +103,8 @@ class _Loaded:
     model: ModelVersion
     runner: Runner
     executor: ThreadPoolExecutor
-    memory: WorkingMemory
+    #: ``None`` on a GPU (the host-memory prices do not apply there).
+    memory: WorkingMemory | None
 
 
 def run_in_parts(
@@ -205,7 +206,10 @@ class InProcessBackend:
             # The runtimes' messages name the file and the fault; the first line is enough.
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UnavailableError(f"{path}: cannot be loaded: {detail}") from exc
-        memory = MODEL_WORKING_MEMORY[self._format, model.spec.architecture]
+        # The prices are host memory; on a GPU the activations live in device memory, which
+        # they do not describe, and splitting would only cost the GPU its batch size.
+        on_gpu = "cuda" in runner.device.lower()
+        memory = None if on_gpu else MODEL_WORKING_MEMORY[self._format, model.spec.architecture]
         self._loaded[id(model)] = _Loaded(model, runner, executor, memory)
         # ORT may fall back to CPU silently; the log says where the model really runs.
         logger.info("%s: %s on %s", version_text(model), self._platform, runner.device)
@@ -222,11 +226,14 @@ class InProcessBackend:
             await self.unload(loaded.model)
 
     async def infer_batch(self, model: ModelVersion, batch: np.ndarray) -> np.ndarray:
-        """Run ``batch`` on ``model``'s worker thread, in parts that keep the model's working
-        memory within ``max_batch_model_bytes`` (:func:`run_in_parts`)."""
+        """Run ``batch`` on ``model``'s worker thread — on the CPU in parts that keep the
+        model's working memory within ``max_batch_model_bytes`` (:func:`run_in_parts`)."""
         loaded = self._loaded.get(id(model))
         if loaded is None:
             raise UnavailableError(f"{version_text(model)} is not loaded")
+        loop = asyncio.get_running_loop()
+        if loaded.memory is None:
+            return await loop.run_in_executor(loaded.executor, loaded.runner.infer, batch)
         run = functools.partial(
             run_in_parts,
             loaded.runner.infer,
@@ -235,7 +242,7 @@ class InProcessBackend:
             self._options.max_batch_model_bytes,
             version_text(model),
         )
-        return await asyncio.get_running_loop().run_in_executor(loaded.executor, run)
+        return await loop.run_in_executor(loaded.executor, run)
 
     async def ready(self, model: ModelVersion) -> bool:
         """Loaded, and a one-image probe runs through it."""

@@ -186,7 +186,8 @@ class Settings(BaseSettings):
         description="Working memory a model run in this process (the onnxruntime and "
         "torchscript backends) may take for one batch, priced per pixel from what each "
         "network was measured to take on each runtime; a larger batch runs in parts, and an "
-        "item that alone is over it is refused (INVALID_ARGUMENT). Default 1 GiB: one "
+        "item that alone is over it is refused (INVALID_ARGUMENT). Host memory only: a model "
+        "on a GPU runs its batches whole. Default 1 GiB: one "
         "512×512 FCN image on ONNX Runtime, two on TorchScript; with max_in_flight_bytes, "
         "cnnserve serve --backend onnxruntime stays under 2 GiB. The torchserve backend "
         "ignores it (the model's memory is in TorchServe's pods).",
