@@ -150,6 +150,21 @@ def digit_pixels(indices: Sequence[int]) -> tuple[np.ndarray, list[int]]:
     return pixels, [label for _, label in pngs]
 
 
+def labels_request_json(pixels: np.ndarray) -> dict[str, Any]:
+    """An OIP JSON inference request for the ConvNet's ``labels`` of UINT8 ``pixels``."""
+    return {
+        "inputs": [
+            {
+                "name": "pixels",
+                "datatype": "UINT8",
+                "shape": list(pixels.shape),
+                "data": pixels.ravel().tolist(),
+            }
+        ],
+        "outputs": [{"name": "labels"}],
+    }
+
+
 def digit_input(indices: Sequence[int]) -> tuple[np.ndarray, list[int]]:
     """Held-out digits as the FP32 ``N×3×28×28`` network input, and their labels."""
     pixels, labels = digit_pixels(indices)

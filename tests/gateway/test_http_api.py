@@ -29,6 +29,7 @@ from tests.gateway.harness import (
     exploding_core,
     gateway_settings,
     holding_settings,
+    labels_request_json,
     raw_bytes_elements,
     running_gateway,
     wait_for_metric,
@@ -229,17 +230,7 @@ async def test_uneven_concurrent_requests(http: httpx.AsyncClient) -> None:
 
     async def call(start: int, size: int) -> list[str]:
         pixels, _ = digit_pixels(range(start, start + size))
-        body = {
-            "inputs": [
-                {
-                    "name": "pixels",
-                    "datatype": "UINT8",
-                    "shape": list(pixels.shape),
-                    "data": pixels.ravel().tolist(),
-                }
-            ],
-            "outputs": [{"name": "labels"}],
-        }
+        body = labels_request_json(pixels)
         reply = await http.post("/v2/models/convnet/infer", json=body)
         assert reply.status_code == 200, reply.text
         return list(reply.json()["outputs"][0]["data"])

@@ -4,7 +4,7 @@ Two real ``cnnserve serve`` processes (onnxruntime, default settings but their p
 continuous load from several concurrent callers on both transports:
 
 - gRPC through client-side ``round_robin`` over both addresses — how a gRPC client balances
-  over a Kubernetes headless Service — with the default service config (no retry policy);
+  over a Kubernetes headless Service — retrying CANCELLED only (:data:`RETRY_CANCELLED`);
 - HTTP through HAProxy (Debian's 2.6): health checks on ``/v2/health/ready``, a request
   that meets a refused connection, a closed connection or a 503 sent to the other replica;
 - gRPC through the same HAProxy too (HTTP/2 to the replicas, checked on their HTTP port).
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -36,7 +37,7 @@ import pytest
 from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
 from cnnserve.protocol.grpc_codec import response_from_proto
-from tests.gateway.harness import digit_pixels, metric
+from tests.gateway.harness import digit_pixels, labels_request_json, metric
 from tests.support import (
     GatewayProcess,
     free_ports,
@@ -109,6 +110,34 @@ backend grpc_replicas
     http-response set-header x-served-by %s
 {grpc_servers}
 """
+
+
+#: The gRPC callers' service config: retry a call the server CANCELLED, and nothing else. A
+#: call that reaches a replica in the instant its drain begins — received by grpc core but not
+#: yet handed to the gateway, or sent before the client read the GOAWAY — is cancelled by grpc
+#: core, which has no grace for new streams; the server saw the stream, so the client's
+#: transparent retry does not cover it (docs/reliability.md, "A drain moves clients on").
+#: UNAVAILABLE is not retried: a draining gateway that still took new calls answers that,
+#: and this test must see it.
+RETRY_CANCELLED = (
+    "grpc.service_config",
+    json.dumps(
+        {
+            "methodConfig": [
+                {
+                    "name": [{"service": "inference.GRPCInferenceService"}],
+                    "retryPolicy": {
+                        "maxAttempts": 3,
+                        "initialBackoff": "0.05s",
+                        "maxBackoff": "0.5s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["CANCELLED"],
+                    },
+                }
+            ]
+        }
+    ),
+)
 
 
 @dataclass
@@ -186,17 +215,7 @@ async def _http_caller(
     http: httpx.AsyncClient, replicas: dict[str, Replica], stop: asyncio.Event, tally: Tally
 ) -> None:
     pixels, labels = digit_pixels(range(1))
-    body = {
-        "inputs": [
-            {
-                "name": "pixels",
-                "datatype": "UINT8",
-                "shape": list(pixels.shape),
-                "data": pixels.ravel().tolist(),
-            }
-        ],
-        "outputs": [{"name": "labels"}],
-    }
+    body = labels_request_json(pixels)
     while not stop.is_set():
         try:
             reply = await http.post("/v2/models/convnet/infer", json=body, timeout=30)
@@ -316,9 +335,11 @@ async def test_rolling_update_behind_load_balancers_fails_no_call(
         target = "ipv4:" + ",".join(f"127.0.0.1:{r.ports[0]}" for r in replicas)
         async with (
             grpc.aio.insecure_channel(
-                target, options=[("grpc.lb_policy_name", "round_robin")]
+                target, options=[("grpc.lb_policy_name", "round_robin"), RETRY_CANCELLED]
             ) as channel,
-            grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as balanced,
+            grpc.aio.insecure_channel(
+                f"127.0.0.1:{grpc_port}", options=[RETRY_CANCELLED]
+            ) as balanced,
             httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}") as http,
         ):
             stub = Stub(channel)

@@ -33,6 +33,7 @@ from tests.gateway.harness import (
     StubBackend,
     digit_pixels,
     holding_settings,
+    labels_request_json,
     metric,
     running_gateway,
     wait_for_metric,
@@ -285,17 +286,7 @@ async def _grpc_caller(stub: pb_grpc.GRPCInferenceServiceStub, count: int, out: 
 async def _http_caller(http: httpx.AsyncClient, count: int, out: CallerLog) -> None:
     """Call until refused (503 or a closed listener)."""
     pixels, labels = digit_pixels(range(count))
-    body = {
-        "inputs": [
-            {
-                "name": "pixels",
-                "datatype": "UINT8",
-                "shape": list(pixels.shape),
-                "data": pixels.ravel().tolist(),
-            }
-        ],
-        "outputs": [{"name": "labels"}],
-    }
+    body = labels_request_json(pixels)
     for _ in range(200):
         try:
             reply = await http.post("/v2/models/convnet/infer", json=body, timeout=60)
