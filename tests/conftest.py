@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +98,20 @@ def torchserve_settings(model_store: Path) -> Settings:
     return loopback_settings(model_store, free_ports(6), torchserve_grpc_target=None)
 
 
+@contextmanager
+def running_torchserve(
+    model_repository: Path, model_store: Path, settings: Settings
+) -> Iterator[ServerInfo]:
+    """A real TorchServe serving ``model_repository``'s TorchScript archives from
+    ``model_store``, started with ``settings`` and stopped (checked gone) on exit."""
+    archive_repository(model_repository, model_store, settings, "torchscript")
+    server = start(settings, model_store)
+    try:
+        yield server
+    finally:
+        stop(model_store)
+
+
 def served_requests(server: ServerInfo, model: str = "convnet") -> float:
     """How many ``model`` inference requests ``server`` has answered (the sum of TorchServe's
     ``ts_inference_requests_total`` samples for it, from its metrics API)."""
@@ -175,9 +190,5 @@ def torchserve(
     """
     model_store = tmp_path_factory.mktemp("model_store")
     settings = torchserve_settings(model_store)
-    archive_repository(model_repository, model_store, settings, "torchscript")
-    server = start(settings, model_store)
-    try:
+    with running_torchserve(model_repository, model_store, settings) as server:
         yield RunningTorchServe(settings, server, model_store, artifacts_dir, model_repository)
-    finally:
-        stop(model_store)

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cnnserve.torchserve_engine.archive import archive_repository
-from cnnserve.torchserve_engine.process import ServerInfo, start, stop
-from tests.conftest import torchserve_settings
+from cnnserve.torchserve_engine.process import ServerInfo
+from tests.conftest import running_torchserve, torchserve_settings
 from tests.support import starts_torchserve
 
 from .renewal import SHORT_EXPIRATION_MIN
@@ -27,9 +26,5 @@ def short_lived_keys(
     settings = torchserve_settings(store).model_copy(
         update={"torchserve_token_expiration_min": SHORT_EXPIRATION_MIN}
     )
-    archive_repository(model_repository, store, settings, "torchscript")
-    server = start(settings, store)
-    try:
+    with running_torchserve(model_repository, store, settings) as server:
         yield server
-    finally:
-        stop(store)

@@ -17,14 +17,18 @@ import numpy as np
 import pytest
 
 from cnnserve.models.runtime import load_runner
-from cnnserve.settings import Settings
-from cnnserve.torchserve_engine.archive import archive_repository
 from cnnserve.torchserve_engine.client import TorchServeClient
 from cnnserve.torchserve_engine.keys import KeyDir
-from cnnserve.torchserve_engine.process import ServerInfo, start, stop
+from cnnserve.torchserve_engine.process import ServerInfo
 from cnnserve.torchserve_engine.replicas import Address, parse_target, resolve_dns
 
-from ..conftest import RunningTorchServe, publish_key, served_requests, torchserve_settings
+from ..conftest import (
+    RunningTorchServe,
+    publish_key,
+    running_torchserve,
+    served_requests,
+    torchserve_settings,
+)
 from ..support import starts_torchserve, wait_until_async
 
 WAIT_S = 30.0
@@ -76,13 +80,8 @@ def second(
 ) -> Iterator[ServerInfo]:
     """A second TorchServe with tokens on (its own key), on its own free ports."""
     store = tmp_path_factory.mktemp("second_replica")
-    settings: Settings = torchserve_settings(store)
-    archive_repository(model_repository, store, settings, "torchscript")
-    server = start(settings, store)
-    try:
+    with running_torchserve(model_repository, store, torchserve_settings(store)) as server:
         yield server
-    finally:
-        stop(store)
 
 
 @pytest.fixture(scope="module")
