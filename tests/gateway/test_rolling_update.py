@@ -80,6 +80,14 @@ defaults
     retries 3
     option redispatch 1
     retry-on conn-failure empty-response 503
+    # Both backends: round robin over replicas health-checked on their readiness.
+    balance roundrobin
+    option httpchk GET /v2/health/ready
+    http-check expect status 200
+    # Two failed checks in a row take a replica out: one slow answer on a busy machine
+    # must not (with the other replica draining, no server would be left).
+    timeout check 2s
+    default-server check inter 500ms fall 2 rise 1
 
 frontend gateways
     bind 127.0.0.1:{http_port}
@@ -89,24 +97,13 @@ frontend grpc_gateways
     bind 127.0.0.1:{grpc_port} proto h2
     default_backend grpc_replicas
 
+# Each backend says which replica answered, for the per-replica counts (an anonymous
+# defaults section cannot hold http-response rules).
 backend replicas
-    balance roundrobin
-    option httpchk GET /v2/health/ready
-    http-check expect status 200
-    # Two failed checks in a row take a replica out: one slow answer on a busy machine
-    # must not (with the other replica draining, no server would be left).
-    timeout check 2s
-    default-server check inter 500ms fall 2 rise 1
-    # Which replica answered, for the per-replica counts.
     http-response set-header x-served-by %s
 {http_servers}
 
 backend grpc_replicas
-    balance roundrobin
-    option httpchk GET /v2/health/ready
-    http-check expect status 200
-    timeout check 2s
-    default-server check inter 500ms fall 2 rise 1
     http-response set-header x-served-by %s
 {grpc_servers}
 """
