@@ -17,8 +17,10 @@ parallel) never share files.
 Its keys expire (``torchserve_token_expiration_min``) and nothing in TorchServe renews them:
 :func:`renew_keys` does, through TorchServe's token API, once less than
 ``torchserve_token_renew_fraction`` of a key's lifetime is left. Whoever holds the server
-calls it every second: the container's entry point, or a gateway for the servers of its
-model stores (``cnnserve torchserve start`` returns at once, so nothing else would).
+calls it every second: the container's entry point, a gateway for the servers of its
+model stores, or the detached renewer ``cnnserve torchserve start`` leaves behind
+(:mod:`.renewer`; its pid in the run directory, so :func:`stop` ends it and :func:`status`
+reports it).
 """
 
 from __future__ import annotations
@@ -57,6 +59,11 @@ LAUNCHER_OUTPUT = "torchserve.out"
 #: it at once, so two renewers racing (several gateway processes, a gateway and an entry
 #: point) would each cut off the key the other just drew.
 RENEWAL_LOCK = "key_renewal.lock"
+#: The detached renewer ``cnnserve torchserve start`` leaves behind (:mod:`.renewer`): its
+#: module, its pid file in the run directory and its log file in ``logs/``.
+RENEWER_MODULE = "cnnserve.torchserve_engine.renewer"
+RENEWER_PID_FILE = "renewer.pid"
+RENEWER_LOG = "renewer.log"
 #: How long TorchServe's token API may take to draw a key.
 RENEW_TIMEOUT_S = 10.0
 #: The Debian package to install when Java is missing.
@@ -121,6 +128,8 @@ class ServerStatus:
     running: bool
     info: ServerInfo | None
     workers: dict[str, list[str]]
+    #: The pid of the detached key renewer (:mod:`.renewer`); ``None`` when none runs.
+    renewer_pid: int | None = None
 
 
 def _jsonable(value: Any) -> Any:
@@ -421,11 +430,36 @@ def _renewal_lock(run_dir: Path) -> Iterator[None]:
 
 def stop(model_store: Path) -> bool:
     """Stop the TorchServe serving ``model_store`` and its workers; ``False`` if none ran."""
-    info = ServerInfo.load(run_dir_of(model_store))
+    run_dir = run_dir_of(model_store)
+    # First, so it does not ask a server going down for keys; it exits by itself once the
+    # JVM is gone too, this only saves it the wait.
+    renewer = _renewer(run_dir)
+    if renewer is not None:
+        renewer.terminate()
+        with contextlib.suppress(psutil.TimeoutExpired):
+            renewer.wait(STOP_TIMEOUT_S)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            renewer.kill()
+    (run_dir / RENEWER_PID_FILE).unlink(missing_ok=True)
+    info = ServerInfo.load(run_dir)
     if info is None:
         return False
     _terminate(info)
     return True
+
+
+def _renewer(run_dir: Path) -> psutil.Process | None:
+    """The key renewer recorded in ``run_dir``, or ``None`` if it is gone (or its pid reused)."""
+    try:
+        pid = int((run_dir / RENEWER_PID_FILE).read_text().strip())
+        process = psutil.Process(pid)
+        command = process.cmdline()
+        if process.status() == psutil.STATUS_ZOMBIE or RENEWER_MODULE not in command:
+            return None
+    except (OSError, ValueError, psutil.Error):
+        return None
+    # The same store: a recorded pid reused by the renewer of another server is not ours.
+    return process if str(run_dir.parent) in command else None
 
 
 def _terminate(info: ServerInfo) -> None:
@@ -455,15 +489,23 @@ def _clean(info: ServerInfo) -> None:
     shutil.rmtree(info.tmp_dir, ignore_errors=True)
     (info.run_dir / STATE_FILE).unlink(missing_ok=True)
     (info.run_dir / KEY_FILE).unlink(missing_ok=True)
+    (info.run_dir / RENEWER_PID_FILE).unlink(missing_ok=True)
 
 
 def status(model_store: Path, timeout_s: float = 5.0) -> ServerStatus:
     """Whether a server runs from ``model_store``, and its workers' states by model."""
-    info = ServerInfo.load(run_dir_of(model_store))
+    run_dir = run_dir_of(model_store)
+    info = ServerInfo.load(run_dir)
     if info is None or _jvm(info.pid) is None:
         return ServerStatus(running=False, info=info, workers={})
+    renewer = _renewer(run_dir)
     with httpx.Client(timeout=timeout_s) as http:
-        return ServerStatus(running=True, info=info, workers=_workers(http, info) or {})
+        return ServerStatus(
+            running=True,
+            info=info,
+            workers=_workers(http, info) or {},
+            renewer_pid=renewer.pid if renewer is not None else None,
+        )
 
 
 def is_running(info: ServerInfo) -> bool:

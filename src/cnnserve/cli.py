@@ -304,7 +304,10 @@ def torchserve_start(
         float | None, typer.Option(help="Seconds to wait for READY workers. Default: 180.")
     ] = None,
 ) -> None:
-    """Start TorchServe in the background; return once every model has a READY worker."""
+    """Start TorchServe in the background; return once every model has a READY worker.
+
+    With token authorization, a detached process renews its keys before they expire until
+    TorchServe stops (``torchserve_token_renew_fraction``; 0 turns it off)."""
     from cnnserve.settings import Settings
 
     overrides: dict[str, Any] = {
@@ -315,14 +318,20 @@ def torchserve_start(
     settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
     with user_errors(), needs_extra("torchserve", "cnnserve torchserve"):
         from cnnserve.torchserve_engine.process import start
+        from cnnserve.torchserve_engine.renewer import spawn
 
         info = start(settings, model_store)
+        # Nothing else renews the keys of a server used without a gateway (curl).
+        renewer = spawn(info, settings.torchserve_token_renew_fraction)
     registered = ", ".join(info.models) or "no model yet (a gateway registers what it loads)"
     typer.echo(f"TorchServe ready (pid {info.pid}): {registered}")
     typer.echo(f"  REST inference  {info.inference_url}/predictions/<model>")
     typer.echo(f"  gRPC inference  {info.grpc_target}")
     typer.echo(f"  metrics         {info.metrics_url}/metrics")
     typer.echo(f"  key file        {info.key_file or 'none (token authorization is off)'}")
+    if info.key_file is not None:
+        renewal = f"by pid {renewer}" if renewer is not None else "off (renew fraction 0)"
+        typer.echo(f"  key renewal     {renewal}")
     typer.echo(f"  logs            {info.run_dir / 'logs'}")
 
 
@@ -355,6 +364,12 @@ def torchserve_status(model_store: ModelStoreOption = None) -> None:
         typer.echo("TorchServe is not running")
         raise typer.Exit(1)
     typer.echo(f"TorchServe is running (pid {found.info.pid}) at {found.info.inference_url}")
+    if found.info.key_file is not None:
+        renewer = found.renewer_pid
+        # None: renewal off, the renewer killed, or a server started without this command
+        # (the container's entry point), whose holder renews its keys.
+        renewal = f"by pid {renewer}" if renewer is not None else "no renewer of its own"
+        typer.echo(f"  key renewal     {renewal}")
     for model, states in found.workers.items():
         typer.echo(f"  {model}: {', '.join(states) or 'no workers'}")
     not_ready = sorted(model for model, states in found.workers.items() if "READY" not in states)
