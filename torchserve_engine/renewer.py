@@ -37,7 +37,8 @@ from .process import (
 #: Seconds between two checks whether a key is due (and whether the JVM still lives).
 CHECK_INTERVAL_S = 1.0
 
-logger = logging.getLogger(__name__)
+# Named, not __name__: run with ``-m`` the module is ``__main__``.
+logger = logging.getLogger(RENEWER_MODULE)
 
 
 def spawn(info: ServerInfo, fraction: float) -> int | None:
@@ -114,6 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # One line per renewal in the log, not one more per token API request.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     renew_while_running(args.model_store, args.fraction)
 
 
