@@ -29,12 +29,14 @@ TorchServe is up.
 
 Keys also expire (``torchserve_token_expiration_min``). A TorchServe in a container renews its
 own (its entry point); one started on this machine by ``cnnserve torchserve start`` (``make
-serve``) has no process of its own after the start, so the gateway renews the keys of every
-TorchServe running from its model stores (``torchserve_model_stores``, else
-``model_store_dir``), checked every :data:`RENEW_INTERVAL_S`
-(:func:`~cnnserve.torchserve_engine.process.renew_keys`; several gateway processes take turns
-under its lock). A call refused because its key was just renewed is made again with the new
-key (:mod:`~cnnserve.torchserve_engine.client`).
+serve``) has the renewer that command leaves behind (:mod:`~cnnserve.torchserve_engine.renewer`).
+The gateway renews the keys of every TorchServe running from its model stores
+(``torchserve_model_stores``, else ``model_store_dir``) as well, checked every
+:data:`RENEW_INTERVAL_S` — a TorchServe started by ``process.start`` alone has no renewer, and
+one whose renewer died keeps its keys — and all of them take turns under
+:func:`~cnnserve.torchserve_engine.process.renew_keys`' lock, so each key is renewed once.
+A call refused because its key was just renewed is made again with the new key
+(:mod:`~cnnserve.torchserve_engine.client`).
 """
 
 from __future__ import annotations

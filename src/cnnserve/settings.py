@@ -399,8 +399,9 @@ class Settings(BaseSettings):
         description="Renew a TorchServe key once less than this fraction of its lifetime "
         "(torchserve_token_expiration_min) is left: 0.25 renews a one-week key with 42 h to "
         "spare, time for a renewer that was down (a restarting container or gateway) to catch "
-        "up. Renewal is checked every second by the TorchServe container's entry point and by "
-        "a gateway for the TorchServes of its model stores; the margin must stay above a few "
+        "up. Renewal is checked every second by the TorchServe container's entry point, by "
+        "the renewer `cnnserve torchserve start` leaves behind and by a gateway for the "
+        "TorchServes of its model stores; the margin must stay above a few "
         "seconds. 0 turns renewal off: keys are then refused once they expire.",
     )
     torchserve_initial_worker_port: int = Field(
