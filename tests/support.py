@@ -128,7 +128,10 @@ def gateway_process(
     assert not unknown, f"not settings: {unknown}"
     environ = {k: v for k, v in os.environ.items() if not k.startswith("CNNSERVE_")}
     variables = {f"CNNSERVE_{name.upper()}": _env_value(v) for name, v in settings.items()}
-    gateway = start_gateway(backend, variables, log_path, ready_timeout_s, environ, ports)
+    # ``ports`` only when given: tools/memory_probe.py's before-run puts an older package,
+    # whose launcher takes no ports, first on the path.
+    chosen = {} if ports is None else {"ports": ports}
+    gateway = start_gateway(backend, variables, log_path, ready_timeout_s, environ, **chosen)
     try:
         yield gateway
     finally:
