@@ -20,7 +20,10 @@ worker — then:
   its own stdout as they grow, from the start on, so ``docker logs`` and ``make logs`` show
   them; the files stay where TorchServe writes them;
 - stays in the foreground while the JVM lives. When the JVM dies it exits 1, so the
-  orchestrator restarts the container; on SIGTERM/SIGINT it stops TorchServe and exits 0.
+  orchestrator restarts the container; so it does when TorchServe has refused the published
+  key for ``CNNSERVE_TORCHSERVE_KEY_REFUSED_EXIT_S`` (90 s; renewal failed and the keys
+  expired: a restarted TorchServe draws fresh ones); on SIGTERM/SIGINT it stops TorchServe
+  and exits 0.
 
 ``ready`` is the HEALTHCHECK and Kubernetes readiness probe: exit 0 only while every model has
 a READY worker (TorchServe's ``/ping`` says healthy before any worker has loaded its model)
@@ -66,6 +69,8 @@ POLL_INTERVAL_S = 1.0
 KEY_CHECK_MODEL = ".cnnserve-key-check"
 #: How long that check may take.
 KEY_CHECK_TIMEOUT_S = 5.0
+#: How often ``serve`` makes that check itself (``torchserve_key_refused_exit_s``).
+KEY_WATCH_INTERVAL_S = 10.0
 
 
 class StopRequested(BaseException):
@@ -112,6 +117,34 @@ def publish_key(source: Path | None, target: Path | None) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+class KeyWatch:
+    """Whether TorchServe has refused this replica's published key for too long: checked every
+    :data:`KEY_WATCH_INTERVAL_S` (one cheap call, :func:`key_refusal`)."""
+
+    def __init__(self, settings: Settings, info: ServerInfo) -> None:
+        self.settings = settings
+        self.info = info
+        self._next_check = time.monotonic() + KEY_WATCH_INTERVAL_S
+        #: When the refusals began (``None``: the last check was accepted).
+        self._refused_since: float | None = None
+
+    def refused_too_long(self) -> str | None:
+        """The refusal, once it has lasted ``torchserve_key_refused_exit_s``; else ``None``."""
+        limit = self.settings.torchserve_key_refused_exit_s
+        now = time.monotonic()
+        if limit <= 0 or now < self._next_check:
+            return None
+        self._next_check = now + KEY_WATCH_INTERVAL_S
+        refusal = key_refusal(self.settings, self.info)
+        if refusal is None:
+            self._refused_since = None
+            return None
+        if self._refused_since is None:
+            self._refused_since = now
+            print(f"warning: {refusal}", file=sys.stderr, flush=True)
+        return refusal if now - self._refused_since >= limit else None
 
 
 class KeyKeeper:
@@ -267,10 +300,25 @@ def _serve(settings: Settings, store: Path) -> int:
         published = published_key_path(settings)
         publish_key(info.key_file, published)  # tokens off: removes a stale copy
         keys = KeyKeeper(info, settings.torchserve_token_renew_fraction, published)
+        watch = KeyWatch(settings, info)
         print(f"TorchServe ready (pid {info.pid}): {', '.join(info.models)}", flush=True)
         while jvm_alive(info.pid):
             reap_children()
             keys.check()
+            refusal = watch.refused_too_long()
+            if refusal is not None:
+                # Only a new TorchServe draws keys the token API could not renew: exit 1 and
+                # let the orchestrator restart the container.
+                print(
+                    f"error: {refusal} for {settings.torchserve_key_refused_exit_s:.0f} s: "
+                    "stopping TorchServe so that the container restarts with fresh keys",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                if settings.torchserve_key_dir is not None:
+                    publish_key(None, published)  # a refused key must not stay published
+                stop(store)
+                return 1
             time.sleep(POLL_INTERVAL_S)
     except StopRequested as request:
         # A second signal must not interrupt the orderly stop.

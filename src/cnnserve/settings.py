@@ -404,6 +404,15 @@ class Settings(BaseSettings):
         "TorchServes of its model stores; the margin must stay above a few "
         "seconds. 0 turns renewal off: keys are then refused once they expire.",
     )
+    torchserve_key_refused_exit_s: float = Field(
+        90.0,
+        ge=0,
+        description="Seconds the TorchServe container's entry point lets TorchServe refuse the "
+        "inference key it published (checked every 10 s) before it stops TorchServe and exits "
+        "1, so the orchestrator restarts the container and TorchServe draws fresh keys: a "
+        "replica whose keys expired (renewal broken) heals itself instead of refusing every "
+        "call until someone notices. 0: never exit for that (the health check still fails).",
+    )
     torchserve_initial_worker_port: int = Field(
         9000,
         ge=1024,

@@ -263,6 +263,8 @@ SHORT_KEYS = {"CNNSERVE_TORCHSERVE_TOKEN_EXPIRATION_MIN": str(SHORT_EXPIRATION_M
 UNRENEWED_KEYS = {
     "CNNSERVE_TORCHSERVE_TOKEN_EXPIRATION_MIN": "0.5",
     "CNNSERVE_TORCHSERVE_TOKEN_RENEW_FRACTION": "0",
+    # Refused for 5 s (seen at two checks 10 s apart): the entry point exits to be restarted.
+    "CNNSERVE_TORCHSERVE_KEY_REFUSED_EXIT_S": "5",
 }
 
 
@@ -319,8 +321,10 @@ async def test_an_expired_key_fails_the_healthcheck(
     container: tuple[subprocess.Popen[str], dict[str, str], Path, Path],
 ) -> None:
     """Renewal off: once the key expires, TorchServe still runs but refuses every call, and
-    the HEALTHCHECK says so (exit 1), naming the key."""
-    _, env, published_key, _ = container
+    the HEALTHCHECK says so (exit 1), naming the key; once refused for
+    ``torchserve_key_refused_exit_s`` the entry point stops TorchServe and exits 1, so the
+    orchestrator restarts the container with fresh keys."""
+    process, env, published_key, output_path = container
     info = ServerInfo.load(run_dir_of(Path(env["CNNSERVE_MODEL_STORE_DIR"])))
     assert info is not None and info.key_file is not None
     expiry = key_expiry(info.key_file, "inference")
@@ -335,3 +339,10 @@ async def test_an_expired_key_fails_the_healthcheck(
     assert unhealthy.returncode == 1
     assert "TorchServe refuses the inference key published in" in unhealthy.stdout
     assert status(info.model_store).running
+    # Refusals are seen at checks 10 s apart: the second one, at most ~20 s after expiry.
+    process.wait(timeout=60)
+    output = output_path.read_text()
+    assert process.returncode == 1, output
+    assert "stopping TorchServe so that the container restarts with fresh keys" in output
+    assert not status(info.model_store).running
+    assert not published_key.exists()
