@@ -823,7 +823,8 @@ def test_every_compose_container_is_hardened(
     composes: dict[str, dict[str, Any]], dockerfile: dict[str, Stage]
 ) -> None:
     """Every service drops every capability, cannot gain privileges and runs read-only; the
-    places TorchServe writes (its run directory, /tmp, the key directory) are tmpfs or volumes."""
+    places TorchServe writes (its run directory, /tmp, the key directory) are tmpfs or volumes;
+    every tmpfs (memory, counted against the container) has a size."""
     for variant, model in composes.items():
         for name, service in model["services"].items():
             assert service.get("cap_drop") == ["ALL"], f"{variant} {name}"
@@ -837,8 +838,12 @@ def test_every_compose_container_is_hardened(
         needed.add(PurePosixPath(torchserve["environment"]["CNNSERVE_TORCHSERVE_KEY_DIR"]))
         assert needed <= writable, f"{variant}: TorchServe cannot write {needed - writable}"
         assert PurePosixPath("/tmp") in {
-            PurePosixPath(entry) for entry in model["services"]["gateway"]["tmpfs"]
+            PurePosixPath(entry.split(":", 1)[0]) for entry in model["services"]["gateway"]["tmpfs"]
         }
+        for name, service in model["services"].items():
+            for entry in service.get("tmpfs", []):
+                options = entry.split(":", 1)[1].split(",") if ":" in entry else []
+                assert any(o.startswith("size=") for o in options), f"{variant} {name}: {entry}"
 
 
 def _mounts(pod: dict[str, Any], container: dict[str, Any]) -> dict[PurePosixPath, dict[str, Any]]:
