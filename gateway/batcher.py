@@ -310,8 +310,10 @@ class DynamicBatcher:
             return await request.future
         except asyncio.CancelledError:
             # The transport may end the call at the same deadline first (gRPC does): still
-            # a request that expired before it was computed.
-            if not request.started and time.monotonic() >= deadline:
+            # a request that expired before it was computed — unless the timer already failed
+            # it (and counted it) before this task woke: then the future holds that failure
+            # rather than the cancellation.
+            if request.future.cancelled() and not request.started and time.monotonic() >= deadline:
                 self._observer.request_expired()
             raise
         finally:

@@ -218,6 +218,32 @@ async def test_a_call_cancelled_at_its_deadline_counts_as_expired() -> None:
     assert expired == 1
 
 
+async def test_a_call_cancelled_just_after_its_timer_fired_counts_once() -> None:
+    """The other order: the batcher's timer fails the request and, before the caller's task
+    resumes, the transport cancels the call at the same deadline. One expired request, counted
+    once (it was counted twice: an operator saw more expirations than requests)."""
+    model = Doubler()
+    metrics = GatewayMetrics()
+    async with running(make(model, delay_ms=0, observer=metrics.observer("m", "1"))) as b:
+        model.hold()
+        busy = asyncio.create_task(b.submit(items(1)))
+        await model.entered.wait()
+        deadline = time.monotonic() + 0.05
+        late = asyncio.create_task(b.submit(items(7), deadline=deadline))
+        await asyncio.sleep(0)  # queued, its timer set for the deadline
+        # Due just after the timer: both run in the same pass of the loop, the timer first,
+        # so the cancellation lands before the task wakes to the timer's exception.
+        asyncio.get_running_loop().call_at(deadline + 0.001, late.cancel)
+        time.sleep(0.1)  # both come due while the loop is busy
+        with pytest.raises((asyncio.CancelledError, DeadlineExceededError)):
+            await late
+        model.release()
+        await busy
+    assert not model.saw(7)
+    expired = metrics.registry.get_sample_value("cnnserve_expired_before_compute_total", M1)
+    assert expired == 1
+
+
 async def test_full_queue_answers_overloaded_at_once() -> None:
     model = Doubler()
     metrics = GatewayMetrics()
