@@ -175,18 +175,29 @@ async def test_cancelled_callers_never_strand_the_others() -> None:
     assert not model.saw(3), "a cancelled, still-queued request reached the model"
 
 
-async def test_expired_request_never_reaches_the_model() -> None:
-    model = Doubler()
-    metrics = GatewayMetrics()
+@contextlib.asynccontextmanager
+async def behind_a_held_batch(
+    model: Doubler, metrics: GatewayMetrics
+) -> AsyncIterator[DynamicBatcher]:
+    """A running batcher (no delay, observed as model "m" v1) whose model holds one batch, so
+    requests submitted now stay queued; on the way out the batch is let go and answered."""
     async with running(make(model, delay_ms=0, observer=metrics.observer("m", "1"))) as b:
         model.hold()
         busy = asyncio.create_task(b.submit(items(1)))
         await model.entered.wait()
+        yield b
+        model.release()
+        await busy
+
+
+async def test_expired_request_never_reaches_the_model() -> None:
+    model = Doubler()
+    metrics = GatewayMetrics()
+    async with behind_a_held_batch(model, metrics) as b:
         late = asyncio.create_task(b.submit(items(7), deadline=time.monotonic() + 0.05))
         with pytest.raises(DeadlineExceededError, match="deadline exceeded"):
             await late
         model.release()
-        await busy
         with pytest.raises(DeadlineExceededError, match="before the request was queued"):
             await b.submit(items(8), deadline=time.monotonic() - 1)
         np.testing.assert_array_equal(await b.submit(items(9)), items(9) * 2)
@@ -201,18 +212,13 @@ async def test_a_call_cancelled_at_its_deadline_counts_as_expired() -> None:
     request is still dropped unseen and counted as expired, not merely cancelled."""
     model = Doubler()
     metrics = GatewayMetrics()
-    async with running(make(model, delay_ms=0, observer=metrics.observer("m", "1"))) as b:
-        model.hold()
-        busy = asyncio.create_task(b.submit(items(1)))
-        await model.entered.wait()
+    async with behind_a_held_batch(model, metrics) as b:
         late = asyncio.create_task(b.submit(items(7), deadline=time.monotonic() + 0.05))
         await asyncio.sleep(0)  # queued
         time.sleep(0.1)  # the deadline passes while the loop is busy ...
         late.cancel()  # ... and the transport's cancellation is handled before the timer
         with pytest.raises(asyncio.CancelledError):
             await late
-        model.release()
-        await busy
     assert not model.saw(7)
     expired = metrics.registry.get_sample_value("cnnserve_expired_before_compute_total", M1)
     assert expired == 1
@@ -224,10 +230,7 @@ async def test_a_call_cancelled_just_after_its_timer_fired_counts_once() -> None
     once (it was counted twice: an operator saw more expirations than requests)."""
     model = Doubler()
     metrics = GatewayMetrics()
-    async with running(make(model, delay_ms=0, observer=metrics.observer("m", "1"))) as b:
-        model.hold()
-        busy = asyncio.create_task(b.submit(items(1)))
-        await model.entered.wait()
+    async with behind_a_held_batch(model, metrics) as b:
         deadline = time.monotonic() + 0.05
         late = asyncio.create_task(b.submit(items(7), deadline=deadline))
         await asyncio.sleep(0)  # queued, its timer set for the deadline
@@ -237,8 +240,6 @@ async def test_a_call_cancelled_just_after_its_timer_fired_counts_once() -> None
         time.sleep(0.1)  # both come due while the loop is busy
         with pytest.raises((asyncio.CancelledError, DeadlineExceededError)):
             await late
-        model.release()
-        await busy
     assert not model.saw(7)
     expired = metrics.registry.get_sample_value("cnnserve_expired_before_compute_total", M1)
     assert expired == 1
