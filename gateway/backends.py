@@ -77,6 +77,13 @@ class Backend(Protocol):
         float32 only."""
         ...
 
+    def decodes_images(self, model: ModelVersion) -> bool:
+        """Whether :meth:`infer_batch` also takes a batch of encoded images — an object array
+        ``N`` of PNG/JPEG ``bytes``, every header already checked by the gateway — and decodes
+        it where it runs, answering :class:`~cnnserve.gateway.batcher.PartialResults` when
+        some images fail; otherwise the gateway decodes images before they are batched."""
+        ...
+
 
 def version_text(model: ModelVersion) -> str:
     """``convnet version 2``: how logs and messages name a version."""
@@ -253,6 +260,10 @@ class InProcessBackend:
     def describe(self) -> str:
         """The platform name, as Triton spells it."""
         return self._platform
+
+    def decodes_images(self, model: ModelVersion) -> bool:
+        """No: in-process runners take arrays (the gateway decodes images off its loop)."""
+        return False
 
     def takes_pixels(self, model: ModelVersion) -> bool:
         """True when ``model``'s runner normalizes uint8 pixels itself and that is wanted."""

@@ -29,7 +29,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
@@ -135,6 +135,17 @@ def _as_async(batch_fn: BatchFn) -> AsyncBatchFn:
         return await asyncio.to_thread(sync_fn, batch)
 
     return in_thread
+
+
+@dataclass(frozen=True)
+class PartialResults:
+    """A batch function's answer when some items failed on their own (an image that did not
+    decode where the batch ran): ``rows`` has a row for every item of the batch (a failed
+    item's row is a placeholder), ``failures`` each failed item's error by its index in the
+    batch. Only the requests those items belong to fail; the others get their rows."""
+
+    rows: np.ndarray
+    failures: Mapping[int, CnnserveError]
 
 
 class BatchResultError(Exception):

@@ -189,6 +189,10 @@ class TorchServeBackend:
         """The platform name reported in model metadata."""
         return PLATFORM
 
+    def decodes_images(self, model: ModelVersion) -> bool:
+        """Not yet: the handler's packed format carries float32 batches only."""
+        return False
+
     def takes_pixels(self, model: ModelVersion) -> bool:
         """No: the handler's packed format carries normalized float32 batches."""
         return False

@@ -155,11 +155,18 @@ class ModelSpec:
         return header
 
     def image_to_pixels(
-        self, data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+        self,
+        data: bytes,
+        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        check_header: Callable[[ImageHeader], None] | None = None,
     ) -> np.ndarray:
-        """Encoded PNG/JPEG bytes → ``3×H×W`` uint8 pixels ready for :func:`normalize`."""
+        """Encoded PNG/JPEG bytes → ``3×H×W`` uint8 pixels ready for :func:`normalize`.
+
+        ``check_header`` (default :meth:`check_image_header`) may refuse the header before any
+        pixel is decoded; one given must do that check too."""
         # Any size is shrunk towards a fixed-size network's input while it is decoded; the
         # size of the others is checked from the image's header, before any pixel is decoded.
         shrink_to_side = FIXED_SIZE_SHRINK_SIDE if self.fixed_size is not None else None
-        rgb = decode_rgb(data, max_pixels, self.check_image_header, shrink_to_side)
+        check = check_header or self.check_image_header
+        rgb = decode_rgb(data, max_pixels, check, shrink_to_side)
         return self.rgb_to_pixels(rgb)

@@ -86,6 +86,9 @@ class ExplodingBackend(StubBackend):
         """Platform name for metadata."""
         return "exploding"
 
+    def decodes_images(self, model: ModelVersion) -> bool:
+        return False
+
     def takes_pixels(self, model: ModelVersion) -> bool:
         """Float32 batches only."""
         return False

@@ -54,6 +54,9 @@ class OneWorkerBackend(StubBackend):
         """Platform name for metadata."""
         return "one-worker"
 
+    def decodes_images(self, model: ModelVersion) -> bool:
+        return False
+
     def takes_pixels(self, model: ModelVersion) -> bool:
         """Float32 batches only."""
         return False

@@ -82,6 +82,9 @@ class HeldBackend(StubBackend):
         """Platform name."""
         return "held"
 
+    def decodes_images(self, model: ModelVersion) -> bool:
+        return False
+
     def takes_pixels(self, model: ModelVersion) -> bool:
         """Pixels arrive as they were sent, so the marks survive."""
         return True
