@@ -103,6 +103,13 @@ class Settings(BaseSettings):
         "over more cores, and each process batches only its share of the traffic. The "
         "metrics port serves all of them, summed. Default 1: one process.",
     )
+    shared_batcher: bool = Field(
+        True,
+        description="With gateway_processes > 1: one batching process owns every model's "
+        "batcher and the backend (models loaded once) and the gateway processes are frontends "
+        "feeding it over local Unix sockets, so batches stay as full as one process would form "
+        "them. False: every process is a whole gateway with its own batchers and backend.",
+    )
     event_loop: Literal["uvloop", "asyncio"] = Field(
         "uvloop",
         description="The gateway's event loop: uvloop (libuv-based; the default) or asyncio's "
