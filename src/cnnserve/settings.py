@@ -170,6 +170,16 @@ class Settings(BaseSettings):
         "arrays, off the event loop; at most this many decodes hold their working memory at "
         "once.",
     )
+    decode_processes: int = Field(
+        2,
+        ge=0,
+        description="Processes that decode the images of a batch for the in-process backends "
+        "(onnxruntime, torchscript), beside the gateway's event loop rather than under its "
+        "interpreter lock: one round trip per batch. A model runs one batch at a time, so this "
+        "many models decode at once; 2 serves the default repository's two models and costs "
+        "~40 MiB each. 0: decode in the decode_threads pool, in this process. The torchserve "
+        "backend sends images encoded to TorchServe once its handler decodes them.",
+    )
     max_request_bytes: int = Field(
         256 * 1024 * 1024,
         ge=1024 * 1024,
