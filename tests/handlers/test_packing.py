@@ -1,9 +1,12 @@
-"""The packed-batch format: exact round trips, and every malformed batch named and refused."""
+"""The packed-batch formats (float32 and encoded images, and the answers with per-item
+failures): exact round trips, and every malformed batch named and refused."""
 
 from __future__ import annotations
 
 import io
 import json
+import struct
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -16,11 +19,19 @@ from cnnserve.errors import (
     PayloadTooLargeError,
 )
 from cnnserve.handlers.packing import (
+    IMAGES_MAGIC,
+    MAX_BATCH_IMAGES,
+    RESULTS_MAGIC,
     error_body,
+    is_image_batch,
     is_packed,
     pack,
+    pack_images,
+    pack_results,
     unpack,
+    unpack_images,
     unpack_response,
+    unpack_results,
 )
 from cnnserve.protocol.status import http_status
 
@@ -156,3 +167,158 @@ def test_an_error_that_is_not_ours_travels_as_internal_with_no_details() -> None
 def test_an_answer_that_is_neither_output_nor_error_is_internal() -> None:
     with pytest.raises(CnnserveError, match="neither a packed output nor an error"):
         unpack_response(b"Prediction failed")
+
+
+# --- image batches: encoded images in, outputs and per-item failures out ---
+
+IMAGES = [b"\x89PNG first", b"J", b"third image, longer than the others"]
+
+
+@pytest.mark.parametrize("declared", [None, (64, 45)])
+def test_image_batches_round_trip_exactly(declared: tuple[int, int] | None) -> None:
+    data = pack_images(IMAGES, declared)
+    assert is_image_batch(data) and not is_packed(data)
+    batch = unpack_images(data)
+    assert batch.images == IMAGES
+    assert batch.declared_size == declared
+
+
+def lying_images(
+    count: int, lengths: list[int], body: bytes, size: tuple[int, int] = (0, 0)
+) -> bytes:
+    """An image batch header claiming ``count`` images of ``lengths``, followed by ``body``."""
+    table = struct.pack(f"<{len(lengths)}I", *lengths)
+    return IMAGES_MAGIC + struct.pack("<III", count, *size) + table + body
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (lying_images(2, [5, 5], b"x" * 9), "add up to 10 bytes, but 9 follow them"),
+        (lying_images(2, [5, 5], b"x" * 11), "add up to 10 bytes, but 11 follow them"),
+        (lying_images(3, [4, 0, 4], b"x" * 8), "image 1 of the batch is empty"),
+        (lying_images(0, [], b""), "holds 1 to 4096 images, this one says 0"),
+        (lying_images(4097, [], b""), "this one says 4097"),
+        (lying_images(1000, [1] * 10, b"x" * 10), "cannot hold their length table"),
+        (lying_images(1, [1], b"x", (0, 45)), "declared size must be positive, got 0×45"),
+        (IMAGES_MAGIC + b"\0\0", "shorter than its header"),
+        (b"\x89PNG\r\n\x1a\n", "missing its magic bytes"),
+    ],
+)
+def test_malformed_image_batches_are_named(data: bytes, message: str) -> None:
+    with pytest.raises(InvalidInputError) as info:
+        unpack_images(data)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        # Every length at its largest: 4096 · 4 GiB claimed, a few bytes sent.
+        lying_images(MAX_BATCH_IMAGES, [2**32 - 1] * MAX_BATCH_IMAGES, b"x" * 64),
+        lying_images(2**32 - 1, [2**32 - 1] * 16, b"x" * 64),
+    ],
+)
+def test_lying_image_batches_are_refused_before_allocating(data: bytes) -> None:
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidInputError):
+            unpack_images(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # The length table itself (16 KiB at most) and small change; nothing sized by the lie.
+    assert peak < 4 * len(data) + 64 * 1024
+
+
+def test_image_batch_size_limit() -> None:
+    with pytest.raises(PayloadTooLargeError, match="the limit is 20 bytes"):
+        pack_images(IMAGES, max_bytes=20)
+    with pytest.raises(PayloadTooLargeError, match="the limit is 20 bytes"):
+        unpack_images(pack_images(IMAGES), max_bytes=20)
+    with pytest.raises(PayloadTooLargeError):
+        unpack_images(pack_images([b"x" * 50_000]), max_bytes=20)
+
+
+def test_pack_images_refuses_what_unpack_would() -> None:
+    with pytest.raises(InvalidInputError, match="image 1 of the batch is empty"):
+        pack_images([b"a", b"", b"c"])
+    with pytest.raises(InvalidInputError, match="this one says 0"):
+        pack_images([])
+
+
+def failures(*indices: int) -> dict[int, CnnserveError]:
+    return {index: InvalidInputError(f"could not decode image {index}") for index in indices}
+
+
+def test_results_without_failures_are_a_plain_packed_output() -> None:
+    outputs = batch(3, 10)
+    data = pack_results(outputs, {}, 3)
+    assert is_packed(data)
+    results = unpack_results(data, 3)
+    np.testing.assert_array_equal(results.outputs, outputs)
+    assert results.failures == {}
+
+
+def test_results_carry_the_outputs_of_every_item_and_each_failure() -> None:
+    outputs = batch(3, 4, 9, 11)
+    results = unpack_results(pack_results(outputs, failures(0, 2), 3), 3)
+    np.testing.assert_array_equal(results.outputs, outputs)
+    assert sorted(results.failures) == [0, 2]
+    assert all(type(error) is InvalidInputError for error in results.failures.values())
+    assert str(results.failures[2]) == "could not decode image 2"
+
+
+def test_results_of_a_batch_whose_every_item_failed_carry_no_outputs() -> None:
+    results = unpack_results(pack_results(None, failures(0, 1), 2), 2)
+    assert results.outputs is None
+    assert sorted(results.failures) == [0, 1]
+
+
+def test_an_error_body_answering_an_image_batch_raises_it() -> None:
+    with pytest.raises(PayloadTooLargeError, match="too big"):
+        unpack_results(error_body(PayloadTooLargeError("too big")), 2)
+
+
+def results_with(count: int, listed: object, outputs: bytes = b"") -> bytes:
+    text = json.dumps(listed).encode()
+    return RESULTS_MAGIC + struct.pack("<II", count, len(text)) + text + outputs
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (pack_results(batch(2, 10), failures(1), 2), "answered for 2 items of a 3-item batch"),
+        (pack(batch(2, 10), ndim=None), "answered 2 outputs for 3 items"),
+        (
+            results_with(3, [{"index": 0, "status": "invalid_argument", "message": "x"}]),
+            "no outputs, but only 1 of 3 items failed",
+        ),
+        (
+            results_with(3, [{"index": 3, "status": "invalid_argument", "message": "x"}]),
+            "names items outside 0…2",
+        ),
+        (
+            results_with(3, [{"index": 1, "status": "exploded", "message": "x"}]),
+            "failure list is malformed",
+        ),
+        (results_with(3, []), "empty or names an item twice"),
+        (
+            results_with(3, [{"index": 0, "status": "internal", "message": "x"}])[:-5],
+            "shorter than its failure list says",
+        ),
+        (
+            results_with(
+                3,
+                [{"index": 0, "status": "invalid_argument", "message": "x"}],
+                pack(batch(2, 10), ndim=None),
+            ),
+            "answered 2 outputs for 3 items",
+        ),
+    ],
+)
+def test_results_that_do_not_account_for_every_item_are_internal(data: bytes, message: str) -> None:
+    with pytest.raises(CnnserveError) as info:
+        unpack_results(data, 3)
+    assert type(info.value) is CnnserveError
+    assert message in str(info.value)
