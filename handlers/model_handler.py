@@ -6,7 +6,9 @@ direct image is answered with the friendly reply of :mod:`cnnserve.models.semant
 top-k for a classifier (``X-Top-K`` header, default 3), a palette mask PNG with
 ``X-Pixel-Counts`` (or counts as JSON with ``X-Format: json``) for a segmenter — exactly as the
 gateway's ``/predict/{model}`` answers it. A packed batch from the gateway is answered with the
-network's raw output (``N×C`` logits or ``N×C×H×W`` scores).
+network's raw output (``N×C`` logits or ``N×C×H×W`` scores); a packed batch of encoded images
+is decoded here, in the worker process, and answered with the raw output and each image that
+failed (:mod:`cnnserve.handlers.packing`).
 
 The archive copies this file and TorchServe imports it as a top-level module, so it imports
 cnnserve absolutely (the worker runs the Python that has cnnserve installed). A worker process

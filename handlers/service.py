@@ -1,10 +1,17 @@
 """The TorchServe handler core both models share: requests in, one inference, replies out.
 
 TorchServe hands ``handle`` a list of requests (its own batch) and wants a list of the same
-length back. Each request is one of two forms, told apart by its bytes:
+length back. Each request is one of three forms, told apart by its bytes:
 
 - a **packed batch** (``.npy``, see :mod:`cnnserve.handlers.packing`) of already-normalized
-  items, as the gateway sends: answered with the packed raw outputs for all its items;
+  items, as the gateway sends tensor and pixel inputs: answered with the packed raw outputs
+  for all its items;
+- a **packed image batch** (:func:`~cnnserve.handlers.packing.pack_images`), as the gateway
+  sends image inputs: each image decoded here, in the worker process, by
+  :func:`~cnnserve.models.image_batch.decode_image_batch` (its header checked again against
+  the size the gateway priced, and against this worker's ``max_image_pixels``), normalized and
+  run; answered with the outputs for all its items plus each image that failed, by index, so
+  that only the callers of those images fail;
 - a **direct image** (PNG/JPEG body, e.g. ``curl -T digit.png .../predictions/convnet``):
   decoded and prepared by the shared model-side steps, answered with the friendly reply of
   :mod:`cnnserve.models.semantics` (the gateway's ``/predict`` gives the same bytes). Its
@@ -34,7 +41,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from cnnserve.errors import CnnserveError, InvalidInputError
+from cnnserve.errors import CnnserveError, InvalidInputError, PayloadTooLargeError
+from cnnserve.models.image_batch import decode_image_batch
+from cnnserve.models.imaging import DEFAULT_MAX_IMAGE_PIXELS
 from cnnserve.models.repository import (
     CONFIG_FILE,
     EXPORT_FILE,
@@ -49,17 +58,23 @@ from cnnserve.models.semantics import (
     parse_options,
     render_reply,
 )
-from cnnserve.models.spec import ModelSpec
+from cnnserve.models.spec import ModelSpec, Task
 from cnnserve.models.steps import normalize
 from cnnserve.protocol.status import http_status
 
 from .packing import (
+    MAX_PACKED_BYTES,
     PACKED_CONTENT_TYPE,
     PACKED_INPUT_NAME,
+    RESULTS_CONTENT_TYPE,
+    ImageBatch,
     error_body,
+    is_image_batch,
     is_packed,
     pack,
+    pack_results,
     unpack,
+    unpack_images,
 )
 
 logger = logging.getLogger(__name__)
@@ -103,9 +118,12 @@ class _Job:
     """One TorchServe request, parsed: its items and how to answer it."""
 
     index: int
-    items: np.ndarray
+    #: Float32 ``N×3×H×W``; ``None`` when every image of an image batch failed.
+    items: np.ndarray | None
     #: The friendly reply's options of a direct image; None for a packed batch.
     options: ReplyOptions | None
+    #: An image batch's failed items by index (``None`` for the other forms).
+    failures: dict[int, CnnserveError] | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +135,8 @@ class LoadedModel:
     artifact: Path
     artifact_format: ArtifactFormat
     half: bool
+    #: Largest image (W×H) this worker decodes, checked from its header before decoding.
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
 
 class ModelHandler:
@@ -148,6 +168,9 @@ class ModelHandler:
                 jobs.append(self._parse(index, request, context))
             except CnnserveError as exc:
                 replies[index] = _fail(context, index, exc)
+        for job in jobs:
+            if job.items is None:  # every image failed: nothing to run
+                replies[job.index] = self._reply(job, None, context)
         for group in _by_item_shape(jobs):
             self._run(group, context, replies)
         if len(replies) != len(data) or any(reply is None for reply in replies):
@@ -160,32 +183,56 @@ class ModelHandler:
             items = unpack(payload, ndim=4)
             self.spec.check_item_shape(items.shape[1:])
             return _Job(index, items, options=None)
+        if is_image_batch(payload):
+            return self._decode(index, unpack_images(payload))
         # Options first: a bad one is refused before the image is decoded.
         options = parse_options(_options(request, context.get_all_request_header(index)))
         pixels = self.spec.image_to_pixels(payload)
         return _Job(index, normalize(pixels, self.spec.normalization)[np.newaxis], options)
 
+    def _decode(self, index: int, batch: ImageBatch) -> _Job:
+        """Decode and normalize an image batch, each image that fails kept to its index."""
+        assert self.model is not None
+        check_image_batch_cost(self.spec, batch)
+        decoded = decode_image_batch(
+            self.spec, batch.images, self.model.max_image_pixels, batch.declared_size
+        )
+        failures: dict[int, CnnserveError] = dict(decoded.failures)
+        if len(failures) == len(batch.images):
+            return _Job(index, None, options=None, failures=failures)
+        # Failed items run as zeros (placeholder rows): one forward pass of the batch's shape.
+        items = normalize(decoded.pixels, self.spec.normalization)
+        return _Job(index, items, options=None, failures=failures)
+
     def _run(self, jobs: list[_Job], context: HandlerContext, replies: list[Any]) -> None:
         assert self.model is not None
+        items = [job.items for job in jobs if job.items is not None]
         try:
-            outputs = self.model.runner.infer(np.concatenate([job.items for job in jobs]))
+            outputs = self.model.runner.infer(np.concatenate(items))
         except Exception:
             # One failed batch must not take the worker down; its callers get a 500.
             logger.exception("%s: inference failed", self.spec.name)
             for job in jobs:
                 replies[job.index] = _fail(context, job.index, RuntimeError("inference failed"))
             return
-        offsets = np.cumsum([len(job.items) for job in jobs])[:-1]
+        offsets = np.cumsum([len(batch) for batch in items])[:-1]
         for job, output in zip(jobs, np.split(outputs, offsets), strict=True):
             try:
                 replies[job.index] = self._reply(job, output, context)
             except CnnserveError as exc:
                 replies[job.index] = _fail(context, job.index, exc)
 
-    def _reply(self, job: _Job, output: np.ndarray, context: HandlerContext) -> bytes:
+    def _reply(self, job: _Job, output: np.ndarray | None, context: HandlerContext) -> bytes:
+        if job.failures:
+            context.set_response_content_type(job.index, RESULTS_CONTENT_TYPE)
+            # Without outputs every item failed, so the failures count the batch.
+            count = len(job.failures) if output is None else len(output)
+            return pack_results(output, job.failures, count)
         if job.options is None:
+            assert output is not None
             context.set_response_content_type(job.index, PACKED_CONTENT_TYPE)
             return pack(output, ndim=None)
+        assert output is not None
         reply = render_reply(self.spec, output, job.options)
         context.set_response_content_type(job.index, reply.content_type)
         for key, value in reply.headers.items():
@@ -200,6 +247,9 @@ def load_model(spec: ModelSpec, context: HandlerContext) -> LoadedModel:
     only applies on a GPU, so a CPU worker warns and runs fp32 instead of failing to load.
     ``handler: {threads: n}`` bounds the threads one batch uses on a CPU (0: the library's
     default); the worker process serves one model, so torch's process-wide count is its own.
+    ``handler: {max_image_pixels: n}`` is the largest image (W×H) an image batch may make it
+    decode (default :data:`~cnnserve.models.imaging.DEFAULT_MAX_IMAGE_PIXELS`, the gateway's
+    default too).
     """
     model_dir = Path(context.system_properties["model_dir"])
     artifact = model_dir / context.manifest["model"]["serializedFile"]
@@ -212,6 +262,7 @@ def load_model(spec: ModelSpec, context: HandlerContext) -> LoadedModel:
         logger.warning("%s: half precision needs a GPU; running fp32 on the CPU", spec.name)
         half = False
     threads = int(options.get("threads", 0))
+    max_image_pixels = int(options.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
     if threads > 0:
         torch.set_num_threads(threads)
     runner = load_runner(
@@ -225,7 +276,36 @@ def load_model(spec: ModelSpec, context: HandlerContext) -> LoadedModel:
         ", fp16" if half else "",
         runner.device,
     )
-    return LoadedModel(spec, runner, artifact, artifact_format, half)
+    return LoadedModel(spec, runner, artifact, artifact_format, half, max_image_pixels)
+
+
+def check_image_batch_cost(spec: ModelSpec, batch: ImageBatch) -> None:
+    """Refuse an image batch before any image is decoded when its network input or output
+    would be over :data:`~.packing.MAX_PACKED_BYTES` (the cap a float32 batch has on its
+    input), or when a size-variable model's batch declares no size, or one it cannot take.
+
+    A fixed-size model's items cost its input size whatever the images' own; a size-variable
+    model's items are the declared size, which every image's header is held to while it is
+    decoded.
+    """
+    if spec.fixed_size is not None:
+        height, width = spec.fixed_size
+    elif batch.declared_size is None:
+        raise InvalidInputError(
+            f"{spec.name} takes images of any size, so an image batch for it must declare "
+            "the size its images share"
+        )
+    else:
+        width, height = batch.declared_size
+        spec.check_size(height, width)
+    item_input = 3 * height * width
+    item_output = spec.num_classes * (height * width if spec.task is Task.SEGMENTATION else 1)
+    nbytes = len(batch.images) * max(item_input, item_output) * np.dtype(np.float32).itemsize
+    if nbytes > MAX_PACKED_BYTES:
+        raise PayloadTooLargeError(
+            f"{len(batch.images)} images of {width}×{height} need {nbytes} bytes of network "
+            f"input or output; the limit is {MAX_PACKED_BYTES} bytes"
+        )
 
 
 def archived_spec(context: HandlerContext) -> ModelSpec:
@@ -282,10 +362,12 @@ def _options(request: Mapping[str, Any], headers: Mapping[str, Any]) -> dict[str
 
 
 def _by_item_shape(jobs: Sequence[_Job]) -> list[list[_Job]]:
-    """Group requests whose items can share one forward pass (same ``3×H×W``)."""
+    """Group requests whose items can share one forward pass (same ``3×H×W``); requests
+    with nothing to run are left out."""
     groups: dict[tuple[int, ...], list[_Job]] = {}
     for job in jobs:
-        groups.setdefault(job.items.shape[1:], []).append(job)
+        if job.items is not None:
+            groups.setdefault(job.items.shape[1:], []).append(job)
     return list(groups.values())
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -12,7 +13,16 @@ import torch
 import yaml
 from ts.context import Context
 
-from cnnserve.handlers.packing import PACKED_CONTENT_TYPE, PACKED_INPUT_NAME, pack, unpack_response
+from cnnserve.errors import InvalidInputError
+from cnnserve.handlers.packing import (
+    PACKED_CONTENT_TYPE,
+    PACKED_INPUT_NAME,
+    RESULTS_CONTENT_TYPE,
+    pack,
+    pack_images,
+    unpack_response,
+    unpack_results,
+)
 from cnnserve.handlers.service import ModelHandler, artifact_format_of
 from cnnserve.models.pixels import Normalization
 from cnnserve.models.registry import get_spec
@@ -23,7 +33,7 @@ from cnnserve.settings import Settings
 from cnnserve.torchserve_engine.archive import archive_version
 from tests.models import tutorial_classes as tutorial
 
-from ..images import digit_png, shapes_png
+from ..images import digit_png, encode, shapes_png
 from .conftest import Unpacked
 from .harness import call, make_context, request, unpack
 
@@ -266,3 +276,123 @@ def test_an_archive_whose_config_contradicts_its_export_fails_to_load(
     )
     with pytest.raises(RepositoryError, match=r"the network has 4 classes but config\.yaml says 7"):
         ModelHandler().handle(None, make_context(model_dir))
+
+
+# --- packed image batches: decoded in the worker, each failed image kept to its index ---
+
+
+def float32_path(handler: ModelHandler, pngs: list[bytes]) -> np.ndarray:
+    """What the gateway's own decoding sends for ``pngs``: normalized float32 items."""
+    spec = handler.spec
+    return np.stack([normalize(spec.image_to_pixels(png), spec.normalization) for png in pngs])
+
+
+class CountingRunner:
+    """The loaded runner, counting the batches it runs."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+        self.device = runner.device
+        self.takes_pixels = runner.takes_pixels
+        self.batches: list[int] = []
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        self.batches.append(len(batch))
+        return self.runner.infer(batch)
+
+
+def counted(handler: ModelHandler) -> CountingRunner:
+    assert handler.model is not None
+    runner = CountingRunner(handler.model.runner)
+    handler.model = dataclasses.replace(handler.model, runner=runner)
+    return runner
+
+
+def test_uneven_image_batches_with_a_corrupt_image_fail_only_that_image(
+    unpacked: Unpacked,
+) -> None:
+    handler, context = convnet(unpacked)
+    runner = counted(handler)
+    digits = [digit_png(i, invert=i == 4)[0] for i in range(6)]
+    corrupt = digits[4][:80]  # a valid header, its pixel data cut short
+    batches = [[digits[0], digits[1]], [digits[2], digits[3], corrupt], [digits[5]]]
+    answers = call(
+        handler.handle, context, [request(pack_images(b), PACKED_INPUT_NAME) for b in batches]
+    )
+    assert [a.status for a in answers] == [200, 200, 200]
+    assert runner.batches == [6]  # the three requests ran as one forward pass
+    results = [unpack_results(a.body, len(b)) for a, b in zip(answers, batches, strict=True)]
+    assert [sorted(r.failures) for r in results] == [[], [2], []]
+    assert "could not decode image" in str(results[1].failures[2])
+    assert answers[1].content_type == RESULTS_CONTENT_TYPE
+    assert answers[0].content_type == PACKED_CONTENT_TYPE
+    reference_runner = reference(unpacked, "convnet")
+    for pngs, result in zip(batches, results, strict=True):
+        assert result.outputs is not None and result.outputs.shape == (len(pngs), 10)
+        good = [i for i in range(len(pngs)) if i not in result.failures]
+        expected = reference_runner.infer(float32_path(handler, [pngs[i] for i in good]))
+        assert np.abs(result.outputs[good] - expected).max() <= TOLERANCE
+
+
+def test_an_image_batch_whose_every_image_fails_runs_nothing(unpacked: Unpacked) -> None:
+    handler, context = convnet(unpacked)
+    runner = counted(handler)
+    png, _ = digit_png(1)
+    bad = [png[:60], b"GIF89a not accepted", png[:100]]
+    (answer,) = call(handler.handle, context, [request(pack_images(bad), PACKED_INPUT_NAME)])
+    assert answer.status == 200
+    results = unpack_results(answer.body, 3)
+    assert results.outputs is None
+    assert sorted(results.failures) == [0, 1, 2]
+    assert all(isinstance(e, InvalidInputError) for e in results.failures.values())
+    assert runner.batches == []
+
+
+def test_fcn_image_batches_are_held_to_their_declared_size(unpacked: Unpacked) -> None:
+    handler, context = loaded(unpacked("fcn", "torchscript"))
+    scenes = [shapes_png(seed, 40)[0] for seed in (1, 2, 3)]
+    other_size, _ = shapes_png(4, 48)
+    sent = [scenes[0], other_size, scenes[1], scenes[2]]
+    answers = call(
+        handler.handle,
+        context,
+        [
+            request(pack_images(sent, (40, 40)), PACKED_INPUT_NAME),
+            request(pack_images(scenes[:2]), PACKED_INPUT_NAME),  # no declared size
+            request(pack_images([scenes[0]], (5, 40)), PACKED_INPUT_NAME),  # too small for it
+        ],
+    )
+    assert [a.status for a in answers] == [200, 400, 400]
+    results = unpack_results(answers[0].body, 4)
+    assert sorted(results.failures) == [1]
+    assert "48×48, but its batch was formed for 40×40" in str(results.failures[1])
+    assert results.outputs is not None and results.outputs.shape == (4, 4, 40, 40)
+    expected = reference(unpacked, "fcn").infer(float32_path(handler, scenes))
+    assert np.abs(results.outputs[[0, 2, 3]] - expected).max() <= TOLERANCE
+    assert "must declare the size its images share" in answers[1].body.decode()
+    assert "fcn expects [N,3,H,W] with 7 ≤ H, W ≤ 512, got [N,3,40,5]" in answers[2].body.decode()
+
+
+def test_an_image_batch_too_big_to_run_is_refused_before_decoding(unpacked: Unpacked) -> None:
+    handler, context = loaded(unpacked("fcn", "torchscript"))
+    runner = counted(handler)
+    # 65 items of 512×512 would be 4 MiB of network output each; none is even an image.
+    batch = pack_images([b"x"] * 65, (512, 512))
+    (answer,) = call(handler.handle, context, [request(batch, PACKED_INPUT_NAME)])
+    assert answer.status == 413
+    assert "65 images of 512×512 need 272629760 bytes" in answer.body.decode()
+    assert runner.batches == []
+
+
+def test_the_archive_s_max_image_pixels_bounds_what_an_image_batch_decodes(
+    unpacked: Unpacked,
+) -> None:
+    handler, context = loaded(unpacked("convnet", "torchscript"), {"max_image_pixels": 64 * 64})
+    small, _ = digit_png(0)  # 64×64
+    large = encode(np.zeros((65, 64, 3), np.uint8))
+    (answer,) = call(
+        handler.handle, context, [request(pack_images([small, large]), PACKED_INPUT_NAME)]
+    )
+    results = unpack_results(answer.body, 2)
+    assert sorted(results.failures) == [1]
+    assert "4160" in str(results.failures[1]) and "4096" in str(results.failures[1])
