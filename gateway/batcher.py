@@ -1,12 +1,14 @@
 """Dynamic batching: many small requests become few backend-sized batches.
 
 One :class:`DynamicBatcher` serves one model. Requests wait in a bounded queue, grouped by
-dtype and item shape (an FCN batch never mixes H×W), and one background task forms batches
+dtype, item shape and the caller's ``key`` (an FCN batch never mixes H×W, even of images
+still encoded), and one background task forms batches
 of up to ``max_batch_size`` items and runs them one at a time. It keeps these rules
 (explained, with the settings behind them, in docs/architecture.md, "Dynamic batching";
 each is tested in tests/gateway/test_batcher.py):
 
-1. the batch function's result length is checked against the batch;
+1. the batch function's result length is checked against the batch; a batch function may
+   answer :class:`PartialResults`, and then only the requests owning failed items fail;
 2. only pending futures are resolved, and cancelled requests are dropped before a batch forms;
 3. deadlines are absolute ``time.monotonic()`` values; an expired request never reaches the model;
 4. the queue is bounded in items and a full queue answers at once;
@@ -47,8 +49,25 @@ from cnnserve.errors import (
 
 logger = logging.getLogger(__name__)
 
-AsyncBatchFn = Callable[[np.ndarray], Awaitable[np.ndarray]]
-SyncBatchFn = Callable[[np.ndarray], np.ndarray]
+
+@dataclass(frozen=True)
+class PartialResults:
+    """A batch function's answer when some items failed on their own (an image that did not
+    decode where the batch ran): ``rows`` has a row for every item of the batch (a failed
+    item's row is a placeholder), ``failures`` each failed item's error by its index in the
+    batch. Only the requests those items belong to fail; the others get their rows."""
+
+    rows: np.ndarray
+    failures: Mapping[int, CnnserveError]
+    #: How a caller's error names the failed item, with its index in the caller's request:
+    #: ``image 2: could not decode image: ...``.
+    item_noun: str = "item"
+
+
+#: What a batch function answers: N rows, or N rows with some items failed.
+BatchAnswer = np.ndarray | PartialResults
+AsyncBatchFn = Callable[[np.ndarray], Awaitable[BatchAnswer]]
+SyncBatchFn = Callable[[np.ndarray], BatchAnswer]
 #: ``N×…`` array in, array with the same N out; async, or sync (then run in a worker thread).
 BatchFn = AsyncBatchFn | SyncBatchFn
 
@@ -130,22 +149,11 @@ def _as_async(batch_fn: BatchFn) -> AsyncBatchFn:
         return cast(AsyncBatchFn, batch_fn)
     sync_fn = cast(SyncBatchFn, batch_fn)
 
-    async def in_thread(batch: np.ndarray) -> np.ndarray:
+    async def in_thread(batch: np.ndarray) -> BatchAnswer:
         # Model code must never block the event loop.
         return await asyncio.to_thread(sync_fn, batch)
 
     return in_thread
-
-
-@dataclass(frozen=True)
-class PartialResults:
-    """A batch function's answer when some items failed on their own (an image that did not
-    decode where the batch ran): ``rows`` has a row for every item of the batch (a failed
-    item's row is a placeholder), ``failures`` each failed item's error by its index in the
-    batch. Only the requests those items belong to fail; the others get their rows."""
-
-    rows: np.ndarray
-    failures: Mapping[int, CnnserveError]
 
 
 class BatchResultError(Exception):
@@ -160,6 +168,8 @@ class _Request:
     future: asyncio.Future[np.ndarray]
     deadline: float | None
     enqueued_at: float
+    #: Dtype, item shape and the submitter's key; only requests with equal keys share a batch.
+    key: ShapeKey
     #: Items handed to batches so far (or written off when the request ended early).
     taken: int = 0
     #: Whether any of its items went into a batch (so it was not merely expired).
@@ -171,11 +181,6 @@ class _Request:
     infer_s: float = 0.0
     #: Where the caller wants that time once every row is there.
     model_time: ModelTime | None = None
-
-    @property
-    def key(self) -> ShapeKey:
-        """Dtype and item shape; only requests with equal keys share a batch."""
-        return (self.items.dtype.str, *self.items.shape[1:])
 
     @property
     def pending(self) -> int:
@@ -281,10 +286,17 @@ class DynamicBatcher:
             )
 
     async def submit(
-        self, items: np.ndarray, deadline: float | None = None, model_time: ModelTime | None = None
+        self,
+        items: np.ndarray,
+        deadline: float | None = None,
+        model_time: ModelTime | None = None,
+        key: ShapeKey = (),
     ) -> np.ndarray:
         """Queue ``items`` (``N×…``) and return the batch function's N result rows for them;
         ``model_time``, when given, receives the batch-function time they took.
+
+        Items share a batch only with items of the same dtype, item shape and ``key`` — what
+        the items' shape cannot say, as the size of encoded images.
 
         Raises :class:`OverloadedError` at once when the queue has no room,
         :class:`DeadlineExceededError` when ``deadline`` (``time.monotonic()``) passes first,
@@ -301,7 +313,8 @@ class DynamicBatcher:
             self._observer.request_expired()
             raise DeadlineExceededError("deadline passed before the request was queued")
         self.check_room(count)
-        request = _Request(items, asyncio.get_running_loop().create_future(), deadline, now)
+        group: ShapeKey = (items.dtype.str, *items.shape[1:], *key)
+        request = _Request(items, asyncio.get_running_loop().create_future(), deadline, now, group)
         request.model_time = model_time
         # However the future ends (result, error, caller cancelled), its queue room frees up.
         request.future.add_done_callback(lambda _: self._answered(request))
@@ -446,7 +459,9 @@ class DynamicBatcher:
         inputs = parts[0] if len(parts) == 1 else np.concatenate(parts)
         joined = time.monotonic()
         try:
-            outputs = await self._fn(inputs)
+            answer = await self._fn(inputs)
+            partial = answer if isinstance(answer, PartialResults) else None
+            outputs = answer.rows if isinstance(answer, PartialResults) else answer
             if not isinstance(outputs, np.ndarray) or outputs.ndim == 0:
                 raise BatchResultError(
                     f"batch function returned {type(outputs).__name__}, not an array"
@@ -454,6 +469,11 @@ class DynamicBatcher:
             if len(outputs) != len(inputs):
                 raise BatchResultError(
                     f"batch function returned {len(outputs)} rows for {len(inputs)} items"
+                )
+            if partial is not None and not all(0 <= i < len(inputs) for i in partial.failures):
+                raise BatchResultError(
+                    f"batch function failed items {sorted(partial.failures)} of a batch of "
+                    f"{len(inputs)}"
                 )
         except asyncio.CancelledError:
             for s in batch:
@@ -467,7 +487,15 @@ class DynamicBatcher:
         for s in batch:
             rows = s.stop - s.start
             s.request.infer_s += ran - joined
-            self._deliver(s.request, outputs[offset : offset + rows])
+            failed = _first_failure(partial, offset, offset + rows)
+            if failed is None:
+                self._deliver(s.request, outputs[offset : offset + rows])
+            else:
+                assert partial is not None
+                index, error = failed
+                # The item's index in its caller's request, not in the batch.
+                where = f"{partial.item_noun} {s.start + index - offset}"
+                self._finish(s.request, type(error)(f"{where}: {error}"))
             offset += rows
         self._observer.batch_done(
             len(inputs), joined - started, ran - joined, time.monotonic() - ran
@@ -524,6 +552,16 @@ class DynamicBatcher:
         self._group_items[key] = self._group_items.get(key, 0) + delta
         self._queued += delta
         self._observer.queue_changed(delta)
+
+
+def _first_failure(
+    partial: PartialResults | None, start: int, stop: int
+) -> tuple[int, CnnserveError] | None:
+    """The first failed item among batch rows ``start:stop``, with its error."""
+    if partial is None:
+        return None
+    failed = [i for i in partial.failures if start <= i < stop]
+    return (min(failed), partial.failures[min(failed)]) if failed else None
 
 
 class _WindowedPeak:

@@ -2,9 +2,11 @@
 
 A request flows: the model manager picks the version (``model_version``, or ``""`` for the
 highest ready one) and the request holds it until answered → outputs checked → its one input
-validated and turned into a float32 batch (images decoded per item, off the event loop) →
-that version's :class:`DynamicBatcher` → the backend → the requested outputs computed for
-this request. Everything raised to a transport is a :mod:`cnnserve.errors` exception.
+validated and priced (images: from their headers alone) → a tensor turned into a float32
+batch, images kept encoded → that version's :class:`DynamicBatcher` → images decoded a batch
+at a time where that runs in parallel with this loop (:class:`.decode_pool.ImageDecoder`, or
+TorchServe) → the backend → the requested outputs computed for this request. Everything
+raised to a transport is a :mod:`cnnserve.errors` exception.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from cnnserve.protocol.domain import (
     InferResponse,
     ModelMetadata,
     ServerMetadata,
+    Tensor,
 )
 from cnnserve.protocol.errors import CodecError
 from cnnserve.protocol.json_text import shown
@@ -37,7 +40,7 @@ from cnnserve.settings import Settings
 
 from .backends import Backend, create_backend
 from .batcher import ModelTime
-from .decode_pool import DecodePool
+from .decode_pool import DecodePool, ImageDecoder
 from .inputs import declared_input, input_metadata, item_count, select_input, to_batch
 from .memory_budget import INPUT_BYTES_PER_ELEMENT, MemoryBudget, request_cost
 from .metrics import UNKNOWN_LABEL, GatewayMetrics
@@ -67,6 +70,10 @@ MAX_TIMEOUT_US = 2**64 - 1
 MAX_BYTES_ELEMENTS = 1 << 16
 #: Arrays larger than this are prepared / post-processed in a worker thread, not on the loop.
 OFFLOAD_BYTES = 1 << 20
+#: A request with at most this many images, of at most INLINE_IMAGE_BYTES together, has its
+#: headers read on the loop (a few µs each): a trip to the decode threads costs more.
+INLINE_IMAGES = 8
+INLINE_IMAGE_BYTES = 64 * 1024
 
 T = TypeVar("T")
 
@@ -90,10 +97,13 @@ class DataPlane:
         self.settings = settings
         self.backend = backend
         self.metrics = metrics or GatewayMetrics()
-        #: The served versions and their lifecycle; the repository API's entry point.
-        self.models = ModelManager(settings, backend, self.metrics)
-        #: Where caller-sized work (image and message decoding, big arrays) runs off the loop.
+        #: Where caller-sized work (headers of many images, message decoding, big arrays)
+        #: runs off the loop.
         self.decode_pool = DecodePool(settings.decode_threads)
+        #: Where a batch of images is decoded for a backend that takes arrays.
+        self.images = ImageDecoder(settings.decode_processes, self.decode_pool)
+        #: The served versions and their lifecycle; the repository API's entry point.
+        self.models = ModelManager(settings, backend, self.metrics, self.images)
         #: What transports check each input's declared shape against before converting it:
         #: more elements than the memory budget prices under max_request_bytes, or more BYTES
         #: elements than MAX_BYTES_ELEMENTS, can never succeed.
@@ -158,6 +168,7 @@ class DataPlane:
         await self.readiness.stop()
         await self.models.stop(max(0.0, give_up_at - time.monotonic()))
         self._started = False
+        self.images.close()
         self.decode_pool.close()
         await self.backend.close()
 
@@ -262,24 +273,33 @@ class DataPlane:
         served.batcher.check_room(count)
         preparing = time.monotonic()
         images = tensor.datatype == "BYTES"
-        # Headers only, but one per image: off the loop too.
+        # Headers only, a few µs each: many of them off the loop.
         declared = await self._maybe_offload(
-            images, declared_input, spec, tensor, self.settings.max_image_pixels
+            images and not _few_small_images(tensor),
+            declared_input,
+            spec,
+            tensor,
+            self.settings.max_image_pixels,
         )
         cost = request_cost(spec, count, declared.item_shape, declared.largest_image_pixels)
         with self.memory.reserve(cost, f"this request ({count} items of {spec.name})"):
-            # Image decoding and big array conversions would stall every other request.
-            batch = await self._maybe_offload(
-                images or tensor.data.nbytes > OFFLOAD_BYTES,
-                to_batch,
-                spec,
-                tensor,
-                self.settings.max_image_pixels,
-                served.keep_pixels,
-            )
+            if declared.encoded is not None:
+                # Decoded with the rest of their batch; the declared size keeps an FCN batch
+                # to one size.
+                batch, key = declared.encoded, declared.item_shape
+            else:
+                # Big array conversions would stall every other request.
+                batch = await self._maybe_offload(
+                    tensor.data.nbytes > OFFLOAD_BYTES,
+                    to_batch,
+                    spec,
+                    tensor,
+                    served.keep_pixels,
+                )
+                key = ()
             input_s = time.monotonic() - preparing
             model_time = ModelTime()
-            raw = await served.batcher.submit(batch, deadline, model_time)
+            raw = await served.batcher.submit(batch, deadline, model_time, key)
             computing = time.monotonic()
             outputs = await self._maybe_offload(
                 raw.nbytes > OFFLOAD_BYTES, compute_outputs, spec, raw, plans
@@ -366,6 +386,15 @@ class DataPlane:
             self._in_flight -= 1
             if self._in_flight == 0 and self._idle is not None:
                 self._idle.set()
+
+
+def _few_small_images(tensor: Tensor) -> bool:
+    """Whether a BYTES input is small enough to read its headers on the loop."""
+    items = tensor.data.reshape(-1)
+    if len(items) > INLINE_IMAGES:
+        return False
+    # Anything not bytes is refused by declared_input, wherever it runs.
+    return sum(len(i) for i in items if isinstance(i, bytes)) <= INLINE_IMAGE_BYTES
 
 
 async def create_core(settings: Settings, metrics: GatewayMetrics | None = None) -> DataPlane:

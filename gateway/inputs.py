@@ -4,8 +4,9 @@ Each request carries exactly one input, chosen by name:
 
 - ``input``  FP32  ``[N,3,H,W]`` — what the network consumes, already normalized;
 - ``pixels`` UINT8 ``[N,3,H,W]`` — raw pixels, normalized here (4× less on the wire);
-- ``image``  BYTES ``[N,1]``     — encoded PNG/JPEG, decoded and prepared per item; ``[N]``
-  is accepted too.
+- ``image``  BYTES ``[N,1]``     — encoded PNG/JPEG; ``[N]`` is accepted too. Only their
+  headers are read here (:func:`declared_input`); they are batched encoded and decoded a
+  batch at a time (:mod:`cnnserve.gateway.decode_worker`).
 
 Metadata lists ``image`` as ``[-1,1]`` (one encoded image per row), as Triton models declare
 such inputs (``dims: [1]``): tools that build requests from the metadata, perf_analyzer
@@ -111,17 +112,13 @@ def item_count(spec: ModelSpec, tensor: Tensor, max_items: int) -> int:
     return count
 
 
-def to_batch(
-    spec: ModelSpec, tensor: Tensor, max_image_pixels: int, keep_pixels: bool = False
-) -> np.ndarray:
-    """The validated input as the float32 ``N×3×H×W`` batch the network consumes.
+def to_batch(spec: ModelSpec, tensor: Tensor, keep_pixels: bool = False) -> np.ndarray:
+    """The validated tensor input (FP32 or UINT8) as the float32 ``N×3×H×W`` batch the
+    network consumes.
 
-    With ``keep_pixels`` (a backend that normalizes on its device), UINT8 pixels and decoded
-    images stay uint8 ``N×3×H×W``.
+    With ``keep_pixels`` (a backend that normalizes on its device), UINT8 pixels stay uint8
+    ``N×3×H×W``.
     """
-    if tensor.datatype == "BYTES":
-        pixels = _decode_images(spec, tensor.data, max_image_pixels)
-        return pixels if keep_pixels else normalize(pixels, spec.normalization)
     _check_tensor_shape(spec, tensor)
     data = np.asarray(tensor.data, dtype=DATATYPES[tensor.datatype])
     if tensor.datatype == "UINT8":
@@ -163,6 +160,8 @@ class DeclaredInput:
     item_shape: tuple[int, ...]
     #: The largest image's size from its header, in pixels (0: not images).
     largest_image_pixels: int = 0
+    #: The images, an object array ``N`` of ``bytes`` (None: not images).
+    encoded: np.ndarray | None = None
 
 
 def declared_input(spec: ModelSpec, tensor: Tensor, max_image_pixels: int) -> DeclaredInput:
@@ -175,7 +174,9 @@ def declared_input(spec: ModelSpec, tensor: Tensor, max_image_pixels: int) -> De
         return DeclaredInput(tuple(tensor.shape[1:]))
     first: ImageHeader | None = None
     largest = 0
+    encoded = np.empty(tensor.data.size, dtype=object)
     for index, item in enumerate(_images(tensor.data)):
+        encoded[index] = item
         try:
             header = spec.read_image_header(item, max_image_pixels)
         except InvalidInputError as exc:
@@ -187,7 +188,7 @@ def declared_input(spec: ModelSpec, tensor: Tensor, max_image_pixels: int) -> De
         largest = max(largest, header.pixels)
     assert first is not None  # item_count refused N = 0
     height, width = spec.fixed_size or (first.height, first.width)
-    return DeclaredInput((3, height, width), largest)
+    return DeclaredInput((3, height, width), largest, encoded)
 
 
 def _images(images: np.ndarray) -> Iterator[bytes]:
@@ -209,18 +210,3 @@ def _refuse_mixed_sizes(
         f"one tensor): image 0 is {first[0]}×{first[1]}, image {index} is "
         f"{this[0]}×{this[1]}; send them in separate requests"
     )
-
-
-def _decode_images(spec: ModelSpec, images: np.ndarray, max_pixels: int) -> np.ndarray:
-    """Decode each image; an FCN request's images must share one size (one output tensor)."""
-    pixels: list[np.ndarray] = []
-    for index, item in enumerate(_images(images)):
-        try:
-            decoded = spec.image_to_pixels(item, max_pixels)
-        except InvalidInputError as exc:
-            raise InvalidInputError(f"image {index}: {exc}") from None
-        if pixels and decoded.shape != pixels[0].shape:
-            first, this = pixels[0].shape, decoded.shape
-            _refuse_mixed_sizes(spec, (first[2], first[1]), index, (this[2], this[1]))
-        pixels.append(decoded)
-    return np.stack(pixels)

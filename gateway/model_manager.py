@@ -48,7 +48,9 @@ from cnnserve.models.repository import (
 from cnnserve.settings import Settings
 
 from .backends import Backend, version_text
-from .batcher import DynamicBatcher, Observers
+from .batcher import BatchAnswer, DynamicBatcher, Observers, PartialResults
+from .decode_pool import DecodePool, ImageDecoder
+from .decode_worker import ImageJob
 from .metrics import UNKNOWN_LABEL, GatewayMetrics
 from .statistics import ModelStatistics, StatisticsRecorder
 
@@ -190,10 +192,19 @@ class _Model:
 class ModelManager:
     """The served versions of every model; see the module docstring."""
 
-    def __init__(self, settings: Settings, backend: Backend, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        backend: Backend,
+        metrics: GatewayMetrics,
+        images: ImageDecoder | None = None,
+    ) -> None:
         self.settings = settings
         self.backend = backend
         self.metrics = metrics
+        #: Where a batch of encoded images becomes network input for a backend that takes
+        #: arrays only (the data plane's, which closes it; else threads of its own).
+        self.images = images or ImageDecoder(0, DecodePool(settings.decode_threads))
         self.repository = Repository(settings.model_repository)
         self._models: dict[str, _Model] = {}
         self._poller: asyncio.Task[None] | None = None
@@ -542,9 +553,22 @@ class ModelManager:
         batching = version.config.batching
         settings = self.settings
         delay_ms = batching.max_batch_delay_ms
+        keep_pixels = self.backend.takes_pixels(version)
+        # Images reach the batcher encoded (an object array of bytes, headers checked); a
+        # backend that cannot take them gets them decoded here, a batch at a time.
+        decodes_images = self.backend.decodes_images(version)
 
-        async def run(batch: np.ndarray) -> np.ndarray:
-            return await self.backend.infer_batch(version, batch)
+        async def run(batch: np.ndarray) -> BatchAnswer:
+            if batch.dtype != object or decodes_images:
+                return await self.backend.infer_batch(version, batch)
+            job = ImageJob(version.spec, batch.tolist(), settings.max_image_pixels, not keep_pixels)
+            rows, failures = await self.images.prepare(job)
+            if not failures:
+                return await self.backend.infer_batch(version, rows)
+            if len(failures) == len(rows):
+                return PartialResults(np.zeros(len(rows), np.float32), failures, "image")
+            # A failed item's zero rows run with the others: rarer than a second layout.
+            return PartialResults(await self.backend.infer_batch(version, rows), failures, "image")
 
         batcher = DynamicBatcher(
             run,
@@ -557,7 +581,6 @@ class ModelManager:
             name=version_text(version),
         )
         batcher.start()
-        keep_pixels = self.backend.takes_pixels(version)
         logger.info("%s ready (%s)", version_text(version), self.backend.describe())
         served = ServedVersion(version, batcher, stats, keep_pixels, prints)
         self._live.add(served)
