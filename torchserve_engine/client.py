@@ -1,11 +1,12 @@
 """An async client for TorchServe's gRPC inference API, as the gateway's backend uses it.
 
 One ``Predictions`` call carries a whole batch in the packed format
-(:mod:`cnnserve.handlers.packing`) to one model version and returns the raw outputs for every
-item. Batches take
-turns over every replica behind the target (:mod:`.replicas`), each called with its own
-inference key (:mod:`.keys`). TorchServe's ways of failing are turned into cnnserve's errors
-here, so callers see one error table:
+(:mod:`cnnserve.handlers.packing`) to one model version — float32 items
+(:meth:`~TorchServeClient.predict_batch`), or encoded images the handler decodes
+(:meth:`~TorchServeClient.predict_images`) — and returns the raw outputs for every item (and,
+for images, each image that failed). Batches take turns over every replica behind the target
+(:mod:`.replicas`), each called with its own inference key (:mod:`.keys`). TorchServe's ways
+of failing are turned into cnnserve's errors here, so callers see one error table:
 
 - the handler rejects the batch (4xx): gRPC status is still OK and the error is in the body;
 - the model is unknown: INTERNAL with "Model not found" (not NOT_FOUND);
@@ -24,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Sequence
 
 import grpc
 import numpy as np
@@ -36,7 +38,14 @@ from cnnserve.errors import (
     UnavailableError,
     UnknownModelError,
 )
-from cnnserve.handlers.packing import PACKED_INPUT_NAME, pack, unpack_response
+from cnnserve.handlers.packing import (
+    PACKED_INPUT_NAME,
+    BatchResults,
+    pack,
+    pack_images,
+    unpack_response,
+    unpack_results,
+)
 from cnnserve.models.semantics import probe_input
 from cnnserve.models.spec import ModelSpec
 from cnnserve.protocol import torchserve_inference_pb2 as pb
@@ -171,10 +180,42 @@ class TorchServeClient:
         :class:`UnavailableError` (unreachable, not ready, key refused),
         :class:`DeadlineExceededError` and :class:`PayloadTooLargeError`.
         """
+        packed = pack(batch, ndim=4, max_bytes=self._max_message_bytes)
+        answer = await self._predict(model, version, packed, timeout_s)
+        outputs = unpack_response(answer, max_bytes=self._max_message_bytes)
+        if len(outputs) != len(batch):
+            raise CnnserveError(
+                f"TorchServe answered {len(outputs)} outputs for {len(batch)} items of {model}"
+            )
+        return outputs
+
+    async def predict_images(
+        self,
+        model: str,
+        images: Sequence[bytes],
+        declared_size: tuple[int, int] | None = None,
+        timeout_s: float | None = None,
+        version: str = "",
+    ) -> BatchResults:
+        """Run encoded ``images`` (PNG/JPEG, their headers checked by the caller) through
+        ``model``: the handler decodes them, each image's header held to ``declared_size``
+        (``(width, height)``, required for a size-variable model's batch).
+
+        Answers the outputs for every image and each failed image's error by its index
+        (``outputs`` is ``None`` when every image failed); the batch as a whole fails as
+        :meth:`predict_batch` does.
+        """
+        packed = pack_images(images, declared_size, max_bytes=self._max_message_bytes)
+        answer = await self._predict(model, version, packed, timeout_s)
+        return unpack_results(answer, len(images), max_bytes=self._max_message_bytes)
+
+    async def _predict(
+        self, model: str, version: str, packed: bytes, timeout_s: float | None
+    ) -> bytes:
+        """One packed batch to the next replica in turn (once more to another if that one
+        did not run it); the handler's answer, still packed."""
         request = pb.PredictionsRequest(
-            model_name=model,
-            model_version=version,
-            input={PACKED_INPUT_NAME: pack(batch, ndim=4, max_bytes=self._max_message_bytes)},
+            model_name=model, model_version=version, input={PACKED_INPUT_NAME: packed}
         )
         deadline = None if timeout_s is None else _now() + timeout_s
         tried: list[Replica] = []
@@ -197,12 +238,8 @@ class TorchServeClient:
                     raise failure from None
                 self.replicas.mark_down(replica)
                 continue
-            outputs = unpack_response(response.prediction, max_bytes=self._max_message_bytes)
-            if len(outputs) != len(batch):
-                raise CnnserveError(
-                    f"TorchServe answered {len(outputs)} outputs for {len(batch)} items of {model}"
-                )
-            return outputs
+            prediction: bytes = response.prediction
+            return prediction
         raise failure
 
     async def ping(self) -> bool:

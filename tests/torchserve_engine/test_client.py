@@ -1,4 +1,5 @@
-"""The gRPC client against a real TorchServe: packed batches, and each failure as our error."""
+"""The gRPC client against a real TorchServe: packed batches (float32 items, or encoded images
+the handler decodes), and each failure as our error."""
 
 from __future__ import annotations
 
@@ -20,11 +21,13 @@ from cnnserve.errors import (
 )
 from cnnserve.models.registry import get_spec
 from cnnserve.models.runtime import load_runner
+from cnnserve.models.steps import normalize
 from cnnserve.torchserve_engine.client import KEY_POLL_S, KEY_WAIT_S, TorchServeClient
 from cnnserve.torchserve_engine.keys import KeyDir, read_inference_key, read_key
 from cnnserve.torchserve_engine.process import KEY_FILE, ServerInfo, renew_keys, run_dir_of
 
 from ..conftest import RunningTorchServe, publish_key
+from ..images import digit_png, shapes_png
 from ..support import free_ports
 
 pytestmark = [pytest.mark.torchserve, pytest.mark.asyncio(loop_scope="module")]
@@ -194,3 +197,55 @@ async def test_a_key_refused_because_it_was_just_renewed_is_read_again(
         assert time.monotonic() - started < KEY_WAIT_S / 2
     finally:
         await client.close()
+
+
+def float32_items(model: str, images: list[bytes]) -> np.ndarray:
+    """What the gateway's own decoding would send for ``images``."""
+    spec = get_spec(model)
+    return np.stack(
+        [normalize(spec.image_to_pixels(image), spec.normalization) for image in images]
+    )
+
+
+async def test_image_batches_are_decoded_by_the_handler_and_fail_per_image(
+    client: TorchServeClient,
+) -> None:
+    """Concurrent uneven image batches, one image corrupt: only that image fails, and every
+    other row is what the float32 path computes for the same image."""
+    digits = [digit_png(i)[0] for i in range(5)]
+    scenes = [shapes_png(seed, 40)[0] for seed in (1, 2, 3)]
+    corrupt = digits[3][:90]
+    calls = [
+        ("convnet", [digits[0], digits[1]], None),
+        ("fcn", scenes, (40, 40)),
+        ("convnet", [digits[2], corrupt, digits[4]], None),
+        ("fcn", [scenes[0]], (40, 40)),
+    ]
+    results = await asyncio.gather(
+        *(client.predict_images(m, images, size, timeout_s=60) for m, images, size in calls)
+    )
+    assert [sorted(r.failures) for r in results] == [[], [], [1], []]
+    assert "could not decode image" in str(results[2].failures[1])
+    for (model, images, _), result in zip(calls, results, strict=True):
+        good = [i for i, image in enumerate(images) if image is not corrupt]
+        expected = await client.predict_batch(
+            model, float32_items(model, [images[i] for i in good]), timeout_s=60
+        )
+        assert result.outputs is not None and len(result.outputs) == len(images)
+        assert np.abs(result.outputs[good] - expected).max() <= TOLERANCE
+
+
+async def test_an_image_batch_whose_every_image_fails_has_no_outputs(
+    client: TorchServeClient,
+) -> None:
+    png, _ = digit_png(0)
+    result = await client.predict_images("convnet", [png[:70], b"not an image"], timeout_s=60)
+    assert result.outputs is None
+    assert sorted(result.failures) == [0, 1]
+    assert all(isinstance(error, InvalidInputError) for error in result.failures.values())
+
+
+async def test_an_image_batch_the_handler_refuses_whole_raises(client: TorchServeClient) -> None:
+    scene, _ = shapes_png(1, 40)
+    with pytest.raises(InvalidInputError, match="must declare the size its images share"):
+        await client.predict_images("fcn", [scene], timeout_s=60)
