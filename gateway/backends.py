@@ -238,6 +238,12 @@ class InProcessBackend:
         loaded = self._loaded.get(id(model))
         if loaded is None:
             raise UnavailableError(f"{version_text(model)} is not loaded")
+        if self._format == "torchscript" and not batch.flags.writeable:
+            # A lone request's batch is a read-only view of its received message; ONNX
+            # Runtime reads it in place, but torch.from_numpy warns on (and would write
+            # through) a read-only array, so torch gets its own copy, the one copy this path
+            # keeps.
+            batch = np.array(batch)
         loop = asyncio.get_running_loop()
         if loaded.memory is None:
             return await loop.run_in_executor(loaded.executor, loaded.runner.infer, batch)

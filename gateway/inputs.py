@@ -120,13 +120,15 @@ def to_batch(spec: ModelSpec, tensor: Tensor, keep_pixels: bool = False) -> np.n
     ``N×3×H×W``.
     """
     _check_tensor_shape(spec, tensor)
-    data = np.asarray(tensor.data, dtype=DATATYPES[tensor.datatype])
+    # Not copied: a transport's array is a read-only view of the message it received, which
+    # never changes, and when several requests share a batch the batcher joins them into a
+    # new array. A backend whose runtime wants a writable array (torch) copies it itself.
+    data = np.ascontiguousarray(tensor.data, dtype=DATATYPES[tensor.datatype])
     if tensor.datatype == "UINT8":
-        # A read-only transport buffer is copied once, by normalize or here.
-        return _owned(data) if keep_pixels else normalize(data, spec.normalization)
+        return data if keep_pixels else normalize(data, spec.normalization)
     if not np.isfinite(data).all():
         raise InvalidInputError(f"input {tensor.name!r} contains NaN or infinite values")
-    return _owned(data)
+    return data
 
 
 def _check_tensor_shape(spec: ModelSpec, tensor: Tensor) -> None:
@@ -141,15 +143,6 @@ def _check_tensor_shape(spec: ModelSpec, tensor: Tensor) -> None:
             f"{spec.name} expects {tensor.datatype} {spec.shape_text()}, "
             f"got {describe(tensor.datatype, shape)}"
         ) from None
-
-
-def _owned(data: np.ndarray) -> np.ndarray:
-    """``data`` as a writable C-contiguous array, copied only when it is not one already."""
-    if not data.flags.writeable:
-        # Transports decode raw contents with np.frombuffer (read-only); torch.from_numpy
-        # warns on those, and the batch should not pin the transport's message buffer.
-        return np.array(data, order="C")
-    return np.ascontiguousarray(data)
 
 
 @dataclass(frozen=True)
