@@ -7,13 +7,20 @@ them — each with its own batchers and backend. Process 0 also serves the metri
 every process's metrics summed (prometheus_client's multiprocess mode, files in a private
 temporary directory).
 
-The trade-off: each process batches only its own share of the traffic, so batches are smaller
-than one process would form (docs/benchmarks.md measures it).
+With ``shared_batcher`` (the default) one more process, the batching process
+(:mod:`.batching_process`), owns the backend and every model version's batcher; the N gateway
+processes are frontends that feed it over a Unix-domain socket in a private (0700) directory
+(:mod:`.remote_backend`), so models load once and batches are as full as one process would
+form them (docs/scaling.md). It starts first; the frontends start once it listens, and on a
+stop they drain first, then it does. Without ``shared_batcher`` each process batches only its
+own share of the traffic, so batches are smaller than one process would form
+(docs/benchmarks.md measures it).
 
 Signals: the workers run in their own process group, so a terminal's Ctrl-C reaches the
 supervisor only, which sends each worker one SIGTERM; every worker then drains as a single
 gateway does. Workers also get SIGTERM when the supervisor dies (Linux), so none outlives it
-holding the ports. When a worker exits on its own, the others are stopped too.
+holding the ports. When a worker (or the batching process) exits on its own, the others are
+stopped too.
 """
 
 from __future__ import annotations
@@ -26,11 +33,16 @@ import os
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing.context import SpawnContext
 from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event as EventType
 
 from cnnserve.settings import Settings
 
+from .batching_process import serve_batching, socket_file
 from .metrics import MULTIPROCESS_DIR_ENV
 
 logger = logging.getLogger(__name__)
@@ -42,13 +54,30 @@ STOP_MARGIN_S = 10.0
 _PR_SET_PDEATHSIG = 1
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
-#: Set in a worker process: its gateway must not start workers of its own.
-_role = {"worker": False}
+#: Seconds the supervisor waits for the batching process to listen.
+BATCHING_START_TIMEOUT_S = 120.0
+
+
+@dataclass
+class _Role:
+    """Set in a worker process: its gateway must not start workers of its own; a frontend
+    of a shared batcher knows its socket."""
+
+    worker: bool = False
+    batching_socket: str | None = None
+
+
+_role = _Role()
 
 
 def in_worker() -> bool:
     """Whether this process is one of a supervisor's gateway workers."""
-    return _role["worker"]
+    return _role.worker
+
+
+def batching_socket() -> str | None:
+    """In a frontend of a shared batcher: the batching process's socket; else ``None``."""
+    return _role.batching_socket
 
 
 def run_processes(settings: Settings, serve: Serve) -> None:
@@ -62,29 +91,46 @@ def run_processes(settings: Settings, serve: Serve) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: stop.set())
-    with tempfile.TemporaryDirectory(prefix="cnnserve-metrics-") as metrics_dir:
+    with contextlib.ExitStack() as stack:
+        metrics_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="cnnserve-metrics-"))
         # Inherited by the spawned workers before they import prometheus_client.
         os.environ[MULTIPROCESS_DIR_ENV] = metrics_dir
         context = multiprocessing.get_context("spawn")
+        batching: list[BaseProcess] = []
+        socket_path: str | None = None
+        if settings.shared_batcher:
+            # mkdtemp makes the directory 0700: only this user reaches the socket.
+            socket_path = socket_file(
+                stack.enter_context(tempfile.TemporaryDirectory(prefix="cnnserve-batching-"))
+            )
+            batching.append(_start_batching(context, settings, socket_path, stop))
         workers = [
             context.Process(
-                target=_worker_main, args=(settings, index == 0, serve), name=f"gateway-{index}"
+                target=_worker_main,
+                args=(settings, index == 0, serve, socket_path),
+                name=f"gateway-{index}",
             )
             for index in range(settings.gateway_processes)
         ]
-        for worker in workers:
-            worker.start()
-        logger.info(
-            "%d gateway processes (pids %s) share gRPC %d and HTTP %d",
-            len(workers),
-            ", ".join(str(w.pid) for w in workers),
-            settings.grpc_port,
-            settings.http_port,
-        )
-        while not stop.is_set() and all(w.is_alive() for w in workers):
-            stop.wait(0.5)
-        exited = [w for w in workers if not w.is_alive()]
-        _stop_all(workers, settings.drain_grace_s + STOP_MARGIN_S)
+        if all(b.is_alive() for b in batching) and not stop.is_set():
+            for worker in workers:
+                worker.start()
+            logger.info(
+                "%d gateway processes (pids %s) share gRPC %d and HTTP %d%s",
+                len(workers),
+                ", ".join(str(w.pid) for w in workers),
+                settings.grpc_port,
+                settings.http_port,
+                f", fed to one batching process (pid {batching[0].pid})" if batching else "",
+            )
+            everyone = workers + batching
+            while not stop.is_set() and all(w.is_alive() for w in everyone):
+                stop.wait(0.5)
+        started = [w for w in workers if w.pid is not None]
+        exited = [w for w in started + batching if not w.is_alive()]
+        # Frontends drain first: their calls in flight still need the batching process.
+        _stop_all(started, settings.drain_grace_s + STOP_MARGIN_S)
+        _stop_all(batching, settings.drain_grace_s + STOP_MARGIN_S)
     if not stop.is_set():
         codes = ", ".join(f"{w.name} exited with {w.exitcode}" for w in exited)
         raise RuntimeError(f"a gateway process stopped by itself ({codes}); stopped the others")
@@ -104,12 +150,40 @@ def _stop_all(workers: Sequence[BaseProcess], timeout_s: float) -> None:
             worker.join()
 
 
-def _worker_main(settings: Settings, serve_metrics: bool, serve: Serve) -> None:
-    _role["worker"] = True
+def _start_batching(
+    context: SpawnContext, settings: Settings, socket_path: str, stop: threading.Event
+) -> BaseProcess:
+    """Start the batching process and wait until it listens (or dies, or a stop comes)."""
+    listening = context.Event()
+    process = context.Process(
+        target=_batching_main, args=(settings, socket_path, listening), name="batching"
+    )
+    process.start()
+    give_up_at = time.monotonic() + BATCHING_START_TIMEOUT_S
+    while not listening.wait(0.1):
+        if not process.is_alive() or stop.is_set() or time.monotonic() > give_up_at:
+            break
+    return process
+
+
+def _setup_worker() -> None:
+    _role.worker = True
     os.setpgrp()  # a terminal's Ctrl-C goes to the supervisor, which sends one SIGTERM
     _die_with_parent()
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+
+
+def _worker_main(
+    settings: Settings, serve_metrics: bool, serve: Serve, socket_path: str | None = None
+) -> None:
+    _setup_worker()
+    _role.batching_socket = socket_path
     serve(settings, serve_metrics)
+
+
+def _batching_main(settings: Settings, socket_path: str, listening: EventType) -> None:
+    _setup_worker()
+    serve_batching(settings, socket_path, listening.set)
 
 
 def _die_with_parent() -> None:

@@ -53,6 +53,7 @@ from .grpc_service import create_grpc_server
 from .http_api import create_http_app, health_response
 from .http_connections import guarded_h11_protocol
 from .metrics import GatewayMetrics
+from .remote_backend import create_frontend_core
 
 logger = logging.getLogger(__name__)
 
@@ -280,7 +281,11 @@ def serve_forever(settings: Settings, serve_metrics: bool = True) -> None:
 
 async def run_gateway(settings: Settings, serve_metrics: bool = True) -> None:
     """Serve until SIGTERM or SIGINT, then drain and return (a second signal is not caught)."""
-    core = await create_core(settings)
+    socket_path = processes.batching_socket()
+    if socket_path is None:
+        core = await create_core(settings)
+    else:
+        core = create_frontend_core(settings, socket_path)
     gateway = Gateway(settings, core, serve_metrics)
     await gateway.start()
     loop = asyncio.get_running_loop()
