@@ -50,6 +50,11 @@ class GatewayProcess:
         return f"127.0.0.1:{self.grpc_port}"
 
     @property
+    def http_target(self) -> str:
+        """``host:port`` of the HTTP listener (OIP REST, ``/predict``)."""
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
     def metrics_url(self) -> str:
         """URL of the Prometheus text endpoint."""
         return f"http://127.0.0.1:{self.metrics_port}/metrics"

@@ -9,7 +9,11 @@ same run:
     fastest of three windows: other tenants only ever slow a window down);
 (b) the RPC ceiling — a bare ``grpc.aio`` echo of the same payload at the same concurrency
     (one process, on the gateway's kind of event loop);
-(c) TorchServe alone — its REST API with its own batching, fed PNG digits by HTTP clients.
+(c) TorchServe alone — its REST API with its own batching, fed PNG digits by HTTP clients,
+    with 1 and with 2 workers per model (its baseline is the better of the two).
+
+The headline points are measured a second time by Triton's perf_analyzer against the same
+gateway (:mod:`.perf_analyzer`), an independent load generator beside the project's own.
 
 Batching **off** means ``max_batch_size`` equal to the items per request and a delay of 0:
 the batcher then never merges two requests, so every request is one model call.
@@ -39,8 +43,9 @@ from cnnserve.settings import Settings
 from .echo import serve_echo_forever
 from .gateway_process import GatewayProcess, demo_repository, free_ports, start_gateway
 from .loadgen import LoadResult, LoadSpec, check_http_request, check_request, run_load
-from .payloads import oip_request, rest_request, tensor_items
-from .report import TORCHSERVE_REST
+from .payloads import oip_request, oip_rest_request, predict_request, rest_request, tensor_items
+from .perf_analyzer import run_perf_analyzer
+from .report import INDEPENDENT, SHARED_BATCHER, TORCHSERVE_REST
 from .scrape import batch_sizes
 from .torchserve_run import TorchServeRun, running_torchserve
 
@@ -68,7 +73,13 @@ Overrides = tuple[tuple[str, str], ...]
 
 @dataclass(frozen=True)
 class Scenario:
-    """One measured point; ``variant`` names ``overrides`` of the gateway's settings."""
+    """One measured point; ``variant`` names ``overrides`` of the gateway's settings (of
+    TorchServe's, for TorchServe alone).
+
+    ``transport``: ``grpc`` (OIP ModelInfer), ``rest`` (OIP REST with the binary tensor
+    extension) or ``predict`` (the friendly ``POST /predict/<model>``, a PNG body).
+    ``client``: the project's load generator (``loadgen``) or Triton's ``perf_analyzer``.
+    """
 
     backend: str
     model: str
@@ -79,15 +90,19 @@ class Scenario:
     payload: str = "tensor"
     variant: str = ""
     overrides: Overrides = field(default=())
+    transport: str = "grpc"
+    client: str = "loadgen"
 
     @property
     def label(self) -> str:
         """Short human-readable name."""
         mode = "batching" if self.batching else "no-batching"
         extra = f"/{self.variant}" if self.variant else ""
+        via = "" if self.transport == "grpc" else f"/{self.transport}"
+        by = "" if self.client == "loadgen" else f"/{self.client}"
         return (
-            f"{self.backend}/{self.model}@{self.side}/{self.items}img-{self.payload}/"
-            f"c{self.concurrency}/{mode}{extra}"
+            f"{self.backend}/{self.model}@{self.side}/{self.items}img-{self.payload}{via}/"
+            f"c{self.concurrency}/{mode}{extra}{by}"
         )
 
     def gateway_env(self) -> dict[str, str]:
@@ -103,6 +118,11 @@ class Scenario:
         env.update({f"CNNSERVE_{key.upper()}": value for key, value in self.overrides})
         return env
 
+    @property
+    def torchserve_workers(self) -> int:
+        """Worker processes per model of TorchServe alone (its ``overrides`` may say)."""
+        return int(dict(self.overrides).get(TORCHSERVE_WORKERS, "1"))
+
 
 #: Delay trade-off variants (ORT ConvNet, single images): the default is adaptive with 2 ms.
 DELAY_VARIANTS: tuple[tuple[str, Overrides], ...] = (
@@ -110,9 +130,16 @@ DELAY_VARIANTS: tuple[tuple[str, Overrides], ...] = (
     ("fixed 2 ms", (("max_batch_delay_ms", "2"), ("adaptive_batch_delay", "false"))),
     ("adaptive 5 ms", (("max_batch_delay_ms", "5"),)),
 )
-#: Several gateway processes sharing the port (SO_REUSEPORT), at the default delay.
+#: Two frontend processes sharing the port (SO_REUSEPORT), at the default delay: feeding one
+#: batching process (the default), or as two independent gateways, each with its own batcher.
 PROCESS_VARIANTS: tuple[tuple[str, Overrides], ...] = (
-    ("2 processes", (("gateway_processes", "2"),)),
+    (SHARED_BATCHER, (("gateway_processes", "2"), ("shared_batcher", "true"))),
+    (INDEPENDENT, (("gateway_processes", "2"), ("shared_batcher", "false"))),
+)
+#: TorchServe alone with 1 and 2 workers per model: its baseline is the better of the two.
+TORCHSERVE_WORKERS = "torchserve_workers_per_model"
+TORCHSERVE_WORKER_VARIANTS: tuple[tuple[str, Overrides], ...] = tuple(
+    (f"{n} worker{'s' if n > 1 else ''}", ((TORCHSERVE_WORKERS, str(n)),)) for n in (1, 2)
 )
 #: gRPC connections per client process, so a gateway of several processes gets load on each.
 CLIENT_CHANNELS = 4
@@ -128,36 +155,60 @@ def profile(name: str, backends: Iterable[str]) -> list[Scenario]:
     raise ValueError(f"unknown profile {name!r}; use quick or full")
 
 
+def _variants(
+    backend: str, variants: Iterable[tuple[str, Overrides]], concurrencies: Iterable[int]
+) -> list[Scenario]:
+    """1-image ConvNet tensor scenarios of each variant at each concurrency."""
+    concurrencies = list(concurrencies)
+    return [
+        Scenario(backend, "convnet", 28, 1, c, True, variant=variant, overrides=overrides)
+        for variant, overrides in variants
+        for c in concurrencies
+    ]
+
+
+def _torchserve_alone(concurrencies: Iterable[int]) -> list[Scenario]:
+    """TorchServe's REST API alone, fed PNG digits, with each worker count."""
+    concurrencies = list(concurrencies)
+    return [
+        Scenario(TORCHSERVE_REST, "convnet", 28, 1, c, True, payload="png", variant=variant,
+                 overrides=overrides)
+        for variant, overrides in TORCHSERVE_WORKER_VARIANTS
+        for c in concurrencies
+    ]  # fmt: skip
+
+
+def _perf_analyzer(backend: str) -> list[Scenario]:
+    """The headline points again, measured by perf_analyzer against the same gateway."""
+    return [
+        Scenario(backend, "convnet", 28, items, c, True, client="perf_analyzer")
+        for items, c in ((1, 1), (1, 64), (32, 4))
+    ]
+
+
 def _quick(backends: list[str]) -> list[Scenario]:
+    """Every target once, the batching-delay and frontend-process trade-offs, and the
+    perf_analyzer rows; nothing else (the full profile has the rest)."""
     out: list[Scenario] = []
     for backend in backends:
         if backend == "onnxruntime":
-            for batching in (True, False):
-                out += [Scenario(backend, "convnet", 28, 1, c, batching) for c in (1, 8, 64)]
-            out.append(Scenario(backend, "convnet", 28, 32, 4, True))
-            out += [Scenario(backend, "fcn", side, 1, 4, True) for side in (28, 128, 256)]
-            for variant, overrides in DELAY_VARIANTS:
-                out += [
-                    Scenario(backend, "convnet", 28, 1, c, True, variant=variant,
-                             overrides=overrides)
-                    for c in (1, 8, 64)
-                ]  # fmt: skip
-            for variant, overrides in PROCESS_VARIANTS:
-                out += [
-                    Scenario(backend, "convnet", 28, 1, c, True, variant=variant,
-                             overrides=overrides)
-                    for c in (8, 64)
-                ]  # fmt: skip
-        elif backend == "torchscript":
-            out += [Scenario(backend, "convnet", 28, 1, c, True) for c in (1, 64)]
-            out.append(Scenario(backend, "convnet", 28, 32, 4, True))
-        elif backend == "torchserve":
-            out += [Scenario(backend, "convnet", 28, 1, c, True) for c in (1, 64)]
-            out.append(Scenario(backend, "convnet", 28, 1, 64, False))
+            out += [Scenario(backend, "convnet", 28, 1, c, True) for c in (1, 8, 64)]
             out.append(Scenario(backend, "convnet", 28, 1, 64, True, payload="png"))
-            out += [
-                Scenario(TORCHSERVE_REST, "convnet", 28, 1, c, True, payload="png") for c in (1, 64)
-            ]
+            out.append(Scenario(backend, "convnet", 28, 1, 64, True, transport="rest"))
+            out.append(
+                Scenario(backend, "convnet", 28, 1, 64, True, payload="png", transport="predict")
+            )
+            out.append(Scenario(backend, "convnet", 28, 32, 4, True))
+            out += _variants(backend, DELAY_VARIANTS, (1, 8, 64))
+            out += _variants(backend, PROCESS_VARIANTS, (8, 64))
+            out += _perf_analyzer(backend)
+        elif backend == "torchserve":
+            out.append(Scenario(backend, "convnet", 28, 1, 64, True))
+            out.append(Scenario(backend, "convnet", 28, 1, 64, True, payload="png"))
+            out.append(
+                Scenario(backend, "convnet", 28, 1, 64, True, payload="png", transport="predict")
+            )
+            out += _torchserve_alone((64,))
     return out
 
 
@@ -175,19 +226,19 @@ def _full(backends: list[str]) -> list[Scenario]:
             out += [Scenario(backend, "fcn", 28, 32, c, batching) for c in (1, 8)]
             for side in (28, 128, 256):
                 out += [Scenario(backend, "fcn", side, 1, c, batching) for c in (1, 8, 32)]
+        if backend != "torchserve":
+            out += [Scenario(backend, "convnet", 28, 1, c, True, payload="png") for c in (1, 64)]
+            out += [Scenario(backend, "convnet", 28, 1, c, True, transport="rest") for c in (1, 64)]
         if backend == "onnxruntime":
-            for variant, overrides in (*DELAY_VARIANTS, *PROCESS_VARIANTS):
-                out += [
-                    Scenario(backend, "convnet", 28, 1, c, True, variant=variant,
-                             overrides=overrides)
-                    for c in (1, 8, 32, 64, 128)
-                ]  # fmt: skip
+            out += _variants(backend, (*DELAY_VARIANTS, *PROCESS_VARIANTS), (1, 8, 32, 64, 128))
+            out += _perf_analyzer(backend)
         if backend == "torchserve":
             out += [Scenario(backend, "convnet", 28, 1, c, True, payload="png") for c in (1, 8, 64)]
             out += [
-                Scenario(TORCHSERVE_REST, "convnet", 28, 1, c, True, payload="png")
-                for c in (1, 8, 32, 64, 128)
+                Scenario(backend, "convnet", 28, 1, c, True, payload="png", transport="predict")
+                for c in (1, 64)
             ]
+            out += _torchserve_alone((1, 8, 32, 64, 128))
     return out
 
 
@@ -303,27 +354,32 @@ def run_suite(
     with ExitStack() as stack:
         # TorchServe's model stores and logs are scratch, not part of the report.
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cnnserve-ts-")))
-        behind = alone = None
+        behind = None
         if any(s.backend == "torchserve" for s in scenarios):
             behind = stack.enter_context(running_torchserve(scratch, 1, 0))
-        if any(s.backend == TORCHSERVE_REST for s in scenarios):
-            alone = stack.enter_context(
-                running_torchserve(scratch, BATCHING_MAX_BATCH_SIZE, TORCHSERVE_REST_DELAY_MS)
-            )
+        # TorchServe alone, once per worker count measured (each started before any load).
+        alone: dict[int, TorchServeRun] = {}
+        for workers in sorted(
+            {s.torchserve_workers for s in scenarios if s.backend == TORCHSERVE_REST}
+        ):
+            alone[workers] = stack.enter_context(
+                running_torchserve(scratch, BATCHING_MAX_BATCH_SIZE, TORCHSERVE_REST_DELAY_MS,
+                                   workers=workers)
+            )  # fmt: skip
         gateways = _start_gateways(ctx, scenarios, behind, stack)
         echo = stack.enter_context(echo_server(Settings().event_loop))
         echo_cache: dict[tuple[str, int, int, str, int], LoadResult] = {}
         for scenario in sorted(scenarios, key=_side_by_side):
             if scenario.backend == TORCHSERVE_REST:
-                assert alone is not None
-                row = _measure_rest(ctx, scenario, alone)
+                row = _measure_rest(ctx, scenario, alone[scenario.torchserve_workers])
             else:
                 gateway, rss_start = gateways[_gateway_key(scenario)]
                 row = _measure(ctx, scenario, gateway)
                 row["gateway_rss_start_mb"] = rss_start / 2**20
                 if behind is not None and scenario.backend == "torchserve":
                     row["torchserve_rss_mb"] = behind.rss_bytes() / 2**20
-                _add_echo(ctx, row, echo, echo_cache)
+                if scenario.transport == "grpc" and scenario.client == "loadgen":
+                    _add_echo(ctx, row, echo, echo_cache)
             _record(ctx, row)
     return ctx.rows
 
@@ -382,22 +438,49 @@ def _base_row(scenario: Scenario) -> dict[str, Any]:
     return row
 
 
+def _load_spec(ctx: _Context, scenario: Scenario, gateway: GatewayProcess) -> LoadSpec:
+    """The request a scenario sends and where, checked once (a refused request would
+    otherwise be measured as a fast error)."""
+    items, c = scenario.items, scenario.concurrency
+    if scenario.transport == "grpc":
+        payload = oip_request(scenario.model, scenario.side, items, scenario.payload)
+        check_request(gateway.grpc_target, payload)
+        return LoadSpec(gateway.grpc_target, payload, items, ctx.duration_s, ctx.warmup_s, c,
+                        processes=ctx.processes, channels=CLIENT_CHANNELS)  # fmt: skip
+    target = gateway.http_target
+    if scenario.transport == "rest":
+        request = oip_rest_request(target, scenario.model, scenario.side, items, scenario.payload)
+    elif scenario.transport == "predict":
+        request = predict_request(target, scenario.model)
+    else:
+        raise ValueError(f"unknown transport {scenario.transport!r}")
+    _check_http(target, request, scenario.label)
+    return LoadSpec(target, request, items, ctx.duration_s, ctx.warmup_s, c,
+                    processes=ctx.processes, transport="http")  # fmt: skip
+
+
+def _check_http(target: str, request: bytes, what: str) -> None:
+    status, body = check_http_request(target, request)
+    if status != 200:
+        raise RuntimeError(f"{what}: answered {status}: {body[:200]!r}")
+
+
 def _measure(ctx: _Context, scenario: Scenario, gateway: GatewayProcess) -> dict[str, Any]:
-    payload = oip_request(scenario.model, scenario.side, scenario.items, scenario.payload)
-    check_request(gateway.grpc_target, payload)
     before = batch_sizes(gateway.metrics_url, scenario.model)
-    result = run_load(
-        LoadSpec(gateway.grpc_target, payload, scenario.items, ctx.duration_s, ctx.warmup_s,
-                 scenario.concurrency, processes=ctx.processes, channels=CLIENT_CHANNELS)
-    )  # fmt: skip
+    if scenario.client == "perf_analyzer":
+        figures = _measure_perf_analyzer(scenario, gateway)
+    else:
+        figures = run_load(_load_spec(ctx, scenario, gateway)).as_dict()
     formed = batch_sizes(gateway.metrics_url, scenario.model).minus(before)
     row = {
         **_base_row(scenario),
-        **result.as_dict(),
+        **figures,
         "mean_batch_size": formed.mean,
         "batch_size_buckets": formed.buckets,
         "gateway_rss_end_mb": gateway.rss_bytes() / 2**20,
     }
+    if scenario.client == "perf_analyzer":
+        return row
     # Baseline (a) now, beside the scenario, while the gateway idles.
     batch = max(1, round(formed.mean))
     alone = ctx.alone.measure(scenario.backend, scenario.model, scenario.side, batch)
@@ -407,11 +490,33 @@ def _measure(ctx: _Context, scenario: Scenario, gateway: GatewayProcess) -> dict
     return row
 
 
+def _measure_perf_analyzer(scenario: Scenario, gateway: GatewayProcess) -> dict[str, Any]:
+    """perf_analyzer's figures in the row's fields; where it could not run, the row keeps the
+    reason and no figures (``perf_analyzer_ok`` false) and the run goes on."""
+    result = run_perf_analyzer(
+        gateway.grpc_target, scenario.model, scenario.side, scenario.items, scenario.concurrency
+    )
+    if not result.ok:
+        logger.warning("%s: %s", scenario.label, result.reason)
+    return {
+        "perf_analyzer_ok": result.ok,
+        "perf_analyzer_reason": result.reason,
+        "requests": result.requests,
+        "succeeded": result.requests,
+        "errors": {},
+        "requests_per_s": result.requests_per_s,
+        "images_per_s": result.images_per_s,
+        "p50_ms": result.p50_ms,
+        "p90_ms": result.p90_ms,
+        "p99_ms": result.p99_ms,
+        # Over perf_analyzer's measured windows, from the gateway's own statistics.
+        "perf_analyzer_mean_batch_size": result.mean_batch_size,
+    }
+
+
 def _measure_rest(ctx: _Context, scenario: Scenario, torchserve: TorchServeRun) -> dict[str, Any]:
     request = rest_request(torchserve.rest_target, scenario.model, torchserve.inference_key)
-    status, body = check_http_request(torchserve.rest_target, request)
-    if status != 200:
-        raise RuntimeError(f"TorchServe REST answered {status}: {body[:200]!r}")
+    _check_http(torchserve.rest_target, request, scenario.label)
     result = run_load(
         LoadSpec(torchserve.rest_target, request, scenario.items, ctx.duration_s, ctx.warmup_s,
                  scenario.concurrency, processes=ctx.processes, transport="http")
@@ -421,6 +526,7 @@ def _measure_rest(ctx: _Context, scenario: Scenario, torchserve: TorchServeRun) 
         **result.as_dict(),
         "torchserve_batch_size": torchserve.batch_size,
         "torchserve_max_batch_delay_ms": torchserve.max_batch_delay_ms,
+        "torchserve_workers": torchserve.workers,
         "torchserve_rss_mb": torchserve.rss_bytes() / 2**20,
     }
 

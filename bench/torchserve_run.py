@@ -38,6 +38,7 @@ class TorchServeRun:
     server: ServerInfo
     batch_size: int
     max_batch_delay_ms: int
+    workers: int = 1
 
     @property
     def rest_target(self) -> str:
@@ -79,27 +80,30 @@ def running_torchserve(
     batch_size: int,
     max_batch_delay_ms: int,
     token_auth: bool = True,
+    workers: int = 1,
 ) -> Iterator[TorchServeRun]:
     """Archive the demo models (TorchScript, from a repository in ``work_dir`` exported from
     the committed weights), start TorchServe on free ports, stop it on exit.
 
     ``token_auth=False`` for replicas behind one gateway channel (each would draw its own key).
+    ``workers``: worker processes per model.
     """
-    store = work_dir / f"model_store-b{batch_size}"
+    store = work_dir / f"model_store-b{batch_size}-w{workers}"
     settings = loopback_settings(
         store,
         free_ports(6),
         token_auth,
         torchserve_batch_size=batch_size,
         torchserve_max_batch_delay_ms=max_batch_delay_ms,
+        torchserve_workers_per_model=workers,
     )
     repository = work_dir / "repository"
     ensure_default_repository(repository)
     archive_repository(repository, store, settings, "torchscript", half=False)
-    logger.info("starting TorchServe (batchSize %d, maxBatchDelay %d ms)", batch_size,
-                max_batch_delay_ms)  # fmt: skip
+    logger.info("starting TorchServe (batchSize %d, maxBatchDelay %d ms, %d workers per model)",
+                batch_size, max_batch_delay_ms, workers)  # fmt: skip
     server = start(settings, store)
     try:
-        yield TorchServeRun(settings, server, batch_size, max_batch_delay_ms)
+        yield TorchServeRun(settings, server, batch_size, max_batch_delay_ms, workers)
     finally:
         stop(store)

@@ -18,7 +18,7 @@ runner = CliRunner()
 def test_report_only_renders_the_last_run_with_the_notes(tmp_path: Path) -> None:
     bench = tmp_path / "bench"
     (bench / NOTES_DIR).mkdir(parents=True)
-    rows = [_row(), _row(batching=False, requests_per_s=100.0, mean_batch_size=1.0)]
+    rows = [_row(), _row(payload="png", requests_per_s=900.0)]
     (bench / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = {"rows": 2, "command": "cnnserve bench --profile quick", "machine": "test box"}
     (bench / "summary.json").write_text(json.dumps(summary))
@@ -29,7 +29,8 @@ def test_report_only_renders_the_last_run_with_the_notes(tmp_path: Path) -> None
     text = (tmp_path / "benchmarks.md").read_text()
     assert "Machine: test box." in text
     assert "Produced by `cnnserve bench --profile quick`" in text  # the run's, not this one
-    assert "| batching on ÷ off, 1-image ConvNet, c=64 (ORT) | ≥ 5× | 10.00 | met |" in text
+    png = "gateway (onnxruntime), 1 PNG/request ÷ 1 FP32 tensor/request, c=64"
+    assert f"| {png} | ≥ 0.8 | 0.90 | met |" in text
     assert text.index("## First note") < text.index("## Second note")
     assert (bench / "throughput.png").is_file()
     assert json.loads((bench / "summary.json").read_text()) == summary
