@@ -23,12 +23,22 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from cnnserve.errors import CnnserveError, public_message
+from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.protocol.errors import CodecError
-from cnnserve.protocol.grpc_codec import grpc_status
+from cnnserve.protocol.grpc_codec import grpc_status, parse_infer_request
 
 from .dataplane import DataPlane
 
 Deserializer = Callable[[bytes], Any]
+
+_INFERENCE = "/" + pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+#: Methods whose messages carry tensors: parsed with their raw contents left as views of the
+#: received bytes (:func:`~cnnserve.protocol.grpc_codec.parse_infer_request`), so the
+#: servicer gets a ``ReceivedInferRequest``, not the protobuf message.
+INFER_PARSERS: dict[str, Deserializer] = {
+    f"{_INFERENCE}/ModelInfer": parse_infer_request,
+    f"{_INFERENCE}/ModelStreamInfer": parse_infer_request,
+}
 
 
 def _parse(deserializer: Deserializer, data: bytes) -> Any:
@@ -46,6 +56,10 @@ class ParsedByGateway(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def __init__(self, core: DataPlane) -> None:
         self._core = core
+        #: Method → (the handler it had, the handler made from it): every call asks, and
+        #: building a handler per call was a visible part of a small request's cost. Keyed
+        #: by the method names the server serves, so it holds one entry per method at most.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -56,7 +70,18 @@ class ParsedByGateway(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler
-        deserializer = handler.request_deserializer
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, INFER_PARSERS.get(method, handler.request_deserializer))
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(
+        self, handler: grpc.RpcMethodHandler, deserializer: Deserializer
+    ) -> grpc.RpcMethodHandler:
+        """``handler`` taking bytes, parsed with ``deserializer``."""
         streaming = (handler.request_streaming, handler.response_streaming)
         behavior = {
             (False, False): handler.unary_unary,

@@ -23,6 +23,7 @@ from cnnserve.errors import CnnserveError, OverloadedError, UnknownModelError, p
 from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
 from cnnserve.protocol.grpc_codec import (
+    ReceivedInferRequest,
     decode_work,
     grpc_status,
     model_metadata_to_proto,
@@ -157,10 +158,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @override
     async def ModelInfer(
         self,
-        request: pb.ModelInferRequest,
+        request: ReceivedInferRequest,
         context: grpc.aio.ServicerContext,
     ) -> pb.ModelInferResponse:
-        """One inference call, within the call's gRPC deadline."""
+        """One inference call, within the call's gRPC deadline (the message as
+        :class:`~.grpc_messages.ParsedByGateway` parsed it: raw contents as views)."""
         # Reached here, the call was accepted before the drain's GOAWAY: served, not refused.
         call = self._infer(request, deadline_of(context), admitted=True)
         return await _guarded(context, call, "ModelInfer")
@@ -168,7 +170,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @override
     async def ModelStreamInfer(
         self,
-        request_iterator: AsyncIterable[pb.ModelInferRequest],
+        request_iterator: AsyncIterable[ReceivedInferRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Answer each request of the stream as it completes (not necessarily in order).
@@ -182,7 +184,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         slots = asyncio.Semaphore(STREAM_MAX_PENDING)
         in_flight: set[asyncio.Task[None]] = set()
 
-        async def answer(request: pb.ModelInferRequest) -> None:
+        async def answer(request: ReceivedInferRequest) -> None:
             try:
                 response = await self._infer(request, deadline)
                 message = pb.ModelStreamInferResponse(infer_response=response)
@@ -191,9 +193,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 message = pb.ModelStreamInferResponse(
                     error_message=public_message(exc),
                     infer_response=pb.ModelInferResponse(
-                        model_name=request.model_name,
-                        model_version=request.model_version,
-                        id=request.id,
+                        model_name=request.message.model_name,
+                        model_version=request.message.model_version,
+                        id=request.message.id,
                     ),
                 )
             answers.put_nowait(message)
@@ -299,7 +301,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
     async def _infer(
-        self, request: pb.ModelInferRequest, deadline: float | None, admitted: bool = False
+        self, request: ReceivedInferRequest, deadline: float | None, admitted: bool = False
     ) -> pb.ModelInferResponse:
         domain_request = await self._core.convert_message(
             decode_work(request), request_from_proto, request, deadline, self._core.input_limits

@@ -12,7 +12,8 @@ outputs in ``raw_output_contents``, as Triton does, so standard clients read the
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -78,6 +79,87 @@ _TYPED_ELEMENT_WORK = 8
 _TYPED_CHUNK = 1 << 16
 
 _INT64_MAX = 2**63 - 1
+#: The tag of one ``raw_input_contents`` entry (field 7, length-delimited) in the wire format.
+_RAW_INPUT_TAG = (
+    pb.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number << 3
+) | 2
+#: Varint bytes past which a tag or length is malformed (a 64-bit value takes at most 10).
+_MAX_VARINT_BYTES = 10
+
+
+@dataclass(frozen=True)
+class ReceivedInferRequest:
+    """A ModelInferRequest as received: the message without its raw contents, and each
+    ``raw_input_contents`` entry as a read-only view of the received bytes (not copied)."""
+
+    message: pb.ModelInferRequest
+    raw: Sequence[bytes | memoryview]
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    """The varint at ``pos`` and the position after it; ``IndexError``/``ValueError`` when
+    malformed."""
+    value = shift = 0
+    for index in range(pos, pos + _MAX_VARINT_BYTES):
+        byte = data[index]
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, index + 1
+        shift += 7
+    raise ValueError("varint too long")
+
+
+def _raw_spans(data: bytes) -> tuple[list[memoryview], list[memoryview]] | None:
+    """Walk the top-level fields of a serialized ModelInferRequest: the raw contents' views
+    and every other field's bytes, in order; ``None`` when the walk cannot vouch for the
+    bytes (then the protobuf parser reads them and reports what is wrong)."""
+    view = memoryview(data)
+    raw: list[memoryview] = []
+    rest: list[memoryview] = []
+    pos = 0
+    size = len(data)
+    try:
+        while pos < size:
+            start = pos
+            tag, pos = _varint(data, pos)
+            wire = tag & 7
+            if wire == 2:
+                length, pos = _varint(data, pos)
+                end = pos + length
+            elif wire == 0:
+                _, end = _varint(data, pos)
+            elif wire == 1:
+                end = pos + 8
+            elif wire == 5:
+                end = pos + 4
+            else:  # groups: never in this message; the parser says what is wrong
+                return None
+            if end > size:
+                return None
+            if tag == _RAW_INPUT_TAG:
+                raw.append(view[pos:end])
+            else:
+                rest.append(view[start:end])
+            pos = end
+    except (IndexError, ValueError):
+        return None
+    return raw, rest
+
+
+def parse_infer_request(data: bytes) -> ReceivedInferRequest:
+    """A serialized ModelInferRequest → its message and raw contents, the contents left in
+    ``data`` as views: the protobuf parser copies a bytes field into its own memory, and
+    reading the field copies it again into a new ``bytes``, two copies of every tensor for
+    nothing. ``data`` is immutable, so a view of it can never change under the request.
+
+    Raises :class:`google.protobuf.message.DecodeError` for bytes that are not the message.
+    """
+    spans = _raw_spans(data)
+    if spans is None or not spans[0]:
+        message = pb.ModelInferRequest.FromString(data)
+        return ReceivedInferRequest(message, message.raw_input_contents)
+    raw, rest = spans
+    return ReceivedInferRequest(pb.ModelInferRequest.FromString(b"".join(rest)), raw)
 
 
 def parameters_from_proto(params: Mapping[str, pb.InferParameter]) -> dict[str, ParameterValue]:
@@ -142,7 +224,9 @@ def _typed_values(tensor: _Tensor, field: str) -> list[Any] | np.ndarray:
 
 
 def _check_input(
-    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, limits: InputLimits | None
+    tensor: pb.ModelInferRequest.InferInputTensor,
+    raw: bytes | memoryview | None,
+    limits: InputLimits | None,
 ) -> str | None:
     """Everything about an input that is known without converting its contents: datatype,
     shape, ``limits``, and how many elements or bytes the contents hold. Returns the typed
@@ -170,7 +254,9 @@ def _check_input(
 
 
 def _input_tensor(
-    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, field: str | None
+    tensor: pb.ModelInferRequest.InferInputTensor,
+    raw: bytes | memoryview | None,
+    field: str | None,
 ) -> Tensor:
     shape = tuple(tensor.shape)
     if field is None:
@@ -187,12 +273,12 @@ def _input_tensor(
     )
 
 
-def decode_work(message: pb.ModelInferRequest) -> int:
-    """Roughly how many bytes decoding ``message``'s inputs touches (raw contents as sent,
+def decode_work(received: ReceivedInferRequest) -> int:
+    """Roughly how many bytes decoding a request's inputs touches (raw contents as sent,
     typed ones at 8 bytes an element), without reading any contents: for deciding whether
     to decode it off the event loop."""
-    work = sum(len(raw) for raw in message.raw_input_contents)
-    for tensor in message.inputs:
+    work = sum(len(raw) for raw in received.raw)
+    for tensor in received.message.inputs:
         field = CONTENTS_FIELD.get(tensor.datatype)
         if field is not None:
             work += _TYPED_ELEMENT_WORK * len(getattr(tensor.contents, field))
@@ -200,14 +286,21 @@ def decode_work(message: pb.ModelInferRequest) -> int:
 
 
 def request_from_proto(
-    message: pb.ModelInferRequest, deadline: float | None, limits: InputLimits | None = None
+    received: ReceivedInferRequest | pb.ModelInferRequest,
+    deadline: float | None,
+    limits: InputLimits | None = None,
 ) -> InferRequest:
-    """A ModelInferRequest → :class:`InferRequest` (``deadline`` on ``time.monotonic()``).
+    """A ModelInferRequest (or one :func:`parse_infer_request` read) → :class:`InferRequest`
+    (``deadline`` on ``time.monotonic()``). Raw contents become arrays over the received
+    bytes, read-only and not copied.
 
     Every input's declared shape is checked — against ``limits`` too, when given — and its
     element count against its contents, before any input's contents are converted.
     """
-    raw = message.raw_input_contents
+    if isinstance(received, ReceivedInferRequest):
+        message, raw = received.message, received.raw
+    else:
+        message, raw = received, received.raw_input_contents
     if raw and len(raw) != len(message.inputs):
         raise CodecError(
             f"raw_input_contents has {len(raw)} entries for {len(message.inputs)} inputs; "

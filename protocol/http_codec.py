@@ -120,7 +120,8 @@ def _tensor(
                 f"input {name!r} declares {size} bytes of binary data but only "
                 f"{len(binary) - offset} follow the JSON header"
             )
-        data = decode_raw(name, datatype, shape, bytes(binary[offset : offset + size]))
+        # A view of the body (immutable bytes), not a copy of the tensor.
+        data = decode_raw(name, datatype, shape, binary[offset : offset + size])
         offset += size
     elif "data" in spec:
         values = _expect(spec["data"], list, f"input {name!r} data", "a list")

@@ -95,8 +95,13 @@ def _wire_dtype(datatype: str) -> np.dtype[np.generic]:
     return DATATYPES[datatype].newbyteorder("<")
 
 
-def decode_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np.ndarray:
-    """Raw tensor bytes → an array of ``shape`` (object array of ``bytes`` for BYTES)."""
+def decode_raw(
+    name: str, datatype: str, shape: Sequence[int], raw: bytes | memoryview
+) -> np.ndarray:
+    """Raw tensor bytes → an array of ``shape`` (object array of ``bytes`` for BYTES).
+
+    A fixed-size datatype's array is a read-only view of ``raw``, not a copy: it keeps
+    ``raw``'s buffer alive, and a received message's bytes never change under it."""
     check_datatype(name, datatype)
     dims = check_shape(name, shape)
     count = math.prod(dims)
@@ -115,7 +120,7 @@ def decode_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np
     return array
 
 
-def _decode_bytes_elements(name: str, raw: bytes, count: int) -> np.ndarray:
+def _decode_bytes_elements(name: str, raw: bytes | memoryview, count: int) -> np.ndarray:
     """Length-prefixed elements; the data must hold exactly ``count`` of them."""
     view = memoryview(raw)
     elements: list[bytes] = []

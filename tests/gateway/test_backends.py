@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import shutil
 import time
+import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -105,6 +106,28 @@ async def test_only_torchscript_takes_pixels_and_normalizes_them(
     from_pixels = await backends["torchscript"].infer_batch(convnet, pixels)
     from_floats = await backends["onnxruntime"].infer_batch(convnet, normalize(pixels))
     assert np.abs(from_pixels - from_floats).max() <= PARITY_TOLERANCE
+
+
+async def test_read_only_batches_as_transports_hand_them_over(
+    backends: dict[str, Backend], models: dict[str, ModelVersion]
+) -> None:
+    """A lone request's batch is a read-only view of the received message (here one that
+    starts at an odd offset, as raw contents inside a protobuf do): both backends answer it
+    as they answer an owned copy, torch without warning about a non-writable array, and
+    neither writes into it."""
+    convnet = models["convnet"]
+    for n in (2, 3, 1):
+        owned = _batch(n, 28, 28, seed=10 + n)
+        received = b"\x07" + owned.tobytes()
+        view = np.frombuffer(memoryview(received)[1:], dtype="<f4").reshape(owned.shape)
+        assert not view.flags.writeable
+        for name, backend in backends.items():
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                from_view = await backend.infer_batch(convnet, view)
+            expected = await backend.infer_batch(convnet, owned.copy())
+            np.testing.assert_array_equal(from_view, expected, err_msg=name)
+        assert received == b"\x07" + owned.tobytes()
 
 
 async def test_runner_options_come_from_settings(

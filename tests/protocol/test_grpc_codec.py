@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from google.protobuf.message import DecodeError
 
 from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.protocol.domain import InferRequest, InferResponse, RequestedOutput, Tensor
 from cnnserve.protocol.errors import CodecError
 from cnnserve.protocol.grpc_codec import (
     CONTENTS_FIELD,
+    ReceivedInferRequest,
+    decode_work,
     parameters_from_proto,
     parameters_to_proto,
+    parse_infer_request,
     request_from_proto,
     request_to_proto,
     response_from_proto,
@@ -157,3 +161,87 @@ def test_response_round_trip_is_raw() -> None:
     decoded = response_from_proto(message)
     assert decoded.outputs[0].data.tolist() == [[b"7"], [b"1"]]
     np.testing.assert_array_equal(decoded.outputs[1].data, probabilities)
+
+
+def _three_inputs() -> InferRequest:
+    """Inputs of 2, 3 and 1 rows and three datatypes, with parameters and outputs around
+    them, so the raw contents sit between other fields of the message."""
+    rng = np.random.default_rng(7)
+    return InferRequest(
+        model_name="convnet",
+        model_version="2",
+        id="req-1",
+        inputs=[
+            Tensor("input", "FP32", (2, 3, 4, 4), rng.standard_normal((2, 3, 4, 4), np.float32)),
+            Tensor("pixels", "UINT8", (3, 5), rng.integers(0, 256, (3, 5), dtype=np.uint8)),
+            Tensor("image", "BYTES", (1,), _bytes_array([b"\x89PNG..."]), {"hint": 3}),
+        ],
+        outputs=[RequestedOutput("labels", {"top_k": 2})],
+        parameters={"timeout": 5000, "trace": "yes"},
+    )
+
+
+def test_received_raw_contents_are_views_of_the_received_bytes() -> None:
+    sent = _three_inputs()
+    data = request_to_proto(sent).SerializeToString()
+    received = parse_infer_request(data)
+    assert len(received.message.raw_input_contents) == 0  # left in data, not parsed
+    assert [bytes(raw) for raw in received.raw] == list(
+        pb.ModelInferRequest.FromString(data).raw_input_contents
+    )
+    assert decode_work(received) == sum(len(raw) for raw in received.raw)
+    request = request_from_proto(received, None)
+    wire = np.frombuffer(data, dtype=np.uint8)
+    for got, want in zip(request.inputs, sent.inputs, strict=True):
+        assert (got.name, got.datatype, got.shape) == (want.name, want.datatype, want.shape)
+        np.testing.assert_array_equal(got.data, want.data)
+        if got.datatype != "BYTES":
+            assert np.shares_memory(got.data, wire)  # no copy of the tensor
+            assert not got.data.flags.writeable  # and no way to change what was received
+    assert request.inputs[2].parameters == {"hint": 3}
+    assert request.outputs == sent.outputs
+    assert (request.model_name, request.model_version, request.id) == ("convnet", "2", "req-1")
+    assert request.parameters == sent.parameters
+
+
+def test_received_requests_decode_as_the_parsed_message_does() -> None:
+    """The same request read both ways gives the same arrays; typed contents (no raw
+    contents to leave in place) are read by the protobuf parser as before."""
+    for request in (
+        _three_inputs(),
+        InferRequest("fcn", [Tensor("input", "FP32", (1, 2), np.ones((1, 2), np.float32))]),
+    ):
+        data = request_to_proto(request).SerializeToString()
+        from_views = request_from_proto(parse_infer_request(data), None)
+        parsed = request_from_proto(pb.ModelInferRequest.FromString(data), None)
+        for a, b in zip(from_views.inputs, parsed.inputs, strict=True):
+            np.testing.assert_array_equal(a.data, b.data)
+    typed = pb.ModelInferRequest(model_name="convnet")
+    tensor = typed.inputs.add(name="input", datatype="FP32", shape=[1, 3])
+    tensor.contents.fp32_contents.extend([1.0, 2.0, 3.0])
+    received = parse_infer_request(typed.SerializeToString())
+    assert isinstance(received, ReceivedInferRequest)
+    assert len(received.raw) == 0
+    np.testing.assert_array_equal(request_from_proto(received, None).inputs[0].data, [[1, 2, 3]])
+
+
+@pytest.mark.parametrize("cut", [1, 5, 40, -3, -1])
+def test_truncated_or_garbled_messages_are_refused_as_the_parser_refuses_them(cut: int) -> None:
+    data = request_to_proto(_three_inputs()).SerializeToString()
+    truncated = data[:cut]
+    try:
+        pb.ModelInferRequest.FromString(truncated)
+    except DecodeError:
+        with pytest.raises(DecodeError):
+            parse_infer_request(truncated)
+    else:
+        parse_infer_request(truncated)  # what the parser accepts is accepted here too
+    with pytest.raises(DecodeError):
+        parse_infer_request(b"\xff" * 12)  # a varint longer than ten bytes
+
+
+def test_raw_contents_with_a_refused_shape_are_still_refused() -> None:
+    message = request_to_proto(_three_inputs())
+    message.inputs[0].shape[0] = 3  # the raw contents hold 2 rows
+    with pytest.raises(CodecError, match="needs 576 bytes of raw data, got 384"):
+        request_from_proto(parse_infer_request(message.SerializeToString()), None)
