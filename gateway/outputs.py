@@ -120,8 +120,12 @@ _DEFAULTS = {
 }
 
 
+#: Each task's outputs by name, built once (every request looks its outputs up).
+_BY_NAME = {task: {o.name: o for o in family} for task, family in _FAMILIES.items()}
+
+
 def _outputs(spec: ModelSpec) -> dict[str, _Output]:
-    return {o.name: o for o in _FAMILIES[spec.task]}
+    return _BY_NAME[spec.task]
 
 
 def output_metadata(spec: ModelSpec) -> tuple[TensorMetadata, ...]:

@@ -83,6 +83,9 @@ _INT64_MAX = 2**63 - 1
 _RAW_INPUT_TAG = (
     pb.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number << 3
 ) | 2
+#: Messages from this size on keep their raw contents in the received bytes (see
+#: :func:`parse_infer_request`); below it, the parser's copies are cheaper than the walk.
+VIEW_MIN_BYTES = 32 << 10
 #: Varint bytes past which a tag or length is malformed (a 64-bit value takes at most 10).
 _MAX_VARINT_BYTES = 10
 
@@ -99,14 +102,22 @@ class ReceivedInferRequest:
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
     """The varint at ``pos`` and the position after it; ``IndexError``/``ValueError`` when
     malformed."""
-    value = shift = 0
-    for index in range(pos, pos + _MAX_VARINT_BYTES):
+    byte = data[pos]
+    if byte < 0x80:  # tags and short lengths: one byte
+        return byte, pos + 1
+    value = byte & 0x7F
+    shift = 7
+    for index in range(pos + 1, pos + _MAX_VARINT_BYTES):
         byte = data[index]
         value |= (byte & 0x7F) << shift
         if byte < 0x80:
             return value, index + 1
         shift += 7
     raise ValueError("varint too long")
+
+
+#: Bytes a fixed-size wire type's value takes (1: 64-bit, 5: 32-bit).
+_FIXED_SIZE = {1: 8, 5: 4}
 
 
 def _raw_spans(data: bytes) -> tuple[list[memoryview], list[memoryview]] | None:
@@ -128,10 +139,8 @@ def _raw_spans(data: bytes) -> tuple[list[memoryview], list[memoryview]] | None:
                 end = pos + length
             elif wire == 0:
                 _, end = _varint(data, pos)
-            elif wire == 1:
-                end = pos + 8
-            elif wire == 5:
-                end = pos + 4
+            elif wire in _FIXED_SIZE:
+                end = pos + _FIXED_SIZE[wire]
             else:  # groups: never in this message; the parser says what is wrong
                 return None
             if end > size:
@@ -151,10 +160,12 @@ def parse_infer_request(data: bytes) -> ReceivedInferRequest:
     ``data`` as views: the protobuf parser copies a bytes field into its own memory, and
     reading the field copies it again into a new ``bytes``, two copies of every tensor for
     nothing. ``data`` is immutable, so a view of it can never change under the request.
+    Messages under :data:`VIEW_MIN_BYTES` are parsed whole: their copies cost less than
+    walking the fields in Python.
 
     Raises :class:`google.protobuf.message.DecodeError` for bytes that are not the message.
     """
-    spans = _raw_spans(data)
+    spans = _raw_spans(data) if len(data) >= VIEW_MIN_BYTES else None
     if spans is None or not spans[0]:
         message = pb.ModelInferRequest.FromString(data)
         return ReceivedInferRequest(message, message.raw_input_contents)
@@ -164,6 +175,8 @@ def parse_infer_request(data: bytes) -> ReceivedInferRequest:
 
 def parameters_from_proto(params: Mapping[str, pb.InferParameter]) -> dict[str, ParameterValue]:
     """A protobuf parameter map → plain values (an unset choice is skipped)."""
+    if not params:  # the usual case, once per request and per tensor
+        return {}
     values: dict[str, ParameterValue] = {}
     for key, param in params.items():
         choice = param.WhichOneof("parameter_choice")
@@ -277,7 +290,10 @@ def decode_work(received: ReceivedInferRequest) -> int:
     """Roughly how many bytes decoding a request's inputs touches (raw contents as sent,
     typed ones at 8 bytes an element), without reading any contents: for deciding whether
     to decode it off the event loop."""
-    work = sum(len(raw) for raw in received.raw)
+    if received.raw:
+        # With raw contents, typed contents are refused unread (request_from_proto).
+        return sum(len(raw) for raw in received.raw)
+    work = 0
     for tensor in received.message.inputs:
         field = CONTENTS_FIELD.get(tensor.datatype)
         if field is not None:

@@ -29,6 +29,7 @@ MAX_RANK = 32
 #: Most elements a shape may declare, zero dimensions counted as 1: far beyond any message,
 #: and small enough that numpy can size the array (it refuses (0, 2**62) outright).
 MAX_ELEMENTS = 2**48
+_INT_TYPE = {int}
 
 
 def check_datatype(name: str, datatype: str) -> np.dtype[np.generic]:
@@ -45,16 +46,17 @@ def check_datatype(name: str, datatype: str) -> np.dtype[np.generic]:
 def check_shape(name: str, shape: Iterable[int]) -> tuple[int, ...]:
     """The shape as a tuple, after checking every dimension is a non-negative integer."""
     dims = tuple(shape)
-    for dim in dims:
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
-            raise CodecError(
-                f"tensor {name!r} has shape {list(dims)}; dimensions must be integers ≥ 0"
-            )
+    # Every request's shape passes here: checked with C-level passes (the types, the
+    # smallest dimension), not a Python loop over the dimensions. ``type is int`` also
+    # refuses bool, an int subclass.
+    if not set(map(type, dims)) <= _INT_TYPE or (dims and min(dims) < 0):
+        raise CodecError(f"tensor {name!r} has shape {list(dims)}; dimensions must be integers ≥ 0")
     if len(dims) > MAX_RANK:
         raise CodecError(
             f"tensor {name!r} has {len(dims)} dimensions; at most {MAX_RANK} are accepted"
         )
-    if math.prod(max(dim, 1) for dim in dims) > MAX_ELEMENTS:
+    counted = dims if 0 not in dims else [dim or 1 for dim in dims]
+    if math.prod(counted) > MAX_ELEMENTS:
         raise CodecError(
             f"tensor {name!r} has shape {list(dims)}, more elements than any request can carry"
         )

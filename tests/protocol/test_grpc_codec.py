@@ -172,7 +172,10 @@ def _three_inputs() -> InferRequest:
         model_version="2",
         id="req-1",
         inputs=[
-            Tensor("input", "FP32", (2, 3, 4, 4), rng.standard_normal((2, 3, 4, 4), np.float32)),
+            # 37.5 KiB: over VIEW_MIN_BYTES, so its contents stay in the received bytes.
+            Tensor(
+                "input", "FP32", (2, 3, 40, 40), rng.standard_normal((2, 3, 40, 40), np.float32)
+            ),
             Tensor("pixels", "UINT8", (3, 5), rng.integers(0, 256, (3, 5), dtype=np.uint8)),
             Tensor("image", "BYTES", (1,), _bytes_array([b"\x89PNG..."]), {"hint": 3}),
         ],
@@ -225,7 +228,7 @@ def test_received_requests_decode_as_the_parsed_message_does() -> None:
     np.testing.assert_array_equal(request_from_proto(received, None).inputs[0].data, [[1, 2, 3]])
 
 
-@pytest.mark.parametrize("cut", [1, 5, 40, -3, -1])
+@pytest.mark.parametrize("cut", [1, 5, 40, 33_000, -3, -1])
 def test_truncated_or_garbled_messages_are_refused_as_the_parser_refuses_them(cut: int) -> None:
     data = request_to_proto(_three_inputs()).SerializeToString()
     truncated = data[:cut]
@@ -237,11 +240,11 @@ def test_truncated_or_garbled_messages_are_refused_as_the_parser_refuses_them(cu
     else:
         parse_infer_request(truncated)  # what the parser accepts is accepted here too
     with pytest.raises(DecodeError):
-        parse_infer_request(b"\xff" * 12)  # a varint longer than ten bytes
+        parse_infer_request(b"\xff" * 40000)  # a varint longer than ten bytes
 
 
 def test_raw_contents_with_a_refused_shape_are_still_refused() -> None:
     message = request_to_proto(_three_inputs())
     message.inputs[0].shape[0] = 3  # the raw contents hold 2 rows
-    with pytest.raises(CodecError, match="needs 576 bytes of raw data, got 384"):
+    with pytest.raises(CodecError, match="needs 57600 bytes of raw data, got 38400"):
         request_from_proto(parse_infer_request(message.SerializeToString()), None)
