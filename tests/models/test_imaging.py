@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from cnnserve.errors import InvalidInputError
+from cnnserve.models import imaging
 from cnnserve.models.imaging import (
     MASK_COLOURS,
     ImageHeader,
@@ -137,3 +140,126 @@ def test_read_header_decodes_nothing() -> None:
     assert (header.width, header.height, header.format) == (4000, 3000, "PNG")
     with pytest.raises(InvalidInputError, match="the limit is 1000"):
         read_header(png_declaring(40, 30), max_pixels=1000)
+
+
+# --- the header reader without Pillow: the same answers as Pillow's own header ---
+
+
+def _pillow_header(data: bytes) -> ImageHeader:
+    with Image.open(io.BytesIO(data)) as image:
+        return ImageHeader(image.size[0], image.size[1], str(image.format))
+
+
+def _png_with_ihdr(fields: bytes, crc: int | None = None) -> bytes:
+    ihdr = b"IHDR" + fields
+    checksum = zlib.crc32(ihdr) if crc is None else crc
+    return (
+        b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(fields)) + ihdr + struct.pack(">I", checksum)
+    )
+
+
+def _jpeg_with_segments(jpeg: bytes, *segments: bytes) -> bytes:
+    """``jpeg`` with marker segments inserted right after its SOI."""
+    return jpeg[:2] + b"".join(segments) + jpeg[2:]
+
+
+def _segment(marker: int, payload: bytes) -> bytes:
+    return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+
+GRAY = np.arange(30 * 20, dtype=np.uint8).reshape(30, 20)
+RGB = np.stack([GRAY, GRAY[::-1], 255 - GRAY], axis=-1)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        encode(GRAY),
+        encode(RGB),
+        encode(RGB, mode="RGBA"),
+        encode(RGB, mode="P"),
+        encode(RGB, mode="1"),
+        encode(GRAY.astype(np.uint16) * 200, mode="I;16"),
+        encode(RGB, fmt="JPEG"),
+        encode(GRAY, fmt="JPEG"),
+        encode(RGB, fmt="JPEG", mode="CMYK"),
+        _jpeg_with_segments(encode(RGB, fmt="JPEG"), _segment(0xE1, b"Exif\0\0" + b"x" * 300)),
+        _jpeg_with_segments(encode(RGB, fmt="JPEG"), b"\xff\xff\xff"),  # fill bytes
+        png_declaring(4096, 3000),
+    ],
+    ids=[
+        "gray",
+        "rgb",
+        "rgba",
+        "palette",
+        "bilevel",
+        "16-bit",
+        "jpeg",
+        "jpeg-gray",
+        "cmyk",
+        "jpeg-exif",
+        "jpeg-fill",
+        "declared-only",
+    ],
+)
+def test_header_reader_agrees_with_pillow(data: bytes) -> None:
+    assert read_header(data, max_pixels=1 << 30) == _pillow_header(data)
+    # Read by the struct reader itself, not handed to Pillow.
+    assert (imaging._png_header(data) or imaging._jpeg_header(data)) == _pillow_header(data)
+
+
+def test_progressive_and_interlaced_images_are_read() -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(RGB).save(buffer, format="JPEG", progressive=True)
+    assert read_header(buffer.getvalue()) == ImageHeader(20, 30, "JPEG")
+    buffer = io.BytesIO()
+    Image.fromarray(RGB).save(buffer, format="PNG", interlace=1)
+    assert read_header(buffer.getvalue()) == ImageHeader(20, 30, "PNG")
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "empty"),
+        (b"definitely not an image", "could not decode"),
+        (b"\x89PNG\r\n\x1a\n", "could not decode"),
+        (encode(GRAY)[:20], "could not decode"),
+        (_png_with_ihdr(struct.pack(">IIBBBBB", 20, 30, 8, 2, 0, 0, 0), crc=1), "could not"),
+        (_png_with_ihdr(struct.pack(">IIBBBBB", 0, 30, 8, 2, 0, 0, 0)), "could not decode"),
+        (_png_with_ihdr(struct.pack(">IIBBBBB", 20, 30, 8, 2, 1, 0, 0)), "could not decode"),
+        (_png_with_ihdr(struct.pack(">IIBB", 20, 30, 8, 2)), "could not decode"),
+        (encode(RGB, fmt="JPEG")[:30], "could not decode"),
+        (b"\xff\xd8\xff\xc0\x00\x11\x08\x00\x00\x00\x14\x03" + b"\0" * 9, "could not decode"),
+        (encode(GRAY, fmt="GIF"), "GIF is not accepted"),
+        (encode(GRAY, fmt="BMP"), "BMP is not accepted"),
+    ],
+    ids=[
+        "empty",
+        "garbage",
+        "png-signature-only",
+        "png-cut-in-ihdr",
+        "ihdr-bad-crc",
+        "png-zero-width",
+        "png-bad-compression",
+        "ihdr-short",
+        "jpeg-cut",
+        "jpeg-zero-height",
+        "gif",
+        "bmp",
+    ],
+)
+def test_header_reader_refuses_what_pillow_refuses(data: bytes, message: str) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        read_header(data)
+
+
+def test_header_reader_checks_the_pixel_limit_of_either_format() -> None:
+    for data in (png_declaring(300, 300), encode(np.zeros((300, 300), np.uint8), fmt="JPEG")):
+        with pytest.raises(InvalidInputError, match=r"300×300 = 90000 pixels; the limit is 1000"):
+            read_header(data, max_pixels=1000)
+
+
+def test_a_jpeg_frame_after_many_segments_is_found() -> None:
+    many = [_segment(0xE0 + i % 16, bytes(i % 50)) for i in range(500)]
+    data = _jpeg_with_segments(encode(RGB, fmt="JPEG"), *many)
+    assert read_header(data) == _pillow_header(data) == ImageHeader(20, 30, "JPEG")
