@@ -2,7 +2,10 @@
 
 The gateway has already batched, so TorchServe's own batch size stays 1 (its delay would only
 add to the gateway's; docs/architecture.md, "Batching once, preparing once") and the whole
-batch travels in one request in the packed format the cnnserve handler reads. The
+batch travels in one request in the packed format the cnnserve handler reads. Images travel
+encoded (:meth:`TorchServeBackend.decodes_images`): the handler decodes them in TorchServe's
+worker processes, in parallel with the gateway, and an image that fails there fails only its
+own item (:class:`~cnnserve.gateway.batcher.PartialResults`). The
 client spreads batches over every replica behind the target, attaches each replica's
 inference key and turns TorchServe's failures into cnnserve errors.
 
@@ -50,12 +53,15 @@ from pathlib import Path
 import numpy as np
 
 from cnnserve.errors import UnavailableError
+from cnnserve.models.imaging import DEFAULT_MAX_IMAGE_PIXELS
 from cnnserve.models.repository import ModelVersion
 from cnnserve.settings import Settings
 from cnnserve.torchserve_engine.client import TorchServeClient
 from cnnserve.torchserve_engine.keys import key_store
 from cnnserve.torchserve_engine.management import Registrar
 from cnnserve.torchserve_engine.process import KEY_FILE, renew_keys_of, run_dir_of
+
+from .batcher import PartialResults
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +85,11 @@ class TorchServeBackend:
         registrar: Registrar | None = None,
         renewed_stores: Sequence[Path] = (),
         renew_fraction: float = 0.0,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         self._target = target
+        #: The gateway's image cap, which its headers were checked against.
+        self._max_image_pixels = max_image_pixels
         self._keys = key_store(key_file, key_dir)
         self._max_message_bytes = max_message_bytes
         self._timeout_s = timeout_s
@@ -119,6 +128,7 @@ class TorchServeBackend:
             registrar=registrar,
             renewed_stores=stores if settings.torchserve_token_auth else (),
             renew_fraction=settings.torchserve_token_renew_fraction,
+            max_image_pixels=settings.max_image_pixels,
         )
 
     async def start(self) -> None:
@@ -173,11 +183,37 @@ class TorchServeBackend:
             return
         await self._registrar.unregister(model.spec.name, model.version)
 
-    async def infer_batch(self, model: ModelVersion, batch: np.ndarray) -> np.ndarray:
-        """One ``Predictions`` call carrying the whole batch, to that model and version."""
+    async def infer_batch(
+        self, model: ModelVersion, batch: np.ndarray
+    ) -> np.ndarray | PartialResults:
+        """One ``Predictions`` call carrying the whole batch, to that model and version: float32
+        items, or (an object array) encoded images the handler decodes, whose failed images
+        come back as :class:`PartialResults`."""
+        if batch.dtype == object:
+            return await self._infer_images(model, batch)
         return await self._connected().predict_batch(
             model.spec.name, batch, self._timeout_s, version=str(model.version)
         )
+
+    async def _infer_images(
+        self, model: ModelVersion, batch: np.ndarray
+    ) -> np.ndarray | PartialResults:
+        spec = model.spec
+        images: list[bytes] = batch.tolist()
+        declared: tuple[int, int] | None = None
+        if spec.fixed_size is None:
+            # A size-variable model's batch shares one size, the one its headers declared
+            # when the gateway priced them: the handler holds every image to it.
+            declared = spec.read_image_header(images[0], self._max_image_pixels).size
+        results = await self._connected().predict_images(
+            spec.name, images, declared, self._timeout_s, version=str(model.version)
+        )
+        if not results.failures and results.outputs is not None:
+            return results.outputs
+        rows = results.outputs
+        if rows is None:  # every image failed: no caller gets a row, any placeholder will do
+            rows = np.zeros(len(images), dtype=np.float32)
+        return PartialResults(rows, results.failures, "image")
 
     async def ready(self, model: ModelVersion) -> bool:
         """TorchServe runs a one-image probe through the version end to end."""
@@ -190,8 +226,8 @@ class TorchServeBackend:
         return PLATFORM
 
     def decodes_images(self, model: ModelVersion) -> bool:
-        """Not yet: the handler's packed format carries float32 batches only."""
-        return False
+        """Yes: TorchServe's workers decode a batch's images (the handler's image batch)."""
+        return True
 
     def takes_pixels(self, model: ModelVersion) -> bool:
         """No: the handler's packed format carries normalized float32 batches."""

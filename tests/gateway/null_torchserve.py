@@ -1,5 +1,6 @@
 """A stand-in for TorchServe's gRPC inference API whose every prediction is zeros of the model's
-output shape (``N×C`` logits, ``N×C×H×W`` scores), in the handlers' packed format.
+output shape (``N×C`` logits, ``N×C×H×W`` scores), in the handlers' packed format, for float32
+batches and image batches alike (an image batch's images are not decoded).
 
 A gateway with ``backend=torchserve`` in front of it does all its own work — decoding, batching,
 packing, the backend call and the reply — at the cost it has in a deployment, while the model's
@@ -17,7 +18,13 @@ import grpc
 import numpy as np
 from google.protobuf import empty_pb2
 
-from cnnserve.handlers.packing import PACKED_INPUT_NAME, pack, unpack
+from cnnserve.handlers.packing import (
+    PACKED_INPUT_NAME,
+    is_image_batch,
+    pack,
+    unpack,
+    unpack_images,
+)
 from cnnserve.models.registry import get_spec
 from cnnserve.models.spec import Task
 from cnnserve.protocol import torchserve_inference_pb2 as ts_pb
@@ -38,11 +45,19 @@ class NullTorchServe(ts_grpc.InferenceAPIsServiceServicer):
     def Predictions(  # noqa: N802 (the gRPC method's name)
         self, request: ts_pb.PredictionsRequest, context: grpc.ServicerContext
     ) -> ts_pb.PredictionResponse:
-        batch = unpack(request.input[PACKED_INPUT_NAME], ndim=4)
+        payload = request.input[PACKED_INPUT_NAME]
         spec = get_spec(request.model_name)
-        shape: tuple[int, ...] = (len(batch), spec.num_classes)
-        if spec.task is Task.SEGMENTATION:
-            shape += batch.shape[2:]
+        if is_image_batch(payload):
+            images = unpack_images(payload)
+            count, size = len(images.images), images.declared_size
+            # An FCN batch declares its images' (width, height).
+            item_size = (size[1], size[0]) if size is not None else spec.fixed_size
+        else:
+            batch = unpack(payload, ndim=4)
+            count, item_size = len(batch), (batch.shape[2], batch.shape[3])
+        shape: tuple[int, ...] = (count, spec.num_classes)
+        if spec.task is Task.SEGMENTATION and item_size is not None:
+            shape += tuple(item_size)
         zeros = np.zeros(shape, dtype=np.float32)
         return ts_pb.PredictionResponse(prediction=pack(zeros, ndim=None))
 

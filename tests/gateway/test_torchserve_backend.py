@@ -5,26 +5,43 @@ torchserve`` process in explicit model control mode serves a copy of the default
 plus the tutorial's 3-class FCN and a model whose TorchScript file is broken, with only the
 ConvNet loaded at start. The unmodified tritonclient loads and unloads models through Triton's
 repository extension; TorchServe's management API shows what got registered.
+
+Images travel encoded to TorchServe's workers, which decode them: the backend and an in-process
+gateway on the session's TorchServe show a corrupt image failing only its own item (and only
+its own caller), every other row equal to the float32 path's for the same image.
 """
 
 from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import httpx
 import numpy as np
 import pytest
+import pytest_asyncio
 import torch
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from cnnserve.errors import InvalidInputError
+from cnnserve.gateway.batcher import PartialResults
+from cnnserve.gateway.torchserve_backend import TorchServeBackend
+from cnnserve.models.registry import get_spec
+from cnnserve.models.repository import Repository
+from cnnserve.models.steps import normalize
+from cnnserve.protocol import open_inference_pb2 as pb
+from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
+from cnnserve.protocol.grpc_codec import response_from_proto
 from cnnserve.torchserve_engine.archive import store_archives
 from cnnserve.torchserve_engine.process import ServerInfo, start, status, stop
-from tests.conftest import torchserve_settings
+from tests.conftest import RunningTorchServe, torchserve_settings
+from tests.gateway.harness import running_gateway
+from tests.images import digit_png, shapes_png
 from tests.models import tutorial_classes as tutorial
 from tests.support import GatewayProcess, gateway_process, starts_torchserve
 
@@ -162,3 +179,149 @@ async def test_a_new_version_takes_over_while_the_old_one_serves(deployment: Dep
     index = deployment.client().get_model_repository_index()
     ready = {(r["name"], r.get("version")) for r in index if r.get("state") == "READY"}
     assert ("convnet", "2") in ready and ("convnet", "1") not in ready
+
+
+# --- images decoded in TorchServe's workers: the session's TorchServe, in-process callers ---
+
+DIGITS = [digit_png(i)[0] for i in range(6)]
+#: A digit whose header is valid and whose pixel data is cut short.
+CORRUPT = DIGITS[3][:90]
+SCENES = [shapes_png(seed, 40)[0] for seed in (1, 2, 3)]
+
+
+def images(*items: bytes) -> np.ndarray:
+    """An object array of encoded images, as the batcher hands the backend a batch."""
+    batch = np.empty(len(items), dtype=object)
+    batch[:] = items
+    return batch
+
+
+def float32_items(model: str, pngs: list[bytes]) -> np.ndarray:
+    """The gateway's float32 path for ``pngs``: decoded, prepared and normalized here."""
+    spec = get_spec(model)
+    return np.stack([normalize(spec.image_to_pixels(png), spec.normalization) for png in pngs])
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def backend(
+    torchserve: RunningTorchServe, model_repository: Path
+) -> AsyncIterator[tuple[TorchServeBackend, Repository]]:
+    """The torchserve backend on the session's TorchServe (its versions already registered)."""
+    settings = torchserve.gateway_settings(model_repository, torchserve_registration=False)
+    backend = TorchServeBackend.from_settings(settings)
+    await backend.start()
+    try:
+        yield backend, Repository(model_repository)
+    finally:
+        await backend.close()
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_the_backend_sends_images_encoded_and_fails_only_the_corrupt_one(
+    backend: tuple[TorchServeBackend, Repository],
+) -> None:
+    torchserve_backend, repository = backend
+    cases = [
+        ("convnet", [DIGITS[0], DIGITS[1], CORRUPT, DIGITS[4], DIGITS[5]], [2]),
+        ("convnet", [DIGITS[2]], []),
+        ("fcn", [SCENES[0], CORRUPT, SCENES[1], SCENES[2]], [1]),
+    ]
+    for model, pngs, failed in cases:
+        version = repository.read(model).versions[1]
+        await torchserve_backend.load(version)
+        assert torchserve_backend.decodes_images(version)
+        answer = await torchserve_backend.infer_batch(version, images(*pngs))
+        good = [i for i in range(len(pngs)) if i not in failed]
+        float32 = await torchserve_backend.infer_batch(
+            version, float32_items(model, [pngs[i] for i in good])
+        )
+        if failed:
+            assert isinstance(answer, PartialResults)
+            assert sorted(answer.failures) == failed
+            assert all(isinstance(e, InvalidInputError) for e in answer.failures.values())
+            assert answer.item_noun == "image"
+            rows = answer.rows
+        else:
+            assert isinstance(answer, np.ndarray)
+            rows = answer
+        assert len(rows) == len(pngs)
+        assert np.abs(rows[good] - float32).max() < TOLERANCE
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_batch_of_only_corrupt_images_fails_every_item(
+    backend: tuple[TorchServeBackend, Repository],
+) -> None:
+    torchserve_backend, repository = backend
+    version = repository.read("convnet").versions[1]
+    await torchserve_backend.load(version)
+    answer = await torchserve_backend.infer_batch(version, images(CORRUPT, DIGITS[1][:70]))
+    assert isinstance(answer, PartialResults)
+    assert sorted(answer.failures) == [0, 1]
+    assert len(answer.rows) == 2
+
+
+def image_request(model: str, pngs: list[bytes], output: str) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model)
+    tensor = request.inputs.add(name="image", datatype="BYTES", shape=[len(pngs), 1])
+    tensor.contents.bytes_contents.extend(pngs)
+    request.outputs.add(name=output)
+    return request
+
+
+def tensor_request(model: str, items: np.ndarray, output: str) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name="input", datatype="FP32", shape=items.shape)
+    request.raw_input_contents.append(items.tobytes())
+    request.outputs.add(name=output)
+    return request
+
+
+async def rows_of(
+    stub: pb_grpc.GRPCInferenceServiceStub, request: pb.ModelInferRequest
+) -> np.ndarray:
+    response = response_from_proto(await stub.ModelInfer(request, timeout=120))
+    (output,) = response.outputs
+    return output.data
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_concurrent_callers_through_a_gateway_only_the_corrupt_image_s_caller_fails(
+    torchserve: RunningTorchServe, model_repository: Path
+) -> None:
+    """Uneven image requests from concurrent callers share TorchServe batches; the one with a
+    corrupt image gets INVALID_ARGUMENT naming it, every other caller its own rows, equal to
+    what the gateway answers for the same images sent as float32 tensors."""
+    settings = torchserve.gateway_settings(
+        model_repository, max_batch_delay_ms=300.0, adaptive_batch_delay=False
+    )
+    requests = [
+        ("convnet", [DIGITS[0], DIGITS[1]], "logits"),
+        ("convnet", [DIGITS[2], CORRUPT, DIGITS[4]], "logits"),
+        ("convnet", [DIGITS[5]], "logits"),
+        ("fcn", SCENES[:2], "scores"),
+        ("fcn", [SCENES[2]], "scores"),
+        ("convnet", [DIGITS[4], DIGITS[3], DIGITS[2]], "logits"),
+    ]
+    async with (
+        running_gateway(settings) as gateway,
+        grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel,
+    ):
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        answers = await asyncio.gather(
+            *(rows_of(stub, image_request(m, pngs, out)) for m, pngs, out in requests),
+            return_exceptions=True,
+        )
+        refused = answers[1]
+        assert isinstance(refused, grpc.aio.AioRpcError)
+        assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "image 1: could not decode image" in (refused.details() or "")
+        for (model, pngs, output), answer in zip(requests, answers, strict=True):
+            if answer is refused:
+                continue
+            assert isinstance(answer, np.ndarray), answer
+            expected = await rows_of(
+                stub, tensor_request(model, float32_items(model, pngs), output)
+            )
+            assert answer.shape == expected.shape
+            assert np.abs(answer - expected).max() < TOLERANCE
