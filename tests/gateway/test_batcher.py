@@ -28,7 +28,7 @@ from cnnserve.errors import (
     PayloadTooLargeError,
     UnavailableError,
 )
-from cnnserve.gateway.batcher import BatchFn, DynamicBatcher
+from cnnserve.gateway.batcher import BatchFn, DynamicBatcher, PartialResults
 from cnnserve.gateway.metrics import GatewayMetrics, ModelObserver
 
 #: A batch delay no test could wait out: a request answered at all did not wait for it.
@@ -435,3 +435,85 @@ async def test_dtypes_are_never_mixed_in_one_batch() -> None:
     assert got_pixels.dtype == np.uint8
     np.testing.assert_array_equal(got_floats, floats * 2)
     assert sorted(str(batch.dtype) for batch in model.batches) == ["float32", "uint8"]
+
+
+async def test_keys_keep_equal_shapes_apart() -> None:
+    # Encoded images are all one shape (N objects); the key carries their declared size.
+    model = Doubler()
+    async with running(make(model, batch=8, delay_ms=10)) as b:
+        results = await asyncio.gather(
+            b.submit(items(1, 2), key=(3, 8, 8)),
+            b.submit(items(2, 3), key=(3, 9, 9)),
+            b.submit(items(3), key=(3, 8, 8)),
+        )
+    for value, count, result in zip((1, 2, 3), (2, 3, 1), results, strict=True):
+        np.testing.assert_array_equal(result, items(value, count) * 2)
+    assert sorted(model.sizes) == [3, 3]
+    assert any(set(np.unique(batch).tolist()) == {1.0, 3.0} for batch in model.batches)
+    assert any(set(np.unique(batch).tolist()) == {2.0} for batch in model.batches)
+
+
+class FailsValues(Doubler):
+    """Doubles its batch, but answers the items filled with any of ``failing`` as failed."""
+
+    def __init__(self, *failing: float) -> None:
+        super().__init__()
+        self.failing = failing
+
+    async def __call__(self, batch: np.ndarray) -> PartialResults:  # type: ignore[override]
+        rows = await super().__call__(batch)
+        failures: dict[int, CnnserveError] = {
+            index: InvalidInputError(f"could not decode image: value {batch[index].flat[0]:g}")
+            for index in range(len(batch))
+            if batch[index].flat[0] in self.failing
+        }
+        return PartialResults(rows, failures, "image")
+
+
+async def test_partial_results_fail_only_the_owners_of_failed_items() -> None:
+    # Callers of 2, 3 and 1 items share one batch; the second item of the three-item caller
+    # and the only item of the last fail.
+    model = FailsValues(-2.0, -3.0)
+    three = np.concatenate([items(2), items(-2), items(2)])
+    async with running(make(model, batch=8, delay_ms=20)) as b:
+        two, failed_middle, failed_only = await asyncio.gather(
+            b.submit(items(1, 2)),
+            b.submit(three),
+            b.submit(items(-3)),
+            return_exceptions=True,
+        )
+        # The batcher goes on serving.
+        after = await b.submit(items(4, 3))
+    assert model.sizes[0] == 6
+    assert isinstance(two, np.ndarray)
+    np.testing.assert_array_equal(two, items(1, 2) * 2)
+    assert isinstance(failed_middle, InvalidInputError)
+    assert str(failed_middle) == "image 1: could not decode image: value -2"
+    assert isinstance(failed_only, InvalidInputError)
+    assert str(failed_only) == "image 0: could not decode image: value -3"
+    np.testing.assert_array_equal(after, items(4, 3) * 2)
+
+
+async def test_a_failure_in_a_later_batch_names_the_item_in_its_request() -> None:
+    # Ten items over batches of four: item 9 (the second of the third batch) fails.
+    model = FailsValues(9.0)
+    ten = np.concatenate([items(i) for i in range(10)])
+    async with running(make(model, batch=4, queue=16)) as b:
+        with pytest.raises(InvalidInputError, match=r"^image 9: could not decode image"):
+            await b.submit(ten)
+    assert model.sizes == [4, 4, 2]
+
+
+async def test_partial_results_naming_items_outside_the_batch_are_detected(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def fails_an_item_it_never_had(batch: np.ndarray) -> PartialResults:
+        return PartialResults(batch * 2, {len(batch): InvalidInputError("no such item")})
+
+    async with running(make(fails_an_item_it_never_had, delay_ms=10)) as b:
+        with caplog.at_level(logging.ERROR, logger="cnnserve.gateway.batcher"):
+            outcomes = await asyncio.gather(
+                b.submit(items(1, 2)), b.submit(items(2)), return_exceptions=True
+            )
+    assert all(type(o) is CnnserveError for o in outcomes)
+    assert "failed items [3] of a batch of 3" in caplog.text
