@@ -9,7 +9,9 @@ minutes on an NVIDIA host:
    to and from the GPU, as serving does);
 2. a real gateway (``cnnserve serve --backend torchscript``, fp16, CUDA graphs) under load
    from several client processes: single-image requests (FP32 and UINT8) and 256-image UINT8
-   requests, beside a bare gRPC echo of the single image.
+   requests, beside a bare gRPC echo of the single image; then the PNG path end to end —
+   PNG digits in (1 and 32 per request, the ``image`` input), decoded and prepared in the
+   gateway, the formed batch run on the GPU.
 
 Each figure is printed as one JSON line and appended to ``DIR/gpu_check.jsonl``;
 ``DIR/gpu_check.md`` has the tables. ``--dry-run`` runs the same code on the CPU at tiny sizes
@@ -92,16 +94,17 @@ class Plan:
     single_concurrency: int
     big_items: int
     big_concurrency: int
+    png_items: int
     graph_buckets: tuple[int, ...]
 
     @classmethod
     def for_run(cls, dry_run: bool) -> Plan:
         """The plan for a GPU run, or the tiny CPU one."""
         if dry_run:
-            return cls("cpu", (1, 4), (1, 2), 16, 0.2, 0.5, 0.2, 1, 2, 4, 2, (1, 2, 4))
+            return cls("cpu", (1, 4), (1, 2), 16, 0.2, 0.5, 0.2, 1, 2, 4, 2, 3, (1, 2, 4))
         return cls(
             "cuda:0", (1, 8, 32, 128, 256, 1024), (1, 8, 32), 128, 0.5, 10.0, 2.0, 8, 256,
-            256, 8, (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            256, 8, 32, (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
         )  # fmt: skip
 
 
@@ -212,6 +215,7 @@ def gateway_under_load(plan: Plan, artifacts: Path, out: Path, recorder: Recorde
         return
     from .gateway_process import demo_repository, start_gateway
     from .loadgen import LoadSpec, check_request, infer_request, run_load
+    from .payloads import oip_request
     from .scrape import batch_sizes
 
     on_cuda = plan.device.startswith("cuda")
@@ -221,7 +225,7 @@ def gateway_under_load(plan: Plan, artifacts: Path, out: Path, recorder: Recorde
         "CNNSERVE_HALF_PRECISION": str(on_cuda).lower(),
         "CNNSERVE_CUDA_GRAPH_BATCH_SIZES": json.dumps(list(plan.graph_buckets)),
         "CNNSERVE_MAX_BATCH_SIZE": str(max(plan.graph_buckets)),
-        "CNNSERVE_MAX_ITEMS_PER_REQUEST": str(max(plan.big_items, 1)),
+        "CNNSERVE_MAX_ITEMS_PER_REQUEST": str(max(plan.big_items, plan.png_items, 1)),
         "CNNSERVE_MAX_QUEUE_SIZE": "65536",
     }
     rng = np.random.default_rng(0)
@@ -234,6 +238,11 @@ def gateway_under_load(plan: Plan, artifacts: Path, out: Path, recorder: Recorde
         (f"{plan.big_items}-image UINT8",
          infer_request("convnet", rng.integers(0, 256, (plan.big_items, 3, 28, 28), np.uint8),
                        input_name="pixels"), plan.big_items, plan.big_concurrency),
+        # The PNG path: encoded digits in, decoded where the gateway decodes them, the formed
+        # batch on the GPU — what an application sending images gets end to end.
+        ("1-image PNG", oip_request("convnet", 28, 1, "png"), 1, plan.single_concurrency),
+        (f"{plan.png_items}-image PNG", oip_request("convnet", 28, plan.png_items, "png"),
+         plan.png_items, plan.big_concurrency),
     )  # fmt: skip
     gateway = start_gateway("torchscript", env, out / "gpu_check.gateway.log")
     try:

@@ -14,6 +14,8 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from cnnserve.bench.gpu_check import VARIANTS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,12 +52,24 @@ def test_dry_run_measures_what_a_cpu_can_and_names_what_it_cannot(
             assert [f["batch"] for f in mine] == [1, 4]
             assert all(f["images_per_s"] > 0 and f["p50_ms"] > 0 for f in mine)
     gateway = [f for f in figures if f["phase"] == "gateway"]
-    assert [f["load"] for f in gateway] == ["1-image FP32", "1-image UINT8", "4-image UINT8"]
+    assert [f["load"] for f in gateway] == [
+        "1-image FP32",
+        "1-image UINT8",
+        "4-image UINT8",
+        "1-image PNG",
+        "3-image PNG",
+    ]
     assert all(f["errors"] == {} and f["requests_per_s"] > 0 for f in gateway)
+    # The PNG path end to end: images/s counts every digit of a 3-image request, and its
+    # batches hold whole requests (1 or 2 of them at concurrency 2).
+    png = gateway[-1]
+    assert png["images_per_s"] == pytest.approx(3 * png["requests_per_s"], abs=0.5)
+    assert 3 <= png["mean_batch_size"] <= 6
     assert [f["phase"] for f in figures[-1:]] == ["echo"]
     report = (out / "gpu_check.md").read_text()
     assert "| channels_last fp16 | needs CUDA | needs CUDA |" in report
     assert "| 4-image UINT8 | 2 |" in report
+    assert "| 3-image PNG | 2 |" in report
     assert "--dry-run" in report
 
 
