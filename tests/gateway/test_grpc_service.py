@@ -28,6 +28,7 @@ from cnnserve.gateway.grpc_service import deadline_of
 from cnnserve.gateway.server import Gateway
 from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
+from cnnserve.protocol.grpc_codec import VIEW_MIN_BYTES
 from tests.gateway.harness import (
     ExplodingBackend,
     digit_input,
@@ -233,6 +234,35 @@ async def test_uneven_concurrent_requests_get_their_own_rows(stub: Stub) -> None
         got = outputs_of(response)["logits"]
         assert got.shape == (size, 10)
         np.testing.assert_allclose(got, expected[start : start + size], atol=1e-5)
+
+
+async def test_requests_read_in_place_share_batches_and_streams(stub: Stub) -> None:
+    """Requests over VIEW_MIN_BYTES keep their tensors in the received bytes: of 5, 7 and 4
+    items (uneven, concurrent, batched together), over ModelInfer and ModelStreamInfer,
+    each gets exactly its own rows, the rows of one request carrying all 16."""
+    sizes = (5, 7, 4)
+    assert min(sizes) * 3 * 28 * 28 * 4 >= VIEW_MIN_BYTES
+    tensor, _ = digit_input(range(sum(sizes)))
+    whole = tensor_request("input", tensor)
+    whole.outputs.add(name="logits")
+    expected = outputs_of(await stub.ModelInfer(whole))["logits"]
+    requests = []
+    start = 0
+    for index, size in enumerate(sizes):
+        request = tensor_request("input", tensor[start : start + size])
+        request.id = str(index)
+        request.outputs.add(name="logits")
+        requests.append((start, size, request))
+        start += size
+    unary = await asyncio.gather(*(stub.ModelInfer(r) for _, _, r in requests))
+    streamed = {
+        a.infer_response.id: a.infer_response
+        async for a in stub.ModelStreamInfer(iter([r for _, _, r in requests]))
+    }
+    for (start, size, request), response in zip(requests, unary, strict=True):
+        for answer in (response, streamed[request.id]):
+            got = outputs_of(answer)["logits"]
+            np.testing.assert_allclose(got, expected[start : start + size], atol=1e-5)
 
 
 async def test_a_request_larger_than_a_batch(stub: Stub, gateway: Gateway) -> None:
