@@ -125,6 +125,10 @@ class SharedModels:
         # Loads and unloads are rare; one at a time keeps the counts simple.
         self._lock = asyncio.Lock()
 
+    def holds(self) -> dict[str, int]:
+        """Every loaded version's key and how many frontend loads hold it."""
+        return {key: shared.refs for key, shared in self._versions.items()}
+
     def get(self, key: str) -> _Shared:
         """The loaded version ``key``; UNAVAILABLE when it is not loaded (any more)."""
         shared = self._versions.get(key)
@@ -346,9 +350,10 @@ class BatchingServer:
 
     def __init__(self, settings: Settings, backend: Backend, metrics: GatewayMetrics) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.models = SharedModels(settings, backend, metrics)
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._connections: set[_Connection] = set()
         self._draining = False
 
     def check_accepting(self) -> None:
@@ -364,13 +369,12 @@ class BatchingServer:
         )
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
+        connection = _Connection(self, reader, writer)
+        self._connections.add(connection)
         try:
-            await _Connection(self, reader, writer).serve()
+            await connection.serve()
         finally:
-            self._connections.discard(task)
+            self._connections.discard(connection)
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new calls, let the batchers run what they hold for ``grace_s``, close."""
@@ -378,9 +382,11 @@ class BatchingServer:
         if self._server is not None:
             self._server.close()
         await self.models.close(grace_s)
-        for task in list(self._connections):
-            task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
+        # Closing a connection ends its reader, which cancels what is left of its calls.
+        for connection in list(self._connections):
+            connection.writer.close()
+        while self._connections:
+            await asyncio.sleep(0.01)
         await self.models.backend.close()
 
 
