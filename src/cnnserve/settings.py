@@ -99,9 +99,10 @@ class Settings(BaseSettings):
         1,
         ge=1,
         description="Gateway processes sharing the gRPC and HTTP ports (SO_REUSEPORT; the "
-        "ports must be fixed), each with its own batchers and backend: the RPC work spreads "
-        "over more cores, and each process batches only its share of the traffic. The "
-        "metrics port serves all of them, summed. Default 1: one process.",
+        "ports must be fixed): the RPC work spreads over more cores. With shared_batcher they "
+        "feed one batching process; without, each has its own batchers and backend and batches "
+        "only its share of the traffic. The metrics port serves all of them, summed. Default "
+        "1: one process.",
     )
     shared_batcher: bool = Field(
         True,

@@ -1,0 +1,137 @@
+"""Frontend processes and the shared batcher, side by side: one gateway process, N frontends
+feeding one batching process, and N independent gateways, under the same closed-loop load.
+
+For each: requests/s, p50/p99, the mean batch the backend ran, the resident memory of all the
+gateway's processes, and the batching process's CPU time per request — all of it, and less
+what the model itself takes for batches of the mean size (timed in this process through the
+same ONNX Runtime artifact): its own IPC, batching and reply work, the figure that says how
+many frontends one batching process can feed.
+
+    python -m cnnserve.bench.scaling --concurrency 64 --duration 10 --out docs/bench/scaling.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from .gateway_process import GatewayProcess, demo_repository, start_gateway
+from .loadgen import LoadSpec, check_request, infer_request, run_load
+from .scrape import batch_sizes
+
+#: (label, gateway_processes, shared_batcher)
+LAYOUTS: tuple[tuple[str, int, bool], ...] = (
+    ("1 process", 1, False),
+    ("2 frontends + batching process", 2, True),
+    ("2 independent gateways", 2, False),
+)
+
+
+def _batching_process(gateway: GatewayProcess) -> psutil.Process | None:
+    """The child listening on the batching socket, if the gateway has one."""
+    for process in gateway.processes()[1:]:
+        try:
+            if any(str(c.laddr).endswith("batching.sock") for c in process.net_connections("unix")):
+                return process
+        except psutil.Error:
+            continue
+    return None
+
+
+def _cpu_s(process: psutil.Process | None) -> float:
+    if process is None:
+        return 0.0
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+def model_cpu_ms_per_item(batch: int, repeats: int = 300) -> float:
+    """CPU milliseconds per item the ConvNet takes in ONNX Runtime for batches of ``batch``."""
+    import numpy as np
+
+    from cnnserve.models.runtime import load_runner
+
+    path = demo_repository(Path("artifacts")) / "convnet" / "1" / "model.onnx"
+    runner = load_runner(path, "onnx", "cpu")
+    items = np.zeros((max(1, batch), 3, 28, 28), np.float32)
+    runner.infer(items)
+    started = time.process_time()
+    for _ in range(repeats):
+        runner.infer(items)
+    return (time.process_time() - started) * 1000 / (repeats * max(1, batch))
+
+
+def measure(
+    label: str, processes: int, shared: bool, concurrency: int, duration_s: float, log: Path
+) -> dict[str, Any]:
+    """One layout under ``concurrency`` closed-loop callers of one FP32 ConvNet tensor."""
+    import numpy as np
+
+    env = {
+        "CNNSERVE_MODEL_REPOSITORY": str(demo_repository(Path("artifacts"))),
+        "CNNSERVE_DEVICE": "cpu",
+        "CNNSERVE_GATEWAY_PROCESSES": str(processes),
+        "CNNSERVE_SHARED_BATCHER": "true" if shared else "false",
+        "CNNSERVE_MAX_QUEUE_SIZE": "8192",
+    }
+    gateway = start_gateway("onnxruntime", env, log)
+    try:
+        request = infer_request("convnet", np.zeros((1, 3, 28, 28), np.float32))
+        check_request(gateway.grpc_target, request)
+        batching = _batching_process(gateway)
+        before = batch_sizes(gateway.metrics_url, "convnet")
+        cpu_before = _cpu_s(batching)
+        spec = LoadSpec(gateway.grpc_target, request, 1, duration_s, 2.0, concurrency, channels=4)
+        started = time.monotonic()
+        result = run_load(spec)
+        cpu = _cpu_s(batching) - cpu_before
+        formed = batch_sizes(gateway.metrics_url, "convnet").minus(before)
+        total = result.requests + result.requests_per_s * spec.warmup_s  # warm-up counted too
+        per_request = cpu * 1000 / total if batching else None
+        model = model_cpu_ms_per_item(round(formed.mean)) if batching else None
+        return {
+            "layout": label,
+            "requests_per_s": result.requests_per_s,
+            "p50_ms": result.p50_ms,
+            "p99_ms": result.p99_ms,
+            "errors": result.errors,
+            "mean_batch_size": formed.mean,
+            "rss_mb": gateway.rss_bytes() / 2**20,
+            "batching_cpu_ms_per_request": per_request,
+            "model_cpu_ms_per_item": model,
+            "batching_own_cpu_ms_per_request": (
+                per_request - model if per_request is not None and model is not None else None
+            ),
+            "wall_s": time.monotonic() - started,
+        }
+    finally:
+        gateway.stop()
+
+
+def main() -> None:
+    """Measure every layout once, print and optionally write the figures."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="cnnserve-scaling-") as directory:
+        for label, processes, shared in LAYOUTS:
+            row = measure(
+                label, processes, shared, args.concurrency, args.duration, Path(directory) / "g.log"
+            )
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    if args.out is not None:
+        args.out.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
