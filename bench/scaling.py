@@ -2,10 +2,10 @@
 feeding one batching process, and N independent gateways, under the same closed-loop load.
 
 For each: requests/s, p50/p99, the mean batch the backend ran, the resident memory of all the
-gateway's processes, and the batching process's CPU time per request — all of it, and less
-what the model itself takes for batches of the mean size (timed in this process through the
-same ONNX Runtime artifact): its own IPC, batching and reply work, the figure that says how
-many frontends one batching process can feed.
+gateway's processes, the frontends' CPU time per request, and the batching process's — all
+of it, and less what the model itself takes for batches of the mean size (timed in this
+process through the same ONNX Runtime artifact): its own IPC, batching and reply work. The
+ratio of the two says how many frontends one batching process can feed.
 
     python -m cnnserve.bench.scaling --concurrency 64 --duration 10 --out docs/bench/scaling.json
 """
@@ -44,11 +44,28 @@ def _batching_process(gateway: GatewayProcess) -> psutil.Process | None:
     return None
 
 
-def _cpu_s(process: psutil.Process | None) -> float:
-    if process is None:
-        return 0.0
-    times = process.cpu_times()
-    return float(times.user + times.system)
+def _frontends(gateway: GatewayProcess) -> list[psutil.Process]:
+    """The processes listening on the gRPC port."""
+    found = []
+    for process in gateway.processes():
+        try:
+            if any(
+                c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == gateway.grpc_port
+                for c in process.net_connections(kind="tcp")
+            ):
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _cpu_s(*processes: psutil.Process | None) -> float:
+    total = 0.0
+    for process in processes:
+        if process is not None:
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
 
 
 def model_cpu_ms_per_item(batch: int, repeats: int = 300) -> float:
@@ -86,11 +103,14 @@ def measure(
         check_request(gateway.grpc_target, request)
         batching = _batching_process(gateway)
         before = batch_sizes(gateway.metrics_url, "convnet")
+        frontends = _frontends(gateway) if batching else []
         cpu_before = _cpu_s(batching)
+        frontends_before = _cpu_s(*frontends)
         spec = LoadSpec(gateway.grpc_target, request, 1, duration_s, 2.0, concurrency, channels=4)
         started = time.monotonic()
         result = run_load(spec)
         cpu = _cpu_s(batching) - cpu_before
+        frontends_cpu = _cpu_s(*frontends) - frontends_before
         formed = batch_sizes(gateway.metrics_url, "convnet").minus(before)
         total = result.requests + result.requests_per_s * spec.warmup_s  # warm-up counted too
         per_request = cpu * 1000 / total if batching else None
@@ -105,6 +125,7 @@ def measure(
             "rss_mb": gateway.rss_bytes() / 2**20,
             "batching_cpu_ms_per_request": per_request,
             "model_cpu_ms_per_item": model,
+            "frontends_cpu_ms_per_request": frontends_cpu * 1000 / total if batching else None,
             "batching_own_cpu_ms_per_request": (
                 per_request - model if per_request is not None and model is not None else None
             ),
