@@ -26,7 +26,8 @@ from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
 from cnnserve.settings import Settings
 from tests.gateway.harness import digit_input, gateway_settings
-from tests.gateway.test_grpc_service import outputs_of, tensor_request
+from tests.gateway.test_grpc_service import image_request, outputs_of, tensor_request
+from tests.images import digit_png
 from tests.support import wait_until_async
 
 pytestmark = pytest.mark.asyncio
@@ -122,6 +123,35 @@ async def test_two_frontends_load_once_and_answer_concurrent_callers_right(
             for f in shared.frontends
         ]
         assert counts == [len(sizes) / 2] * 2
+
+
+async def test_encoded_images_are_decoded_in_the_batching_process_and_fail_alone(
+    model_repository: Path,
+) -> None:
+    settings = gateway_settings(model_repository, max_batch_delay_ms=20.0)
+    async with shared_batcher(settings, frontends=2) as shared:
+        digits = [digit_png(i) for i in range(6)]
+        sizes = [2, 3, 1] * 4
+        requests = [[digits[(i + k) % 6] for k in range(n)] for i, n in enumerate(sizes)]
+        # Its header is whole (the frontend prices it), its pixels are cut short: only the
+        # decoder, in the batching process, finds out.
+        broken = digits[0][0][: len(digits[0][0]) // 2]
+        stubs = shared.stubs()
+        calls = [
+            stubs[i % 2].ModelInfer(image_request([png for png, _ in pngs]), timeout=60)
+            for i, pngs in enumerate(requests)
+        ]
+        calls.append(stubs[1].ModelInfer(image_request([digits[1][0], broken]), timeout=60))
+        replies = await asyncio.gather(*calls, return_exceptions=True)
+        failed = replies.pop()
+        assert isinstance(failed, grpc.aio.AioRpcError)
+        assert failed.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "image 1" in (failed.details() or "")
+        for pngs, reply in zip(requests, replies, strict=True):
+            assert isinstance(reply, pb.ModelInferResponse)
+            labels = outputs_of(reply)["labels"]
+            assert [int(x) for x in labels[:, 0]] == [label for _, label in pngs]
+        assert shared.sample("cnnserve_batch_size_sum") == sum(sizes) + 2
 
 
 async def test_deadline_travels_and_cancelled_callers_items_leave_the_shared_queue(
