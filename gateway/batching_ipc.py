@@ -96,12 +96,12 @@ async def read_frame(reader: asyncio.StreamReader, max_body_bytes: int) -> Frame
         raise FrameError(f"frame header is not JSON: {exc}") from None
     if not isinstance(header, dict):
         raise FrameError("frame header is not an object")
-    # A bytearray, not bytes: arrays viewing it are writable, as a backend may need.
-    body = bytearray(await reader.readexactly(body_size)) if body_size else bytearray()
+    # Arrays view the bytes read (read-only, no copy): the backends take read-only batches.
+    body = await reader.readexactly(body_size) if body_size else b""
     return Frame(header, _arrays(header.get("arrays", []), body))
 
 
-def _arrays(descriptors: list[Header], body: bytearray) -> list[np.ndarray]:
+def _arrays(descriptors: list[Header], body: bytes) -> list[np.ndarray]:
     arrays: list[np.ndarray] = []
     offset = 0
     view = memoryview(body)

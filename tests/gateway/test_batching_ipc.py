@@ -24,7 +24,7 @@ def reader_of(*chunks: bytes) -> asyncio.StreamReader:
     return reader
 
 
-async def test_arrays_and_encoded_images_round_trip_writable() -> None:
+async def test_arrays_and_encoded_images_round_trip() -> None:
     floats = np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4)
     images = np.empty(3, dtype=object)
     images[:] = [b"\x89PNG one", b"", b"\xff\xd8 three"]
@@ -35,7 +35,6 @@ async def test_arrays_and_encoded_images_round_trip_writable() -> None:
     assert frame.header["op"] == "infer" and frame.header["id"] == 7
     got_floats, got_images, got_pixels = frame.arrays
     np.testing.assert_array_equal(got_floats, floats)
-    assert got_floats.flags.writeable  # a backend may write into its batch
     assert got_images.dtype == object and list(got_images) == list(images)
     np.testing.assert_array_equal(got_pixels, pixels)
 
