@@ -19,7 +19,9 @@ Calls (each frame's header ``op``; replies carry the call's ``id``):
 - ``infer``: one request's items into the version's batcher, with the time it has left;
   the reply is its rows and the model time they took, or its error;
 - ``direct``: one batch straight to the backend (readiness probes), rows with per-item failures;
-- ``cancel``: the caller of an ``infer`` went away: its items leave the queue (no reply).
+- ``cancel``: the caller of an ``infer`` went away: its items leave the queue (no reply);
+- ``broadcast``: a frontend loaded or unloaded a model through the repository API: every
+  other frontend gets a ``notice`` frame (id 0) and does the same, so all serve alike.
 
 Bounds: a frame is refused before it is read when it is over ``max_request_bytes`` (the
 data plane admits no bigger request); a frontend has at most :data:`MAX_CALLS_PER_FRONTEND`
@@ -39,7 +41,7 @@ import logging
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +69,8 @@ logger = logging.getLogger(__name__)
 #: Calls one frontend may have in flight; each one's bytes the frontend priced already, this
 #: bounds the tasks and queue entries a frontend can make here.
 MAX_CALLS_PER_FRONTEND = 4096
+#: A call's answer: the reply header's fields and its arrays.
+Answer = tuple[ipc.Header, list[np.ndarray]]
 #: Room for a header beside a request's bytes.
 FRAME_SLACK_BYTES = 1 << 16
 
@@ -266,7 +270,7 @@ class _Connection:
                 task.cancel()
             return
         if len(self.calls) >= MAX_CALLS_PER_FRONTEND:
-            self._reply(
+            self.reply(
                 call_id,
                 {
                     "error": ipc.error_header(
@@ -291,42 +295,30 @@ class _Connection:
         except Exception as exc:
             logger.exception("batching process: %s call failed", frame.header.get("op"))
             fields, arrays = {"error": ipc.error_header(exc)}, []
-        self._reply(call_id, fields, arrays)
+        self.reply(call_id, fields, arrays)
 
-    def _reply(
+    def reply(
         self, call_id: int, fields: ipc.Header, arrays: list[np.ndarray] | None = None
     ) -> None:
+        """Send one frame to this frontend (nothing once its connection is closing)."""
         if self.writer.is_closing():
             return
         # One writelines per frame: frames of concurrent calls never interleave.
         self.writer.writelines(ipc.encode({"id": call_id, **fields}, arrays or []))
 
-    async def _answer(self, frame: ipc.Frame) -> tuple[ipc.Header, list[np.ndarray]]:
+    async def _answer(self, frame: ipc.Frame) -> Answer:
+        calls: dict[object, Callable[[ipc.Header], Awaitable[Answer]]] = {
+            "hello": self._hello,
+            "load": self._load,
+            "unload": self._unload,
+            "broadcast": self._broadcast,
+        }
         header = frame.header
         op = header.get("op")
+        call = calls.get(op)
+        if call is not None:
+            return await call(header)
         models = self.server.models
-        if op == "hello":
-            return {"platform": models.backend.describe()}, []
-        if op == "load":
-            self.server.check_accepting()
-            key = await models.load(
-                str(header["name"]), int(header["version"]), header["fingerprint"]
-            )
-            self.held[key] += 1
-            model = models.get(key).model
-            return {
-                "key": key,
-                "takes_pixels": models.backend.takes_pixels(model),
-                "decodes_images": models.backend.decodes_images(model),
-            }, []
-        if op == "unload":
-            key = str(header["key"])
-            if self.held[key] > 0:
-                self.held[key] -= 1
-                if not self.held[key]:
-                    del self.held[key]
-                await models.release(key)
-            return {}, []
         shared = models.get(str(header["key"]))
         if op == "ready":
             ready = shared.batcher.running and await models.backend.ready(shared.model)
@@ -344,6 +336,37 @@ class _Connection:
             return ipc.reply_rows(outputs)
         raise ipc.FrameError(f"unknown call {op!r}")
 
+    async def _hello(self, header: ipc.Header) -> Answer:
+        return {"platform": self.server.models.backend.describe()}, []
+
+    async def _load(self, header: ipc.Header) -> Answer:
+        self.server.check_accepting()
+        models = self.server.models
+        key = await models.load(str(header["name"]), int(header["version"]), header["fingerprint"])
+        self.held[key] += 1
+        model = models.get(key).model
+        return {
+            "key": key,
+            "takes_pixels": models.backend.takes_pixels(model),
+            "decodes_images": models.backend.decodes_images(model),
+        }, []
+
+    async def _unload(self, header: ipc.Header) -> Answer:
+        key = str(header["key"])
+        if self.held[key] > 0:
+            self.held[key] -= 1
+            if not self.held[key]:
+                del self.held[key]
+            await self.server.models.release(key)
+        return {}, []
+
+    async def _broadcast(self, header: ipc.Header) -> Answer:
+        notice = {"notice": str(header["action"]), "name": str(header["name"])}
+        for connection in self.server.connections():
+            if connection is not self:
+                connection.reply(0, notice)
+        return {}, []
+
 
 class BatchingServer:
     """The batching process's socket server over :class:`SharedModels`."""
@@ -355,6 +378,10 @@ class BatchingServer:
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
         self._draining = False
+
+    def connections(self) -> list[_Connection]:
+        """The frontends connected now."""
+        return list(self._connections)
 
     def check_accepting(self) -> None:
         """UNAVAILABLE while draining: new loads and requests go nowhere."""

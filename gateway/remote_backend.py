@@ -23,11 +23,13 @@ import contextlib
 import itertools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from cnnserve.errors import (
+    CnnserveError,
     DeadlineExceededError,
     InvalidInputError,
     OverloadedError,
@@ -65,6 +67,9 @@ class BatchingClient:
         self._writer: asyncio.StreamWriter | None = None
         self._reading: asyncio.Task[None] | None = None
         self._lost = ""
+        #: Called with each ``notice`` the batching process sends (another frontend's
+        #: repository change).
+        self.on_notice: Callable[[ipc.Header], None] | None = None
 
     @property
     def connected(self) -> bool:
@@ -104,6 +109,10 @@ class BatchingClient:
         try:
             while True:
                 frame = await ipc.read_frame(self._reader, self.max_body_bytes)
+                if "notice" in frame.header:
+                    if self.on_notice is not None:
+                        self.on_notice(frame.header)
+                    continue
                 future = self._pending.pop(int(frame.header.get("id", 0)), None)
                 if future is not None and not future.done():
                     future.set_result(frame)
@@ -363,7 +372,9 @@ class RemoteBatcher(DynamicBatcher):
 
 class FrontendModelManager(ModelManager):
     """A frontend's model manager: versions load in the batching process and each one's
-    batcher is a :class:`RemoteBatcher` feeding the shared one."""
+    batcher is a :class:`RemoteBatcher` feeding the shared one. A model loaded or unloaded
+    through the repository API (explicit mode) is loaded or unloaded by every other frontend
+    too, moments later: the batching process passes the change on."""
 
     def __init__(
         self,
@@ -374,6 +385,52 @@ class FrontendModelManager(ModelManager):
     ) -> None:
         super().__init__(settings, backend, metrics, images)
         self._remote = backend
+        self._following: set[asyncio.Task[None]] = set()
+        backend.client.on_notice = self._on_notice
+
+    async def load(self, name: str) -> None:
+        """Load ``name`` here (see :meth:`ModelManager.load`), then in the other frontends."""
+        await super().load(name)
+        await self._broadcast("load", name)
+
+    async def unload(self, name: str) -> None:
+        """Unload ``name`` here (see :meth:`ModelManager.unload`), then in the other
+        frontends."""
+        await super().unload(name)
+        await self._broadcast("unload", name)
+
+    async def _broadcast(self, action: str, name: str) -> None:
+        with contextlib.suppress(UnavailableError):  # the batching process is gone anyway
+            await self._remote.client.call({"op": "broadcast", "action": action, "name": name})
+
+    def _on_notice(self, notice: ipc.Header) -> None:
+        action, name = notice.get("notice"), str(notice.get("name"))
+        change = ModelManager.load if action == "load" else ModelManager.unload
+        task = asyncio.get_running_loop().create_task(self._follow(change, action, name))
+        self._following.add(task)
+        task.add_done_callback(self._following.discard)
+
+    async def _follow(
+        self,
+        change: Callable[[ModelManager, str], Awaitable[None]],
+        action: object,
+        name: str,
+    ) -> None:
+        """Do what another frontend did (without passing it on again)."""
+        try:
+            await change(self, name)
+        except CnnserveError as exc:
+            logger.warning("following another frontend's %s of %s: %s", action, name, exc)
+        else:
+            logger.info("followed another frontend's %s of %s", action, name)
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop following other frontends' changes, then stop as a model manager does."""
+        self._remote.client.on_notice = None
+        for task in list(self._following):
+            task.cancel()
+        await asyncio.gather(*self._following, return_exceptions=True)
+        await super().stop(grace_s)
 
     async def _start_version(
         self, version: ModelVersion, prints: Fingerprint

@@ -201,3 +201,32 @@ async def test_a_stopped_batching_server_answers_unavailable_and_liveness_turns_
         with pytest.raises(grpc.aio.AioRpcError) as later:
             await stub.ModelInfer(tensor_request("input", digit_input([3])[0]), timeout=60)
         assert later.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_repository_load_or_unload_on_one_frontend_reaches_the_others(
+    model_repository: Path,
+) -> None:
+    settings = gateway_settings(
+        model_repository, model_control_mode="explicit", load_models=["convnet"]
+    )
+    async with shared_batcher(settings, frontends=2) as shared:
+        first, second = shared.stubs()
+
+        async def ready_on_second(name: str) -> bool:
+            reply = await second.ModelReady(pb.ModelReadyRequest(name=name), timeout=10)
+            return bool(reply.ready)
+
+        assert not await ready_on_second("fcn")
+        await first.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="fcn"))
+        await wait_until_async(lambda: ready_on_second("fcn"), 30, "fcn on the second frontend")
+        # Loaded once, held by both frontends.
+        holds = shared.server.models.holds()
+        assert [refs for key, refs in holds.items() if key.startswith("fcn/")] == [2]
+
+        await first.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="fcn"))
+        await wait_until_async(
+            lambda: not any(k.startswith("fcn/") for k in shared.server.models.holds()),
+            30,
+            "fcn to be unloaded by both frontends",
+        )
+        assert not await ready_on_second("fcn")
