@@ -176,10 +176,11 @@ class Settings(BaseSettings):
         ge=0,
         description="Processes that decode the images of a batch for the in-process backends "
         "(onnxruntime, torchscript), beside the gateway's event loop rather than under its "
-        "interpreter lock: one round trip per batch. A model runs one batch at a time, so this "
-        "many models decode at once; 2 serves the default repository's two models and costs "
-        "~40 MiB each. 0: decode in the decode_threads pool, in this process. The torchserve "
-        "backend sends images encoded to TorchServe once its handler decodes them.",
+        "interpreter lock: one round trip per batch (a batch of 8 images or more is shared "
+        "among the processes). Default 2: the default repository's two models decode at once, "
+        "or one model's batch in two halves, for ~40 MiB of memory each. 0: decode in the "
+        "decode_threads pool, in this process. The torchserve backend sends images encoded "
+        "to TorchServe, whose workers decode them.",
     )
     max_request_bytes: int = Field(
         256 * 1024 * 1024,
