@@ -5,7 +5,10 @@ add to the gateway's; docs/architecture.md, "Batching once, preparing once") and
 batch travels in one request in the packed format the cnnserve handler reads. Images travel
 encoded (:meth:`TorchServeBackend.decodes_images`): the handler decodes them in TorchServe's
 worker processes, in parallel with the gateway, and an image that fails there fails only its
-own item (:class:`~cnnserve.gateway.batcher.PartialResults`). The
+own item (:class:`~cnnserve.gateway.batcher.PartialResults`). The gateway runs one batch of a
+model at a time, so with several workers per model (``torchserve_workers_per_model``) an image
+batch of at least :data:`MIN_CALL_IMAGES` images per worker is sent as that many concurrent
+calls, a part each, for the workers to decode side by side. The
 client spreads batches over every replica behind the target, attaches each replica's
 inference key and turns TorchServe's failures into cnnserve errors.
 
@@ -46,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,6 +73,9 @@ PLATFORM = "torchserve"
 #: Seconds between two checks whether the local TorchServes' keys are due for renewal (a file
 #: read each): far below any sensible renewal margin.
 RENEW_INTERVAL_S = 1.0
+#: Fewest images one call of a shared image batch carries: below that a call's own cost
+#: (a round trip through TorchServe's front end) outweighs decoding in parallel.
+MIN_CALL_IMAGES = 4
 
 
 class TorchServeBackend:
@@ -86,10 +93,13 @@ class TorchServeBackend:
         renewed_stores: Sequence[Path] = (),
         renew_fraction: float = 0.0,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        workers_per_model: int = 1,
     ) -> None:
         self._target = target
         #: The gateway's image cap, which its headers were checked against.
         self._max_image_pixels = max_image_pixels
+        #: Concurrent calls an image batch may be shared among (one per worker).
+        self.workers_per_model = workers_per_model
         self._keys = key_store(key_file, key_dir)
         self._max_message_bytes = max_message_bytes
         self._timeout_s = timeout_s
@@ -129,6 +139,7 @@ class TorchServeBackend:
             renewed_stores=stores if settings.torchserve_token_auth else (),
             renew_fraction=settings.torchserve_token_renew_fraction,
             max_image_pixels=settings.max_image_pixels,
+            workers_per_model=settings.torchserve_workers_per_model,
         )
 
     async def start(self) -> None:
@@ -205,15 +216,39 @@ class TorchServeBackend:
             # A size-variable model's batch shares one size, the one its headers declared
             # when the gateway priced them: the handler holds every image to it.
             declared = spec.read_image_header(images[0], self._max_image_pixels).size
-        results = await self._connected().predict_images(
-            spec.name, images, declared, self._timeout_s, version=str(model.version)
+        client, version = self._connected(), str(model.version)
+        parts = max(1, min(self.workers_per_model, len(images) // MIN_CALL_IMAGES))
+        bounds = np.linspace(0, len(images), parts + 1).astype(int).tolist()
+        spans = list(itertools.pairwise(bounds))
+        answers = await asyncio.gather(
+            *(
+                client.predict_images(
+                    spec.name, images[start:end], declared, self._timeout_s, version
+                )
+                for start, end in spans
+            ),
+            return_exceptions=True,  # every call ends before the batch fails
         )
-        if not results.failures and results.outputs is not None:
-            return results.outputs
-        rows = results.outputs
-        if rows is None:  # every image failed: no caller gets a row, any placeholder will do
-            rows = np.zeros(len(images), dtype=np.float32)
-        return PartialResults(rows, results.failures, "image")
+        error = next((a for a in answers if isinstance(a, BaseException)), None)
+        if error is not None:
+            raise error
+        results = [a for a in answers if not isinstance(a, BaseException)]
+        failures = {
+            start + index: failure
+            for (start, _), part in zip(spans, results, strict=True)
+            for index, failure in part.failures.items()
+        }
+        shape = next((r.outputs.shape[1:] for r in results if r.outputs is not None), None)
+        if shape is None:  # every image failed: no caller gets a row, any placeholder will do
+            return PartialResults(np.zeros(len(images), np.float32), failures, "image")
+        rows = [
+            part.outputs
+            if part.outputs is not None
+            else np.zeros((end - start, *shape), np.float32)  # a part whose every image failed
+            for (start, end), part in zip(spans, results, strict=True)
+        ]
+        outputs = rows[0] if len(rows) == 1 else np.concatenate(rows)
+        return PartialResults(outputs, failures, "image") if failures else outputs
 
     async def ready(self, model: ModelVersion) -> bool:
         """TorchServe runs a one-image probe through the version end to end."""

@@ -39,7 +39,7 @@ from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
 from cnnserve.protocol.grpc_codec import response_from_proto
 from cnnserve.torchserve_engine.archive import store_archives
 from cnnserve.torchserve_engine.process import ServerInfo, start, status, stop
-from tests.conftest import RunningTorchServe, torchserve_settings
+from tests.conftest import RunningTorchServe, served_requests, torchserve_settings
 from tests.gateway.harness import running_gateway
 from tests.images import digit_png, shapes_png
 from tests.models import tutorial_classes as tutorial
@@ -187,6 +187,8 @@ DIGITS = [digit_png(i)[0] for i in range(6)]
 #: A digit whose header is valid and whose pixel data is cut short.
 CORRUPT = DIGITS[3][:90]
 SCENES = [shapes_png(seed, 40)[0] for seed in (1, 2, 3)]
+#: A 40×40 scene whose pixel data is cut short.
+CORRUPT_SCENE = SCENES[1][:90]
 
 
 def images(*items: bytes) -> np.ndarray:
@@ -202,12 +204,16 @@ def float32_items(model: str, pngs: list[bytes]) -> np.ndarray:
     return np.stack([normalize(spec.image_to_pixels(png), spec.normalization) for png in pngs])
 
 
-@pytest_asyncio.fixture(loop_scope="module")
+@pytest_asyncio.fixture(loop_scope="module", params=[1, 2], ids=["1 worker", "2 workers"])
 async def backend(
-    torchserve: RunningTorchServe, model_repository: Path
+    torchserve: RunningTorchServe, model_repository: Path, request: pytest.FixtureRequest
 ) -> AsyncIterator[tuple[TorchServeBackend, Repository]]:
-    """The torchserve backend on the session's TorchServe (its versions already registered)."""
-    settings = torchserve.gateway_settings(model_repository, torchserve_registration=False)
+    """The torchserve backend on the session's TorchServe (its versions already registered),
+    told TorchServe runs 1 or 2 workers per model: with 2, an image batch of 8 or more goes as
+    two concurrent calls (TorchServe queues the second for its one worker)."""
+    settings = torchserve.gateway_settings(
+        model_repository, torchserve_registration=False, torchserve_workers_per_model=request.param
+    )
     backend = TorchServeBackend.from_settings(settings)
     await backend.start()
     try:
@@ -224,7 +230,11 @@ async def test_the_backend_sends_images_encoded_and_fails_only_the_corrupt_one(
     cases = [
         ("convnet", [DIGITS[0], DIGITS[1], CORRUPT, DIGITS[4], DIGITS[5]], [2]),
         ("convnet", [DIGITS[2]], []),
-        ("fcn", [SCENES[0], CORRUPT, SCENES[1], SCENES[2]], [1]),
+        ("fcn", [SCENES[0], CORRUPT_SCENE, SCENES[1], SCENES[2]], [1]),
+        # Shared by two calls with 2 workers: 0–4 and 5–9, a failure in each.
+        ("convnet", [*DIGITS[:3], CORRUPT, DIGITS[4], DIGITS[5], CORRUPT, *DIGITS[:3]], [3, 6]),
+        # Two calls, the first of which fails whole: placeholder rows for it.
+        ("fcn", [CORRUPT_SCENE] * 4 + [*SCENES, SCENES[0]], [0, 1, 2, 3]),
     ]
     for model, pngs, failed in cases:
         version = repository.read(model).versions[1]
@@ -246,6 +256,20 @@ async def test_the_backend_sends_images_encoded_and_fails_only_the_corrupt_one(
             rows = answer
         assert len(rows) == len(pngs)
         assert np.abs(rows[good] - float32).max() < TOLERANCE
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_with_two_workers_a_batch_of_eight_images_is_two_calls(
+    torchserve: RunningTorchServe, backend: tuple[TorchServeBackend, Repository]
+) -> None:
+    torchserve_backend, repository = backend
+    version = repository.read("convnet").versions[1]
+    await torchserve_backend.load(version)
+    for count, calls in ((7, 1), (8, 1 + (torchserve_backend.workers_per_model > 1))):
+        before = served_requests(torchserve.server)
+        answer = await torchserve_backend.infer_batch(version, images(*(DIGITS[:4] * 2)[:count]))
+        assert isinstance(answer, np.ndarray) and answer.shape == (count, 10)
+        assert served_requests(torchserve.server) - before == calls
 
 
 @pytest.mark.asyncio(loop_scope="module")
