@@ -14,20 +14,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import psutil
 
-from .gateway_process import GatewayProcess, demo_repository, start_gateway
+from cnnserve.protocol import open_inference_pb2 as pb
+from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
+
+from .gateway_process import GatewayProcess, demo_repository, free_ports, start_gateway
 from .loadgen import LoadSpec, check_request, infer_request, run_load
 from .scrape import batch_sizes
 
 #: (label, gateway_processes, shared_batcher)
 LAYOUTS: tuple[tuple[str, int, bool], ...] = (
     ("1 process", 1, False),
+    ("1 frontend + batching process", 1, True),
     ("2 frontends + batching process", 2, True),
     ("2 independent gateways", 2, False),
 )
@@ -84,6 +92,47 @@ def model_cpu_ms_per_item(batch: int, repeats: int = 300) -> float:
     return (time.process_time() - started) * 1000 / (repeats * max(1, batch))
 
 
+#: ``cnnserve serve`` runs one process without a batching process; the supervisor itself can
+#: run one frontend beside one, which isolates what the hop to the batching process costs.
+ONE_FRONTEND = (
+    "from cnnserve.gateway.processes import run_processes;"
+    "from cnnserve.gateway.server import serve_forever;"
+    "from cnnserve.settings import Settings;"
+    "run_processes(Settings(), serve_forever)"
+)
+
+
+def _one_frontend(env: dict[str, str], log: Path, timeout_s: float = 120.0) -> GatewayProcess:
+    """The supervisor with one frontend and the batching process, ready to serve."""
+    grpc_port, http_port, metrics_port = free_ports(3)
+    ports = {
+        "CNNSERVE_BACKEND": "onnxruntime",
+        "CNNSERVE_HOST": "127.0.0.1",
+        "CNNSERVE_GRPC_PORT": str(grpc_port),
+        "CNNSERVE_HTTP_PORT": str(http_port),
+        "CNNSERVE_METRICS_PORT": str(metrics_port),
+    }
+    with log.open("ab") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-c", ONE_FRONTEND],
+            env={**os.environ, **env, **ports},
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    gateway = GatewayProcess(process, grpc_port, http_port, metrics_port, log)
+    give_up_at = time.monotonic() + timeout_s
+    while time.monotonic() < give_up_at and process.poll() is None:
+        try:
+            with grpc.insecure_channel(gateway.grpc_target) as channel:
+                stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+                if stub.ServerReady(pb.ServerReadyRequest(), timeout=2).ready:
+                    return gateway
+        except grpc.RpcError:
+            time.sleep(0.5)
+    gateway.stop()
+    raise RuntimeError(f"one frontend and a batching process did not start; see {log}")
+
+
 def measure(
     label: str, processes: int, shared: bool, concurrency: int, duration_s: float, log: Path
 ) -> dict[str, Any]:
@@ -97,7 +146,11 @@ def measure(
         "CNNSERVE_SHARED_BATCHER": "true" if shared else "false",
         "CNNSERVE_MAX_QUEUE_SIZE": "8192",
     }
-    gateway = start_gateway("onnxruntime", env, log)
+    gateway = (
+        _one_frontend(env, log)
+        if processes == 1 and shared
+        else start_gateway("onnxruntime", env, log)
+    )
     try:
         request = infer_request("convnet", np.zeros((1, 3, 28, 28), np.float32))
         check_request(gateway.grpc_target, request)
