@@ -393,8 +393,9 @@ def _few_small_images(tensor: Tensor) -> bool:
     items = tensor.data.reshape(-1)
     if len(items) > INLINE_IMAGES:
         return False
-    # Anything not bytes is refused by declared_input, wherever it runs.
-    return sum(len(i) for i in items if isinstance(i, bytes)) <= INLINE_IMAGE_BYTES
+    # Anything else is refused by declared_input, wherever it runs.
+    sizes = (memoryview(i).nbytes for i in items if isinstance(i, bytes | bytearray | memoryview))
+    return sum(sizes) <= INLINE_IMAGE_BYTES
 
 
 async def create_core(settings: Settings, metrics: GatewayMetrics | None = None) -> DataPlane:
