@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import itertools
 import logging
+import os
 import queue
 import socket
 import subprocess
@@ -45,6 +46,9 @@ T = TypeVar("T")
 logger = logging.getLogger(__name__)
 #: The program a decode process runs.
 WORKER_MODULE = "cnnserve.gateway.decode_worker"
+#: A decode process decodes one image at a time: numpy's BLAS needs no thread pool there
+#: (one thread per core otherwise, each with its stack).
+SINGLE_THREADED = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 #: Fewest images a decode process gets when a batch is shared among processes: below this
 #: the round trip costs more than the decode it would save (a digit PNG takes ~0.25 ms).
 MIN_PROCESS_ITEMS = 4
@@ -139,6 +143,7 @@ class _Worker:
                 [sys.executable, "-m", WORKER_MODULE, str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
+                env={**os.environ, **SINGLE_THREADED},
             )
             self._connection = Connection(ours.detach())
 

@@ -76,6 +76,11 @@ def garbled(png: bytes) -> bytes:
     return png[:middle] + bytes(len(png) - middle)
 
 
+def process_state(pid: int) -> str:
+    """The kernel's one-letter state of a process (``Z``: exited, not reaped yet)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
 def process_names(pid: int) -> str:
     """What a process has mapped (its loaded libraries and modules)."""
     return Path(f"/proc/{pid}/maps").read_text()
@@ -162,9 +167,8 @@ async def test_a_process_that_died_idle_is_replaced_without_failing_anything() -
         await decoder.prepare(digit_job(digit))
         [pid] = decoder.pids()
         os.kill(pid, signal.SIGKILL)
-        await wait_until_async(
-            lambda: not Path(f"/proc/{pid}/cmdline").read_bytes(), 30, "the process dead"
-        )
+        # Dead and not reaped yet (a zombie): what the next batch finds.
+        await wait_until_async(lambda: process_state(pid) == "Z", 30, "the process dead")
         rows, failures = await decoder.prepare(digit_job(digit, digit))
         assert len(rows) == 2 and failures == {}
     finally:
