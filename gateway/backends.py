@@ -30,6 +30,7 @@ from cnnserve.models.runtime import ArtifactFormat, Runner, load_runner
 from cnnserve.models.semantics import probe_input
 from cnnserve.settings import Settings
 
+from .batcher import BatchAnswer
 from .memory_budget import MODEL_WORKING_MEMORY, WorkingMemory, mib
 from .torchserve_backend import TorchServeBackend
 
@@ -59,8 +60,10 @@ class Backend(Protocol):
     async def unload(self, model: ModelVersion) -> None:
         """Release what :meth:`load` took for ``model`` (nothing happens if it was not)."""
 
-    async def infer_batch(self, model: ModelVersion, batch: np.ndarray) -> np.ndarray:
-        """float32 ``N×3×H×W`` → the network's raw float32 output, N rows."""
+    async def infer_batch(self, model: ModelVersion, batch: np.ndarray) -> BatchAnswer:
+        """float32 ``N×3×H×W`` → the network's raw float32 output, N rows (or, for a backend
+        that :meth:`decodes_images`, encoded images → ``PartialResults`` when some
+        fail)."""
         ...
 
     async def ready(self, model: ModelVersion) -> bool:

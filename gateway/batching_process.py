@@ -58,11 +58,10 @@ from cnnserve.settings import Settings
 
 from . import batching_ipc as ipc
 from .backends import Backend, create_backend, version_text
-from .batcher import BatchAnswer, BatchFn, BatchObserver, DynamicBatcher, ModelTime, PartialResults
+from .batcher import DynamicBatcher, ModelTime
 from .decode_pool import DecodePool, ImageDecoder
-from .decode_worker import ImageJob
 from .metrics import GatewayMetrics
-from .model_manager import fingerprint
+from .model_manager import fingerprint, version_batch_fn, version_batcher
 
 logger = logging.getLogger(__name__)
 
@@ -79,23 +78,6 @@ def frame_limit(settings: Settings) -> int:
     """The largest frame body either side accepts: no request the data plane admits holds
     more than ``max_request_bytes`` (its input and its output priced together)."""
     return settings.max_request_bytes + FRAME_SLACK_BYTES
-
-
-def version_batcher(
-    settings: Settings, version: ModelVersion, fn: BatchFn, observer: BatchObserver
-) -> DynamicBatcher:
-    """The batcher a version's config and the server's settings describe (not started)."""
-    batching = version.config.batching
-    delay_ms = batching.max_batch_delay_ms
-    return DynamicBatcher(
-        fn,
-        max_batch_size=batching.max_batch_size or settings.max_batch_size,
-        max_batch_delay_ms=settings.max_batch_delay_ms if delay_ms is None else delay_ms,
-        max_queue_size=batching.max_queue_size or settings.max_queue_size,
-        adaptive_delay=settings.adaptive_batch_delay,
-        observer=observer,
-        name=version_text(version),
-    )
 
 
 def version_key(name: str, number: int, prints: Any) -> str:
@@ -150,7 +132,14 @@ class SharedModels:
                 model = await asyncio.to_thread(self._read, name, number, prints)
                 await self.backend.load(model)
                 observer = self.metrics.observer(name, str(number))
-                batcher = version_batcher(self.settings, model, self._runner(model), observer)
+                batcher = version_batcher(
+                    self.settings,
+                    model,
+                    version_batch_fn(
+                        self.backend, model, self.images, self.settings.max_image_pixels
+                    ),
+                    observer,
+                )
                 batcher.start()
                 shared = self._versions[key] = _Shared(model, batcher)
                 logger.info("%s loaded for the frontends", version_text(model))
@@ -169,26 +158,6 @@ class SharedModels:
                 f"model {name} version {number} changed while it was loaded; load it again"
             )
         return model
-
-    def _runner(self, model: ModelVersion) -> BatchFn:
-        """The version's batch function: as a single gateway's model manager runs it,
-        encoded images decoded a batch at a time unless the backend decodes them itself."""
-        backend, settings = self.backend, self.settings
-        decodes_images = backend.decodes_images(model)
-        normalize = not backend.takes_pixels(model)
-
-        async def run(batch: np.ndarray) -> BatchAnswer:
-            if batch.dtype != object or decodes_images:
-                return await backend.infer_batch(model, batch)
-            job = ImageJob(model.spec, batch.tolist(), settings.max_image_pixels, normalize)
-            rows, failures = await self.images.prepare(job)
-            if not failures:
-                return await backend.infer_batch(model, rows)
-            if len(failures) == len(rows):
-                return PartialResults(np.zeros(len(rows), np.float32), failures, "image")
-            return PartialResults(await backend.infer_batch(model, rows), failures, "image")
-
-        return run
 
     async def release(self, key: str, grace_s: float | None = None) -> None:
         """Drop one reference to ``key``; the last one stops its batcher (letting what it

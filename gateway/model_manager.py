@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import enum
 import logging
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,7 +48,14 @@ from cnnserve.models.repository import (
 from cnnserve.settings import Settings
 
 from .backends import Backend, version_text
-from .batcher import BatchAnswer, DynamicBatcher, Observers, PartialResults
+from .batcher import (
+    BatchAnswer,
+    BatchFn,
+    BatchObserver,
+    DynamicBatcher,
+    Observers,
+    PartialResults,
+)
 from .decode_pool import DecodePool, ImageDecoder
 from .decode_worker import ImageJob
 from .metrics import UNKNOWN_LABEL, GatewayMetrics
@@ -187,6 +194,56 @@ class _Model:
     def ready_versions(self) -> list[int]:
         """The numbers of the versions taking requests, ascending."""
         return sorted(self.served)
+
+
+def version_batch_fn(
+    backend: Backend, version: ModelVersion, images: ImageDecoder, max_image_pixels: int
+) -> Callable[[np.ndarray], Awaitable[BatchAnswer]]:
+    """The batch function of a loaded version: ``backend.infer_batch``, with a batch of
+    encoded images (an object array of bytes, headers checked at the edge) decoded here by
+    ``images`` first unless the backend decodes images itself; images that fail to decode
+    come back as :class:`PartialResults`."""
+    decodes_images = backend.decodes_images(version)
+    normalize = not backend.takes_pixels(version)
+
+    async def run(batch: np.ndarray) -> BatchAnswer:
+        if batch.dtype != object or decodes_images:
+            return await backend.infer_batch(version, batch)
+        job = ImageJob(version.spec, batch.tolist(), max_image_pixels, normalize)
+        rows, failures = await images.prepare(job)
+        if not failures:
+            return await backend.infer_batch(version, rows)
+        if len(failures) == len(rows):
+            return PartialResults(np.zeros(len(rows), np.float32), failures, "image")
+        # A failed item's zero rows run with the others: rarer than a second layout.
+        return PartialResults(_rows(await backend.infer_batch(version, rows)), failures, "image")
+
+    return run
+
+
+def _rows(answer: BatchAnswer) -> np.ndarray:
+    """A backend's answer to decoded (array) input: always plain rows."""
+    if isinstance(answer, PartialResults):
+        raise TypeError("a backend answered PartialResults for a batch of arrays")
+    return answer
+
+
+def version_batcher(
+    settings: Settings, version: ModelVersion, fn: BatchFn, observer: BatchObserver
+) -> DynamicBatcher:
+    """The batcher a version's config and the server's settings describe (not started): what
+    the config's batching section leaves unset, the server's settings give."""
+    batching = version.config.batching
+    delay_ms = batching.max_batch_delay_ms
+    return DynamicBatcher(
+        fn,
+        max_batch_size=batching.max_batch_size or settings.max_batch_size,
+        max_batch_delay_ms=settings.max_batch_delay_ms if delay_ms is None else delay_ms,
+        max_queue_size=batching.max_queue_size or settings.max_queue_size,
+        adaptive_delay=settings.adaptive_batch_delay,
+        observer=observer,
+        name=version_text(version),
+    )
 
 
 class ModelManager:
@@ -550,38 +607,12 @@ class ModelManager:
             return reason
         name, number = version.spec.name, str(version.version)
         stats = StatisticsRecorder(name, number)
-        batching = version.config.batching
-        settings = self.settings
-        delay_ms = batching.max_batch_delay_ms
-        keep_pixels = self.backend.takes_pixels(version)
-        # Images reach the batcher encoded (an object array of bytes, headers checked); a
-        # backend that cannot take them gets them decoded here, a batch at a time.
-        decodes_images = self.backend.decodes_images(version)
-
-        async def run(batch: np.ndarray) -> BatchAnswer:
-            if batch.dtype != object or decodes_images:
-                return await self.backend.infer_batch(version, batch)
-            job = ImageJob(version.spec, batch.tolist(), settings.max_image_pixels, not keep_pixels)
-            rows, failures = await self.images.prepare(job)
-            if not failures:
-                return await self.backend.infer_batch(version, rows)
-            if len(failures) == len(rows):
-                return PartialResults(np.zeros(len(rows), np.float32), failures, "image")
-            # A failed item's zero rows run with the others: rarer than a second layout.
-            return PartialResults(await self.backend.infer_batch(version, rows), failures, "image")
-
-        batcher = DynamicBatcher(
-            run,
-            # The config's batching section; what it leaves unset, the server's settings.
-            max_batch_size=batching.max_batch_size or settings.max_batch_size,
-            max_batch_delay_ms=settings.max_batch_delay_ms if delay_ms is None else delay_ms,
-            max_queue_size=batching.max_queue_size or settings.max_queue_size,
-            adaptive_delay=settings.adaptive_batch_delay,
-            observer=Observers(self.metrics.observer(name, number), stats),
-            name=version_text(version),
-        )
+        run = version_batch_fn(self.backend, version, self.images, self.settings.max_image_pixels)
+        observer = Observers(self.metrics.observer(name, number), stats)
+        batcher = version_batcher(self.settings, version, run, observer)
         batcher.start()
         logger.info("%s ready (%s)", version_text(version), self.backend.describe())
+        keep_pixels = self.backend.takes_pixels(version)
         served = ServedVersion(version, batcher, stats, keep_pixels, prints)
         self._live.add(served)
         return served
