@@ -119,7 +119,12 @@ def model_config(settings: Settings, half: bool) -> dict[str, Any]:
         "maxBatchDelay": settings.torchserve_max_batch_delay_ms,
         "responseTimeout": settings.torchserve_response_timeout_s,
         # Read by cnnserve.handlers.service.load_model; TorchServe ignores this section.
-        "handler": {"half": half, "threads": settings.inference_threads},
+        "handler": {
+            "half": half,
+            "threads": settings.inference_threads,
+            # The largest image a worker decodes: the gateway's own limit.
+            "max_image_pixels": settings.max_image_pixels,
+        },
     }
 
 

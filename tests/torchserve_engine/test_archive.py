@@ -73,7 +73,11 @@ def test_an_archive_carries_the_version_and_what_the_handler_reads(
             "batchSize": 1,
             "maxBatchDelay": 7,
             "responseTimeout": 33,
-            "handler": {"half": False, "threads": settings.inference_threads},
+            "handler": {
+                "half": False,
+                "threads": settings.inference_threads,
+                "max_image_pixels": settings.max_image_pixels,
+            },
         }
         assert archived_label(built.path) == f"{model}/1"
 
