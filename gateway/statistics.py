@@ -6,9 +6,10 @@ perf_analyzer read them as they read Triton's:
 - ``success`` / ``fail``: requests that ended with an answer / an error, and their cumulative
   time from reaching the data plane to the answer (a caller that went away counts in neither);
 - ``queue``: requests that left the batcher's queue for a batch, and how long they waited;
-- ``compute_input``: per successful request, preparing its input (images decoded, pixels
-  normalized: ``gateway/inputs.to_batch``);
-- ``compute_infer``: per successful request, the model time of the batches its items ran in;
+- ``compute_input``: per successful request, preparing its input at the edge (images'
+  headers read and priced, pixels normalized: ``gateway/inputs``);
+- ``compute_infer``: per successful request, the model time of the batches its items ran in
+  (for images, their decoding with the rest of their batch included);
 - ``compute_output``: per successful request, computing the outputs it asked for;
 - ``inference_count``: items of successful requests; ``execution_count``: batches run;
 - ``batch_stats``: per batch size, the batcher's three steps for one batch: joining the
