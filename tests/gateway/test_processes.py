@@ -122,16 +122,24 @@ def _frontends(gateway: GatewayProcess) -> list[psutil.Process]:
     return found
 
 
-def test_two_processes_share_the_ports_and_drain_on_sigterm(
-    model_repository: Path, tmp_path: Path
-) -> None:
-    with gateway_process(
+def _two_onnxruntime_processes(
+    model_repository: Path, tmp_path: Path, **settings: object
+) -> contextlib.AbstractContextManager[GatewayProcess]:
+    """A real supervisor of two gateway processes over ONNX Runtime on the CPU."""
+    return gateway_process(
         "onnxruntime",
         tmp_path / "gateway.log",
         model_repository=model_repository,
         gateway_processes=2,
         device="cpu",
-    ) as gateway:
+        **settings,
+    )
+
+
+def test_two_processes_share_the_ports_and_drain_on_sigterm(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    with _two_onnxruntime_processes(model_repository, tmp_path) as gateway:
         assert gateway.grpc_listeners() == 2  # two workers; the supervisor serves nothing
         request = infer_request("convnet", np.zeros((1, 3, 28, 28), np.float32))
         # Separate connections: the kernel spreads connections, not calls, over the workers.
@@ -197,13 +205,7 @@ def test_two_frontends_batch_together_at_least_as_fully_as_one_process(
 def test_a_process_killed_stops_them_all_and_no_call_hangs(
     model_repository: Path, tmp_path: Path, victim: str
 ) -> None:
-    with gateway_process(
-        "onnxruntime",
-        tmp_path / "gateway.log",
-        model_repository=model_repository,
-        gateway_processes=2,
-        device="cpu",
-    ) as gateway:
+    with _two_onnxruntime_processes(model_repository, tmp_path) as gateway:
         children = gateway.processes()[1:]
         target = _frontends(gateway)[0] if victim == "frontend" else _batching_process(gateway)
         with _in_background(gateway.grpc_target, concurrency=8, calls_each=200) as outcomes:
@@ -223,12 +225,9 @@ def test_sigterm_drains_calls_waiting_in_the_shared_batcher(
     model_repository: Path, tmp_path: Path
 ) -> None:
     with (
-        gateway_process(
-            "onnxruntime",
-            tmp_path / "gateway.log",
-            model_repository=model_repository,
-            gateway_processes=2,
-            device="cpu",
+        _two_onnxruntime_processes(
+            model_repository,
+            tmp_path,
             # Requests wait in the batching process's queue for 3 s: the drain lets them run.
             max_batch_delay_ms=3000,
             adaptive_batch_delay=False,

@@ -21,13 +21,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from cnnserve.bench.perf_analyzer import DATA_WRITER, SCRIPT, UNAVAILABLE
 from tests.support import GatewayProcess, gateway_process
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "tools" / "perf_analyzer.sh"
-DATA_TOOL = ROOT / "tools" / "perf_analyzer_data.py"
-#: The script's exit status when perf_analyzer cannot be had on this host.
-UNAVAILABLE = 3
 #: perf_analyzer sends exactly this many requests in its one measurement (--request-count).
 REQUESTS = 200
 CONCURRENCY = 4
@@ -59,7 +55,7 @@ def gateway(
 def pixels(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """perf_analyzer's input data: convnet's UINT8 ``pixels``, the one input it sends."""
     path = tmp_path_factory.mktemp("perf_analyzer") / "pixels.json"
-    subprocess.run([sys.executable, str(DATA_TOOL), str(path)], check=True, timeout=60)
+    subprocess.run([sys.executable, str(DATA_WRITER), str(path)], check=True, timeout=60)
     return path
 
 
