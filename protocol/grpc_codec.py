@@ -86,6 +86,10 @@ _RAW_INPUT_TAG = (
 #: Messages from this size on keep their raw contents in the received bytes (see
 #: :func:`parse_infer_request`); below it, the parser's copies are cheaper than the walk.
 VIEW_MIN_BYTES = 32 << 10
+#: Top-level fields past which the walk hands the message to the protobuf parser: a request
+#: has a few (names, one entry per input, output and parameter); a message of millions of
+#: tiny fields costs the C parser little and a Python loop seconds.
+MAX_WALKED_FIELDS = 256
 #: Varint bytes past which a tag or length is malformed (a 64-bit value takes at most 10).
 _MAX_VARINT_BYTES = 10
 
@@ -149,6 +153,8 @@ def _raw_spans(data: bytes) -> tuple[list[memoryview], list[memoryview]] | None:
                 raw.append(view[pos:end])
             else:
                 rest.append(view[start:end])
+            if len(raw) + len(rest) > MAX_WALKED_FIELDS:
+                return None
             pos = end
     except (IndexError, ValueError):
         return None

@@ -11,7 +11,10 @@ from cnnserve.protocol.domain import InferRequest, InferResponse, RequestedOutpu
 from cnnserve.protocol.errors import CodecError
 from cnnserve.protocol.grpc_codec import (
     CONTENTS_FIELD,
+    MAX_WALKED_FIELDS,
+    VIEW_MIN_BYTES,
     ReceivedInferRequest,
+    _raw_spans,
     decode_work,
     parameters_from_proto,
     parameters_to_proto,
@@ -248,3 +251,20 @@ def test_raw_contents_with_a_refused_shape_are_still_refused() -> None:
     message.inputs[0].shape[0] = 3  # the raw contents hold 2 rows
     with pytest.raises(CodecError, match="needs 57600 bytes of raw data, got 38400"):
         request_from_proto(parse_infer_request(message.SerializeToString()), None)
+
+
+def test_a_message_of_many_small_fields_goes_to_the_protobuf_parser() -> None:
+    """Thousands of top-level fields (parameters here) would cost the Python walk seconds at
+    the message limit; past MAX_WALKED_FIELDS the C parser reads the message instead, with
+    the same result."""
+    request = _three_inputs()
+    request.parameters.update({f"p{i}": i for i in range(MAX_WALKED_FIELDS)})
+    data = request_to_proto(request).SerializeToString()
+    assert len(data) >= VIEW_MIN_BYTES
+    assert _raw_spans(data) is None
+    received = parse_infer_request(data)
+    assert len(received.message.raw_input_contents) == 3  # parsed, not left as views
+    decoded = request_from_proto(received, None)
+    assert decoded.parameters == request.parameters
+    for got, want in zip(decoded.inputs, request.inputs, strict=True):
+        np.testing.assert_array_equal(got.data, want.data)
