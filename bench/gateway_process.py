@@ -20,6 +20,8 @@ from cnnserve.export.repository import ensure_default_repository
 from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
 
+from .process_tree import cpu_seconds, resident_bytes
+
 
 def free_ports(count: int) -> list[int]:
     """``count`` distinct TCP ports nothing listens on right now (all held open while they
@@ -70,11 +72,11 @@ class GatewayProcess:
 
     def rss_bytes(self) -> int:
         """Resident memory of the gateway, all its processes together."""
-        total = 0
-        for process in self.processes():
-            with contextlib.suppress(psutil.NoSuchProcess):
-                total += process.memory_info().rss
-        return total
+        return resident_bytes(self.processes())
+
+    def cpu_seconds(self) -> float:
+        """CPU time the gateway's processes have used so far, together."""
+        return cpu_seconds(self.processes())
 
     def grpc_listeners(self) -> int:
         """How many of its processes listen on the gRPC port."""

@@ -61,7 +61,7 @@ def _torchserve_alone(rows: list[Row]) -> Row | None:
 
 
 def _side(row: Row) -> str:
-    """One side of a ratio: throughput, p50/p99, mean formed batch, RSS."""
+    """One side of a ratio: throughput, p50/p99, mean formed batch, RSS, CPU per request."""
     parts = [
         f"{row['requests_per_s']:.0f} req/s",
         f"p50 {row['p50_ms']:.1f} / p99 {row['p99_ms']:.1f} ms",
@@ -75,7 +75,21 @@ def _side(row: Row) -> str:
         rss.append(f"TorchServe {row['torchserve_rss_mb']:.0f}")
     if rss:
         parts.append("RSS " + " + ".join(rss) + " MB")
+    cpu = _cpu(row)
+    if cpu:
+        parts.append(f"CPU {cpu} ms/request")
     return " · ".join(parts)
+
+
+def _cpu(row: Row) -> str:
+    """CPU time per request of the gateway and of TorchServe (``gateway 0.61 + TorchServe
+    0.80``), as far as the row has them; empty when it has none."""
+    names = (("gateway", "gateway"), ("torchserve", "TorchServe"))
+    return " + ".join(
+        f"{shown} {row[f'{key}_cpu_ms_per_request']:.2f}"
+        for key, shown in names
+        if row.get(f"{key}_cpu_ms_per_request") is not None
+    )
 
 
 def _ratio(
@@ -266,7 +280,10 @@ def render(
         "each scenario), a bare `grpc.aio` echo of the same payload at the same concurrency,",
         "and TorchServe called directly over REST with its own batching (batchSize 32, 5 ms),",
         "fed the same PNG digits, with 1 and with 2 workers per model: its better figure is the",
-        "baseline. Each side of a ratio is given as req/s · p50 / p99 · mean formed batch · RSS.",
+        "baseline. Each side of a ratio is given as req/s · p50 / p99 · mean formed batch · RSS",
+        "· CPU per request: each server's processes' CPU time over the run (warm-up included)",
+        "divided by the requests served meanwhile (gateway: every process it started, decode",
+        "processes included; TorchServe: its JVM and workers).",
         "",
         "## Targets",
         "",
@@ -406,8 +423,8 @@ def _torchserve_table(rows: list[Row]) -> list[str]:
         "## TorchServe with and without the gateway",
         "",
         "| path | payload | transport | conc. | batching | req/s | p50 ms | p99 ms "
-        "| mean batch (gateway) | errors | TorchServe RSS MB |",
-        "|" + " --- |" * 11,
+        "| mean batch (gateway) | errors | TorchServe RSS MB | CPU ms/request |",
+        "|" + " --- |" * 12,
     ]
     for r in chosen:
         alone = r["backend"] == TORCHSERVE_REST
@@ -417,7 +434,7 @@ def _torchserve_table(rows: list[Row]) -> list[str]:
             f"| {path} | {r['payload']} | {_transport(r)} | {r['concurrency']} | {_variant(r)} | "
             f"{r['requests_per_s']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
             f"{_num(r.get('mean_batch_size'), 1)} | {errors} | "
-            f"{_num(r.get('torchserve_rss_mb'))} |"
+            f"{_num(r.get('torchserve_rss_mb'))} | {_cpu(r) or '—'} |"
         )
     return [*lines, ""]
 

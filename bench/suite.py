@@ -29,11 +29,11 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -374,10 +374,11 @@ def run_suite(
                 row = _measure_rest(ctx, scenario, alone[scenario.torchserve_workers])
             else:
                 gateway, rss_start = gateways[_gateway_key(scenario)]
-                row = _measure(ctx, scenario, gateway)
+                torchserve = behind if scenario.backend == "torchserve" else None
+                row = _measure(ctx, scenario, gateway, torchserve)
                 row["gateway_rss_start_mb"] = rss_start / 2**20
-                if behind is not None and scenario.backend == "torchserve":
-                    row["torchserve_rss_mb"] = behind.rss_bytes() / 2**20
+                if torchserve is not None:
+                    row["torchserve_rss_mb"] = torchserve.rss_bytes() / 2**20
                 if scenario.transport == "grpc" and scenario.client == "loadgen":
                     _add_echo(ctx, row, echo, echo_cache)
             _record(ctx, row)
@@ -465,16 +466,28 @@ def _check_http(target: str, request: bytes, what: str) -> None:
         raise RuntimeError(f"{what}: answered {status}: {body[:200]!r}")
 
 
-def _measure(ctx: _Context, scenario: Scenario, gateway: GatewayProcess) -> dict[str, Any]:
+def _measure(
+    ctx: _Context,
+    scenario: Scenario,
+    gateway: GatewayProcess,
+    torchserve: TorchServeRun | None = None,
+) -> dict[str, Any]:
     before = batch_sizes(gateway.metrics_url, scenario.model)
+    cpu: dict[str, float] = {}
     if scenario.client == "perf_analyzer":
         figures = _measure_perf_analyzer(scenario, gateway)
     else:
+        servers: dict[str, CpuMeter] = {"gateway": gateway}
+        if torchserve is not None:
+            servers["torchserve"] = torchserve
+        used = _cpu_used(servers)
         figures = run_load(_load_spec(ctx, scenario, gateway)).as_dict()
+        cpu = _cpu_per_request(ctx, used(), figures["requests_per_s"])
     formed = batch_sizes(gateway.metrics_url, scenario.model).minus(before)
     row = {
         **_base_row(scenario),
         **figures,
+        **cpu,
         "mean_batch_size": formed.mean,
         "batch_size_buckets": formed.buckets,
         "gateway_rss_end_mb": gateway.rss_bytes() / 2**20,
@@ -488,6 +501,32 @@ def _measure(ctx: _Context, scenario: Scenario, gateway: GatewayProcess) -> dict
     row["model_alone_images_per_s"] = alone["images_per_s"]
     row["model_alone_p50_ms"] = alone["p50_ms"]
     return row
+
+
+class CpuMeter(Protocol):
+    """A server whose processes' CPU time can be read."""
+
+    def cpu_seconds(self) -> float:
+        """CPU time used so far by all of its processes."""
+        ...
+
+
+def _cpu_used(servers: dict[str, CpuMeter]) -> Callable[[], dict[str, float]]:
+    """Read each server's CPU time now; the function returned gives what each used since."""
+    start = {name: server.cpu_seconds() for name, server in servers.items()}
+    return lambda: {name: servers[name].cpu_seconds() - start[name] for name in servers}
+
+
+def _cpu_per_request(
+    ctx: _Context, used: dict[str, float], requests_per_s: float
+) -> dict[str, float]:
+    """``<server>_cpu_ms_per_request``: each server's CPU time over the run (warm-up
+    included) per request it served meanwhile — the requests counted at the measured rate
+    over warm-up and measurement alike, so an approximation that holds for a steady load."""
+    served = requests_per_s * (ctx.warmup_s + ctx.duration_s)
+    if served <= 0:
+        return {}
+    return {f"{name}_cpu_ms_per_request": 1000 * seconds / served for name, seconds in used.items()}
 
 
 def _measure_perf_analyzer(scenario: Scenario, gateway: GatewayProcess) -> dict[str, Any]:
@@ -517,6 +556,7 @@ def _measure_perf_analyzer(scenario: Scenario, gateway: GatewayProcess) -> dict[
 def _measure_rest(ctx: _Context, scenario: Scenario, torchserve: TorchServeRun) -> dict[str, Any]:
     request = rest_request(torchserve.rest_target, scenario.model, torchserve.inference_key)
     _check_http(torchserve.rest_target, request, scenario.label)
+    used = _cpu_used({"torchserve": torchserve})
     result = run_load(
         LoadSpec(torchserve.rest_target, request, scenario.items, ctx.duration_s, ctx.warmup_s,
                  scenario.concurrency, processes=ctx.processes, transport="http")
@@ -524,6 +564,7 @@ def _measure_rest(ctx: _Context, scenario: Scenario, torchserve: TorchServeRun) 
     return {
         **_base_row(scenario),
         **result.as_dict(),
+        **_cpu_per_request(ctx, used(), result.requests_per_s),
         "torchserve_batch_size": torchserve.batch_size,
         "torchserve_max_batch_delay_ms": torchserve.max_batch_delay_ms,
         "torchserve_workers": torchserve.workers,

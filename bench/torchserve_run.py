@@ -26,6 +26,7 @@ from cnnserve.torchserve_engine.process import (
 )
 
 from .gateway_process import free_ports
+from .process_tree import cpu_seconds, resident_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -60,18 +61,21 @@ class TorchServeRun:
             env["CNNSERVE_TORCHSERVE_KEY_FILE"] = str(self.server.key_file)
         return env
 
-    def rss_bytes(self) -> int:
-        """Resident memory of the JVM and its Python workers together."""
+    def processes(self) -> list[psutil.Process]:
+        """The JVM and its Python workers (none once the JVM has exited)."""
         try:
             jvm = psutil.Process(self.server.pid)
-            processes = [jvm, *jvm.children(recursive=True)]
+            return [jvm, *jvm.children(recursive=True)]
         except psutil.NoSuchProcess:
-            return 0
-        total = 0
-        for process in processes:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                total += process.memory_info().rss
-        return total
+            return []
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the JVM and its Python workers together."""
+        return resident_bytes(self.processes())
+
+    def cpu_seconds(self) -> float:
+        """CPU time the JVM and its workers have used so far, together."""
+        return cpu_seconds(self.processes())
 
 
 @contextlib.contextmanager

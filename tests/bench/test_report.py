@@ -81,7 +81,14 @@ def test_targets_are_ratios_with_verdicts(tmp_path: Path) -> None:
 def test_torchserve_targets_take_torchserve_alone_at_its_best_worker_count() -> None:
     rows = [
         _row(backend="torchserve", requests_per_s=900.0, torchserve_rss_mb=800.0),
-        _row(backend="torchserve", payload="png", requests_per_s=700.0, torchserve_rss_mb=810.0),
+        _row(
+            backend="torchserve",
+            payload="png",
+            requests_per_s=700.0,
+            torchserve_rss_mb=810.0,
+            gateway_cpu_ms_per_request=0.6,
+            torchserve_cpu_ms_per_request=0.8,
+        ),
         _row(backend="torchserve", payload="png", transport="predict", requests_per_s=500.0),
         _row(payload="png", transport="predict", requests_per_s=50.0),
         _rest_row(variant="1 worker", torchserve_workers=1, requests_per_s=150.0),
@@ -95,6 +102,8 @@ def test_torchserve_targets_take_torchserve_alone_at_its_best_worker_count() -> 
     text = report.render(rows, "m", "cnnserve bench", [])
     assert "TorchServe alone (2 workers per model, the better count; batchSize 32, 5 ms)" in text
     assert "gateway → TorchServe: 700 req/s" in text
+    assert "CPU gateway 0.60 + TorchServe 0.80 ms/request" in text
+    assert "| gateway 0.60 + TorchServe 0.80 |" in text
     assert "/predict (torchserve): 500 req/s" in text
     assert "## TorchServe with and without the gateway" in text
     assert (

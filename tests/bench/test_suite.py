@@ -153,6 +153,8 @@ def test_one_scenario_end_to_end(artifacts_dir: Path, tmp_path: Path) -> None:
     assert row["model_alone_images_per_s"] > 0
     assert row["echo_requests_per_s"] > 0
     assert row["gateway_rss_end_mb"] > 0
+    # Every request costs the gateway some CPU, and far less than a second.
+    assert 0 < row["gateway_cpu_ms_per_request"] < 1000
     written = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert written == rows
 
