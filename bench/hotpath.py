@@ -1,8 +1,8 @@
 """Profile a real gateway under load with py-spy: the functions that hold the samples.
 
 ``python -m cnnserve.bench.hotpath --out docs/bench/profiles`` starts ``cnnserve serve``,
-drives it with the load generator and samples the gateway process with ``py-spy record``
-meanwhile. It writes ``<name>.txt`` (the functions holding most samples, by self and
+drives it with the load generator and samples the gateway process and its children (the
+decode processes) with ``py-spy record`` meanwhile. It writes ``<name>.txt`` (the functions holding most samples, by self and
 inclusive time, with the throughput measured while sampling) and ``<name>.collapsed``
 (py-spy's raw stacks: ``flamegraph.pl``, speedscope or inferno draw them as a flame graph).
 """
@@ -86,7 +86,8 @@ def record(profile: Profile, artifacts: Path, out: Path, duration_s: float) -> L
         warmup_s = 2.0
         collapsed = out / f"{profile.name}.collapsed"
         sampler = subprocess.Popen(
-            [py_spy, "record", "--pid", str(gateway.process.pid), "--rate",
+            # --subprocesses: the decode processes a PNG profile's batches are decoded in.
+            [py_spy, "record", "--pid", str(gateway.process.pid), "--subprocesses", "--rate",
              str(SAMPLE_RATE_HZ), "--duration", str(round(duration_s)), "--format", "raw",
              "--output", str(collapsed), "--nonblocking"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
