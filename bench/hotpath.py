@@ -2,8 +2,9 @@
 
 ``python -m cnnserve.bench.hotpath --out docs/bench/profiles`` starts ``cnnserve serve``,
 drives it with the load generator and samples the gateway process and its children (the
-decode processes) with ``py-spy record`` meanwhile. It writes ``<name>.txt`` (the functions holding most samples, by self and
-inclusive time, with the throughput measured while sampling) and ``<name>.collapsed``
+decode processes) with ``py-spy record`` meanwhile. It writes ``<name>.txt`` (the functions
+holding most samples, by self and inclusive time, with the throughput measured while
+sampling) and ``<name>.collapsed``
 (py-spy's raw stacks: ``flamegraph.pl``, speedscope or inferno draw them as a flame graph).
 """
 
