@@ -61,6 +61,7 @@ from . import repository_api
 from .auth import ApiKeyMiddleware, ApiKeys
 from .dataplane import DataPlane, caller_input
 from .openapi import describe_api, option_parameters
+from .web import web_router
 
 logger = logging.getLogger(__name__)
 
@@ -410,6 +411,7 @@ def create_http_app(core: DataPlane, settings: Settings) -> FastAPI:
     app.include_router(_repository_router(core, settings))
     app.include_router(_oip_router(core, settings))
     app.include_router(_predict_router(core, settings))
+    app.include_router(web_router())
     describe_api(app, core.model_names)
 
     @app.exception_handler(RequestValidationError)
