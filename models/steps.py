@@ -34,6 +34,20 @@ __all__ = [
 #: ConvNet's input side; the digit's longer side is scaled to DIGIT_BOX inside it.
 CONVNET_SIDE = 28
 DIGIT_BOX = 20
+#: The grey level (channel mean, as ``rgb.mean(axis=2)`` computes it) of every channel sum
+#: 0..765, and of the inverted image (``255.0 - grey``).
+_GRAY_OF_SUM = np.arange(3 * 255 + 1) / 3
+_INVERTED_GRAY_OF_SUM = 255.0 - _GRAY_OF_SUM
+
+
+def _median(values: np.ndarray) -> float:
+    """``np.median`` of a 1-D float array, to the bit (the mean of the two middle values when
+    their count is even), without its generic machinery: 8 µs instead of 50 for a border."""
+    ordered = np.sort(values)
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return float(ordered[middle])
+    return float((ordered[middle - 1] + ordered[middle]) / 2)
 
 
 def to_chw(rgb: np.ndarray) -> np.ndarray:
@@ -51,15 +65,26 @@ def digit_pixels(rgb: np.ndarray) -> np.ndarray:
        image size do not matter;
     3. scale the longer side to 20 px (aspect kept) and centre it in 28×28, as MNIST does.
     """
-    gray = rgb.mean(axis=2)
-    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    if float(np.median(border)) > 127.5:
+    # The float grey level of a pixel is (R+G+B)/3, so it takes one of 766 values: the steps
+    # below read a table of those by each pixel's channel sum (exact in uint16) rather than
+    # build a float image — the same comparisons on the same float values, a third of the
+    # time (the float image's mean was the largest cost of preparing a digit).
+    channel_sum = rgb[..., 0].astype(np.uint16)
+    channel_sum += rgb[..., 1]
+    channel_sum += rgb[..., 2]
+    gray_of_sum = _GRAY_OF_SUM
+    border = np.concatenate(
+        [channel_sum[0], channel_sum[-1], channel_sum[:, 0], channel_sum[:, -1]]
+    )
+    if _median(gray_of_sum[border]) > 127.5:
         rgb = 255 - rgb
-        gray = 255.0 - gray
-    peak = float(gray.max())
+        gray_of_sum = _INVERTED_GRAY_OF_SUM
+    # Inverted or not, the grey level is monotonic in the sum, so its peak is at an extreme.
+    peak = float(max(gray_of_sum[channel_sum.min()], gray_of_sum[channel_sum.max()]))
     if peak > 0:
-        rows = np.flatnonzero((gray > 0.3 * peak).any(axis=1))
-        cols = np.flatnonzero((gray > 0.3 * peak).any(axis=0))
+        ink = (gray_of_sum > 0.3 * peak)[channel_sum]
+        rows = np.flatnonzero(ink.any(axis=1))
+        cols = np.flatnonzero(ink.any(axis=0))
         rgb = rgb[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     height, width = rgb.shape[:2]
     scale = DIGIT_BOX / max(height, width)

@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 
 from cnnserve.errors import InvalidInputError, UnknownModelError
+from cnnserve.models.imaging import resize_rgb
 from cnnserve.models.registry import MODELS, get_spec
-from cnnserve.models.steps import class_mask, digit_pixels, normalize
+from cnnserve.models.steps import (
+    CONVNET_SIDE,
+    DIGIT_BOX,
+    class_mask,
+    digit_pixels,
+    normalize,
+    to_chw,
+)
 
 from ..images import digit_png, encode, held_out_digit, png_declaring, shapes_png
 
@@ -26,6 +34,42 @@ def test_digit_polarity_and_placement_do_not_matter() -> None:
     padded = np.zeros((200, 120, 3), dtype=np.uint8)
     padded[20:84, 40:104] = rgb
     assert np.abs(digit_pixels(padded).astype(int) - canonical.astype(int)).mean() < 8
+
+
+def _digit_pixels_by_definition(rgb: np.ndarray) -> np.ndarray:
+    """digit_pixels' steps as its docstring states them, on a float grey image."""
+    gray = rgb.mean(axis=2)
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    if float(np.median(border)) > 127.5:
+        rgb, gray = 255 - rgb, 255.0 - gray
+    if gray.max() > 0:
+        ink = gray > 0.3 * float(gray.max())
+        rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+        rgb = rgb[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    scale = DIGIT_BOX / max(rgb.shape[:2])
+    new_h, new_w = (max(1, round(side * scale)) for side in rgb.shape[:2])
+    canvas = np.zeros((CONVNET_SIDE, CONVNET_SIDE, 3), dtype=np.uint8)
+    top, left = (CONVNET_SIDE - new_h) // 2, (CONVNET_SIDE - new_w) // 2
+    canvas[top : top + new_h, left : left + new_w] = resize_rgb(
+        np.ascontiguousarray(rgb), new_h, new_w
+    )
+    return to_chw(canvas)
+
+
+def test_digit_pixels_equals_its_definition_to_the_bit() -> None:
+    # digit_pixels reads grey levels from a table by channel sum; any image, including the
+    # ties at the ink threshold and the border's median, must come out as the float steps do.
+    rng = np.random.default_rng(0)
+    levels = np.array([0, 1, 2, 76, 77, 127, 128, 254, 255], dtype=np.uint8)
+    for case in range(600):
+        height, width = (int(side) for side in rng.integers(1, 60, 2))
+        if case % 3 == 0:
+            rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        elif case % 3 == 1:
+            rgb = rng.choice(levels, (height, width, 3))
+        else:
+            rgb = np.full((height, width, 3), rng.choice(levels), dtype=np.uint8)
+        np.testing.assert_array_equal(digit_pixels(rgb), _digit_pixels_by_definition(rgb))
 
 
 def test_blank_image_gives_a_blank_digit() -> None:
