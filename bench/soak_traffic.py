@@ -27,10 +27,10 @@ import numpy as np
 
 from cnnserve.models.imaging import encode_png
 from cnnserve.models.registry import get_spec
+from cnnserve.models.scenes import shapes_scene
 from cnnserve.models.steps import normalize
 from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
-from cnnserve.training.datasets import shapes_scene
 
 from .payloads import digit_pngs
 

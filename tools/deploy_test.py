@@ -355,7 +355,7 @@ def held_out_digits(count: int) -> list[tuple[bytes, str]]:
 
 def scene() -> tuple[bytes, np.ndarray]:
     """A generated shapes scene as PNG and its true class mask."""
-    from cnnserve.training.datasets import shapes_scene
+    from cnnserve.models.scenes import shapes_scene
 
     image, mask = shapes_scene(np.random.default_rng(SCENE_SEED), SCENE_SIDE)
     return _png(image), mask

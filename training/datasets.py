@@ -4,7 +4,8 @@
   polarity, tinted ink, noisy background, varied size and position) and then passed through
   the same :func:`digit_pixels` preprocessing the server applies.
 * shapes — synthetic segmentation scenes: circles, squares and triangles of random colours on
-  a noisy background, with a per-pixel class mask (background is class 0).
+  a noisy background, with a per-pixel class mask (background is class 0); drawn by
+  :mod:`cnnserve.models.scenes`, where the gateway draws its demo scenes too.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from cnnserve.models.registry import SHAPE_CLASSES
+from cnnserve.models.scenes import shapes_scene
 from cnnserve.models.steps import digit_pixels
 
 DIGITS_RECIPE = (
@@ -84,73 +85,6 @@ def render_digit(glyph: np.ndarray, rng: np.random.Generator | None, side: int =
 def digit_batch(glyphs: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
     """Glyphs → ``N×3×28×28`` uint8 network pixels, through the server's preprocessing."""
     return np.stack([digit_pixels(render_digit(g, rng)) for g in glyphs])
-
-
-def shapes_scene(rng: np.random.Generator, side: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """One synthetic scene: ``side×side×3`` uint8 image and ``side×side`` uint8 class mask.
-
-    The classes are told apart by how a shape is drawn — flat fill, hollow outline or
-    stripes — on a grainy background; circles, squares and triangles of 8–24 px appear in
-    every class, so the network must read texture and edges, not colour.
-    """
-    background = rng.uniform(0, 255, size=3)
-    grain = rng.normal(0.0, rng.uniform(12, 30), size=(side, side, 3))
-    base = np.clip(background + grain, 0, 255).astype(np.uint8)
-    canvas = base.copy()
-    mask = np.zeros((side, side), dtype=np.uint8)
-    for _ in range(int(rng.integers(1, 6))):
-        kind = SHAPE_CLASSES[int(rng.integers(1, len(SHAPE_CLASSES)))]
-        size = int(rng.integers(8, 25))
-        x0 = int(rng.integers(0, side - size))
-        y0 = int(rng.integers(0, side - size))
-        area = _shape_area(str(rng.choice(["circle", "square", "triangle"])), size, side, x0, y0)
-        if kind == "outline":
-            area = area & ~_eroded(area, int(rng.integers(3, 5)))
-        elif kind == "striped":
-            period = int(rng.integers(4, 7))
-            axis = np.indices((side, side))[int(rng.integers(0, 2))]
-            paint = area & ((axis % period) < period // 2)
-            canvas[area & ~paint] = base[area & ~paint]
-            canvas[paint] = _contrasting_colour(rng, background)
-            mask[area] = SHAPE_CLASSES.index(kind)
-            continue
-        canvas[area] = _contrasting_colour(rng, background)
-        mask[area] = SHAPE_CLASSES.index(kind)
-    return canvas, mask
-
-
-def _shape_area(shape: str, size: int, side: int, x0: int, y0: int) -> np.ndarray:
-    image = Image.new("L", (side, side), 0)
-    draw = ImageDraw.Draw(image)
-    box = (x0, y0, x0 + size - 1, y0 + size - 1)
-    if shape == "circle":
-        draw.ellipse(box, fill=1)
-    elif shape == "square":
-        draw.rectangle(box, fill=1)
-    else:
-        draw.polygon(
-            [(x0 + (size - 1) / 2, y0), (x0, y0 + size - 1), (x0 + size - 1, y0 + size - 1)], fill=1
-        )
-    return np.asarray(image, dtype=bool)
-
-
-def _eroded(area: np.ndarray, steps: int) -> np.ndarray:
-    inner = area.copy()
-    for _ in range(steps):
-        shrunk = inner.copy()
-        shrunk[1:] &= inner[:-1]
-        shrunk[:-1] &= inner[1:]
-        shrunk[:, 1:] &= inner[:, :-1]
-        shrunk[:, :-1] &= inner[:, 1:]
-        inner = shrunk
-    return inner
-
-
-def _contrasting_colour(rng: np.random.Generator, background: np.ndarray) -> tuple[int, int, int]:
-    while True:
-        colour = rng.uniform(0, 255, size=3)
-        if np.abs(colour - background).sum() > 150:
-            return (int(colour[0]), int(colour[1]), int(colour[2]))
 
 
 def shapes_batch(
