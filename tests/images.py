@@ -1,15 +1,25 @@
-"""Test images made on the spot: rendered digits and shape scenes as PNG/JPEG bytes."""
+"""Test images made on the spot (rendered digits and shape scenes as PNG/JPEG bytes), and the
+tiles of the gateway's pictures read back."""
 
 from __future__ import annotations
 
 import io
 import struct
 import zlib
+from collections.abc import Mapping
 
 import numpy as np
 from PIL import Image
 
-from cnnserve.training.datasets import digits_split, render_digit, shapes_scene
+from cnnserve.gateway.pictures import (
+    BACKGROUND,
+    GRID_SHAPE_HEADER,
+    LAYER_SHAPE_HEADER,
+    TILE_SHAPE_HEADER,
+    Layout,
+)
+from cnnserve.models.scenes import shapes_scene
+from cnnserve.training.datasets import digits_split, render_digit
 
 
 def encode(array: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
@@ -61,3 +71,23 @@ def png_declaring(width: int, height: int) -> bytes:
         + chunk(b"IDAT", zlib.compress(b"\0" * 64))
         + chunk(b"IEND", b"")
     )
+
+
+def grid_tiles(png: bytes, headers: Mapping[str, str]) -> list[np.ndarray]:
+    """The tiles of a picture grid (``cnnserve.gateway.pictures``), found from its headers:
+    one per channel of ``X-Layer-Shape`` (one for a vector), row by row. The gaps around
+    them are checked white on the way."""
+    grid = np.asarray(Image.open(io.BytesIO(png)))
+    rows, columns = (int(v) for v in headers[GRID_SHAPE_HEADER].split(","))
+    height, width = (int(v) for v in headers[TILE_SHAPE_HEADER].split(","))
+    shape = headers[LAYER_SHAPE_HEADER].split(",")
+    layout = Layout(int(shape[0]) if len(shape) == 3 else 1, columns, rows, height, width)
+    assert grid.shape == (layout.height, layout.width)
+    tiles = []
+    gaps = np.ones(grid.shape, dtype=bool)
+    for index in range(layout.tiles):
+        top, left = layout.origin(index)
+        tiles.append(grid[top : top + height, left : left + width])
+        gaps[top : top + height, left : left + width] = False
+    assert (grid[gaps] == BACKGROUND).all()
+    return tiles
