@@ -1,5 +1,5 @@
-"""Fixtures shared across the suite: exported artifacts and a TorchServe, once per session;
-and the ``torchserve`` mark on every test that needs one."""
+"""Fixtures shared across the suite: exported artifacts and a TorchServe, once per session; a
+headless Chromium per test module; and the ``torchserve`` mark on every test that needs one."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import httpx
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
+from selenium import webdriver
 
 from cnnserve.export.exporter import ExportPaths, export_model
 from cnnserve.export.repository import ensure_default_repository, export_to_repository
@@ -28,6 +29,7 @@ from cnnserve.torchserve_engine.process import (
     start,
     stop,
 )
+from tests.browser import chromium
 from tests.models import tutorial_classes as tutorial
 from tests.support import free_ports, is_torchserve_fixture, starts_torchserve
 
@@ -41,6 +43,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         definitions = info.name2fixturedefs.values() if info is not None else ()
         if any(is_torchserve_fixture(d.func) for defs in definitions for d in defs):
             item.add_marker(pytest.mark.torchserve)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[webdriver.Chrome]:
+    """A headless Chromium (tests/browser.py) for the test module, quit after it."""
+    with chromium() as driver:
+        yield driver
 
 
 @pytest.fixture(scope="session")
