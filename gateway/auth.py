@@ -3,7 +3,10 @@
 Keys come from ``settings.api_key`` and ``settings.api_keys_file``; with neither set the
 gateway is open. Health (gRPC ``ServerLive``/``ServerReady`` and ``grpc.health.v1``, HTTP
 ``/v2/health/*``) stays open so probes need no secret, and the metrics port has no inference
-API to protect. A refused call gets UNAUTHENTICATED / 401 from the error table.
+API to protect. So do the pages a browser loads (:data:`PAGE_PATHS`, :data:`PAGE_PREFIXES`:
+the web page, ``/docs`` and the OpenAPI document): they hold no data and run no inference —
+every call they make to a model still needs the key. A refused call gets UNAUTHENTICATED /
+401 from the error table.
 
 Keys are compared with :func:`hmac.compare_digest` against every accepted key, so the time a
 check takes tells an attacker nothing about how much of a guess was right. No key — accepted
@@ -44,8 +47,23 @@ OPEN_GRPC_METHODS = frozenset(
         f"/{_HEALTH}/Watch",
     }
 )
-#: HTTP paths answered without a key.
-OPEN_HTTP_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
+#: What a browser loads to show the web page and the API's documentation: static files and
+#: the OpenAPI document. Only such routes may be put under these paths and prefixes.
+PAGE_PATHS = frozenset({"/", "/docs", "/openapi.json"})
+PAGE_PREFIXES = ("/ui/", "/docs/")
+#: HTTP paths answered without a key, besides the pages: health, for probes.
+HEALTH_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
+
+
+def is_page(path: str) -> bool:
+    """Whether ``path`` is one of the pages (or their files) a browser loads."""
+    return path in PAGE_PATHS or path.startswith(PAGE_PREFIXES)
+
+
+def is_open_http_path(path: str) -> bool:
+    """Whether ``path`` is answered without a key: health and the pages."""
+    return path in HEALTH_PATHS or is_page(path)
+
 MISSING_KEY = "missing API key: send the header `authorization: Bearer <key>`"
 WRONG_KEY = "API key not accepted: check the key sent as `authorization: Bearer <key>`"
 
@@ -149,7 +167,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 class ApiKeyMiddleware:
     """ASGI middleware refusing HTTP requests without an accepted key (401, ``{"error"}``),
-    except :data:`OPEN_HTTP_PATHS`."""
+    except on :func:`is_open_http_path`'s paths."""
 
     def __init__(self, app: ASGIApp, keys: ApiKeys) -> None:
         self.app = app
@@ -157,7 +175,7 @@ class ApiKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Check the ``authorization`` header, then hand the request to the app."""
-        if scope["type"] != "http" or scope["path"] in OPEN_HTTP_PATHS:
+        if scope["type"] != "http" or is_open_http_path(scope["path"]):
             await self.app(scope, receive, send)
             return
         header = next(
@@ -194,4 +212,7 @@ def log_auth_mode(keys: ApiKeys | None) -> None:
     if keys is None:
         logger.info("API-key authentication off: any caller may infer")
     else:
-        logger.info("API-key authentication on: %d accepted key(s); health stays open", len(keys))
+        logger.info(
+            "API-key authentication on: %d accepted key(s); health and the pages stay open",
+            len(keys),
+        )

@@ -409,7 +409,7 @@ def serve(
         Path | None,
         typer.Option(
             help="File of accepted API keys, one per line: calls need `authorization: Bearer "
-            "<key>` (health stays open). A single key: CNNSERVE_API_KEY."
+            "<key>` (health, the web page and /docs stay open). A single key: CNNSERVE_API_KEY."
         ),
     ] = None,
     model_repository: Annotated[

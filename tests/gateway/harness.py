@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -37,6 +38,23 @@ def gateway_settings(repository: Path, **overrides: Any) -> Settings:
     }
     values.update(overrides)
     return Settings(**values)
+
+
+async def raw_http(port: int, method: str, path: str, body: bytes = b"") -> tuple[int, str]:
+    """One HTTP/1.1 request with ``path`` exactly as given — no client normalises its dot
+    segments or percent-escapes away, as a hostile client would not; the status and the body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}"
+        "\r\nConnection: close\r\n\r\n"
+    )
+    writer.write(head.encode("latin-1") + body)
+    await writer.drain()
+    reply = (await reader.read()).decode("latin-1")
+    writer.close()
+    await writer.wait_closed()
+    head, _, text = reply.partition("\r\n\r\n")
+    return int(head.split()[1]), text
 
 
 @asynccontextmanager

@@ -23,7 +23,7 @@ from cnnserve.client.inference import ServerError, connect
 from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
 from tests.conftest import RunningTorchServe
-from tests.gateway.harness import gateway_settings, running_gateway
+from tests.gateway.harness import gateway_settings, raw_http, running_gateway
 from tests.images import digit_png
 from tests.support import gateway_process
 
@@ -76,25 +76,9 @@ async def test_model_names_never_reach_the_file_system(model_repository: Path) -
                 ("POST", f"/v2/models/{quoted}/infer"),
                 ("POST", f"/predict/{quoted}"),
             ):
-                status, body = await _raw_http(gateway.http_port, method, path)
+                status, body = await raw_http(gateway.http_port, method, path, VALID_BODY)
                 assert status == 404, (name, path, body)
                 assert "root:" not in body
-
-
-async def _raw_http(port: int, method: str, path: str) -> tuple[int, str]:
-    """One HTTP/1.1 request with ``path`` exactly as given; the status and the body."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    head = (
-        f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(VALID_BODY)}"
-        "\r\nConnection: close\r\n\r\n"
-    )
-    writer.write(head.encode("latin-1") + VALID_BODY)
-    await writer.drain()
-    reply = (await reader.read()).decode("latin-1")
-    writer.close()
-    await writer.wait_closed()
-    head, _, body = reply.partition("\r\n\r\n")
-    return int(head.split()[1]), body
 
 
 # --- no secrets in logs ---
