@@ -64,6 +64,7 @@ def is_open_http_path(path: str) -> bool:
     """Whether ``path`` is answered without a key: health and the pages."""
     return path in HEALTH_PATHS or is_page(path)
 
+
 MISSING_KEY = "missing API key: send the header `authorization: Bearer <key>`"
 WRONG_KEY = "API key not accepted: check the key sent as `authorization: Bearer <key>`"
 
