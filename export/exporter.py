@@ -5,6 +5,12 @@ exported (architecture, class count, tensor names, shapes, datatypes, labels, ch
 parity) — either flat (``DIR/<name>.pt``, ``.onnx``, ``.json``) or as a version folder of a
 model repository (``model.pt``, ``model.onnx``, ``export.json``; see :mod:`.repository`),
 where the server reads the class count back from the description.
+
+Beside each artifact goes its feature artifact (``model.features.pt``,
+``model.features.onnx``): the same network answering its output and every feature map
+(:mod:`cnnserve.models.features`), which requests for feature maps run; plain requests run
+the plain artifact exactly as before. Its parity is checked like the plain one's, every map
+against the eager network's.
 """
 
 from __future__ import annotations
@@ -22,8 +28,16 @@ from torch import nn
 
 from cnnserve.errors import require_extra
 from cnnserve.models.checkpoint import sha256_file
+from cnnserve.models.feature_network import FeatureNetwork
+from cnnserve.models.features import (
+    FEATURE_LAYERS,
+    NETWORK_OUTPUT,
+    feature_metadata,
+    item_shapes,
+    split_rows,
+)
 from cnnserve.models.repository import ARTIFACT_FILES, EXPORT_FILE
-from cnnserve.models.runtime import OnnxRunner
+from cnnserve.models.runtime import OnnxRunner, Runner, features_artifact
 from cnnserve.models.spec import ModelSpec
 from cnnserve.models.torchscript import TorchScriptRunner
 
@@ -43,6 +57,16 @@ class ExportPaths:
     torchscript: Path
     onnx: Path
     metadata: Path
+
+    @property
+    def torchscript_features(self) -> Path:
+        """The TorchScript feature artifact, beside the TorchScript one."""
+        return features_artifact(self.torchscript)
+
+    @property
+    def onnx_features(self) -> Path:
+        """The ONNX feature artifact, beside the ONNX one."""
+        return features_artifact(self.onnx)
 
     @classmethod
     def flat(cls, out_dir: Path, name: str) -> ExportPaths:
@@ -94,13 +118,18 @@ def export_model(
     for path in (paths.torchscript, paths.onnx, paths.metadata):
         path.parent.mkdir(parents=True, exist_ok=True)
     network = network.eval()
+    features = FeatureNetwork(network).eval()
     height, width = _trace_size(spec)
     example = _example(spec, 2, height, width)
     ts_path, onnx_path = paths.torchscript, paths.onnx
     with torch.inference_mode():
         traced = torch.jit.trace(network, example)  # type: ignore[no-untyped-call]
+        # strict=False: the feature module answers a dict, its maps by name.
+        traced_features = torch.jit.trace(features, example, strict=False)  # type: ignore[no-untyped-call]
     traced.save(str(ts_path))
-    _export_onnx(spec, network, example, onnx_path)
+    traced_features.save(str(paths.torchscript_features))
+    _export_onnx(spec, network, example, onnx_path, [spec.output_name])
+    _export_onnx(spec, features, example, paths.onnx_features, [spec.output_name, *features.layers])
     worst = check_parity(spec, network, ts_path, onnx_path)
     metadata_path = paths.metadata
     metadata_path.write_text(
@@ -109,7 +138,11 @@ def export_model(
     return ExportResult(ts_path, onnx_path, metadata_path, worst)
 
 
-def _export_onnx(spec: ModelSpec, network: nn.Module, example: torch.Tensor, path: Path) -> None:
+def _export_onnx(
+    spec: ModelSpec, network: nn.Module, example: torch.Tensor, path: Path, outputs: list[str]
+) -> None:
+    """``network`` as one ONNX file whose outputs are named ``outputs``, in the order the
+    network answers them."""
     batch = torch.export.Dim("batch", min=1, max=4096)
     dims: dict[int, Any] = {0: batch}
     if spec.fixed_size is None:
@@ -126,7 +159,7 @@ def _export_onnx(spec: ModelSpec, network: nn.Module, example: torch.Tensor, pat
                 network,
                 (example,),
                 input_names=[spec.input_name],
-                output_names=[spec.output_name],
+                output_names=outputs,
                 dynamic_shapes={"x": dims},
                 opset_version=ONNX_OPSET,
                 dynamo=True,
@@ -141,9 +174,14 @@ def _export_onnx(spec: ModelSpec, network: nn.Module, example: torch.Tensor, pat
 
 
 def check_parity(spec: ModelSpec, network: nn.Module, ts_path: Path, onnx_path: Path) -> float:
-    """Max-abs difference over several batch sizes (and sizes for the FCN); raise if too big."""
+    """Max-abs difference over several batch sizes (and sizes for the FCN); raise if too big.
+
+    The feature artifacts beside ``ts_path`` and ``onnx_path`` are held to the eager network
+    too: their output, and every feature map against :class:`FeatureNetwork`'s."""
     ts_runner = TorchScriptRunner(ts_path, device="cpu")
     onnx_runner = OnnxRunner(onnx_path, device="cpu")
+    features = FeatureNetwork(network).eval()
+    layers = FEATURE_LAYERS[spec.architecture]
     sizes = [spec.fixed_size] if spec.fixed_size else list(FCN_PARITY_SIZES)
     worst = 0.0
     for batch in PARITY_BATCH_SIZES:
@@ -151,36 +189,59 @@ def check_parity(spec: ModelSpec, network: nn.Module, ts_path: Path, onnx_path: 
             x = _example(spec, batch, height, width)
             with torch.inference_mode():
                 eager = network(x).numpy()
-            for label, runner in (("TorchScript", ts_runner), ("ONNX Runtime", onnx_runner)):
-                got = runner.infer(x.numpy())
-                if got.shape != eager.shape:
-                    raise ExportError(
-                        f"{label} output shape {list(got.shape)} != eager {list(eager.shape)} "
-                        f"for input {list(x.shape)}"
-                    )
-                diff = float(np.abs(got - eager).max())
-                if diff > PARITY_TOLERANCE:
-                    raise ExportError(
-                        f"{label} differs from eager by {diff:.3g} (> {PARITY_TOLERANCE}) "
-                        f"for input {list(x.shape)}"
-                    )
-                worst = max(worst, diff)
+                eager_maps = {name: t.numpy() for name, t in features(x).items()}
+            shapes = item_shapes(spec, layers, height, width)
+            runners: tuple[tuple[str, Runner], ...] = (
+                ("TorchScript", ts_runner),
+                ("ONNX Runtime", onnx_runner),
+            )
+            for label, runner in runners:
+                worst = max(worst, _difference(label, runner.infer(x.numpy()), eager, x))
+                answered = split_rows(runner.infer_features(x.numpy(), layers), shapes)
+                for name, got in zip((NETWORK_OUTPUT, *layers), answered, strict=True):
+                    where = f"{label}'s feature artifact ({name})"
+                    worst = max(worst, _difference(where, got, eager_maps[name], x))
     return worst
+
+
+def _difference(label: str, got: np.ndarray, eager: np.ndarray, x: torch.Tensor) -> float:
+    """Max-abs difference of ``got`` from ``eager``; :class:`ExportError` when the shapes
+    differ or it is over :data:`PARITY_TOLERANCE`."""
+    if got.shape != eager.shape:
+        raise ExportError(
+            f"{label} output shape {list(got.shape)} != eager {list(eager.shape)} "
+            f"for input {list(x.shape)}"
+        )
+    diff = float(np.abs(got - eager).max())
+    if diff > PARITY_TOLERANCE:
+        raise ExportError(
+            f"{label} differs from eager by {diff:.3g} (> {PARITY_TOLERANCE}) "
+            f"for input {list(x.shape)}"
+        )
+    return diff
 
 
 def describe(
     spec: ModelSpec, ts_path: Path, onnx_path: Path, checkpoint: Path, worst: float
 ) -> dict[str, Any]:
-    """The exported model's contract, as written to ``<name>.json``."""
+    """The exported model's contract, as written to ``<name>.json``; the feature artifacts
+    are the ones beside ``ts_path`` and ``onnx_path``."""
     height, width = spec.fixed_size or (-1, -1)
     num_classes = spec.num_classes
     output_shape = [-1, num_classes] if spec.fixed_size else [-1, num_classes, -1, -1]
+    layers = FEATURE_LAYERS[spec.architecture]
+    files = {"torchscript": ts_path, "onnx": onnx_path}
+    files.update({f"{kind}_features": features_artifact(p) for kind, p in list(files.items())})
     return {
         "name": spec.name,
         "architecture": spec.architecture.value,
         "num_classes": num_classes,
         "inputs": [{"name": spec.input_name, "datatype": "FP32", "shape": [-1, 3, height, width]}],
         "outputs": [{"name": spec.output_name, "datatype": "FP32", "shape": output_shape}],
+        "feature_outputs": [
+            {"name": name, "datatype": "FP32", "shape": list(shape)}
+            for name, shape in feature_metadata(spec.architecture, layers, spec.fixed_size)
+        ],
         "min_side": spec.min_side,
         "max_side": spec.max_side,
         "labels": list(spec.labels),
@@ -190,8 +251,7 @@ def describe(
             "std": spec.normalization.std,
         },
         "files": {
-            "torchscript": {"file": ts_path.name, "sha256": sha256_file(ts_path)},
-            "onnx": {"file": onnx_path.name, "sha256": sha256_file(onnx_path)},
+            **{kind: {"file": p.name, "sha256": sha256_file(p)} for kind, p in files.items()},
             "checkpoint": {"file": str(checkpoint), "sha256": sha256_file(checkpoint)},
         },
         "parity_max_abs_diff": worst,

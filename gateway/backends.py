@@ -25,6 +25,7 @@ from typing import Protocol
 import numpy as np
 
 from cnnserve.errors import InvalidInputError, UnavailableError, needs_extra
+from cnnserve.models.features import all_layers_bytes_per_pixel
 from cnnserve.models.repository import ModelVersion
 from cnnserve.models.runtime import ArtifactFormat, Runner, load_runner
 from cnnserve.models.semantics import probe_input
@@ -64,6 +65,14 @@ class Backend(Protocol):
         """float32 ``N×3×H×W`` → the network's raw float32 output, N rows (or, for a backend
         that :meth:`decodes_images`, encoded images → ``PartialResults`` when some
         fail)."""
+        ...
+
+    async def infer_features(
+        self, model: ModelVersion, batch: np.ndarray, layers: tuple[str, ...]
+    ) -> BatchAnswer:
+        """As :meth:`infer_batch`, through the version's feature artifact: N float32 rows,
+        each the network output then ``layers``'s maps, flattened
+        (:func:`~cnnserve.models.features.pack_rows`)."""
         ...
 
     async def ready(self, model: ModelVersion) -> bool:
@@ -238,6 +247,23 @@ class InProcessBackend:
     async def infer_batch(self, model: ModelVersion, batch: np.ndarray) -> np.ndarray:
         """Run ``batch`` on ``model``'s worker thread — on the CPU in parts that keep the
         model's working memory within ``max_batch_model_bytes`` (:func:`run_in_parts`)."""
+        loaded, batch = self._runnable(model, batch)
+        loop = asyncio.get_running_loop()
+        if loaded.memory is None:
+            return await loop.run_in_executor(loaded.executor, loaded.runner.infer, batch)
+        run = functools.partial(
+            run_in_parts,
+            loaded.runner.infer,
+            batch,
+            loaded.memory,
+            self._options.max_batch_model_bytes,
+            version_text(model),
+        )
+        return await loop.run_in_executor(loaded.executor, run)
+
+    def _runnable(self, model: ModelVersion, batch: np.ndarray) -> tuple[_Loaded, np.ndarray]:
+        """``model``'s loaded entry (UNAVAILABLE when it is not loaded) and ``batch`` as its
+        runner may take it."""
         loaded = self._loaded.get(id(model))
         if loaded is None:
             raise UnavailableError(f"{version_text(model)} is not loaded")
@@ -247,14 +273,27 @@ class InProcessBackend:
             # through) a read-only array, so torch gets its own copy, the one copy this path
             # keeps.
             batch = np.array(batch)
+        return loaded, batch
+
+    async def infer_features(
+        self, model: ModelVersion, batch: np.ndarray, layers: tuple[str, ...]
+    ) -> np.ndarray:
+        """As :meth:`infer_batch`, through the version's feature artifact (its runner opens it
+        on first use). On the CPU its working memory is priced with every feature map on top,
+        as the feature artifact computes and holds them all."""
+        loaded, batch = self._runnable(model, batch)
+        infer = functools.partial(loaded.runner.infer_features, layers=layers)
         loop = asyncio.get_running_loop()
         if loaded.memory is None:
-            return await loop.run_in_executor(loaded.executor, loaded.runner.infer, batch)
+            return await loop.run_in_executor(loaded.executor, infer, batch)
+        height, width = batch.shape[-2], batch.shape[-1]
+        maps = all_layers_bytes_per_pixel(model.spec, height, width)
+        memory = WorkingMemory(loaded.memory.per_batch, loaded.memory.per_item + maps)
         run = functools.partial(
             run_in_parts,
-            loaded.runner.infer,
+            infer,
             batch,
-            loaded.memory,
+            memory,
             self._options.max_batch_model_bytes,
             version_text(model),
         )

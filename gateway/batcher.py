@@ -1,8 +1,10 @@
 """Dynamic batching: many small requests become few backend-sized batches.
 
 One :class:`DynamicBatcher` serves one model. Requests wait in a bounded queue, grouped by
-dtype, item shape and the caller's ``key`` (an FCN batch never mixes H×W, even of images
-still encoded), and one background task forms batches
+dtype, item shape, the caller's ``key`` (an FCN batch never mixes H×W, even of images
+still encoded) and the feature maps they ask for (``layers``: those batches run the
+``feature_fn``, and plain batches never carry their extra work), and one background task
+forms batches
 of up to ``max_batch_size`` items and runs them one at a time. It keeps these rules
 (explained, with the settings behind them, in docs/architecture.md, "Dynamic batching";
 each is tested in tests/gateway/test_batcher.py):
@@ -70,6 +72,9 @@ AsyncBatchFn = Callable[[np.ndarray], Awaitable[BatchAnswer]]
 SyncBatchFn = Callable[[np.ndarray], BatchAnswer]
 #: ``N×…`` array in, array with the same N out; async, or sync (then run in a worker thread).
 BatchFn = AsyncBatchFn | SyncBatchFn
+#: A batch and the feature maps its requests asked for → N rows of output and maps
+#: (:func:`cnnserve.models.features.pack_rows`).
+FeatureBatchFn = Callable[[np.ndarray, tuple[str, ...]], Awaitable[BatchAnswer]]
 
 #: Items share a batch only when their dtype and item shape agree (``("<f4", 3, 28, 28)``).
 ShapeKey = tuple[str | int, ...]
@@ -170,6 +175,8 @@ class _Request:
     enqueued_at: float
     #: Dtype, item shape and the submitter's key; only requests with equal keys share a batch.
     key: ShapeKey
+    #: The feature maps the request asks for (part of ``key`` too); none: a plain request.
+    layers: tuple[str, ...] = ()
     #: Items handed to batches so far (or written off when the request ended early).
     taken: int = 0
     #: Whether any of its items went into a batch (so it was not merely expired).
@@ -211,10 +218,12 @@ class DynamicBatcher:
         peak_window_s: float = PEAK_WINDOW_S,
         observer: BatchObserver | None = None,
         name: str = "model",
+        feature_fn: FeatureBatchFn | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_batch_delay_ms < 0:
             raise ValueError("need max_batch_size ≥ 1, max_queue_size ≥ 1, max_batch_delay_ms ≥ 0")
         self._fn = _as_async(batch_fn)
+        self._feature_fn = feature_fn
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_queue_size = max_queue_size
@@ -291,12 +300,15 @@ class DynamicBatcher:
         deadline: float | None = None,
         model_time: ModelTime | None = None,
         key: ShapeKey = (),
+        layers: tuple[str, ...] = (),
     ) -> np.ndarray:
         """Queue ``items`` (``N×…``) and return the batch function's N result rows for them;
-        ``model_time``, when given, receives the batch-function time they took.
+        ``model_time``, when given, receives the batch-function time they took. With
+        ``layers`` (feature maps) their batch runs the feature function, and the rows hold
+        the output and those maps.
 
-        Items share a batch only with items of the same dtype, item shape and ``key`` — what
-        the items' shape cannot say, as the size of encoded images.
+        Items share a batch only with items of the same dtype, item shape, ``key`` — what
+        the items' shape cannot say, as the size of encoded images — and ``layers``.
 
         Raises :class:`OverloadedError` at once when the queue has no room,
         :class:`DeadlineExceededError` when ``deadline`` (``time.monotonic()``) passes first,
@@ -308,13 +320,19 @@ class DynamicBatcher:
         count = len(items)
         if count == 0:
             raise InvalidInputError("request has no items (N = 0)")
+        if layers and self._feature_fn is None:
+            raise InvalidInputError(f"{self.name} computes no feature maps")
         now = time.monotonic()
         if deadline is not None and deadline <= now:
             self._observer.request_expired()
             raise DeadlineExceededError("deadline passed before the request was queued")
         self.check_room(count)
         group: ShapeKey = (items.dtype.str, *items.shape[1:], *key)
-        request = _Request(items, asyncio.get_running_loop().create_future(), deadline, now, group)
+        if layers:
+            group = (*group, "features:" + ",".join(layers))
+        request = _Request(
+            items, asyncio.get_running_loop().create_future(), deadline, now, group, layers
+        )
         request.model_time = model_time
         # However the future ends (result, error, caller cancelled), its queue room frees up.
         request.future.add_done_callback(lambda _: self._answered(request))
@@ -458,8 +476,12 @@ class DynamicBatcher:
         parts = [s.request.items[s.start : s.stop] for s in batch]
         inputs = parts[0] if len(parts) == 1 else np.concatenate(parts)
         joined = time.monotonic()
+        layers = batch[0].request.layers
         try:
-            answer = await self._fn(inputs)
+            if layers and self._feature_fn is not None:
+                answer = await self._feature_fn(inputs, layers)
+            else:
+                answer = await self._fn(inputs)
             partial = answer if isinstance(answer, PartialResults) else None
             outputs = answer.rows if isinstance(answer, PartialResults) else answer
             if not isinstance(outputs, np.ndarray) or outputs.ndim == 0:

@@ -16,9 +16,11 @@ Calls (each frame's header ``op``; replies carry the call's ``id``):
 - ``unload``: drop one reference; the last one stops the batcher (after what it holds) and
   unloads the version;
 - ``ready``: the backend's readiness probe of a version;
-- ``infer``: one request's items into the version's batcher, with the time it has left;
-  the reply is its rows and the model time they took, or its error;
-- ``direct``: one batch straight to the backend (readiness probes), rows with per-item failures;
+- ``infer``: one request's items into the version's batcher, with the time it has left and
+  the feature maps it asks for (``layers``); the reply is its rows and the model time they
+  took, or its error;
+- ``direct``: one batch straight to the backend (readiness probes), rows with per-item
+  failures (with ``layers``: through the feature artifact);
 - ``cancel``: the caller of an ``infer`` went away: its items leave the queue (no reply);
 - ``broadcast``: a frontend loaded or unloaded a model through the repository API: every
   other frontend gets a ``notice`` frame (id 0) and does the same, so all serve alike.
@@ -61,7 +63,7 @@ from .backends import Backend, create_backend, version_text
 from .batcher import DynamicBatcher, ModelTime
 from .decode_pool import DecodePool, ImageDecoder
 from .metrics import GatewayMetrics
-from .model_manager import fingerprint, version_batch_fn, version_batcher
+from .model_manager import fingerprint, version_batch_fn, version_batcher, version_feature_fn
 
 logger = logging.getLogger(__name__)
 
@@ -132,13 +134,13 @@ class SharedModels:
                 model = await asyncio.to_thread(self._read, name, number, prints)
                 await self.backend.load(model)
                 observer = self.metrics.observer(name, str(number))
+                pixels = self.settings.max_image_pixels
                 batcher = version_batcher(
                     self.settings,
                     model,
-                    version_batch_fn(
-                        self.backend, model, self.images, self.settings.max_image_pixels
-                    ),
+                    version_batch_fn(self.backend, model, self.images, pixels),
                     observer,
+                    version_feature_fn(self.backend, model, self.images, pixels),
                 )
                 batcher.start()
                 shared = self._versions[key] = _Shared(model, batcher)
@@ -298,11 +300,15 @@ class _Connection:
             deadline = None if timeout_s is None else time.monotonic() + float(timeout_s)
             model_time = ModelTime()
             group = tuple(header.get("group", ()))
-            rows = await shared.batcher.submit(frame.arrays[0], deadline, model_time, group)
+            layers = tuple(str(layer) for layer in header.get("layers", ()))
+            rows = await shared.batcher.submit(frame.arrays[0], deadline, model_time, group, layers)
             return {"infer_s": model_time.seconds}, [rows]
         if op == "direct":
-            outputs = await models.backend.infer_batch(shared.model, frame.arrays[0])
-            return ipc.reply_rows(outputs)
+            layers = tuple(str(layer) for layer in header.get("layers", ()))
+            backend, batch = models.backend, frame.arrays[0]
+            if layers:
+                return ipc.reply_rows(await backend.infer_features(shared.model, batch, layers))
+            return ipc.reply_rows(await backend.infer_batch(shared.model, batch))
         raise ipc.FrameError(f"unknown call {op!r}")
 
     async def _hello(self, header: ipc.Header) -> Answer:

@@ -15,9 +15,12 @@ import asyncio
 import contextlib
 import importlib.metadata
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
+
+import numpy as np
 
 from cnnserve.errors import (
     GENERIC_INTERNAL_MESSAGE,
@@ -26,6 +29,7 @@ from cnnserve.errors import (
     InvalidInputError,
     UnavailableError,
 )
+from cnnserve.models.features import item_shapes, split_rows
 from cnnserve.protocol.domain import (
     InferRequest,
     InferResponse,
@@ -42,10 +46,15 @@ from .backends import Backend, create_backend
 from .batcher import ModelTime
 from .decode_pool import DecodePool, ImageDecoder
 from .inputs import declared_input, input_metadata, item_count, select_input, to_batch
-from .memory_budget import INPUT_BYTES_PER_ELEMENT, MemoryBudget, request_cost
+from .memory_budget import (
+    INPUT_BYTES_PER_ELEMENT,
+    MemoryBudget,
+    check_feature_maps,
+    request_cost,
+)
 from .metrics import UNKNOWN_LABEL, GatewayMetrics
 from .model_manager import ModelManager, ServedVersion
-from .outputs import compute_outputs, output_metadata, plan_outputs
+from .outputs import compute_outputs, output_metadata, plan_outputs, requested_layers
 from .readiness import ReadinessCache
 
 logger = logging.getLogger(__name__)
@@ -267,6 +276,7 @@ class DataPlane:
         spec = served.model.spec
         deadline = self._deadline(request)
         plans = plan_outputs(spec, request.outputs)
+        layers = requested_layers(spec, plans)
         tensor = select_input(spec, request.inputs)
         count = item_count(spec, tensor, self.settings.max_items_per_request)
         # A full queue refuses at once, before images are decoded for nothing.
@@ -281,7 +291,19 @@ class DataPlane:
             tensor,
             self.settings.max_image_pixels,
         )
-        cost = request_cost(spec, count, declared.item_shape, declared.largest_image_pixels)
+        height, width = declared.item_shape[-2:]
+        shapes = item_shapes(spec, layers, height, width) if layers else []
+        cost = request_cost(
+            spec,
+            count,
+            declared.item_shape,
+            declared.largest_image_pixels,
+            sum(math.prod(shape) for shape in shapes[1:]),
+        )
+        if layers:
+            # Feature maps are big, and their size is known now: refused before any compute.
+            maps = dict(zip(layers, shapes[1:], strict=True))
+            check_feature_maps(count, maps, cost, self.memory.max_request_bytes)
         with self.memory.reserve(cost, f"this request ({count} items of {spec.name})"):
             if declared.encoded is not None:
                 # Decoded with the rest of their batch; the declared size keeps an FCN batch
@@ -299,10 +321,14 @@ class DataPlane:
                 key = ()
             input_s = time.monotonic() - preparing
             model_time = ModelTime()
-            raw = await served.batcher.submit(batch, deadline, model_time, key)
+            raw = await served.batcher.submit(batch, deadline, model_time, key, layers)
             computing = time.monotonic()
+            computed: dict[str, np.ndarray] = {}
+            if layers:
+                raw, *parts = split_rows(raw, shapes)
+                computed = dict(zip(layers, parts, strict=True))
             outputs = await self._maybe_offload(
-                raw.nbytes > OFFLOAD_BYTES, compute_outputs, spec, raw, plans
+                raw.nbytes > OFFLOAD_BYTES, compute_outputs, spec, raw, plans, computed
             )
         finished = time.monotonic()
         served.stats.request_succeeded(

@@ -25,6 +25,7 @@ splits a batch into parts of at most ``max_batch_model_bytes`` (:class:`WorkingM
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,17 +53,24 @@ def decode_bytes(pixels: int) -> int:
 
 
 def request_cost(
-    spec: ModelSpec, count: int, item_shape: tuple[int, ...], largest_image_pixels: int = 0
+    spec: ModelSpec,
+    count: int,
+    item_shape: tuple[int, ...],
+    largest_image_pixels: int = 0,
+    feature_elements: int = 0,
 ) -> int:
     """Bytes a request of ``count`` items of network input ``item_shape`` (``3×H×W``) may
     hold in the gateway; ``largest_image_pixels``: its largest encoded image's header size
-    (0 for tensor inputs), decoded one at a time."""
+    (0 for tensor inputs), decoded one at a time; ``feature_elements``: elements of the
+    feature maps it asks for, per item, priced as network output (they travel and are
+    copied as it is)."""
     input_elements = 1
     for side in item_shape:
         input_elements *= side
     output_elements = spec.num_classes
     if spec.task is Task.SEGMENTATION:
         output_elements *= input_elements // max(item_shape[0], 1)
+    output_elements += feature_elements
     per_item = input_elements * INPUT_BYTES_PER_ELEMENT + output_elements * OUTPUT_BYTES_PER_ELEMENT
     return count * per_item + decode_bytes(largest_image_pixels)
 
@@ -70,6 +78,29 @@ def request_cost(
 def mib(nbytes: int) -> str:
     """Bytes as MiB, for messages."""
     return f"{nbytes / 2**20:.1f} MiB"
+
+
+def check_feature_maps(
+    count: int, maps: dict[str, tuple[int, ...]], cost: int, max_request_bytes: int
+) -> None:
+    """Refuse a request for feature maps (``maps``: each one's item shape) priced at
+    ``cost`` over ``max_request_bytes``, with a message that says what its maps weigh and
+    what to ask for instead (:class:`InvalidInputError`: it can never succeed as it is)."""
+    if cost <= max_request_bytes:
+        return
+    listed = ", ".join(
+        f"{name} [{','.join(str(side) for side in (count, *shape))}]"
+        for name, shape in maps.items()
+    )
+    elements = sum(math.prod(shape) for shape in maps.values())
+    nbytes = count * elements * 4
+    raise InvalidInputError(
+        f"the feature maps asked for ({listed}) are {nbytes:,} bytes of FP32; with their "
+        f"copies this request would take {cost:,} bytes ({mib(cost)}) of gateway memory, and "
+        f"one request may take at most {max_request_bytes:,} bytes ({mib(max_request_bytes)}, "
+        "max_request_bytes): ask for fewer images per request, one layer at a time, or send a "
+        "smaller image"
+    )
 
 
 class MemoryBudget:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ from .batcher import (
     BatchFn,
     BatchObserver,
     DynamicBatcher,
+    FeatureBatchFn,
     Observers,
     PartialResults,
 )
@@ -203,20 +205,46 @@ def version_batch_fn(
     encoded images (an object array of bytes, headers checked at the edge) decoded here by
     ``images`` first unless the backend decodes images itself; images that fail to decode
     come back as :class:`PartialResults`."""
+    infer = functools.partial(backend.infer_batch, version)
+    return _decoding(backend, version, images, max_image_pixels, infer)
+
+
+def version_feature_fn(
+    backend: Backend, version: ModelVersion, images: ImageDecoder, max_image_pixels: int
+) -> FeatureBatchFn:
+    """The feature batch function of a loaded version: as :func:`version_batch_fn`, through
+    ``backend.infer_features`` with the feature maps the batch's requests asked for."""
+
+    async def run(batch: np.ndarray, layers: tuple[str, ...]) -> BatchAnswer:
+        infer = functools.partial(backend.infer_features, version, layers=layers)
+        return await _decoding(backend, version, images, max_image_pixels, infer)(batch)
+
+    return run
+
+
+def _decoding(
+    backend: Backend,
+    version: ModelVersion,
+    images: ImageDecoder,
+    max_image_pixels: int,
+    infer: Callable[[np.ndarray], Awaitable[BatchAnswer]],
+) -> Callable[[np.ndarray], Awaitable[BatchAnswer]]:
+    """``infer``, with a batch of encoded images decoded first where the backend does not
+    decode them itself (see :func:`version_batch_fn`)."""
     decodes_images = backend.decodes_images(version)
     normalize = not backend.takes_pixels(version)
 
     async def run(batch: np.ndarray) -> BatchAnswer:
         if batch.dtype != object or decodes_images:
-            return await backend.infer_batch(version, batch)
+            return await infer(batch)
         job = ImageJob(version.spec, batch.tolist(), max_image_pixels, normalize)
         rows, failures = await images.prepare(job)
         if not failures:
-            return await backend.infer_batch(version, rows)
+            return await infer(rows)
         if len(failures) == len(rows):
             return PartialResults(np.zeros(len(rows), np.float32), failures, "image")
         # A failed item's zero rows run with the others: rarer than a second layout.
-        return PartialResults(_rows(await backend.infer_batch(version, rows)), failures, "image")
+        return PartialResults(_rows(await infer(rows)), failures, "image")
 
     return run
 
@@ -229,10 +257,15 @@ def _rows(answer: BatchAnswer) -> np.ndarray:
 
 
 def version_batcher(
-    settings: Settings, version: ModelVersion, fn: BatchFn, observer: BatchObserver
+    settings: Settings,
+    version: ModelVersion,
+    fn: BatchFn,
+    observer: BatchObserver,
+    feature_fn: FeatureBatchFn | None = None,
 ) -> DynamicBatcher:
     """The batcher a version's config and the server's settings describe (not started): what
-    the config's batching section leaves unset, the server's settings give."""
+    the config's batching section leaves unset, the server's settings give; ``feature_fn``
+    runs the batches of requests for feature maps."""
     batching = version.config.batching
     delay_ms = batching.max_batch_delay_ms
     return DynamicBatcher(
@@ -243,6 +276,7 @@ def version_batcher(
         adaptive_delay=settings.adaptive_batch_delay,
         observer=observer,
         name=version_text(version),
+        feature_fn=feature_fn,
     )
 
 
@@ -607,9 +641,11 @@ class ModelManager:
             return reason
         name, number = version.spec.name, str(version.version)
         stats = StatisticsRecorder(name, number)
-        run = version_batch_fn(self.backend, version, self.images, self.settings.max_image_pixels)
+        pixels = self.settings.max_image_pixels
+        run = version_batch_fn(self.backend, version, self.images, pixels)
+        features = version_feature_fn(self.backend, version, self.images, pixels)
         observer = Observers(self.metrics.observer(name, number), stats)
-        batcher = version_batcher(self.settings, version, run, observer)
+        batcher = version_batcher(self.settings, version, run, observer, features)
         batcher.start()
         logger.info("%s ready (%s)", version_text(version), self.backend.describe())
         keep_pixels = self.backend.takes_pixels(version)

@@ -13,6 +13,13 @@ FCN (raw output: scores ``N×C×H×W``):
 - ``mask``   UINT8 ``[N,H,W]`` (argmax class per pixel, ~40× smaller than the scores)
 - ``counts`` INT64 ``[N,C]`` (pixels per class)
 
+Both, when the version's artifacts offer them (exported with its feature artifacts), the
+networks' feature maps: FP32, named after the tutorial's layers (ConvNet ``conv1``, ``pool1``,
+``conv2``, ``pool2`` ``[N,C,H,W]`` and ``fc1`` ``[N,512]``; FCN ``conv1``, ``conv2``, ``conv3``,
+``unsample1``, ``unsample2`` ``[N,C,H,W]``; :mod:`cnnserve.models.features`). They are
+computed only for a request that names one (:func:`requested_layers`), which runs the feature
+artifact; every other request runs the plain one.
+
 Defaults when a request names none: ``labels`` + ``probabilities``; ``mask`` + ``counts``.
 
 Triton's classification extension: ``classification = k`` on ``logits`` or ``probabilities``
@@ -28,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cnnserve.errors import InvalidInputError
+from cnnserve.models.features import FEATURE_LAYERS, feature_metadata
 from cnnserve.models.semantics import pixel_counts, ranked
 from cnnserve.models.spec import ModelSpec, Task
 from cnnserve.models.steps import class_mask, softmax
@@ -40,9 +48,11 @@ CLASSIFICATION = "classification"
 class _Raw:
     """One request's raw network output, with the derived arrays computed at most once."""
 
-    def __init__(self, spec: ModelSpec, raw: np.ndarray) -> None:
+    def __init__(self, spec: ModelSpec, raw: np.ndarray, maps: dict[str, np.ndarray]) -> None:
         self.spec = spec
         self.raw = raw
+        #: The feature maps the request asked for, by name.
+        self.maps = maps
 
     @functools.cached_property
     def probabilities(self) -> np.ndarray:
@@ -124,8 +134,26 @@ _DEFAULTS = {
 _BY_NAME = {task: {o.name: o for o in family} for task, family in _FAMILIES.items()}
 
 
+def _feature_map(name: str, shape: tuple[int, ...]) -> _Output:
+    """A feature map as an output: FP32, its metadata shape whatever the class count."""
+    return _Output(name, "FP32", lambda _c: shape, lambda out, _k: out.maps[name])
+
+
+#: The outputs of each kind of spec that offers feature maps, built once per kind.
+_WITH_FEATURES: dict[tuple[object, ...], dict[str, _Output]] = {}
+
+
 def _outputs(spec: ModelSpec) -> dict[str, _Output]:
-    return _BY_NAME[spec.task]
+    if not spec.feature_layers:
+        return _BY_NAME[spec.task]
+    kind = (spec.architecture, spec.feature_layers, spec.fixed_size)
+    outputs = _WITH_FEATURES.get(kind)
+    if outputs is None:
+        outputs = dict(_BY_NAME[spec.task])
+        offered = feature_metadata(spec.architecture, spec.feature_layers, spec.fixed_size)
+        outputs.update({name: _feature_map(name, shape) for name, shape in offered})
+        _WITH_FEATURES[kind] = outputs
+    return outputs
 
 
 def output_metadata(spec: ModelSpec) -> tuple[TensorMetadata, ...]:
@@ -183,10 +211,23 @@ def plan_outputs(spec: ModelSpec, requested: list[RequestedOutput] | None) -> li
     return plans
 
 
-def compute_outputs(spec: ModelSpec, raw: np.ndarray, plans: list[OutputPlan]) -> list[Tensor]:
-    """The requested output tensors from the network's raw output for one request."""
+def requested_layers(spec: ModelSpec, plans: list[OutputPlan]) -> tuple[str, ...]:
+    """The feature maps ``plans`` ask for, in the network's order (so that requests asking
+    for the same maps share batches whatever order they named them in)."""
+    named = {plan.name for plan in plans}
+    return tuple(layer for layer in FEATURE_LAYERS[spec.architecture] if layer in named)
+
+
+def compute_outputs(
+    spec: ModelSpec,
+    raw: np.ndarray,
+    plans: list[OutputPlan],
+    maps: dict[str, np.ndarray] | None = None,
+) -> list[Tensor]:
+    """The requested output tensors from the network's raw output for one request, and the
+    feature maps it asked for (``maps``, by name)."""
     offered = _outputs(spec)
-    source = _Raw(spec, raw)
+    source = _Raw(spec, raw, maps or {})
     tensors: list[Tensor] = []
     for plan in plans:
         out = offered[plan.name]

@@ -231,7 +231,19 @@ class RemoteBackend:
     async def infer_batch(self, model: ModelVersion, batch: np.ndarray) -> np.ndarray:
         """One batch straight to the backend, not through the shared batcher (readiness
         probes): its rows; an item that failed on its own fails the call."""
-        reply = await self.client.call({"op": "direct", "key": self.key(model)}, (batch,))
+        return await self._direct(model, batch, ())
+
+    async def infer_features(
+        self, model: ModelVersion, batch: np.ndarray, layers: tuple[str, ...]
+    ) -> np.ndarray:
+        """As :meth:`infer_batch`, with ``layers``'s feature maps in the rows."""
+        return await self._direct(model, batch, layers)
+
+    async def _direct(
+        self, model: ModelVersion, batch: np.ndarray, layers: tuple[str, ...]
+    ) -> np.ndarray:
+        header = {"op": "direct", "key": self.key(model), "layers": list(layers)}
+        reply = await self.client.call(header, (batch,))
         rows = ipc.rows_of(reply)
         if isinstance(rows, PartialResults):
             index, exc = min(rows.failures.items(), key=lambda failure: failure[0])
@@ -327,9 +339,11 @@ class RemoteBatcher(DynamicBatcher):
         deadline: float | None = None,
         model_time: ModelTime | None = None,
         key: ShapeKey = (),
+        layers: tuple[str, ...] = (),
     ) -> np.ndarray:
-        """Send ``items`` (and the ``key`` they batch under) to the shared batcher with the
-        time left before ``deadline``; the rows, or the error they met there."""
+        """Send ``items`` (and the ``key`` and feature maps they batch under) to the shared
+        batcher with the time left before ``deadline``; the rows, or the error they met
+        there."""
         if not self.running or self._drained is None:
             raise UnavailableError(f"{self.name} is not accepting requests")
         count = len(items)
@@ -344,6 +358,7 @@ class RemoteBatcher(DynamicBatcher):
             "op": "infer",
             "key": self._backend.key(self._model),
             "group": list(key),
+            "layers": list(layers),
             "timeout_s": timeout_s,
         }
         call = asyncio.ensure_future(self._backend.client.call(header, (items,)))

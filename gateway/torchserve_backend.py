@@ -200,14 +200,26 @@ class TorchServeBackend:
         """One ``Predictions`` call carrying the whole batch, to that model and version: float32
         items, or (an object array) encoded images the handler decodes, whose failed images
         come back as :class:`PartialResults`."""
+        return await self._infer(model, batch, ())
+
+    async def infer_features(
+        self, model: ModelVersion, batch: np.ndarray, layers: tuple[str, ...]
+    ) -> np.ndarray | PartialResults:
+        """As :meth:`infer_batch`, the handler asked for ``layers``'s feature maps too (it
+        runs the archive's feature artifact and answers packed rows)."""
+        return await self._infer(model, batch, layers)
+
+    async def _infer(
+        self, model: ModelVersion, batch: np.ndarray, layers: tuple[str, ...]
+    ) -> np.ndarray | PartialResults:
         if batch.dtype == object:
-            return await self._infer_images(model, batch)
+            return await self._infer_images(model, batch, layers)
         return await self._connected().predict_batch(
-            model.spec.name, batch, self._timeout_s, version=str(model.version)
+            model.spec.name, batch, self._timeout_s, version=str(model.version), layers=layers
         )
 
     async def _infer_images(
-        self, model: ModelVersion, batch: np.ndarray
+        self, model: ModelVersion, batch: np.ndarray, layers: tuple[str, ...]
     ) -> np.ndarray | PartialResults:
         spec = model.spec
         images: list[bytes] = batch.tolist()
@@ -223,7 +235,7 @@ class TorchServeBackend:
         answers = await asyncio.gather(
             *(
                 client.predict_images(
-                    spec.name, images[start:end], declared, self._timeout_s, version
+                    spec.name, images[start:end], declared, self._timeout_s, version, layers
                 )
                 for start, end in spans
             ),

@@ -56,6 +56,9 @@ from cnnserve.protocol.status import http_status
 
 #: Input name of a packed batch in a TorchServe request (gRPC ``input`` map key).
 PACKED_INPUT_NAME = "batch"
+#: Input beside a packed batch naming the feature maps to answer with the output, comma
+#: separated (:mod:`cnnserve.models.features`); absent: the output alone.
+LAYERS_INPUT_NAME = "layers"
 #: Media type of a packed batch or packed output.
 PACKED_CONTENT_TYPE = "application/x-npy"
 #: Largest packed array accepted: fits a 32-image 512×512 FCN output (128 MiB) twice over.

@@ -18,6 +18,11 @@ length back. Each request is one of three forms, told apart by its bytes:
   options come from request headers and extra named inputs: TorchServe 0.12 passes headers on
   to handlers but drops query parameters.
 
+Beside either packed form, a ``layers`` input (comma-separated feature map names,
+:mod:`cnnserve.models.features`) asks for the maps too: the batch runs the archive's feature
+artifact and is answered with packed rows of output and maps
+(:func:`~cnnserve.models.features.pack_rows`).
+
 A request that fails (undecodable image, wrong shape, bad option) gets its own 4xx status and
 a JSON error body while the other requests in the same TorchServe batch are answered as usual.
 
@@ -42,6 +47,7 @@ import numpy as np
 import torch
 
 from cnnserve.errors import CnnserveError, InvalidInputError, PayloadTooLargeError
+from cnnserve.models.features import layer_elements
 from cnnserve.models.image_batch import decode_image_batch
 from cnnserve.models.imaging import DEFAULT_MAX_IMAGE_PIXELS
 from cnnserve.models.repository import (
@@ -63,6 +69,7 @@ from cnnserve.models.steps import normalize
 from cnnserve.protocol.status import http_status
 
 from .packing import (
+    LAYERS_INPUT_NAME,
     MAX_PACKED_BYTES,
     PACKED_CONTENT_TYPE,
     PACKED_INPUT_NAME,
@@ -124,6 +131,8 @@ class _Job:
     options: ReplyOptions | None
     #: An image batch's failed items by index (``None`` for the other forms).
     failures: dict[int, CnnserveError] | None = None
+    #: The feature maps a packed batch asks for (none: the output alone).
+    layers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -182,33 +191,59 @@ class ModelHandler:
         if is_packed(payload):
             items = unpack(payload, ndim=4)
             self.spec.check_item_shape(items.shape[1:])
-            return _Job(index, items, options=None)
+            return _Job(index, items, options=None, layers=self._layers(request))
         if is_image_batch(payload):
-            return self._decode(index, unpack_images(payload))
+            return self._decode(index, unpack_images(payload), self._layers(request))
         # Options first: a bad one is refused before the image is decoded.
         options = parse_options(_options(request, context.get_all_request_header(index)))
         pixels = self.spec.image_to_pixels(payload)
         return _Job(index, normalize(pixels, self.spec.normalization)[np.newaxis], options)
 
-    def _decode(self, index: int, batch: ImageBatch) -> _Job:
+    def _layers(self, request: Mapping[str, Any]) -> tuple[str, ...]:
+        """The feature maps a packed request asks for, each one this version offers."""
+        value = request.get(LAYERS_INPUT_NAME)
+        if value is None:
+            return ()
+        if not isinstance(value, bytes | bytearray | str):
+            raise InvalidInputError(f"input {LAYERS_INPUT_NAME!r} must be text")
+        text = value if isinstance(value, str) else bytes(value).decode("utf-8", "replace")
+        layers = tuple(name for name in text.split(",") if name)
+        offered = self.spec.feature_layers
+        unknown = [name for name in layers if name not in offered]
+        if unknown or len(set(layers)) != len(layers):
+            raise InvalidInputError(
+                f"{self.spec.name} offers the feature maps {', '.join(offered) or 'none'}; "
+                f"asked for {text[:200]!r}"
+            )
+        return layers
+
+    def _decode(self, index: int, batch: ImageBatch, layers: tuple[str, ...]) -> _Job:
         """Decode and normalize an image batch, each image that fails kept to its index."""
         assert self.model is not None
-        check_image_batch_cost(self.spec, batch)
+        check_image_batch_cost(self.spec, batch, layers)
         decoded = decode_image_batch(
             self.spec, batch.images, self.model.max_image_pixels, batch.declared_size
         )
         failures: dict[int, CnnserveError] = dict(decoded.failures)
         if len(failures) == len(batch.images):
-            return _Job(index, None, options=None, failures=failures)
+            return _Job(index, None, options=None, failures=failures, layers=layers)
         # Failed items run as zeros (placeholder rows): one forward pass of the batch's shape.
         items = normalize(decoded.pixels, self.spec.normalization)
-        return _Job(index, items, options=None, failures=failures)
+        return _Job(index, items, options=None, failures=failures, layers=layers)
 
     def _run(self, jobs: list[_Job], context: HandlerContext, replies: list[Any]) -> None:
         assert self.model is not None
         items = [job.items for job in jobs if job.items is not None]
+        layers = jobs[0].layers
+        runner = self.model.runner
         try:
-            outputs = self.model.runner.infer(np.concatenate(items))
+            batch = np.concatenate(items)
+            outputs = runner.infer_features(batch, layers) if layers else runner.infer(batch)
+        except CnnserveError as exc:
+            # A version archived without its feature artifact, say: the callers are told why.
+            for job in jobs:
+                replies[job.index] = _fail(context, job.index, exc)
+            return
         except Exception:
             # One failed batch must not take the worker down; its callers get a 500.
             logger.exception("%s: inference failed", self.spec.name)
@@ -279,10 +314,11 @@ def load_model(spec: ModelSpec, context: HandlerContext) -> LoadedModel:
     return LoadedModel(spec, runner, artifact, artifact_format, half, max_image_pixels)
 
 
-def check_image_batch_cost(spec: ModelSpec, batch: ImageBatch) -> None:
+def check_image_batch_cost(spec: ModelSpec, batch: ImageBatch, layers: Sequence[str] = ()) -> None:
     """Refuse an image batch before any image is decoded when its network input or output
-    would be over :data:`~.packing.MAX_PACKED_BYTES` (the cap a float32 batch has on its
-    input), or when a size-variable model's batch declares no size, or one it cannot take.
+    (with the feature maps ``layers`` asks for) would be over
+    :data:`~.packing.MAX_PACKED_BYTES` (the cap a float32 batch has on its input), or when a
+    size-variable model's batch declares no size, or one it cannot take.
 
     A fixed-size model's items cost its input size whatever the images' own; a size-variable
     model's items are the declared size, which every image's header is held to while it is
@@ -300,6 +336,7 @@ def check_image_batch_cost(spec: ModelSpec, batch: ImageBatch) -> None:
         spec.check_size(height, width)
     item_input = 3 * height * width
     item_output = spec.num_classes * (height * width if spec.task is Task.SEGMENTATION else 1)
+    item_output += layer_elements(spec, layers, height, width)
     nbytes = len(batch.images) * max(item_input, item_output) * np.dtype(np.float32).itemsize
     if nbytes > MAX_PACKED_BYTES:
         raise PayloadTooLargeError(
@@ -362,12 +399,12 @@ def _options(request: Mapping[str, Any], headers: Mapping[str, Any]) -> dict[str
 
 
 def _by_item_shape(jobs: Sequence[_Job]) -> list[list[_Job]]:
-    """Group requests whose items can share one forward pass (same ``3×H×W``); requests
-    with nothing to run are left out."""
-    groups: dict[tuple[int, ...], list[_Job]] = {}
+    """Group requests whose items can share one forward pass (same ``3×H×W`` and feature
+    maps asked for); requests with nothing to run are left out."""
+    groups: dict[tuple[object, ...], list[_Job]] = {}
     for job in jobs:
         if job.items is not None:
-            groups.setdefault(job.items.shape[1:], []).append(job)
+            groups.setdefault((*job.items.shape[1:], job.layers), []).append(job)
     return list(groups.values())
 
 

@@ -33,6 +33,7 @@ from pydantic_core import ErrorDetails
 
 from cnnserve.errors import InvalidInputError, UnknownModelError
 
+from .features import FEATURE_LAYERS
 from .imaging import resize_rgb
 from .pixels import Normalization
 from .spec import FCN_MAX_SIDE, FCN_MIN_SIDE, Architecture, ModelSpec
@@ -259,8 +260,11 @@ def _as_is(rgb: np.ndarray) -> np.ndarray:
     return to_chw(rgb)
 
 
-def build_spec(name: str, config: ModelConfig, num_classes: int) -> ModelSpec:
-    """The serving side's :class:`ModelSpec` for one model version."""
+def build_spec(
+    name: str, config: ModelConfig, num_classes: int, feature_layers: tuple[str, ...] = ()
+) -> ModelSpec:
+    """The serving side's :class:`ModelSpec` for one model version; ``feature_layers``: the
+    feature maps its artifacts offer (:mod:`.features`)."""
     labels = config.label_tuple(num_classes)
     if len(labels) != num_classes:
         raise RepositoryError(
@@ -279,6 +283,7 @@ def build_spec(name: str, config: ModelConfig, num_classes: int) -> ModelSpec:
             input_name="input",
             output_name="logits",
             normalization=norm,
+            feature_layers=feature_layers,
         )
     return ModelSpec(
         name=name,
@@ -291,6 +296,7 @@ def build_spec(name: str, config: ModelConfig, num_classes: int) -> ModelSpec:
         input_name="input",
         output_name="scores",
         normalization=norm,
+        feature_layers=feature_layers,
     )
 
 
@@ -355,7 +361,25 @@ def exported_spec(name: str, config: ModelConfig, export: dict[str, Any], where:
         raise RepositoryError(
             f"{where}: the network has {num_classes} classes but config.yaml says {fixed}"
         )
-    return build_spec(name, config, num_classes)
+    return build_spec(name, config, num_classes, _feature_layers(export, config, where))
+
+
+def _feature_layers(export: dict[str, Any], config: ModelConfig, where: Path) -> tuple[str, ...]:
+    """The feature maps an ``export.json`` says its artifacts offer (none before they were
+    exported), checked against the architecture's."""
+    listed = export.get("feature_outputs", [])
+    known = FEATURE_LAYERS[config.architecture]
+    names: tuple[str, ...] = (
+        tuple(str(item.get("name")) for item in listed if isinstance(item, dict))
+        if isinstance(listed, list)
+        else ()
+    )
+    if not isinstance(listed, list) or len(names) != len(listed) or set(names) - set(known):
+        raise RepositoryError(
+            f"{where}: feature_outputs must list feature maps of a {config.architecture.value} "
+            f"({', '.join(known)})"
+        )
+    return names
 
 
 def _read_version(name: str, config: ModelConfig, folder: Path) -> ModelVersion:

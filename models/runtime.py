@@ -13,20 +13,40 @@ when a TorchScript artifact is opened, so ONNX artifacts run where torch is not 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 
-from cnnserve.errors import needs_extra
+from cnnserve.errors import UnavailableError, needs_extra
 
+from .features import pack_rows
 from .pixels import DEFAULT_NORMALIZATION, Normalization
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 logger = logging.getLogger(__name__)
 
 ArtifactFormat = Literal["torchscript", "onnx"]
 ARTIFACT_SUFFIX: dict[ArtifactFormat, str] = {"torchscript": ".pt", "onnx": ".onnx"}
+
+
+def features_artifact(path: Path) -> Path:
+    """The feature artifact exported beside ``path``: ``model.pt`` → ``model.features.pt``.
+
+    It is the same network answering its output and every feature map (:mod:`.features`);
+    a second file, so that the artifact plain requests run is the one it always was."""
+    return path.with_name(f"{path.stem}.features{path.suffix}")
+
+
+def missing_features(path: Path) -> UnavailableError:
+    """The error of a feature request to a version exported without feature artifacts."""
+    return UnavailableError(
+        f"{features_artifact(path).name} is missing beside {path.name}: the version was "
+        "exported without feature maps; export it again with cnnserve export"
+    )
 
 
 class Runner(Protocol):
@@ -42,6 +62,11 @@ class Runner(Protocol):
         output with the same N."""
         ...
 
+    def infer_features(self, batch: np.ndarray, layers: Sequence[str]) -> np.ndarray:
+        """The same batch through the feature artifact: one float32 row per item, the network
+        output then each of ``layers``'s maps (:func:`~.features.pack_rows`)."""
+        ...
+
 
 class OnnxRunner:
     """An ONNX Runtime session: the CUDA execution provider when present, else CPU."""
@@ -49,17 +74,34 @@ class OnnxRunner:
     takes_pixels = False
 
     def __init__(self, path: Path, device: str | None = None, intra_op_threads: int = 0) -> None:
+        self._path = path
+        self._device_wanted = device
+        self._threads = intra_op_threads
+        self._session = self._open(path)
+        active = self._session.get_providers()
+        # ORT silently falls back to CPU when CUDA cannot start; say so instead of hiding it.
+        want_cuda = device is None or device.startswith("cuda")
+        if want_cuda and device is not None and active[0] != "CUDAExecutionProvider":
+            logger.warning("onnxruntime: CUDA requested but running on %s", active[0])
+        self.device = active[0]
+        self._input = self._session.get_inputs()[0].name
+        self._output = self._session.get_outputs()[0].name
+        #: The feature artifact's session, opened by the first request for feature maps.
+        self._features: ort.InferenceSession | None = None
+
+    def _open(self, path: Path) -> ort.InferenceSession:
         # Imported when a session opens: TorchScript-only installs run without onnxruntime.
         with needs_extra("gateway", "an ONNX artifact"):
             import onnxruntime as ort
 
+        device = self._device_wanted
         wanted = ["CPUExecutionProvider"]
         want_cuda = device is None or device.startswith("cuda")
         if want_cuda and "CUDAExecutionProvider" in ort.get_available_providers():
             gpu_id = int(device.split(":")[1]) if device and ":" in device else 0
             wanted = [("CUDAExecutionProvider", {"device_id": gpu_id}), "CPUExecutionProvider"]  # type: ignore[list-item]
         options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
+        options.intra_op_num_threads = self._threads
         # Memory patterns plan one block per input shape on top of the CPU arena, which
         # keeps every block it grew to: a 512×512 FCN batch of 2 run three times held
         # 2.7 GiB. Without them the arena stays at the largest batch's peak whatever shapes
@@ -67,18 +109,23 @@ class OnnxRunner:
         # memory in afresh: a 512×512 FCN item took 1.47× as long). docs/reliability.md,
         # "Memory budgets".
         options.enable_mem_pattern = False
-        self._session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
-        active = self._session.get_providers()
-        # ORT silently falls back to CPU when CUDA cannot start; say so instead of hiding it.
-        if want_cuda and device is not None and active[0] != "CUDAExecutionProvider":
-            logger.warning("onnxruntime: CUDA requested but running on %s", active[0])
-        self.device = active[0]
-        self._input = self._session.get_inputs()[0].name
+        return ort.InferenceSession(str(path), sess_options=options, providers=wanted)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        """Run one batch through the session."""
-        (output,) = self._session.run(None, {self._input: batch})[:1]
+        """Run one batch through the session, fetching the network's output only."""
+        (output,) = self._session.run([self._output], {self._input: batch})
         return np.asarray(output, dtype=np.float32)
+
+    def infer_features(self, batch: np.ndarray, layers: Sequence[str]) -> np.ndarray:
+        """Run one batch through the feature artifact's session (opened on first use),
+        fetching the output and ``layers`` only."""
+        if self._features is None:
+            path = features_artifact(self._path)
+            if not path.is_file():
+                raise missing_features(self._path)
+            self._features = self._open(path)
+        outputs = self._features.run([self._output, *layers], {self._input: batch})
+        return pack_rows(outputs)
 
 
 def load_runner(

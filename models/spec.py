@@ -89,6 +89,9 @@ class ModelSpec:
     output_name: str
     #: How pixels become network input, as the model was trained.
     normalization: Normalization = DEFAULT_NORMALIZATION
+    #: The feature maps its exported artifacts offer as outputs (:mod:`.features`); none for
+    #: a version exported without them.
+    feature_layers: tuple[str, ...] = ()
 
     @property
     def task(self) -> Task:

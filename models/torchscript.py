@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import cast
 
@@ -11,7 +11,9 @@ import numpy as np
 import torch
 
 from .batch_buckets import StaticBatches, cuda_graph_step, normalize_buckets
+from .features import NETWORK_OUTPUT, pack_rows
 from .pixels import DEFAULT_NORMALIZATION, Normalization
+from .runtime import features_artifact, missing_features
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +62,10 @@ class TorchScriptRunner:
         self._channels_last = channels_last
         self._pinned = pinned_memory and on_cuda
         self._staging: dict[tuple[tuple[int, ...], torch.dtype], torch.Tensor] = {}
-        module = torch.jit.load(str(path), map_location=self.device).eval()  # type: ignore[no-untyped-call]
-        if channels_last:
-            module = module.to(memory_format=torch.channels_last)
-        self._module = module.half() if half else module
+        self._path = path
+        self._module = self._load(path)
+        #: The feature artifact's module, loaded by the first request for feature maps.
+        self._features: torch.jit.ScriptModule | None = None
         buckets = normalize_buckets(cuda_graph_batch_sizes)
         self._graphs: StaticBatches | None = None
         if buckets and on_cuda:
@@ -71,15 +73,26 @@ class TorchScriptRunner:
         elif buckets:
             logger.info("CUDA graphs need a CUDA device; running eagerly on %s", self.device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The network on a device tensor: pixels normalized, layout and precision applied."""
+    def _load(self, path: Path) -> torch.jit.ScriptModule:
+        module = torch.jit.load(str(path), map_location=self.device).eval()  # type: ignore[no-untyped-call]
+        if self._channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        return cast(torch.jit.ScriptModule, module.half() if self._half else module)
+
+    def _network_input(self, x: torch.Tensor) -> torch.Tensor:
+        """A device tensor as the network takes it: pixels normalized, layout and precision
+        applied."""
         if x.dtype == torch.uint8:
             x = normalize_tensor(x, self._normalization)
         if self._channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self._half:
             x = x.half()
-        return cast(torch.Tensor, self._module(x))
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The network on a device tensor (see :meth:`_network_input`)."""
+        return cast(torch.Tensor, self._module(self._network_input(x)))
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """Run one batch (float32, or uint8 pixels) under ``torch.inference_mode``."""
@@ -89,6 +102,20 @@ class TorchScriptRunner:
             if y is None:
                 y = self.forward(host.to(self.device, non_blocking=True))
             return y.float().cpu().numpy()
+
+    def infer_features(self, batch: np.ndarray, layers: Sequence[str]) -> np.ndarray:
+        """Run one batch through the feature artifact (loaded on first use; never as a CUDA
+        graph): the output and ``layers``'s maps as packed rows."""
+        if self._features is None:
+            path = features_artifact(self._path)
+            if not path.is_file():
+                raise missing_features(self._path)
+            self._features = self._load(path)
+        with torch.inference_mode():
+            host = self._host_tensor(batch)
+            answered = self._features(self._network_input(host.to(self.device, non_blocking=True)))
+            wanted = [answered[NETWORK_OUTPUT], *(answered[layer] for layer in layers)]
+            return pack_rows([t.float().cpu().numpy() for t in wanted])
 
     def _host_tensor(self, batch: np.ndarray) -> torch.Tensor:
         """The batch as a CPU tensor, staged in pinned memory when that is on."""

@@ -40,7 +40,7 @@ from cnnserve.models.repository import (
     Repository,
     write_config,
 )
-from cnnserve.models.runtime import ArtifactFormat
+from cnnserve.models.runtime import ArtifactFormat, features_artifact
 from cnnserve.settings import Settings
 
 from . import TorchServeError
@@ -176,7 +176,19 @@ def archive_version(
         repository_config = work / CONFIG_FILE
         write_config(repository_config, version.config)
         shutil.copyfile(export, work / EXPORT_FILE)
-        inputs = (config_path, repository_config, work / EXPORT_FILE, artifact, HANDLER_FILE)
+        # The feature artifact rides beside the artifact (the handler runs it for requests
+        # that ask for feature maps); a version exported before it existed has none.
+        features = features_artifact(artifact)
+        beside = [features] if features.is_file() else []
+        extra = [repository_config, work / EXPORT_FILE, work / DIGEST_FILE, *beside]
+        inputs = (
+            config_path,
+            repository_config,
+            work / EXPORT_FILE,
+            artifact,
+            HANDLER_FILE,
+            *beside,
+        )
         digest = _digest(inputs)
         if archived_digest(target) == digest:
             return Archive(name, version.version, target, artifact, digest)
@@ -197,7 +209,7 @@ def archive_version(
             "--handler",
             str(HANDLER_FILE),
             "--extra-files",
-            f"{repository_config},{work / EXPORT_FILE},{work / DIGEST_FILE}",
+            ",".join(str(path) for path in extra),
             "--config-file",
             str(config_path),
             "--export-path",

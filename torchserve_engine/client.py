@@ -39,6 +39,7 @@ from cnnserve.errors import (
     UnknownModelError,
 )
 from cnnserve.handlers.packing import (
+    LAYERS_INPUT_NAME,
     PACKED_INPUT_NAME,
     BatchResults,
     pack,
@@ -168,10 +169,16 @@ class TorchServeClient:
         self._refused: dict[Address, str | None] = {}
 
     async def predict_batch(
-        self, model: str, batch: np.ndarray, timeout_s: float | None = None, version: str = ""
+        self,
+        model: str,
+        batch: np.ndarray,
+        timeout_s: float | None = None,
+        version: str = "",
+        layers: Sequence[str] = (),
     ) -> np.ndarray:
         """Run a float32 ``N×3×H×W`` batch through ``model`` (its ``version``; ``""``: the one
-        TorchServe holds as default); its raw outputs, N first.
+        TorchServe holds as default); its raw outputs, N first — with ``layers`` (feature
+        maps), the handler's packed rows of output and maps.
 
         The batch goes to the next replica in turn; if that one did not run it (unavailable,
         key refused or not published yet), once more to another. A key refused because it was
@@ -181,7 +188,7 @@ class TorchServeClient:
         :class:`DeadlineExceededError` and :class:`PayloadTooLargeError`.
         """
         packed = pack(batch, ndim=4, max_bytes=self._max_message_bytes)
-        answer = await self._predict(model, version, packed, timeout_s)
+        answer = await self._predict(model, version, packed, timeout_s, layers)
         outputs = unpack_response(answer, max_bytes=self._max_message_bytes)
         if len(outputs) != len(batch):
             raise CnnserveError(
@@ -196,27 +203,36 @@ class TorchServeClient:
         declared_size: tuple[int, int] | None = None,
         timeout_s: float | None = None,
         version: str = "",
+        layers: Sequence[str] = (),
     ) -> BatchResults:
         """Run encoded ``images`` (PNG/JPEG, their headers checked by the caller) through
         ``model``: the handler decodes them, each image's header held to ``declared_size``
-        (``(width, height)``, required for a size-variable model's batch).
+        (``(width, height)``, required for a size-variable model's batch); ``layers`` as for
+        :meth:`predict_batch`.
 
         Answers the outputs for every image and each failed image's error by its index
         (``outputs`` is ``None`` when every image failed); the batch as a whole fails as
         :meth:`predict_batch` does.
         """
         packed = pack_images(images, declared_size, max_bytes=self._max_message_bytes)
-        answer = await self._predict(model, version, packed, timeout_s)
+        answer = await self._predict(model, version, packed, timeout_s, layers)
         return unpack_results(answer, len(images), max_bytes=self._max_message_bytes)
 
     async def _predict(
-        self, model: str, version: str, packed: bytes, timeout_s: float | None
+        self,
+        model: str,
+        version: str,
+        packed: bytes,
+        timeout_s: float | None,
+        layers: Sequence[str] = (),
     ) -> bytes:
-        """One packed batch to the next replica in turn (once more to another if that one
-        did not run it); the handler's answer, still packed."""
-        request = pb.PredictionsRequest(
-            model_name=model, model_version=version, input={PACKED_INPUT_NAME: packed}
-        )
+        """One packed batch (and the feature maps asked for, if any) to the next replica in
+        turn (once more to another if that one did not run it); the handler's answer, still
+        packed."""
+        inputs = {PACKED_INPUT_NAME: packed}
+        if layers:
+            inputs[LAYERS_INPUT_NAME] = ",".join(layers).encode()
+        request = pb.PredictionsRequest(model_name=model, model_version=version, input=inputs)
         deadline = None if timeout_s is None else _now() + timeout_s
         tried: list[Replica] = []
         failure: CnnserveError = UnavailableError(

@@ -3,6 +3,7 @@ refusals that name what is wrong, and a repository the server can read back."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -18,10 +19,12 @@ from cnnserve.export.repository import (
     read_labels,
 )
 from cnnserve.models import CheckpointError
+from cnnserve.models.features import FEATURE_LAYERS, item_shapes, split_rows
 from cnnserve.models.repository import Repository, RepositoryError
 from cnnserve.models.runtime import OnnxRunner
 from cnnserve.models.spec import Architecture
 from cnnserve.models.torchscript import TorchScriptRunner
+from tests.feature_maps import assert_close, hooked_maps
 from tests.models import tutorial_classes as tutorial
 
 
@@ -50,11 +53,37 @@ def test_tutorial_checkpoints_export_with_their_class_count(
     x = torch.rand(3, 3, side, side, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.inference_mode():
         expected = network.eval()(x).numpy()
+    # Every version offers its architecture's feature maps, whatever its class count.
+    layers = FEATURE_LAYERS[Architecture(architecture)]
+    assert version.spec.feature_layers == layers
+    eager = hooked_maps(network.eval(), x.numpy())
     for runner in (
         TorchScriptRunner(version.artifact("torchscript"), device="cpu"),
         OnnxRunner(version.artifact("onnx"), device="cpu"),
     ):
         assert np.abs(runner.infer(x.numpy()) - expected).max() < 1e-4
+        parts = split_rows(
+            runner.infer_features(x.numpy(), layers), item_shapes(version.spec, layers, side, side)
+        )
+        assert_close(dict(zip(("output", *layers), parts, strict=True)), eager)
+
+
+def test_a_version_exported_before_feature_maps_offers_none(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    copy = tmp_path / "repo"
+    shutil.copytree(model_repository, copy)
+    export_file = copy / "fcn" / "1" / "export.json"
+    export = json.loads(export_file.read_text())
+    del export["feature_outputs"]
+    export_file.write_text(json.dumps(export))
+    assert Repository(copy).read("fcn").versions[1].spec.feature_layers == ()
+    # A listing that is not the architecture's maps makes the version unusable, saying why.
+    export["feature_outputs"] = [{"name": "fc1"}]
+    export_file.write_text(json.dumps(export))
+    entry = Repository(copy).read("fcn")
+    assert not entry.versions
+    assert "feature_outputs must list feature maps of a fcn" in entry.errors["1"]
 
 
 def test_versions_count_up_and_are_never_overwritten(

@@ -265,7 +265,7 @@ def misnamed_cases(draw: st.DrawFn) -> tuple[Case, str]:
         name = draw(unnamed.filter(lambda n: n not in ("input", "pixels", "image")))
         return Case("convnet", name, "UINT8", case.shape, pixels), "unknown input"
     if fault == "output":
-        offered = ["logits", "probabilities", "labels"]
+        offered = ["logits", "probabilities", "labels", "conv1", "pool1", "conv2", "pool2", "fc1"]
         outputs = draw(st.lists(st.one_of(st.sampled_from(offered), unnamed), min_size=1))
         return Case(**{**case.__dict__, "outputs": tuple(outputs)}), output_fault(outputs, offered)
     if fault == "model":

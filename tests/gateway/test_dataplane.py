@@ -530,6 +530,11 @@ async def test_metadata_describes_inputs_and_outputs_truthfully(core: DataPlane)
         ("logits", "FP32", (-1, 10)),
         ("probabilities", "FP32", (-1, 10)),
         ("labels", "BYTES", (-1, -1)),
+        ("conv1", "FP32", (-1, 32, 28, 28)),
+        ("pool1", "FP32", (-1, 32, 14, 14)),
+        ("conv2", "FP32", (-1, 64, 14, 14)),
+        ("pool2", "FP32", (-1, 64, 7, 7)),
+        ("fc1", "FP32", (-1, 512)),
     ]
     fcn = core.model_metadata("fcn", "1")
     assert [(t.name, t.datatype, t.shape) for t in fcn.inputs] == [
@@ -541,6 +546,11 @@ async def test_metadata_describes_inputs_and_outputs_truthfully(core: DataPlane)
         ("scores", "FP32", (-1, 4, -1, -1)),
         ("mask", "UINT8", (-1, -1, -1)),
         ("counts", "INT64", (-1, 4)),
+        ("conv1", "FP32", (-1, 32, -1, -1)),
+        ("conv2", "FP32", (-1, 64, -1, -1)),
+        ("conv3", "FP32", (-1, 128, -1, -1)),
+        ("unsample1", "FP32", (-1, 64, -1, -1)),
+        ("unsample2", "FP32", (-1, 32, -1, -1)),
     ]
     server = core.server_metadata()
     assert server.name == "cnnserve"

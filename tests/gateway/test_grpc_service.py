@@ -147,13 +147,19 @@ async def test_model_metadata(stub: Stub) -> None:
         "pixels": ("UINT8", [-1, 3, 28, 28]),
         "image": ("BYTES", [-1, 1]),
     }
-    assert {t.name for t in convnet.outputs} == {"logits", "probabilities", "labels"}
+    assert [t.name for t in convnet.outputs] == [
+        "logits",
+        "probabilities",
+        "labels",
+        *("conv1", "pool1", "conv2", "pool2", "fc1"),
+    ]
     fcn = await stub.ModelMetadata(pb.ModelMetadataRequest(name="fcn", version="1"))
     assert {t.name: list(t.shape) for t in fcn.inputs}["input"] == [-1, 3, -1, -1]
     assert {t.name: t.datatype for t in fcn.outputs} == {
         "scores": "FP32",
         "mask": "UINT8",
         "counts": "INT64",
+        **dict.fromkeys(("conv1", "conv2", "conv3", "unsample1", "unsample2"), "FP32"),
     }
     error = await rpc_error(stub.ModelMetadata(pb.ModelMetadataRequest(name="fcn", version="7")))
     assert error.code() == grpc.StatusCode.NOT_FOUND

@@ -116,6 +116,7 @@ async def test_metadata(http: httpx.AsyncClient) -> None:
         "scores": "FP32",
         "mask": "UINT8",
         "counts": "INT64",
+        **dict.fromkeys(("conv1", "conv2", "conv3", "unsample1", "unsample2"), "FP32"),
     }
     _error(await http.get("/v2/models/fcn/versions/2"), 404)
 

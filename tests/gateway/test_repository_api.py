@@ -161,6 +161,12 @@ def test_tritonclient_http_load_config_infer_statistics_unload(gateway: GatewayP
         {"name": "scores", "data_type": "TYPE_FP32", "dims": [4, -1, -1]},
         {"name": "mask", "data_type": "TYPE_UINT8", "dims": [-1, -1]},
         {"name": "counts", "data_type": "TYPE_INT64", "dims": [4]},
+        # The feature maps (docs/feature-maps.md).
+        {"name": "conv1", "data_type": "TYPE_FP32", "dims": [32, -1, -1]},
+        {"name": "conv2", "data_type": "TYPE_FP32", "dims": [64, -1, -1]},
+        {"name": "conv3", "data_type": "TYPE_FP32", "dims": [128, -1, -1]},
+        {"name": "unsample1", "data_type": "TYPE_FP32", "dims": [64, -1, -1]},
+        {"name": "unsample2", "data_type": "TYPE_FP32", "dims": [32, -1, -1]},
     ]
     assert config["dynamic_batching"] == {
         "max_queue_delay_microseconds": round(MAX_BATCH_DELAY_MS * 1000),

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from cnnserve.errors import UnavailableError
 from cnnserve.gateway.memory_budget import MODEL_WORKING_MEMORY
-from cnnserve.models.runtime import load_runner
+from cnnserve.models.features import FEATURE_LAYERS, item_shapes, split_rows
+from cnnserve.models.registry import get_spec
+from cnnserve.models.runtime import ARTIFACT_SUFFIX, ArtifactFormat, load_runner
 from cnnserve.models.spec import Architecture
 from cnnserve.models.steps import normalize
+from tests.feature_maps import TOLERANCE, assert_close, demo_network, hooked_maps
 from tests.gateway.memory_payloads import peak_rss, reset_peak
 
 
@@ -81,3 +86,48 @@ def test_onnx_memory_stays_within_the_price_of_its_largest_batch(artifacts_dir: 
     priced = MODEL_WORKING_MEMORY["onnx", Architecture.FCN].batch_bytes(2, 512 * 512)
     grown = peak_rss(pid) - before
     assert grown <= priced, f"grew {grown >> 20} MiB, priced {priced >> 20} MiB"
+
+
+@pytest.mark.parametrize("artifact_format", ["onnx", "torchscript"])
+@pytest.mark.parametrize(("model", "side"), [("convnet", 28), ("fcn", 7), ("fcn", 45)])
+def test_feature_maps_match_the_eager_network(
+    artifacts_dir: Path, artifact_format: ArtifactFormat, model: str, side: int
+) -> None:
+    spec = get_spec(model)
+    runner = load_runner(
+        artifacts_dir / f"{model}{ARTIFACT_SUFFIX[artifact_format]}", artifact_format, "cpu"
+    )
+    x = np.random.default_rng(side).uniform(-1, 1, (3, 3, side, side)).astype(np.float32)
+    eager = hooked_maps(demo_network(model), x)
+    layers = FEATURE_LAYERS[spec.architecture]
+    # All of them, then a subset in another order: the rows hold the maps asked, in order.
+    for asked in (layers, layers[::-2]):
+        rows = runner.infer_features(x, asked)
+        parts = split_rows(rows, item_shapes(spec, asked, side, side))
+        assert_close(dict(zip(("output", *asked), parts, strict=True)), eager)
+    # The plain artifact is untouched: its output is the feature artifact's.
+    np.testing.assert_allclose(runner.infer(x), eager["output"], atol=TOLERANCE)
+
+
+def test_torchscript_feature_maps_take_uint8_pixels(artifacts_dir: Path) -> None:
+    runner = load_runner(artifacts_dir / "fcn.pt", "torchscript", device="cpu")
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 3, 16, 20), dtype=np.uint8)
+    layers = ("conv2",)
+    np.testing.assert_array_equal(
+        runner.infer_features(pixels, layers), runner.infer_features(normalize(pixels), layers)
+    )
+
+
+@pytest.mark.parametrize("artifact_format", ["onnx", "torchscript"])
+def test_a_version_exported_without_feature_artifacts_says_so(
+    artifacts_dir: Path, artifact_format: ArtifactFormat, tmp_path: Path
+) -> None:
+    name = f"convnet{ARTIFACT_SUFFIX[artifact_format]}"
+    shutil.copyfile(artifacts_dir / name, tmp_path / name)
+    runner = load_runner(tmp_path / name, artifact_format, device="cpu")
+    x = np.zeros((1, 3, 28, 28), np.float32)
+    assert runner.infer(x).shape == (1, 10)
+    with pytest.raises(
+        UnavailableError, match=r"convnet\.features\..* is missing .* export it again"
+    ):
+        runner.infer_features(x, ("conv1",))
