@@ -60,7 +60,9 @@ from cnnserve.settings import Settings
 from . import repository_api
 from .auth import ApiKeyMiddleware, ApiKeys
 from .dataplane import DataPlane, caller_input
+from .docs_page import add_docs
 from .openapi import describe_api, option_parameters
+from .security_headers import PageSecurityHeaders
 from .web import web_router
 
 logger = logging.getLogger(__name__)
@@ -398,20 +400,28 @@ class CloseWhileDraining:
 
 def create_http_app(core: DataPlane, settings: Settings) -> FastAPI:
     """The ASGI app: OIP REST, friendly routes, and uniform ``{"error"}`` bodies; with API
-    keys configured, every route but ``/v2/health/*`` needs one (:mod:`.auth`)."""
+    keys configured, every route but ``/v2/health/*`` and the pages needs one (:mod:`.auth`).
+    ``/docs`` is served whole by the gateway (:mod:`.docs_page`), the pages with their
+    security headers (:mod:`.security_headers`)."""
     app = FastAPI(
         title="cnnserve",
         summary="The tutorial's ConvNet and FCN over the Open Inference Protocol",
         version=core.server_metadata().version,
+        # FastAPI's pages load their scripts from a CDN; add_docs serves /docs instead.
+        docs_url=None,
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
     )
     keys = ApiKeys.from_settings(settings)
     if keys is not None:
         app.add_middleware(ApiKeyMiddleware, keys=keys)
+    app.add_middleware(PageSecurityHeaders)
     app.add_middleware(CloseWhileDraining, core=core)
     app.include_router(_repository_router(core, settings))
     app.include_router(_oip_router(core, settings))
     app.include_router(_predict_router(core, settings))
     app.include_router(web_router())
+    add_docs(app)
     describe_api(app, core.model_names)
 
     @app.exception_handler(RequestValidationError)

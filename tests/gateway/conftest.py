@@ -1,4 +1,5 @@
-"""A real ``cnnserve serve`` process for the bad-input fuzzers (gRPC, HTTP and OpenAPI)."""
+"""Real ``cnnserve serve`` processes: one for the bad-input fuzzers (gRPC, HTTP and OpenAPI),
+one for the browser tests of the pages."""
 
 from __future__ import annotations
 
@@ -38,6 +39,20 @@ def fuzz_gateway(
     # Any traceback means an exception escaped the error table somewhere.
     text = gateway.output()
     assert "Traceback" not in text, text[-4000:]
+
+
+@pytest.fixture(scope="session")
+def page_gateway(
+    model_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    """``cnnserve serve --backend onnxruntime`` in its own process, at its defaults, for the
+    browser tests: Selenium's calls block, so the gateway cannot share the test's loop."""
+    log = tmp_path_factory.mktemp("page_gateway") / "gateway.log"
+    with gateway_process(
+        "onnxruntime", log, model_repository=model_repository, device="cpu"
+    ) as gateway:
+        yield gateway
+    assert "Traceback" not in gateway.output(), gateway.output()[-4000:]
 
 
 @pytest.fixture(scope="session")

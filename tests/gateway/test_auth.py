@@ -1,7 +1,8 @@
 """API-key authentication on real gRPC and HTTP listeners, and with the standard tritonclient.
 
 Every call but health needs ``authorization: Bearer <key>`` with an accepted key; a missing or
-wrong key is UNAUTHENTICATED / 401 with a message saying what to send; metrics stay open.
+wrong key is UNAUTHENTICATED / 401 with a message saying what to send; metrics stay open, and
+so do the pages a browser loads (the web page, /docs, the OpenAPI document).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from cnnserve.gateway.server import Gateway
 from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
 from cnnserve.settings import Settings
-from tests.gateway.harness import digit_pixels, gateway_settings, running_gateway
+from tests.gateway.harness import digit_pixels, gateway_settings, raw_http, running_gateway
 from tests.images import digit_png
 
 #: The gateway fixture lives on the module's event loop; its tests run there too.
@@ -197,6 +198,44 @@ async def test_http_health_and_metrics_stay_open(gateway: Gateway) -> None:
         metrics = await http.get(f"http://127.0.0.1:{gateway.metrics_port}/metrics")
         assert metrics.status_code == 200
         assert "cnnserve_requests_total" in metrics.text
+
+
+@module_loop
+async def test_the_pages_stay_open_and_the_routes_they_call_do_not(gateway: Gateway) -> None:
+    """The web page, /docs and the OpenAPI document hold no data and run no inference: a
+    browser loads them without a key. Every route they call still needs it, and no dot
+    segment walks from an open path into one."""
+    png, _ = digit_png(3)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}") as http:
+        for path in (
+            "/",
+            "/ui/page.js",
+            "/docs",
+            "/docs/swagger-ui-bundle.js",
+            "/docs/swagger-initializer.js",
+            "/openapi.json",
+        ):
+            assert (await http.get(path)).status_code == 200, path
+        for path in ("/ui/no-such-file.js", "/docs/no-such-file.js"):
+            assert (await http.get(path)).status_code == 404, path  # open, but nothing there
+        for method, path in (
+            ("POST", "/predict/convnet"),
+            ("POST", "/predict/convnet/features?layer=conv1"),
+            ("POST", "/v2/repository/index"),
+            ("GET", "/v2/models/convnet"),
+            ("GET", "/demo/scene.png?seed=1"),
+        ):
+            reply = await http.request(method, path, content=png)
+            assert reply.status_code == 401, path
+            assert reply.json() == {"error": MISSING_KEY}
+    for path in (
+        "/ui/../predict/convnet",
+        "/docs/../predict/convnet",
+        "/docs/%2e%2e/predict/convnet",
+        "/ui/..%2fpredict%2fconvnet",
+    ):
+        status, body = await raw_http(gateway.http_port, "POST", path, png)
+        assert status == 404, (path, body)
 
 
 def _tritonclient_http(url: str, key: str | None, png: bytes) -> str:
