@@ -21,10 +21,10 @@ import contextlib
 import logging
 import zlib
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -342,7 +342,13 @@ def _predict_router(core: DataPlane, settings: Settings) -> APIRouter:
         # them, so the route declares them for the description only.
         openapi_extra={"parameters": option_parameters()},
     )
-    async def predict(model: str, request: Request) -> Response:
+    async def predict(
+        model: str,
+        request: Request,
+        version: Annotated[
+            str, Query(description="A version number; default the highest ready.")
+        ] = "",
+    ) -> Response:
         """POST PNG/JPEG image(s) — the raw body, or files of a multipart form.
 
         convnet answers JSON: per image the best label and the ``top_k`` most probable, with
@@ -351,7 +357,7 @@ def _predict_router(core: DataPlane, settings: Settings) -> APIRouter:
         pixels per class of each image. TorchServe's handler answers the same bytes.
         """
         # The version whose spec shapes the reply is the one that answers.
-        served = core.models.version(model)
+        served = core.models.version(model, version)
         spec = served.spec
         options = parse_options(request.query_params)
         images = await _uploaded_images(request, settings.max_message_bytes)

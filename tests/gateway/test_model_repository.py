@@ -225,6 +225,29 @@ async def test_requests_go_to_the_version_they_name(
             assert samples[("cnnserve_requests_total", frozenset(labels.items()))] == count
 
 
+async def test_predict_answers_from_the_version_it_names(two_versions: Path) -> None:
+    """``POST /predict/{model}?version=`` as the protocol's routes: the named version
+    answers, the highest ready one without a name, and one not served is 404 naming those
+    that are."""
+    digit, _ = digit_png(0)
+    async with (
+        running_gateway(gateway_settings(two_versions)) as gateway,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}") as http,
+    ):
+        answers = {}
+        for version in ("1", "2", ""):
+            reply = await http.post("/predict/convnet", params={"version": version}, content=digit)
+            assert reply.status_code == 200, reply.text
+            answers[version] = reply.json()
+        missing = await http.post("/predict/convnet", params={"version": "3"}, content=digit)
+        stats = {s.version: s.success.count for s in gateway.core.models.statistics("convnet")}
+    # The demo weights and the tutorial checkpoint rank the digit differently.
+    assert answers["1"] != answers["2"] == answers[""]
+    assert missing.status_code == 404
+    assert missing.json()["error"] == "model convnet has no version '3'; available versions: 1, 2"
+    assert stats == {"1": 1, "2": 2}
+
+
 # --- poll mode ---
 
 
