@@ -1,4 +1,4 @@
-"""The web page for people: ``GET /`` and its script and style sheet under ``/ui/``.
+"""The web page for people: ``GET /`` and its script, style sheet and icon under ``/ui/``.
 
 The page (``web/`` beside this module, shipped as package data) is plain HTML, CSS and
 JavaScript, served by the gateway itself: no build step, nothing from another site. It calls
@@ -30,6 +30,7 @@ MEDIA_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".css": "text/css; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
+    ".svg": "image/svg+xml",
 }
 #: Browsers ask again each time (the files are small) and so never keep a script of an older
 #: gateway beside a newer page.

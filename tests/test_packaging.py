@@ -15,9 +15,11 @@ import importlib.metadata
 import itertools
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
@@ -369,6 +371,29 @@ def test_torch_is_pinned_in_one_extra_only() -> None:
         if _distribution(text)[0] == "torch"
     ]
     assert pins == [("torchscript", "torch==2.13.0")]
+
+
+def test_a_wheel_ships_the_web_page(tmp_path: Path) -> None:
+    """The wheel holds every file of the page the gateway serves at ``/`` (package data, which
+    setuptools leaves out unless declared), built from the package folders as an image build
+    does."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for folder in PACKAGE_DIRS.values():
+        shutil.copytree(
+            ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    pip = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*pip, "--wheel-dir", str(tmp_path / "dist"), str(source)], check=True)
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = set(archive.namelist())
+    page = ROOT / PACKAGE_DIRS["cnnserve.gateway"] / "web"
+    files = {f"cnnserve/gateway/web/{path.name}" for path in page.iterdir()}
+    assert "cnnserve/gateway/web/index.html" in files
+    assert files <= shipped
 
 
 # --- for real, with the other extras' modules hidden ---------------------------------------

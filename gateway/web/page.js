@@ -114,8 +114,14 @@ async function loadModels() {
     status.textContent = error.message;
     return;
   }
-  const names = [...new Set(index.map((row) => row.name))];
-  const described = await Promise.all(names.map((name) => describe(name, "")));
+  // A model unloaded since the index was read is left out; its reason is shown.
+  const settled = await Promise.allSettled(
+    [...new Set(index.map((row) => row.name))].map((name) => describe(name, "")),
+  );
+  const failed = settled.filter((s) => s.status === "rejected").map((s) => s.reason.message);
+  status.textContent = failed.join("; ");
+  const described = settled.filter((s) => s.status === "fulfilled").map((s) => s.value);
+  const names = described.map((model) => model.name);
   state.models = new Map(described.map((model) => [model.name, model]));
   for (const task of [CLASSIFICATION, SEGMENTATION]) {
     const kept = state.models.get(state.panels[task]);
@@ -183,11 +189,18 @@ function versionOf(name) {
   return state.versions.get(name) || "";
 }
 
+function noModel(task) {
+  // Without a model list (a missing key, say) no model is known: the top says why.
+  if (!state.models.size) return "No models listed yet: see the message at the top.";
+  return `No ${task} model is served.`;
+}
+
 function showPanelModels() {
   for (const [task, id] of [[CLASSIFICATION, "convnet-model"], [SEGMENTATION, "fcn-model"]]) {
     const name = state.panels[task];
-    const version = name && versionOf(name);
-    $(id).textContent = name ? `— ${name}${version ? ` v${version}` : ""}` : "— no model serves this";
+    // Without a choice, the newest version answers.
+    const version = name && (versionOf(name) || state.models.get(name).versions[0]);
+    $(id).textContent = name ? `— ${name} v${version}` : "— no model serves this";
   }
 }
 
@@ -260,7 +273,7 @@ function setUpCanvas() {
 function classify(image) {
   const name = state.panels[CLASSIFICATION];
   if (!name) {
-    $("convnet-status").textContent = "No classification model is served.";
+    $("convnet-status").textContent = noModel("classification");
     return;
   }
   state.lastImage.set(name, image);
@@ -300,13 +313,13 @@ function drawBars(ranked, best) {
 // --- scenes ---
 
 function setUpScenes() {
-  $("fcn-generate").addEventListener("click", () => {
+  $("fcn-generate").addEventListener("click", async () => {
     const seed = state.nextSeed++;
-    latest(
-      "fcn",
-      () => call(`/demo/scene.png?${query({ seed })}`, "blob"),
-      ({ body }) => segment(body),
-    );
+    try {
+      segment((await call(`/demo/scene.png?${query({ seed })}`, "blob")).body);
+    } catch (error) {
+      $("fcn-status").textContent = error.message;
+    }
   });
   $("fcn-file").addEventListener("change", (event) => {
     const [file] = event.target.files;
@@ -320,7 +333,7 @@ function setUpScenes() {
 function segment(image) {
   const name = state.panels[SEGMENTATION];
   if (!name) {
-    $("fcn-status").textContent = "No segmentation model is served.";
+    $("fcn-status").textContent = noModel("segmentation");
     return;
   }
   state.lastImage.set(name, image);
