@@ -29,6 +29,8 @@ import pytest
 from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.actions import interaction
+from selenium.webdriver.common.actions.pointer_input import PointerInput
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
@@ -321,17 +323,25 @@ def test_an_uploaded_digit_gets_its_label_and_the_chart(
     screenshot(page, "convnet", screenshots / "web-page-digit.png")
 
 
-def test_a_drawn_digit_gets_a_label(page: webdriver.Chrome) -> None:
+@pytest.mark.parametrize("pointer", [interaction.POINTER_MOUSE, interaction.POINTER_TOUCH])
+def test_a_drawn_digit_gets_a_label(page: webdriver.Chrome, pointer: str) -> None:
+    """A stroke drawn with the mouse, or with a finger on a touch screen."""
     enter_key(page)
     canvas = element(page, "convnet-canvas")
     # A stroke down the middle, as a "1" is drawn.
-    ActionChains(page).move_to_element_with_offset(canvas, 0, -90).click_and_hold().move_by_offset(
-        0, 60
-    ).move_by_offset(0, 60).move_by_offset(0, 60).release().perform()
+    stroke = ActionChains(page, devices=[PointerInput(pointer, pointer)])
+    stroke.move_to_element_with_offset(canvas, 0, -90).click_and_hold()
+    stroke.move_by_offset(0, 60).move_by_offset(0, 60).move_by_offset(0, 60).release().perform()
     shown = wait(page, lambda d: element(d, "convnet-label").text, "a label")
     assert shown in {str(i) for i in range(10)}
     assert len(bars(page)) == 10
     assert LATENCY.match(latency(page, "convnet"))
+    # The stroke is on the canvas: white on black, as the training digits are drawn.
+    assert page.execute_script(
+        """const canvas = document.getElementById("convnet-canvas");
+        const data = canvas.getContext("2d").getImageData(140, 140, 1, 1).data;
+        return [data[0], data[1], data[2]];"""
+    ) == [255, 255, 255]
 
 
 def test_an_uploaded_scene_gets_its_mask_legend_and_counts(
