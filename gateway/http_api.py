@@ -428,7 +428,7 @@ def create_http_app(core: DataPlane, settings: Settings) -> FastAPI:
     app.include_router(_predict_router(core, settings))
     app.include_router(web_router())
     add_docs(app)
-    describe_api(app, core.model_names)
+    describe_api(app, core.model_names, api_keys=keys is not None)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -20,6 +20,7 @@ from fastapi.openapi.utils import get_openapi
 from cnnserve.models.semantics import FORMAT_OPTION, TOP_K_OPTION, MaskFormat, ReplyOptions
 from cnnserve.protocol.domain import DATATYPES
 
+from .auth import HEALTH_PATHS
 from .model_manager import ModelState
 
 #: What each error status means, from the error table.
@@ -33,6 +34,16 @@ ERROR_MEANINGS = {
     "model could not be loaded, or the server does not load models on request.",
     "504": "The request's deadline passed before it could be answered.",
     "500": "An unexpected error; the server logged the details.",
+    "401": "No API key, or one the gateway does not accept: send `authorization: Bearer <key>`.",
+}
+#: How a caller sends its API key when the gateway has keys (:mod:`.auth`): Swagger UI at
+#: /docs then offers "Authorize", and sends the key with every call it tries.
+SECURITY_SCHEMES = {
+    "ApiKey": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "One of the gateway's API keys, as `authorization: Bearer <key>`.",
+    }
 }
 ERROR_SCHEMA = {"$ref": "#/components/schemas/Error"}
 _SCALAR = {"anyOf": [{"type": t} for t in ("string", "number", "integer", "boolean")]}
@@ -350,9 +361,10 @@ def _oip_extras(path: str) -> dict[str, Any]:
     return {}
 
 
-def describe_api(app: FastAPI, models: Callable[[], Sequence[str]]) -> None:
+def describe_api(app: FastAPI, models: Callable[[], Sequence[str]], api_keys: bool = False) -> None:
     """Make ``app.openapi()`` return the completed description, listing the models
-    ``models()`` names when asked (built again only when they changed)."""
+    ``models()`` names when asked (built again only when they changed); with ``api_keys``,
+    every operation but health needs the key (:data:`SECURITY_SCHEMES`) and may answer 401."""
     described: list[tuple[str, ...]] = []
 
     def openapi() -> dict[str, Any]:
@@ -366,6 +378,7 @@ def describe_api(app: FastAPI, models: Callable[[], Sequence[str]]) -> None:
                     routes=app.routes,
                 ),
                 served,
+                api_keys,
             )
             described[:] = [served]
         return app.openapi_schema
@@ -373,13 +386,17 @@ def describe_api(app: FastAPI, models: Callable[[], Sequence[str]]) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def _complete(document: dict[str, Any], models: Sequence[str]) -> dict[str, Any]:
+def _complete(document: dict[str, Any], models: Sequence[str], api_keys: bool) -> dict[str, Any]:
     for path, operations in document.get("paths", {}).items():
         for operation in operations.values():
             extras = _operation_extras(path)
             responses = operation.setdefault("responses", {})
             responses.pop("422", None)  # validation errors are 400s here
             responses.update(extras.get("responses", {}))
+            if api_keys and path in HEALTH_PATHS:
+                operation["security"] = []  # probes need no key
+            elif api_keys:
+                responses.update(_errors("401"))
             if "requestBody" in extras:
                 operation["requestBody"] = extras["requestBody"]
             # Load and unload take any folder of the repository, served or not.
@@ -391,6 +408,9 @@ def _complete(document: dict[str, Any], models: Sequence[str]) -> dict[str, Any]
         schemas.pop(unused, None)
     schemas.update(SCHEMAS)
     schemas.update(REPOSITORY_SCHEMAS)
+    if api_keys:
+        document["components"]["securitySchemes"] = SECURITY_SCHEMES
+        document["security"] = [{name: []} for name in SECURITY_SCHEMES]
     return document
 
 

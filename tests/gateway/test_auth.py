@@ -238,6 +238,25 @@ async def test_the_pages_stay_open_and_the_routes_they_call_do_not(gateway: Gate
         assert status == 404, (path, body)
 
 
+@module_loop
+async def test_the_openapi_document_says_every_call_but_health_needs_the_key(
+    gateway: Gateway,
+) -> None:
+    """So /docs offers "Authorize" and sends the key with every call it tries."""
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}") as http:
+        document = (await http.get("/openapi.json")).json()
+    [(name, scheme)] = document["components"]["securitySchemes"].items()
+    assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
+    assert document["security"] == [{name: []}]
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            if path.startswith("/v2/health/"):
+                assert operation["security"] == [], path
+            else:
+                assert "security" not in operation, path  # the document's applies
+                assert "401" in operation["responses"], (method, path)
+
+
 def _tritonclient_http(url: str, key: str | None, png: bytes) -> str:
     """tritonclient.http, unmodified, with the key as an extra header (in a worker thread)."""
     import tritonclient.http as httpclient
@@ -312,3 +331,9 @@ async def test_a_gateway_without_keys_stays_open(model_repository: Path) -> None
         async with grpc.aio.insecure_channel(f"127.0.0.1:{open_gateway.grpc_port}") as channel:
             reply = await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(_pixels_request())
         assert list(reply.outputs[0].shape) == [1, 1]
+        async with httpx.AsyncClient() as http:
+            reply = await http.get(f"http://127.0.0.1:{open_gateway.http_port}/openapi.json")
+        document = reply.json()
+        assert "security" not in document  # nothing to authorize at /docs
+        assert "securitySchemes" not in document["components"]
+        assert "401" not in document["paths"]["/v2/models/{model}/infer"]["post"]["responses"]

@@ -27,10 +27,6 @@ PAGE_PATHS = [
 API_PATHS = ["/v2/health/ready", "/v2", "/v2/models/convnet"]
 
 
-def _base(gateway: GatewayProcess) -> str:
-    return f"http://127.0.0.1:{gateway.http_port}"
-
-
 def test_the_policy_runs_scripts_from_the_gateway_only() -> None:
     directives = dict(d.split(" ", 1) for d in CONTENT_SECURITY_POLICY.split("; "))
     assert directives["default-src"] == "'self'"
@@ -41,7 +37,7 @@ def test_the_policy_runs_scripts_from_the_gateway_only() -> None:
 
 
 def test_every_page_path_has_the_headers(page_gateway: GatewayProcess) -> None:
-    with httpx.Client(base_url=_base(page_gateway), timeout=30) as http:
+    with httpx.Client(base_url=f"http://{page_gateway.http_target}", timeout=30) as http:
         for path in PAGE_PATHS:
             reply = http.get(path)
             assert reply.status_code == (404 if "no-such" in path else 200), path
@@ -60,7 +56,7 @@ def test_chromium_refuses_an_inline_script_on_the_pages(
     page to the policy it was served with."""
     for path, loaded in (("/", "h1"), ("/docs", ".opblock")):
         console_errors(browser)
-        browser.get(_base(page_gateway) + path)
+        browser.get(f"http://{page_gateway.http_target}{path}")
         wait_for(browser, loaded)
         browser.execute_script(
             "const s = document.createElement('script');"
