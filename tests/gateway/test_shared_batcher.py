@@ -25,6 +25,7 @@ from cnnserve.models.runtime import load_runner
 from cnnserve.protocol import open_inference_pb2 as pb
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
 from cnnserve.settings import Settings
+from tests.feature_maps import assert_close, demo_network, hooked_maps
 from tests.gateway.harness import digit_input, gateway_settings
 from tests.gateway.test_grpc_service import image_request, outputs_of, tensor_request
 from tests.images import digit_png
@@ -230,3 +231,28 @@ async def test_a_repository_load_or_unload_on_one_frontend_reaches_the_others(
             "fcn to be unloaded by both frontends",
         )
         assert not await ready_on_second("fcn")
+
+
+async def test_feature_maps_through_the_shared_batcher(model_repository: Path) -> None:
+    """Requests for feature maps from both frontends run in the batching process's batches
+    (their own, beside plain ones) and come back as the eager network's maps."""
+    settings = gateway_settings(
+        model_repository, max_batch_delay_ms=50.0, adaptive_batch_delay=False
+    )
+    x = np.random.default_rng(5).uniform(-1, 1, (2, 3, 17, 19)).astype(np.float32)
+    eager = hooked_maps(demo_network("fcn"), x)
+    digits, _ = digit_input(range(3))
+    async with shared_batcher(settings, frontends=2) as shared:
+        stubs = shared.stubs()
+        features = [tensor_request("input", x, "fcn") for _ in stubs]
+        for request, name in zip(features, ("conv3", "unsample1"), strict=True):
+            request.outputs.add(name=name)
+        replies = await asyncio.gather(
+            *(stub.ModelInfer(r, timeout=60) for stub, r in zip(stubs, features, strict=True)),
+            stubs[0].ModelInfer(logits_request(digits), timeout=60),
+        )
+    for reply in replies[:2]:
+        assert_close(outputs_of(reply), eager)
+    np.testing.assert_allclose(
+        outputs_of(replies[2])["logits"], reference_logits(model_repository, digits), atol=1e-4
+    )

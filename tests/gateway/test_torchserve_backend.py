@@ -40,6 +40,7 @@ from cnnserve.protocol.grpc_codec import response_from_proto
 from cnnserve.torchserve_engine.archive import store_archives
 from cnnserve.torchserve_engine.process import ServerInfo, start, status, stop
 from tests.conftest import RunningTorchServe, served_requests, torchserve_settings
+from tests.feature_maps import assert_close, demo_network, hooked_maps
 from tests.gateway.harness import running_gateway
 from tests.images import digit_png, shapes_png
 from tests.models import tutorial_classes as tutorial
@@ -349,3 +350,39 @@ async def test_concurrent_callers_through_a_gateway_only_the_corrupt_image_s_cal
             )
             assert answer.shape == expected.shape
             assert np.abs(answer - expected).max() < TOLERANCE
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_feature_maps_come_from_the_handler_as_the_eager_network_computes_them(
+    torchserve: RunningTorchServe, model_repository: Path
+) -> None:
+    """Through a gateway on the session's TorchServe: the handler runs the archive's feature
+    artifact for the maps asked for — images decoded in its workers, a corrupt one failing
+    alone — and plain requests still get the plain artifact's rows."""
+    settings = torchserve.gateway_settings(model_repository)
+    # Three scenes' five maps are 4.6 MB, over gRPC's default 4 MiB a client receives.
+    options = [("grpc.max_receive_message_length", 64 << 20)]
+    async with (
+        running_gateway(settings) as gateway,
+        grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}", options=options) as channel,
+    ):
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for model, pngs, layers in (
+            ("convnet", DIGITS[:3], ("conv1", "pool1", "conv2", "pool2", "fc1")),
+            ("fcn", SCENES, ("conv1", "conv2", "conv3", "unsample1", "unsample2")),
+        ):
+            x = float32_items(model, pngs)
+            eager = hooked_maps(demo_network(model), x)
+            for request in (
+                image_request(model, pngs, layers[0]),
+                tensor_request(model, x, layers[0]),
+            ):
+                for name in layers[1:]:
+                    request.outputs.add(name=name)
+                reply = response_from_proto(await stub.ModelInfer(request, timeout=120))
+                assert_close({t.name: t.data for t in reply.outputs}, eager)
+        corrupt = image_request("fcn", [SCENES[0], CORRUPT_SCENE], "conv1")
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.ModelInfer(corrupt, timeout=120)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "image 1: could not decode image" in (refused.value.details() or "")

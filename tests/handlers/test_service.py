@@ -15,6 +15,7 @@ from ts.context import Context
 
 from cnnserve.errors import InvalidInputError
 from cnnserve.handlers.packing import (
+    LAYERS_INPUT_NAME,
     PACKED_CONTENT_TYPE,
     PACKED_INPUT_NAME,
     RESULTS_CONTENT_TYPE,
@@ -24,6 +25,7 @@ from cnnserve.handlers.packing import (
     unpack_results,
 )
 from cnnserve.handlers.service import ModelHandler, artifact_format_of
+from cnnserve.models.features import FEATURE_LAYERS, item_shapes, split_rows
 from cnnserve.models.pixels import Normalization
 from cnnserve.models.registry import get_spec
 from cnnserve.models.repository import ARTIFACT_FILES, Repository, RepositoryError
@@ -31,11 +33,12 @@ from cnnserve.models.runtime import ArtifactFormat, Runner, load_runner
 from cnnserve.models.steps import normalize
 from cnnserve.settings import Settings
 from cnnserve.torchserve_engine.archive import archive_version
+from tests.feature_maps import assert_close, demo_network, hooked_maps
 from tests.models import tutorial_classes as tutorial
 
 from ..images import digit_png, encode, shapes_png
 from .conftest import Unpacked
-from .harness import call, make_context, request, unpack
+from .harness import Request, call, make_context, request, unpack
 
 TOLERANCE = 1e-4
 
@@ -396,3 +399,50 @@ def test_the_archive_s_max_image_pixels_bounds_what_an_image_batch_decodes(
     results = unpack_results(answer.body, 2)
     assert sorted(results.failures) == [1]
     assert "4160" in str(results.failures[1]) and "4096" in str(results.failures[1])
+
+
+@pytest.mark.parametrize("artifact_format", ["torchscript", "onnx"])
+@pytest.mark.parametrize(("model", "side"), [("convnet", 28), ("fcn", 21)])
+def test_feature_maps_asked_beside_a_packed_batch(
+    unpacked: Unpacked, artifact_format: ArtifactFormat, model: str, side: int
+) -> None:
+    """A ``layers`` input beside a packed batch (or image batch) is answered with packed rows
+    of output and maps from the archive's feature artifact, grouped apart from plain requests
+    in one TorchServe batch; a map the version does not offer fails only its request."""
+    handler, context = loaded(unpacked(model, artifact_format))
+    spec = handler.spec
+    layers = FEATURE_LAYERS[spec.architecture][1::2]
+    x = items(2, side, side, seed=side)
+    png = digit_png(0)[0] if model == "convnet" else shapes_png(2, side)[0]
+    declared = None if model == "convnet" else (side, side)
+
+    def asking(payload: bytes, names: str) -> Request:
+        inputs, headers = request(payload, PACKED_INPUT_NAME)
+        return {**inputs, LAYERS_INPUT_NAME: bytearray(names.encode())}, headers
+
+    answers = call(
+        handler.handle,
+        context,
+        [
+            asking(pack(x), ",".join(layers)),
+            request(pack(x), PACKED_INPUT_NAME),
+            asking(pack_images([png], declared), ",".join(layers)),
+            asking(pack(x), "conv1,conv1"),
+            asking(pack(x), "fc2"),
+        ],
+    )
+    shapes = item_shapes(spec, layers, side, side)
+    rows = split_rows(unpack_response(answers[0].body), shapes)
+    assert_close(
+        dict(zip(("output", *layers), rows, strict=True)), hooked_maps(demo_network(model), x)
+    )
+    np.testing.assert_allclose(unpack_response(answers[1].body), rows[0], atol=TOLERANCE)
+    pixels = normalize(spec.image_to_pixels(png), spec.normalization)[np.newaxis]
+    image_rows = split_rows(unpack_response(answers[2].body), shapes)
+    assert_close(
+        dict(zip(("output", *layers), image_rows, strict=True)),
+        hooked_maps(demo_network(model), pixels),
+    )
+    for refused in answers[3:]:
+        assert refused.status == 400
+        assert f"{model} offers the feature maps" in json.loads(refused.body)["message"]
