@@ -38,7 +38,10 @@ from cnnserve.errors import (
     PayloadTooLargeError,
     public_message,
 )
+from cnnserve.models.repository import ModelVersion
+from cnnserve.models.scenes import MIN_SCENE_SIDE
 from cnnserve.models.semantics import check_image_count, parse_options, render_reply
+from cnnserve.models.spec import FCN_MAX_SIDE
 from cnnserve.protocol.domain import InferRequest, RequestedOutput, Tensor
 from cnnserve.protocol.http_codec import (
     HEADER_LENGTH,
@@ -61,7 +64,9 @@ from . import repository_api
 from .auth import ApiKeyMiddleware, ApiKeys
 from .dataplane import DataPlane, caller_input
 from .docs_page import add_docs
-from .openapi import describe_api, option_parameters
+from .memory_budget import decode_bytes
+from .openapi import LAYER_DESCRIPTION, describe_api, option_parameters
+from .pictures import DRAWING_BYTES, Picture, channel_split, layer_picture, scene_png
 from .security_headers import PageSecurityHeaders
 from .web import web_router
 
@@ -69,6 +74,14 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: The ``version`` query parameter of the routes for people.
+VersionQuery = Annotated[str, Query(description="A version number; default the highest ready.")]
+#: The features route's ``layer`` that draws the input image's channels.
+RGB_LAYER = "rgb"
+#: Seeds of the demo scenes: any unsigned 32-bit integer.
+MAX_SCENE_SEED = 2**32 - 1
+#: The demo scene's side unless asked: the side the FCN was trained on.
+DEMO_SCENE_SIDE = 64
 #: zlib ``wbits`` for each accepted request ``Content-Encoding``.
 _ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
@@ -345,9 +358,7 @@ def _predict_router(core: DataPlane, settings: Settings) -> APIRouter:
     async def predict(
         model: str,
         request: Request,
-        version: Annotated[
-            str, Query(description="A version number; default the highest ready.")
-        ] = "",
+        version: VersionQuery = "",
     ) -> Response:
         """POST PNG/JPEG image(s) — the raw body, or files of a multipart form.
 
@@ -379,7 +390,94 @@ def _predict_router(core: DataPlane, settings: Settings) -> APIRouter:
         reply = render_reply(spec, raw.data, options)
         return Response(reply.body, media_type=reply.content_type, headers=dict(reply.headers))
 
+    @router.post("/predict/{model}/features", response_class=Response)
+    async def features(
+        model: str,
+        request: Request,
+        layer: Annotated[str, Query(description=LAYER_DESCRIPTION)],
+        version: VersionQuery = "",
+    ) -> Response:
+        """POST one PNG/JPEG image — the raw body, or a file of a multipart form — and get
+        what the network makes of it at ``layer``, as a grey PNG grid: one tile per channel,
+        each scaled to its own range (black its smallest value, white its largest; black
+        throughout when constant), ``ceil(√C)`` tiles to a row, 2 white pixels apart.
+
+        ``layer=rgb`` draws the image as the network is given it, split into its R, G and
+        B channels (values as they are). ``fc1`` (the ConvNet's 512 values) is one tile of
+        16×32 cells. Tiles are shrunk to 128 px at most and small maps enlarged, the grid
+        kept under 2 million pixels. Headers: ``X-Layer-Shape`` (``C,H,W``, or ``512``),
+        ``X-Grid-Shape`` (rows, columns), ``X-Tile-Shape`` (height, width in pixels).
+        """
+        served = core.models.version(model, version)
+        layers = (RGB_LAYER, *served.spec.feature_layers)
+        if layer not in layers:
+            raise InvalidInputError(
+                f"unknown layer {layer!r} for {model}; valid layers: {', '.join(layers)}"
+            )
+        images = await _uploaded_images(request, settings.max_message_bytes)
+        if len(images) != 1:
+            raise InvalidInputError(f"a picture is drawn of one image; got {len(images)}")
+        if layer == RGB_LAYER:
+            picture = await _input_channels(served, images[0])
+        else:
+            picture = await _layer_grid(request, served, layer, images[0])
+        return Response(picture.png, media_type="image/png", headers=picture.headers())
+
+    async def _input_channels(served: ModelVersion, image: bytes) -> Picture:
+        """The image as the network is given it, split into R, G and B tiles: decoded and
+        drawn in the decode pool, its memory reserved from the header first."""
+        spec = served.spec
+        header = spec.read_image_header(image, settings.max_image_pixels)
+        cost = decode_bytes(header.pixels) + DRAWING_BYTES
+        with core.memory.reserve(cost, "this picture"):
+            return await core.decode_pool.run(
+                _draw_channels, served, image, settings.max_image_pixels
+            )
+
+    async def _layer_grid(
+        request: Request, served: ModelVersion, layer: str, image: bytes
+    ) -> Picture:
+        """The maps of ``layer`` from the data plane, drawn in the decode pool; the maps are
+        held, and the drawing's memory reserved, until the picture is drawn."""
+        response = await while_connected(
+            request,
+            core.infer(
+                InferRequest(
+                    model_name=served.spec.name,
+                    inputs=[Tensor("image", "BYTES", (1,), np.array([image], dtype=object))],
+                    outputs=[RequestedOutput(layer)],
+                    model_version=str(served.version),
+                )
+            ),
+        )
+        (maps,) = response.outputs
+        with core.memory.reserve(maps.data.nbytes + DRAWING_BYTES, f"this picture of {layer}"):
+            return await core.decode_pool.run(layer_picture, maps.data[0])
+
+    @router.get("/demo/scene.png", response_class=Response)
+    async def demo_scene(
+        seed: Annotated[
+            int,
+            Query(
+                ge=0, le=MAX_SCENE_SEED, description="Which scene: the same seed, the same scene."
+            ),
+        ],
+        size: Annotated[
+            int,
+            Query(ge=MIN_SCENE_SIDE, le=FCN_MAX_SIDE, description="The scene's side in pixels."),
+        ] = DEMO_SCENE_SIDE,
+    ) -> Response:
+        """One of the FCN's demo scenes as an RGB PNG, drawn from ``seed`` by the generator
+        its training data comes from: circles, squares and triangles drawn solid, as outlines
+        or striped on a grainy background — an image to try ``POST /predict/fcn`` on."""
+        png = await core.decode_pool.run(scene_png, seed, size)
+        return Response(png, media_type="image/png")
+
     return router
+
+
+def _draw_channels(served: ModelVersion, image: bytes, max_pixels: int) -> Picture:
+    return channel_split(served.spec.image_to_pixels(image, max_pixels))
 
 
 class CloseWhileDraining:

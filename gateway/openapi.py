@@ -17,11 +17,14 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from cnnserve.models.features import FEATURE_LAYERS
 from cnnserve.models.semantics import FORMAT_OPTION, TOP_K_OPTION, MaskFormat, ReplyOptions
+from cnnserve.models.spec import Architecture
 from cnnserve.protocol.domain import DATATYPES
 
 from .auth import HEALTH_PATHS
 from .model_manager import ModelState
+from .pictures import GRID_SHAPE_HEADER, LAYER_SHAPE_HEADER, TILE_SHAPE_HEADER
 
 #: What each error status means, from the error table.
 ERROR_MEANINGS = {
@@ -242,6 +245,21 @@ _IMAGE_BODY = {
 }
 
 
+#: The features route's ``layer`` parameter: what each architecture offers.
+LAYER_DESCRIPTION = (
+    "rgb (the image's R, G and B channels, as the network is given them) or a feature map of "
+    "the model's architecture — "
+    + "; ".join(f"{a.value}: {', '.join(FEATURE_LAYERS[a])}" for a in Architecture)
+    + ". A version exported without feature maps offers rgb only."
+)
+_PICTURE_HEADERS = {
+    LAYER_SHAPE_HEADER: "The drawn layer's shape: C,H,W (maps, channels) or N (a vector).",
+    GRID_SHAPE_HEADER: "The grid's rows,columns of tiles (2-pixel white gaps around each).",
+    TILE_SHAPE_HEADER: "One tile's height,width in pixels.",
+}
+_PNG = {"image/png": _BINARY}
+
+
 def option_parameters() -> list[dict[str, Any]]:
     """The friendly route's query parameters: the reply options, with their defaults."""
     defaults = ReplyOptions()
@@ -330,7 +348,29 @@ def _operation_extras(path: str) -> dict[str, Any]:
     """The request body and responses of one operation, by the shape of its path."""
     if path.startswith("/v2/repository/") or path.endswith(("/stats", "/config")):
         return _repository_extras(path)
+    if path.endswith("/features") or path.startswith("/demo/"):
+        return _picture_extras(path)
     return _oip_extras(path)
+
+
+def _picture_extras(path: str) -> dict[str, Any]:
+    """The routes that answer pictures: a layer's grid, a demo scene."""
+    if path.startswith("/demo/"):
+        ok = {"description": "The scene, an RGB PNG.", "content": _PNG}
+        return {"responses": {"200": ok, **_errors("400", "500")}}
+    ok = {
+        "description": "The layer's grid, a grey PNG.",
+        "content": _PNG,
+        "headers": {
+            name: {"description": description, "schema": {"type": "string"}}
+            for name, description in _PICTURE_HEADERS.items()
+        },
+    }
+    responses = {"200": ok, **_errors("400", "404", "413", "429", "500", "503", "504")}
+    return {
+        "requestBody": {**_IMAGE_BODY, "description": "One PNG/JPEG image."},
+        "responses": responses,
+    }
 
 
 def _oip_extras(path: str) -> dict[str, Any]:

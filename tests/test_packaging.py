@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
+import io
 import itertools
 import os
 import re
@@ -26,8 +27,11 @@ from functools import cache
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
+from cnnserve.models.scenes import shapes_scene
 from tests.images import digit_png, shapes_png
 from tests.support import GatewayProcess, free_ports, gateway_process, stop_process, wait_until
 
@@ -501,6 +505,23 @@ def test_predict_writes_a_mask_on_the_core_alone(
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "scene.mask.png").stat().st_size > 0
+
+
+def test_pictures_are_drawn_by_a_gateway_without_torch(
+    gateway_without_torch: GatewayProcess,
+) -> None:
+    """A layer's grid and the FCN's demo scene, whose generator is the training data's: the
+    gateway's extra alone draws them (no torch, no scikit-learn)."""
+    base = f"http://127.0.0.1:{gateway_without_torch.http_port}"
+    scene = httpx.get(f"{base}/demo/scene.png", params={"seed": 3, "size": 40}, timeout=60)
+    assert scene.status_code == 200, scene.text
+    drawn = np.asarray(Image.open(io.BytesIO(scene.content)))
+    assert np.array_equal(drawn, shapes_scene(np.random.default_rng(3), 40)[0])
+    grid = httpx.post(
+        f"{base}/predict/fcn/features", params={"layer": "conv1"}, content=scene.content, timeout=60
+    )
+    assert grid.status_code == 200, grid.text
+    assert grid.headers["X-Layer-Shape"] == "32,38,38"
 
 
 def test_the_client_module_runs_on_the_core_alone(gateway_without_torch: GatewayProcess) -> None:
