@@ -24,6 +24,7 @@ const state = {
   lastImage: new Map(), // name → the last image sent to it, for the feature maps
   tickets: new Map(), // panel → number of its latest request: older answers are dropped
   nextSeed: 1, // demo scenes in a fixed order, so a reload shows the same scenes again
+  listings: 0, // number of the latest model listing
 };
 
 // --- calling the gateway ---
@@ -99,6 +100,8 @@ async function latest(panel, request, show) {
 // The ready models (the repository index, every model control mode answers it) and, from each
 // one's metadata, its versions, task, classes and layers.
 async function loadModels() {
+  // Only the latest listing is shown (the key may change while one is under way).
+  const ticket = ++state.listings;
   const status = $("settings-status");
   status.textContent = "";
   let index;
@@ -111,13 +114,14 @@ async function loadModels() {
       })
     ).body;
   } catch (error) {
-    status.textContent = error.message;
+    if (ticket === state.listings) status.textContent = error.message;
     return;
   }
   // A model unloaded since the index was read is left out; its reason is shown.
   const settled = await Promise.allSettled(
     [...new Set(index.map((row) => row.name))].map((name) => describe(name, "")),
   );
+  if (ticket !== state.listings) return;
   const failed = settled.filter((s) => s.status === "rejected").map((s) => s.reason.message);
   status.textContent = failed.join("; ");
   const described = settled.filter((s) => s.status === "fulfilled").map((s) => s.value);
@@ -409,10 +413,10 @@ function orderedCounts(header) {
   ]);
 }
 
-function swatch(colour) {
+function swatch(colour, clear) {
   const box = document.createElement("span");
-  box.className = "swatch";
-  box.style.background = `rgb(${colour.join(",")})`;
+  box.className = clear ? "swatch clear" : "swatch";
+  if (!clear) box.style.background = `rgb(${colour.join(",")})`;
   return box;
 }
 
@@ -421,7 +425,8 @@ function showClasses(counts, palette) {
   $("fcn-legend").replaceChildren(
     ...counts.map(([label], index) => {
       const item = document.createElement("li");
-      item.append(swatch(palette[index] || [0, 0, 0]), label);
+      // Class 0 is left see-through over the scene (drawMask), and shown so.
+      item.append(swatch(palette[index] || [0, 0, 0], index === 0), label);
       return item;
     }),
   );
@@ -490,11 +495,9 @@ function setUpSettings() {
     loadModels();
   };
   key.addEventListener("change", keyChanged);
-  // Enter in the key field applies the key instead of submitting (reloading) the page.
-  $("settings").addEventListener("submit", (event) => {
-    event.preventDefault();
-    keyChanged();
-  });
+  // Enter in the key field applies the key (its change event) instead of submitting, which
+  // would reload the page.
+  $("settings").addEventListener("submit", (event) => event.preventDefault());
   $("model-select").addEventListener("change", modelChosen);
   $("version-select").addEventListener("change", versionChosen);
   $("layer-select").addEventListener("change", showFeatures);

@@ -42,7 +42,7 @@ from cnnserve.models.registry import SHAPE_CLASSES
 from cnnserve.models.spec import Architecture
 from tests.browser import chromium, console_errors
 from tests.gateway.test_model_repository import copy_repository, edit_config
-from tests.images import digit_png, shapes_png
+from tests.images import digit_png, png_declaring, shapes_png
 from tests.support import GatewayProcess, gateway_process
 
 KEY = "k-web-page-5c1e93"
@@ -342,6 +342,21 @@ def test_a_drawn_digit_gets_a_label(page: webdriver.Chrome, pointer: str) -> Non
         const data = canvas.getContext("2d").getImageData(140, 140, 1, 1).data;
         return [data[0], data[1], data[2]];"""
     ) == [255, 255, 255]
+
+
+def test_a_refused_image_gets_the_gateways_reason(
+    page: webdriver.Chrome, http: httpx.Client, tmp_path: Path
+) -> None:
+    enter_key(page)
+    too_big = png_declaring(100_000, 100_000)
+    upload(page, "convnet-file", too_big, tmp_path)
+    shown = wait(page, lambda d: element(d, "convnet-status").text, "the refusal shown")
+    reply = http.post("/predict/convnet", params={"top_k": 10}, content=too_big)
+    assert reply.status_code == 400
+    assert shown == reply.json()["error"]
+    assert element(page, "convnet-label").text == ""
+    refused = console_errors(page)  # the browser logs the 400 it was answered
+    assert refused and all("400" in message for message in refused)
 
 
 def test_an_uploaded_scene_gets_its_mask_legend_and_counts(
