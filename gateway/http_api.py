@@ -41,7 +41,7 @@ from cnnserve.errors import (
 from cnnserve.models.repository import ModelVersion
 from cnnserve.models.scenes import MIN_SCENE_SIDE
 from cnnserve.models.semantics import check_image_count, parse_options, render_reply
-from cnnserve.models.spec import FCN_MAX_SIDE
+from cnnserve.models.spec import FCN_MAX_SIDE, ModelSpec
 from cnnserve.protocol.domain import InferRequest, RequestedOutput, Tensor
 from cnnserve.protocol.http_codec import (
     HEADER_LENGTH,
@@ -64,7 +64,7 @@ from . import repository_api
 from .auth import ApiKeyMiddleware, ApiKeys
 from .dataplane import DataPlane, caller_input
 from .docs_page import add_docs
-from .memory_budget import decode_bytes
+from .memory_budget import MemoryBudget, decode_bytes
 from .openapi import LAYER_DESCRIPTION, describe_api, option_parameters
 from .pictures import DRAWING_BYTES, Picture, channel_split, layer_picture, scene_png
 from .security_headers import PageSecurityHeaders
@@ -418,21 +418,12 @@ def _predict_router(core: DataPlane, settings: Settings) -> APIRouter:
         if len(images) != 1:
             raise InvalidInputError(f"a picture is drawn of one image; got {len(images)}")
         if layer == RGB_LAYER:
-            picture = await _input_channels(served, images[0])
+            picture = await core.decode_pool.run(
+                _draw_channels, core.memory, served.spec, images[0], settings.max_image_pixels
+            )
         else:
             picture = await _layer_grid(request, served, layer, images[0])
         return Response(picture.png, media_type="image/png", headers=picture.headers())
-
-    async def _input_channels(served: ModelVersion, image: bytes) -> Picture:
-        """The image as the network is given it, split into R, G and B tiles: decoded and
-        drawn in the decode pool, its memory reserved from the header first."""
-        spec = served.spec
-        header = spec.read_image_header(image, settings.max_image_pixels)
-        cost = decode_bytes(header.pixels) + DRAWING_BYTES
-        with core.memory.reserve(cost, "this picture"):
-            return await core.decode_pool.run(
-                _draw_channels, served, image, settings.max_image_pixels
-            )
 
     async def _layer_grid(
         request: Request, served: ModelVersion, layer: str, image: bytes
@@ -476,8 +467,13 @@ def _predict_router(core: DataPlane, settings: Settings) -> APIRouter:
     return router
 
 
-def _draw_channels(served: ModelVersion, image: bytes, max_pixels: int) -> Picture:
-    return channel_split(served.spec.image_to_pixels(image, max_pixels))
+def _draw_channels(memory: MemoryBudget, spec: ModelSpec, image: bytes, max_pixels: int) -> Picture:
+    """R, G and B tiles of ``image`` as ``spec``'s network is given it, in a decode thread
+    (its header read there too: bytes Pillow must parse can take a while); the decode's and
+    the drawing's memory reserved from the header before any pixel is decoded."""
+    header = spec.read_image_header(image, max_pixels)
+    with memory.reserve(decode_bytes(header.pixels) + DRAWING_BYTES, "this picture"):
+        return channel_split(spec.image_to_pixels(image, max_pixels))
 
 
 class CloseWhileDraining:

@@ -17,7 +17,7 @@ import pytest_asyncio
 from PIL import Image
 
 from cnnserve.gateway.http_api import MAX_SCENE_SEED
-from cnnserve.gateway.pictures import MAX_GRID_PIXELS, MAX_TILE_SIDE, layer_picture
+from cnnserve.gateway.pictures import DRAWING_BYTES, MAX_GRID_PIXELS, MAX_TILE_SIDE, layer_picture
 from cnnserve.gateway.server import Gateway
 from cnnserve.models.features import FEATURE_LAYERS, layer_shape
 from cnnserve.models.registry import get_spec
@@ -184,6 +184,28 @@ async def test_refusals(http: httpx.AsyncClient) -> None:
         "/predict/convnet/features", content=png, params={"layer": "rgb", "version": "9"}
     )
     assert "has no version '9'" in _error(reply, 404)
+
+
+async def test_drawing_is_refused_before_it_starts_when_its_memory_is_over_the_budget(
+    model_repository: Path,
+) -> None:
+    """The drawing's working memory (and the maps, or the image's decode) is reserved in the
+    memory budget before anything is drawn: a gateway whose requests may hold less refuses."""
+    limit = DRAWING_BYTES // 2
+    settings = gateway_settings(model_repository, max_request_bytes=limit)
+    png, _ = digit_png(1)
+    async with (
+        running_gateway(settings) as small,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{small.http_port}") as client,
+    ):
+        assert (await client.post("/predict/convnet", content=png)).status_code == 200
+        for layer, what in (("rgb", "this picture"), ("pool2", "this picture of pool2")):
+            reply = await client.post(
+                "/predict/convnet/features", content=png, params={"layer": layer}
+            )
+            message = _error(reply, 400)
+            assert message.startswith(f"{what} would take "), message
+            assert "(max_request_bytes)" in message
 
 
 # --- demo scenes ---
