@@ -12,6 +12,8 @@ Thin by design, like the gRPC servicer: each route converts HTTP ↔ domain
 - Health: 200 when live/ready, 503 (the table's "not ready") when not.
 - Body size: ``settings.max_message_bytes``, checked against ``Content-Length`` before
   reading and again while streaming (and after decompressing ``gzip``/``deflate``): 413.
+- Pictures for people (``/predict/{model}/features``, ``/demo/scene.png``): drawn by
+  :mod:`.pictures` in the data plane's decode threads, never on the event loop.
 """
 
 from __future__ import annotations
