@@ -181,7 +181,13 @@ def _decoding() -> Iterator[None]:
             yield
     except InvalidInputError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError:
+        # Pillow's own message names the BytesIO object's address: different on every call
+        # and meaningless to the caller.
+        raise InvalidInputError(
+            "could not decode image: its bytes are not a PNG or JPEG image"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidInputError(f"could not decode image: {exc}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidInputError(f"image rejected: {exc}") from None

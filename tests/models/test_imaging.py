@@ -70,6 +70,16 @@ def test_bad_bytes_are_invalid_input(data: bytes, message: str) -> None:
         decode_rgb(data)
 
 
+def test_bytes_of_no_image_format_get_the_same_message_every_time() -> None:
+    # Pillow's own message names a BytesIO object's address, new on every call.
+    messages = set()
+    for _ in range(3):
+        with pytest.raises(InvalidInputError) as refused:
+            decode_rgb(b"definitely not an image")
+        messages.add(str(refused.value))
+    assert messages == {"could not decode image: its bytes are not a PNG or JPEG image"}
+
+
 def test_declared_size_is_checked_before_decoding() -> None:
     big = encode(np.zeros((300, 300), dtype=np.uint8))
     with pytest.raises(InvalidInputError, match=r"300×300 = 90000 pixels; the limit is 1000"):
