@@ -279,15 +279,18 @@ class InProcessBackend:
         self, model: ModelVersion, batch: np.ndarray, layers: tuple[str, ...]
     ) -> np.ndarray:
         """As :meth:`infer_batch`, through the version's feature artifact (its runner opens it
-        on first use). On the CPU its working memory is priced with every feature map on top,
-        as the feature artifact computes and holds them all."""
+        on first use). On the CPU its working memory is priced with every feature map twice on
+        top: the feature artifact computes and holds them all, and the rows copy them."""
         loaded, batch = self._runnable(model, batch)
         infer = functools.partial(loaded.runner.infer_features, layers=layers)
         loop = asyncio.get_running_loop()
         if loaded.memory is None:
             return await loop.run_in_executor(loaded.executor, infer, batch)
         height, width = batch.shape[-2], batch.shape[-1]
-        maps = all_layers_bytes_per_pixel(model.spec, height, width)
+        # Every map the feature artifact holds, and the packed rows copied out of them: one
+        # 512×512 FCN item took 1,431 MiB fetching every map, 1,148 fetching conv1, 950 the
+        # plain artifact (tools/feature_costs.py --memory 512; docs/feature-maps.md).
+        maps = 2 * all_layers_bytes_per_pixel(model.spec, height, width)
         memory = WorkingMemory(loaded.memory.per_batch, loaded.memory.per_item + maps)
         run = functools.partial(
             run_in_parts,

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from cnnserve.errors import DeadlineExceededError, UnavailableError
+from cnnserve.errors import DeadlineExceededError, InvalidInputError, UnavailableError
 from cnnserve.gateway.backends import Backend, InProcessBackend, RunnerOptions, create_backend
 from cnnserve.gateway.torchserve_backend import TorchServeBackend
 from cnnserve.models.pixels import Normalization
@@ -393,5 +393,28 @@ async def test_torchserve_backend_with_a_wrong_key_is_unavailable(
         assert not await backend.ready(models["convnet"])
         with pytest.raises(UnavailableError, match="refused the inference key"):
             await backend.infer_batch(models["convnet"], _batch(1, 28, 28, 0))
+    finally:
+        await backend.close()
+
+
+async def test_feature_batches_are_priced_with_their_maps(models: dict[str, ModelVersion]) -> None:
+    """A batch of feature maps takes every map twice on top of a plain batch's working memory
+    (the feature artifact holds them all, the rows copy them): at the smallest
+    max_batch_model_bytes a 128×128 FCN item runs plain but its maps are refused, and a batch
+    of 64×64 items runs in parts, with the rows of one whole batch."""
+    options = RunnerOptions(max_batch_model_bytes=64 << 20)
+    backend = InProcessBackend("onnx", "onnxruntime_onnx", device="cpu", options=options)
+    await backend.start()
+    fcn = models["fcn"]
+    await backend.load(fcn)
+    try:
+        assert len(await backend.infer_batch(fcn, _batch(1, 128, 128, 0))) == 1
+        with pytest.raises(InvalidInputError, match=r"one 128×128 image takes .* working memory"):
+            await backend.infer_features(fcn, _batch(1, 128, 128, 0), ("conv1",))
+        batch = _batch(9, 64, 64, 1)
+        rows = await backend.infer_features(fcn, batch, ("conv3",))
+        whole = load_runner(fcn.artifact("onnx"), "onnx", "cpu").infer_features(batch, ("conv3",))
+        assert rows.shape == whole.shape
+        assert np.abs(rows - whole).max() < PARITY_TOLERANCE
     finally:
         await backend.close()
