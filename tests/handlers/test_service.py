@@ -84,7 +84,10 @@ def test_initialization_loads_the_archived_artifact_on_the_cpu(
     assert handler.model.artifact_format == artifact_format
     assert handler.model.runner.device in {"cpu", "CPUExecutionProvider"}
     assert not handler.model.half
-    assert handler.spec == get_spec("convnet")
+    # The registry's spec, with the feature maps the archived export.json lists.
+    demo = get_spec("convnet")
+    layers = FEATURE_LAYERS[demo.architecture]
+    assert handler.spec == dataclasses.replace(demo, feature_layers=layers)
 
 
 def test_half_precision_without_a_gpu_runs_fp32(unpacked: Unpacked) -> None:
