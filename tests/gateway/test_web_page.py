@@ -344,6 +344,37 @@ def test_a_drawn_digit_gets_a_label(page: webdriver.Chrome, pointer: str) -> Non
     ) == [255, 255, 255]
 
 
+#: A "3" as a person draws it with one stroke: the top arc, in to the middle, the bottom arc
+#: (offsets from the canvas' centre, 280×280 on the page).
+THREE = [
+    (-45, -85),
+    (0, -100),
+    (45, -80),
+    (50, -50),
+    (25, -15),
+    (-10, -5),
+    (25, 5),
+    (55, 40),
+    (45, 80),
+    (0, 100),
+    (-50, 80),
+]
+
+
+def test_a_drawn_3_is_read_as_3(page: webdriver.Chrome) -> None:
+    enter_key(page)
+    canvas = element(page, "convnet-canvas")
+    (start_x, start_y), *points = THREE
+    stroke = ActionChains(page).move_to_element_with_offset(canvas, start_x, start_y)
+    stroke.click_and_hold()
+    previous = (start_x, start_y)
+    for x, y in points:
+        stroke.move_by_offset(x - previous[0], y - previous[1])
+        previous = (x, y)
+    stroke.release().perform()
+    assert wait(page, lambda d: element(d, "convnet-label").text, "a label") == "3"
+
+
 def test_a_refused_image_gets_the_gateways_reason(
     page: webdriver.Chrome, http: httpx.Client, tmp_path: Path
 ) -> None:
