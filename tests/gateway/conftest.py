@@ -1,18 +1,31 @@
 """Real ``cnnserve serve`` processes: one for the bad-input fuzzers (gRPC, HTTP and OpenAPI),
-one for the browser tests of the pages."""
+one for the browser tests of the pages; an HTTP client for a module's in-process gateway."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import grpc
 import httpx
 import pytest
+import pytest_asyncio
 
+from cnnserve.gateway.server import Gateway
 from cnnserve.protocol import open_inference_pb2_grpc as pb_grpc
 from tests.gateway.bad_input import Clients, assert_still_serving
 from tests.support import GatewayProcess, gateway_process
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def http(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client on the real port of the module's in-process ``gateway`` (modules whose
+    gateway is a process define their own)."""
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{gateway.http_port}", timeout=60
+    ) as client:
+        yield client
+
 
 #: The fuzzed gateway's limits: small, so the fuzzers reach them with small requests.
 FUZZ_MAX_MESSAGE_BYTES = 1 << 20

@@ -51,13 +51,6 @@ async def gateway(model_repository: Path) -> AsyncIterator[Gateway]:
         yield running
 
 
-@pytest_asyncio.fixture(loop_scope="module")
-async def http(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
-    """An HTTP client on the gateway's real port."""
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}") as client:
-        yield client
-
-
 def _error(reply: httpx.Response, status: int) -> str:
     assert reply.status_code == status, reply.text
     body = reply.json()

@@ -40,14 +40,6 @@ async def gateway(model_repository: Path) -> AsyncIterator[Gateway]:
         yield running
 
 
-@pytest_asyncio.fixture(loop_scope="module")
-async def http(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        base_url=f"http://127.0.0.1:{gateway.http_port}", timeout=60
-    ) as client:
-        yield client
-
-
 def _pixels_body(**parameters: object) -> dict[str, object]:
     pixels, _ = digit_pixels([0])
     return {

@@ -40,7 +40,7 @@ from selenium.webdriver.support.wait import WebDriverWait
 from cnnserve.models.features import FEATURE_LAYERS
 from cnnserve.models.registry import SHAPE_CLASSES
 from cnnserve.models.spec import Architecture
-from tests.browser import chromium, console_errors
+from tests.browser import console_errors
 from tests.gateway.test_model_repository import copy_repository, edit_config
 from tests.images import digit_png, png_declaring, shapes_png
 from tests.support import GatewayProcess, gateway_process
@@ -88,13 +88,6 @@ def http(gateway: GatewayProcess) -> Iterator[httpx.Client]:
     against its answers."""
     with httpx.Client(base_url=f"http://{gateway.http_target}", headers=AUTH, timeout=60) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[webdriver.Chrome]:
-    """One headless Chromium for the module's tests."""
-    with chromium() as driver:
-        yield driver
 
 
 @pytest.fixture(scope="module")
