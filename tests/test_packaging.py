@@ -51,6 +51,7 @@ PARTS = {
     # Specs, images and the repository's configs; the networks and weights need torch.
     "cnnserve.models": "client",
     "cnnserve.models.networks": "torchscript",
+    "cnnserve.models.feature_network": "torchscript",
     "cnnserve.models.checkpoint": "torchscript",
     "cnnserve.models.torchscript": "torchscript",
     "cnnserve.models.batch_buckets": "torchscript",
