@@ -148,8 +148,10 @@ async def test_stop_answers_in_flight_and_refuses_new_calls_over_the_wire(
     batcher, stop(): the gRPC channel is sent GOAWAY (its new calls never reach the
     process), HTTP readiness is 503 on the still-open listener and a new HTTP call 503; the
     unary call is answered, and so is the stream's request, and the stream then ends OK."""
+    # The calls wait 5 s in the queue: the drain's checks below must see them still waiting,
+    # and on a busy host those checks took more than 1.5 s.
     async with (
-        running_gateway(holding_settings(model_repository, 1500.0)) as gateway,
+        running_gateway(holding_settings(model_repository, 5000.0)) as gateway,
         grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel,
         httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}") as http,
     ):
