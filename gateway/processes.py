@@ -40,6 +40,7 @@ from multiprocessing.context import SpawnContext
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event as EventType
 
+from cnnserve.logs import setup_logging
 from cnnserve.settings import Settings
 
 from .batching_process import serve_batching, socket_file
@@ -52,7 +53,6 @@ Serve = Callable[[Settings, bool], None]
 #: Seconds past the drain grace a worker gets before it is killed.
 STOP_MARGIN_S = 10.0
 _PR_SET_PDEATHSIG = 1
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
 #: Seconds the supervisor waits for the batching process to listen.
 BATCHING_START_TIMEOUT_S = 120.0
@@ -166,23 +166,24 @@ def _start_batching(
     return process
 
 
-def _setup_worker() -> None:
+def _setup_worker(settings: Settings) -> None:
     _role.worker = True
     os.setpgrp()  # a terminal's Ctrl-C goes to the supervisor, which sends one SIGTERM
     _die_with_parent()
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    # A spawned process starts with no logging: the supervisor's set-up, lines with the pid.
+    setup_logging(settings.log_level, settings.log_format, worker=True)
 
 
 def _worker_main(
     settings: Settings, serve_metrics: bool, serve: Serve, socket_path: str | None = None
 ) -> None:
-    _setup_worker()
+    _setup_worker(settings)
     _role.batching_socket = socket_path
     serve(settings, serve_metrics)
 
 
 def _batching_main(settings: Settings, socket_path: str, listening: EventType) -> None:
-    _setup_worker()
+    _setup_worker(settings)
     serve_batching(settings, socket_path, listening.set)
 
 

@@ -435,10 +435,9 @@ def serve(
 
     Flags override the CNNSERVE_* environment; every other setting comes from there.
     """
-    import logging
-
     from pydantic import ValidationError
 
+    from cnnserve.logs import setup_logging
     from cnnserve.settings import Settings
 
     overrides: dict[str, Any] = {
@@ -460,9 +459,7 @@ def serve(
     except ValidationError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(settings.log_level, settings.log_format)
     with user_errors(), needs_extra("gateway", "cnnserve serve"):
         from cnnserve.gateway.server import serve_forever
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BackendName = Literal["torchserve", "onnxruntime", "torchscript"]
@@ -299,6 +299,38 @@ class Settings(BaseSettings):
         "ignored), read at start; combines with api_key. Lets keys rotate one at a time.",
     )
 
+    # --- logs and traces (docs/observability.md) ---
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Least severe log level written: DEBUG, INFO, WARNING or ERROR."
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="text: one line per record, '<time> <LEVEL> <logger>: <message>'; json: "
+        "one JSON object per line (time, level, logger, message, the request's fields, an "
+        "exception as one field), for a log collector.",
+    )
+    access_log: bool = Field(
+        False,
+        description="One record per HTTP request and gRPC call (logger cnnserve.access): "
+        "request id, model, version, status, items, latency, queue time and batch size. "
+        "Off for `cnnserve serve`; the container images turn it on.",
+    )
+    tracing_otlp_endpoint: str | None = Field(
+        None,
+        description="OpenTelemetry collector the gateway exports its spans to over OTLP/gRPC, "
+        "e.g. http://jaeger:4317 (needs cnnserve[tracing]). Unset: no tracing at all.",
+    )
+    tracing_service_name: str = Field(
+        "cnnserve", description="service.name of the exported spans (how Jaeger lists them)."
+    )
+    tracing_sample_ratio: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Share of traces started here that are recorded; a caller's traceparent "
+        "decides for its own trace (parent-based sampling).",
+    )
+
     # --- TorchServe, the engine behind the torchserve backend ---
     torchserve_host: str = Field(
         "127.0.0.1", description="Address TorchServe binds and is reached at."
@@ -438,6 +470,12 @@ class Settings(BaseSettings):
         description="First of the ports (or socket names) TorchServe gives its workers, one "
         "per worker from here on.",
     )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_in_any_case(cls, value: object) -> object:
+        """``debug`` is as clear as ``DEBUG``."""
+        return value.upper() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _tls_files_go_together(self) -> Settings:
