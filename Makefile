@@ -24,7 +24,7 @@ LINKED := $(VENV)/.linked
 PACKAGE_FILES = $$($(PYTHON) -c 'import tomllib, pathlib; dirs = tomllib.load(open("pyproject.toml", "rb"))["tool"]["setuptools"]["package-dir"].values(); print(*sorted(str(p) for d in dirs for p in pathlib.Path(d).glob("*.py*")))')
 
 .PHONY: help install install-serve test test-fast lint format train export archive \
-	torchserve-start torchserve-stop proto proto-check bench soak overload serve \
+	model-repository torchserve-start torchserve-stop proto proto-check bench soak overload serve \
 	deploy undeploy logs wheelhouse compose-plugin deploy-test deploy-check deploy-lock dockerignore
 
 help: ## List the targets
@@ -82,17 +82,45 @@ train: install ## Retrain both demo models from seed 0 into models/weights/
 	$(BIN)/cnnserve train convnet
 	$(BIN)/cnnserve train fcn
 
-export: install ## Export both models to TorchScript + ONNX under artifacts/
-	$(BIN)/cnnserve export convnet --out $(ARTIFACTS)
-	$(BIN)/cnnserve export fcn --out $(ARTIFACTS)
+# Every export follows the demo weights by their times, as any make target follows its
+# sources: `make train` (or a checkpoint copied into WEIGHTS) makes the next `make export`,
+# `make archive` or `make serve` export again; a second run finds nothing newer and does nothing.
+WEIGHTS ?= models/weights
+DEMO_MODELS := convnet fcn
 
-# The repository `make archive` packs: MODEL_REPOSITORY, else the one `cnnserve serve` uses by
-# default, made here with the two demo models when it does not exist.
-ARCHIVED := $(or $(MODEL_REPOSITORY),model_repository)
+# artifacts/ is one flat export per model (the benchmarks' input, served by nothing): replaced.
+EXPORTED_FLAT := $(DEMO_MODELS:%=$(ARTIFACTS)/%.json)
 
-archive: install ## One archive per served version of MODEL_REPOSITORY into MODEL_STORE (FORMAT=onnx, HALF=1)
-	@test -d $(ARCHIVED) || { $(BIN)/cnnserve export convnet --repository $(ARCHIVED) \
-		&& $(BIN)/cnnserve export fcn --repository $(ARCHIVED); }
+$(ARTIFACTS)/%.json: $(WEIGHTS)/%.pt | $(INSTALLED)
+	$(BIN)/cnnserve export $* --checkpoint $< --out $(ARTIFACTS)
+
+export: install $(EXPORTED_FLAT) ## Export both models to TorchScript + ONNX under artifacts/ when their weights changed
+
+# The default model repository (./model_repository, what `make serve` and `make archive` use
+# without MODEL_REPOSITORY) gets newer weights as a NEW VERSION, as a Triton or TorchServe
+# user expects a retrained model to arrive: the version policy (latest 1) serves the newest,
+# the earlier version stays on disk to roll back to (remove the new folder, or pin it with
+# `version_policy: specific`), a gateway in poll mode loads it without a restart, and `make
+# archive` packs it as <name>.<N>.mar beside the old one. A hidden stamp per model
+# (.convnet.exported) records when its newest version was exported; the repository reads
+# folders only, so the stamps are never taken for models. The first version is the demo's own
+# export (its config.yaml: labels, batching); later ones take WEIGHTS/<model>.pt under it.
+DEMO_REPOSITORY ?= model_repository
+EXPORTED_VERSIONS := $(DEMO_MODELS:%=$(DEMO_REPOSITORY)/.%.exported)
+
+$(DEMO_REPOSITORY)/.%.exported: $(WEIGHTS)/%.pt | $(INSTALLED_SERVE)
+	$(BIN)/cnnserve export $* --repository $(DEMO_REPOSITORY) \
+		$(if $(wildcard $(DEMO_REPOSITORY)/$*/config.yaml),--checkpoint $<)
+	@touch $@
+
+model-repository: install-serve $(EXPORTED_VERSIONS) ## Add a version to ./model_repository for each demo model whose weights are newer than its last export
+
+# The repository `make archive` packs: MODEL_REPOSITORY as it is, else the default one, first
+# given a new version of each demo model whose weights changed.
+ARCHIVED := $(or $(MODEL_REPOSITORY),$(DEMO_REPOSITORY))
+FOLLOWED := $(if $(MODEL_REPOSITORY),,$(EXPORTED_VERSIONS))
+
+archive: install $(FOLLOWED) ## One archive per served version of MODEL_REPOSITORY into MODEL_STORE (FORMAT=onnx, HALF=1)
 	$(BIN)/cnnserve archive --repository $(ARCHIVED) --model-store $(MODEL_STORE) \
 		$(if $(FORMAT),--format $(FORMAT)) $(if $(HALF),--half)
 
@@ -121,10 +149,10 @@ SERVE_FLAGS = $(if $(MODEL_REPOSITORY),--model-repository $(MODEL_REPOSITORY)) \
 
 # The README's "serve": TorchServe (Java 17) behind the gateway, both stopped by Ctrl-C; on a
 # machine without Java the gateway runs the models in-process with onnxruntime instead. The
-# gateway serves MODEL_REPOSITORY when given, else ./model_repository (which `cnnserve serve`
-# makes with the two demo models the first time); CONTROL=poll|explicit picks the model
-# control mode (README "Model repository").
-serve: install-serve ## Serve the model repository (MODEL_REPOSITORY=DIR, CONTROL=poll): gateway on 8000 HTTP, 8001 gRPC, 8002 metrics; Ctrl-C stops
+# gateway serves MODEL_REPOSITORY when given, else ./model_repository (exported above, a new
+# version whenever the demo weights changed); CONTROL=poll|explicit picks the model control
+# mode (README "Model repository").
+serve: install-serve $(FOLLOWED) ## Serve the model repository (MODEL_REPOSITORY=DIR, CONTROL=poll): gateway on 8000 HTTP, 8001 gRPC, 8002 metrics; Ctrl-C stops
 	@export CNNSERVE_MODEL_STORE_DIR=$(MODEL_STORE); \
 	if command -v $(JAVA) >/dev/null 2>&1; then \
 		trap '$(BIN)/cnnserve torchserve stop' EXIT; trap 'exit 130' INT TERM; \
