@@ -105,7 +105,7 @@ class DataPlane:
     ) -> None:
         self.settings = settings
         self.backend = backend
-        self.metrics = metrics or GatewayMetrics()
+        self.metrics = metrics or GatewayMetrics(settings.gpu_metrics)
         #: Where caller-sized work (headers of many images, message decoding, big arrays)
         #: runs off the loop.
         self.decode_pool = DecodePool(settings.decode_threads)

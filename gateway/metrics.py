@@ -6,15 +6,40 @@ gateways in one process — as in the tests — from colliding, and keeps librar
 Every metric is labelled by ``model`` and ``version``. Both stay bounded whatever callers
 send: a request that names no loaded version counts under ``_unknown`` (the model's name is
 kept when that model is loaded), and a version's series go away when it is unloaded.
+
+Besides its own ``cnnserve_*`` metrics the registry carries the standard ``process_*`` ones
+(CPU, memory, file descriptors, start time), ``python_info``, ``python_gc_*``,
+``cnnserve_build_info`` and, on a GPU host, NVML's per-device ``cnnserve_gpu_*``
+(:mod:`.gpu_metrics`). With several gateway processes (:mod:`.processes`) prometheus_client's
+multiprocess mode cannot carry ``process_*`` (its docs: they are per process), so the
+process that serves the metrics port reads every live gateway process's ``/proc`` entry and
+labels each series with its ``pid``, as the multiprocess mode labels a gauge of mode ``all``;
+``sum by (instance)`` gives a pod's total. ``python_gc_*`` is left out there (one process's
+collector only would mislead).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.metadata
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    multiprocess,
+)
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from cnnserve.errors import (
     CnnserveError,
@@ -25,6 +50,8 @@ from cnnserve.errors import (
     UnavailableError,
     UnknownModelError,
 )
+
+from .gpu_metrics import gpu_collector
 
 #: Set (to a directory) when several gateway processes record their metrics there.
 MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -111,10 +138,66 @@ class ModelObserver:
         self._expired.inc()
 
 
-class GatewayMetrics:
-    """Every metric the gateway exports; ``render()`` gives the Prometheus text."""
+#: In multiprocess mode: one empty file per gateway process, ``<pid>.pid``, in the metrics
+#: directory, which tells the process serving the metrics port whose ``/proc`` to read.
+PID_FILE_SUFFIX = ".pid"
 
-    def __init__(self) -> None:
+
+class BuildInfoCollector(Collector):
+    """``cnnserve_build_info{version}`` = 1: which release a scrape target runs."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._version = importlib.metadata.version("cnnserve")
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        """The one constant sample."""
+        info = GaugeMetricFamily(
+            "cnnserve_build_info",
+            "Always 1; the version label is the cnnserve release this gateway runs.",
+            labels=["version"],
+        )
+        info.add_metric([self._version], 1.0)
+        yield info
+
+
+class ProcessesCollector(Collector):
+    """The ``process_*`` metrics of every live gateway process that left its pid file in
+    ``directory``, each sample labelled with its ``pid``."""
+
+    def __init__(self, directory: Path, registry: CollectorRegistry) -> None:
+        self._directory = directory
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        """Read each live process's ``/proc`` entry; a process gone since is skipped."""
+        families: dict[str, Metric] = {}
+        for pid_file in sorted(self._directory.glob(f"*{PID_FILE_SUFFIX}")):
+            pid = pid_file.name.removesuffix(PID_FILE_SUFFIX)
+            if not pid.isdigit() or not Path(f"/proc/{pid}").exists():
+                continue
+            one = ProcessCollector(pid=functools.partial(str, pid), registry=None)
+            for family in one.collect():
+                merged = families.setdefault(
+                    family.name, Metric(family.name, family.documentation, family.type)
+                )
+                for sample in family.samples:
+                    merged.add_sample(sample.name, {**sample.labels, "pid": pid}, sample.value)
+        yield from families.values()
+
+
+class GatewayMetrics:
+    """Every metric the gateway exports; ``render()`` gives the Prometheus text.
+
+    ``gpu_metrics``: export NVML's GPU metrics when NVML finds a GPU (checked at the first
+    scrape, in the process that serves the metrics port only).
+    """
+
+    def __init__(self, gpu_metrics: bool = True) -> None:
+        self._gpu_metrics = gpu_metrics
+        self._multiprocess_dir = os.environ.get(MULTIPROCESS_DIR_ENV)
+        if self._multiprocess_dir is not None:
+            (Path(self._multiprocess_dir) / f"{os.getpid()}{PID_FILE_SUFFIX}").touch()
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "cnnserve_requests",
@@ -165,6 +248,26 @@ class GatewayMetrics:
             registry=self.registry,
         )
 
+    @functools.cached_property
+    def _scrape_registry(self) -> CollectorRegistry:
+        """What a scrape reads: the recorded metrics (every process's, in multiprocess mode)
+        and the collectors read at scrape time. Made at the first scrape, so only the
+        process serving the metrics port opens NVML."""
+        if self._multiprocess_dir is not None:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            ProcessesCollector(Path(self._multiprocess_dir), registry)
+        else:
+            registry = self.registry
+            ProcessCollector(registry=registry)
+            GCCollector(registry=registry)
+        BuildInfoCollector(registry)
+        PlatformCollector(registry=registry)
+        gpu = gpu_collector(self._gpu_metrics)
+        if gpu is not None:
+            registry.register(gpu)
+        return registry
+
     def observer(self, model: str, version: str) -> ModelObserver:
         """The batcher hooks that count into this registry under ``model`` and ``version``."""
         return ModelObserver(self, model, version)
@@ -200,11 +303,7 @@ class GatewayMetrics:
     def render(self) -> bytes:
         """The registry in the Prometheus text exposition format — every gateway process's
         metrics summed when several share the ports (prometheus_client's multiprocess mode)."""
-        if MULTIPROCESS_DIR_ENV in os.environ:
-            registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-            return prometheus_client.generate_latest(registry)
-        return prometheus_client.generate_latest(self.registry)
+        return prometheus_client.generate_latest(self._scrape_registry)
 
     #: The ``Content-Type`` to serve :meth:`render`'s output with.
     CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST

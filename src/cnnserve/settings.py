@@ -27,6 +27,11 @@ class Settings(BaseSettings):
     http_port: int = Field(8000, description="Open Inference Protocol REST port.")
     grpc_port: int = Field(8001, description="Open Inference Protocol gRPC port.")
     metrics_port: int = Field(8002, description="Prometheus metrics port.")
+    gpu_metrics: bool = Field(
+        True,
+        description="Export each GPU's utilisation and memory on the metrics port when NVML "
+        "finds one (needs cnnserve[gpu-metrics]); off by itself without NVML or a GPU.",
+    )
 
     # --- where models come from and how they run ---
     backend: BackendName = Field(

@@ -1,6 +1,13 @@
-"""Gateway metrics: outcome labels from the error table, histograms, Prometheus text."""
+"""Gateway metrics: outcome labels from the error table, histograms, Prometheus text, the
+process and build-info metrics, alone and with several gateway processes."""
 
 from __future__ import annotations
+
+import importlib.metadata
+import multiprocessing
+import os
+from multiprocessing.synchronize import Event as EventType
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -14,7 +21,12 @@ from cnnserve.errors import (
     UnavailableError,
     UnknownModelError,
 )
-from cnnserve.gateway.metrics import BATCH_SIZE_BUCKETS, GatewayMetrics, outcome_of
+from cnnserve.gateway.metrics import (
+    BATCH_SIZE_BUCKETS,
+    MULTIPROCESS_DIR_ENV,
+    GatewayMetrics,
+    outcome_of,
+)
 
 
 @pytest.mark.parametrize(
@@ -70,7 +82,13 @@ def test_an_unloaded_version_s_series_go_away() -> None:
     metrics.forget("convnet", "1")
     metrics.forget("convnet", "7")  # never served: nothing to drop, no error
     families = text_string_to_metric_families(metrics.render().decode())
-    versions = {s.labels.get("version") for f in families for s in f.samples}
+    # The per-model families: build_info's and python_info's version labels are not models'.
+    versions = {
+        s.labels.get("version")
+        for f in families
+        if f.name.startswith("cnnserve_") and f.name != "cnnserve_build_info"
+        for s in f.samples
+    }
     assert versions == {"2"}
 
 
@@ -124,3 +142,64 @@ def test_each_instance_has_its_own_registry() -> None:
     sample = {"model": "convnet", "version": "1", "outcome": "success"}
     assert first.registry.get_sample_value("cnnserve_requests_total", sample) == 1
     assert second.registry.get_sample_value("cnnserve_requests_total", sample) is None
+
+
+def test_process_python_and_build_info_metrics() -> None:
+    families = {
+        f.name: f for f in text_string_to_metric_families(GatewayMetrics().render().decode())
+    }
+    assert families["cnnserve_build_info"].samples[0].labels == {
+        "version": importlib.metadata.version("cnnserve")
+    }
+    assert families["process_resident_memory_bytes"].samples[0].value > 10e6
+    assert families["process_cpu_seconds"].samples[0].value > 0
+    assert {
+        "process_open_fds",
+        "process_start_time_seconds",
+        "python_info",
+        "python_gc_collections",
+    } <= set(families)
+
+
+def _hold_metrics(directory: str, made: EventType, stop: EventType) -> None:
+    """A second gateway process's metrics, kept alive until ``stop``."""
+    os.environ[MULTIPROCESS_DIR_ENV] = directory
+    metrics = GatewayMetrics()
+    metrics.request_finished("convnet", "1", None, 0.01)
+    made.set()
+    stop.wait(30)
+
+
+def test_several_processes_each_have_their_process_series(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Multiprocess mode: the scraping process reports every live gateway process's
+    ``process_*`` series, labelled by pid, and drops one that has exited."""
+    monkeypatch.setenv(MULTIPROCESS_DIR_ENV, str(tmp_path))
+    context = multiprocessing.get_context("spawn")
+    made, stop = context.Event(), context.Event()
+    other = context.Process(target=_hold_metrics, args=(str(tmp_path), made, stop))
+    other.start()
+    try:
+        assert made.wait(60)
+        metrics = GatewayMetrics()
+
+        def memory_by_pid() -> dict[str, float]:
+            families = text_string_to_metric_families(metrics.render().decode())
+            return {
+                s.labels["pid"]: s.value
+                for f in families
+                if f.name == "process_resident_memory_bytes"
+                for s in f.samples
+            }
+
+        assert set(memory_by_pid()) == {str(os.getpid()), str(other.pid)}
+        assert min(memory_by_pid().values()) > 10e6
+        # The other process's request is in the scrape too: the recorded metrics are shared.
+        assert b'cnnserve_requests_total{model="convnet",outcome="success",version="1"} 1.0' in (
+            metrics.render()
+        )
+    finally:
+        stop.set()
+        other.join(30)
+    assert set(memory_by_pid()) == {str(os.getpid())}
