@@ -24,7 +24,7 @@ LINKED := $(VENV)/.linked
 PACKAGE_FILES = $$($(PYTHON) -c 'import tomllib, pathlib; dirs = tomllib.load(open("pyproject.toml", "rb"))["tool"]["setuptools"]["package-dir"].values(); print(*sorted(str(p) for d in dirs for p in pathlib.Path(d).glob("*.py*")))')
 
 .PHONY: help install install-serve test test-fast lint format train export archive \
-	model-repository torchserve-start torchserve-stop proto proto-check bench soak overload serve \
+	model-repository torchserve-start torchserve-stop proto proto-check bench soak overload hotpath serve \
 	deploy undeploy logs wheelhouse compose-plugin deploy-test deploy-check deploy-lock dockerignore
 
 help: ## List the targets
@@ -169,11 +169,14 @@ bench: export ## Benchmark the gateway against its baselines; regenerates docs/b
 # A bounded soak (time and requests): mixed valid/invalid traffic, faults injected; exits 1
 # if any request failed or was lost. TorchServe replicas when Java is there, else onnxruntime.
 soak: export ## Soak the gateway with faults injected (DURATION_S=60 MAX_REQUESTS=100000)
-	$(BIN)/python -m cnnserve.bench.soak --artifacts $(ARTIFACTS) \
+	$(BIN)/cnnserve soak --artifacts $(ARTIFACTS) \
 		--duration-s $(or $(DURATION_S),60) --max-requests $(or $(MAX_REQUESTS),100000)
 
 overload: export ## Open-loop overload at 2×, 4×, 8× capacity; prints the figures (docs/reliability.md)
-	$(BIN)/python -m cnnserve.bench.overload --artifacts $(ARTIFACTS)
+	$(BIN)/cnnserve overload --artifacts $(ARTIFACTS)
+
+hotpath: export ## Profile the gateway under load with py-spy into docs/bench/profiles (about 2 min)
+	$(BIN)/cnnserve hotpath --artifacts $(ARTIFACTS) --out docs/bench/profiles
 
 # Triton's perf_analyzer, unmodified (README "Triton's perf_analyzer"), at a gateway that is
 # already running (`make serve`); the binary and, on Debian 12, Debian 13's libraries for it

@@ -1,7 +1,7 @@
 """GPU check: the torchscript path on a CUDA device, one JSON line per figure.
 
-``python -m cnnserve.bench.gpu_check --out DIR`` (or ``bench/gpu.sh DIR``) measures, in a few
-minutes on an NVIDIA host:
+``cnnserve gpu-check --out DIR`` (or ``bench/gpu.sh DIR`` where cnnserve is not installed)
+measures, in a few minutes on an NVIDIA host:
 
 1. the model alone on the device — ConvNet at batch 1…1024 and the FCN at 128×128 — in each
    configuration of the GPU path: eager fp32, ``channels_last``, fp16, fp16 with CUDA graphs,
@@ -338,8 +338,35 @@ def markdown(figures: list[Figure], command: str) -> str:
     return "\n".join(lines)
 
 
+class GpuCheckError(Exception):
+    """The check cannot run here (no CUDA device, no exported models); the message says why."""
+
+
+def run_check(out: Path, artifacts: Path, dry_run: bool, skip_gateway: bool, command: str) -> None:
+    """Run both phases (or the model alone) into ``out``; ``command`` is how the run was asked
+    for, written into the report."""
+    plan = Plan.for_run(dry_run)
+    if dry_run:
+        torch.set_num_threads(1)  # as the gateway's default inference_threads on a CPU
+    if plan.device.startswith("cuda") and not torch.cuda.is_available():
+        raise GpuCheckError("no CUDA device visible to torch; use --dry-run to check the script")
+    missing = [m for m in ("convnet", "fcn") if not (artifacts / f"{m}.pt").is_file()]
+    if missing:
+        raise GpuCheckError(
+            f"{', '.join(f'{m}.pt' for m in missing)} not in {artifacts}: export them "
+            "first (make export, or cnnserve export <model> --out DIR) and pass --artifacts"
+        )
+    recorder = Recorder(out)
+    recorder.add(**describe_machine(plan.device))
+    model_alone(plan, artifacts, recorder)
+    if not skip_gateway:
+        gateway_under_load(plan, artifacts, out, recorder)
+    (out / "gpu_check.md").write_text(markdown(recorder.figures, command))
+
+
 def main() -> None:
-    """Command line: run both phases into ``--out``."""
+    """bench/gpu.sh's entry: a GPU host without cnnserve installed has no ``cnnserve`` command
+    (nor typer) to run ``cnnserve gpu-check`` with."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="directory for the figures")
     parser.add_argument("--artifacts", type=Path, default=Path("artifacts"))
@@ -348,26 +375,13 @@ def main() -> None:
     )
     parser.add_argument("--skip-gateway", action="store_true", help="model alone only")
     args = parser.parse_args()
-    plan = Plan.for_run(args.dry_run)
-    if args.dry_run:
-        torch.set_num_threads(1)  # as the gateway's default inference_threads on a CPU
-    if plan.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("no CUDA device visible to torch; use --dry-run to check the script")
-    missing = [m for m in ("convnet", "fcn") if not (args.artifacts / f"{m}.pt").is_file()]
-    if missing:
-        parser.error(
-            f"{', '.join(f'{m}.pt' for m in missing)} not in {args.artifacts}: export them "
-            "first (make export, or cnnserve export <model> --out DIR) and pass --artifacts"
-        )
-    recorder = Recorder(args.out)
-    recorder.add(**describe_machine(plan.device))
-    model_alone(plan, args.artifacts, recorder)
-    if not args.skip_gateway:
-        gateway_under_load(plan, args.artifacts, args.out, recorder)
     command = " ".join(
         ["python -m cnnserve.bench.gpu_check", *(shlex.quote(a) for a in sys.argv[1:])]
     )
-    (args.out / "gpu_check.md").write_text(markdown(recorder.figures, command))
+    try:
+        run_check(args.out, args.artifacts, args.dry_run, args.skip_gateway, command)
+    except GpuCheckError as exc:
+        parser.error(str(exc))
 
 
 if __name__ == "__main__":

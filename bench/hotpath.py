@@ -1,6 +1,6 @@
 """Profile a real gateway under load with py-spy: the functions that hold the samples.
 
-``python -m cnnserve.bench.hotpath --out docs/bench/profiles`` starts ``cnnserve serve``,
+``cnnserve hotpath --out docs/bench/profiles`` starts ``cnnserve serve``,
 drives it with the load generator and samples the gateway process and its children (the
 decode processes) with ``py-spy record`` meanwhile. It writes ``<name>.txt`` (the functions
 holding most samples, by self and inclusive time, with the throughput measured while
@@ -10,7 +10,6 @@ sampling) and ``<name>.collapsed``
 
 from __future__ import annotations
 
-import argparse
 import collections
 import os
 import shutil
@@ -119,27 +118,3 @@ PROFILES = {
     "ort-c4-32img": Profile("ort-c4-32img", "onnxruntime", "convnet", 28, 32, 4, "tensor"),
     "ort-c64-png": Profile("ort-c64-png", "onnxruntime", "convnet", 28, 1, 64, "png"),
 }
-
-
-def main() -> None:
-    """Command line: profile the named configurations into ``--out``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("docs/bench/profiles"))
-    parser.add_argument("--artifacts", type=Path, default=Path("artifacts"))
-    parser.add_argument("--duration-s", type=float, default=10.0)
-    parser.add_argument("--suffix", default="", help="appended to each profile's file name")
-    parser.add_argument("profiles", nargs="*", help=f"any of {', '.join(PROFILES)} (default: all)")
-    args = parser.parse_args()
-    unknown = set(args.profiles) - set(PROFILES)
-    if unknown:
-        parser.error(f"unknown profiles {sorted(unknown)}; choose from {', '.join(PROFILES)}")
-    for name in args.profiles or PROFILES:
-        profile = PROFILES[name]
-        if args.suffix:
-            profile = Profile(**{**profile.__dict__, "name": f"{name}{args.suffix}"})
-        result = record(profile, args.artifacts, args.out, args.duration_s)
-        print(f"{profile.name}: {result.requests_per_s:.0f} req/s, p50 {result.p50_ms:.2f} ms")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """Overload: open-loop load at several times a gateway's capacity, and what it does about it.
 
-``python -m cnnserve.bench.overload`` starts a real ``cnnserve serve`` process with a small
+``cnnserve overload`` (``make overload``) starts a real ``cnnserve serve`` process with a small
 ``max_queue_size``, measures its capacity (closed loop), then for each multiple sends an open
 loop of requests at that multiple of the capacity (bench/loadgen) while sampling the
 queue-depth metric, and finally measures the capacity again. It prints a Markdown table:
@@ -14,7 +14,6 @@ can outpace the server on a small machine.
 
 from __future__ import annotations
 
-import argparse
 import threading
 import time
 from dataclasses import dataclass, field
@@ -208,26 +207,3 @@ def _measure(
     report.recovery = run_load(closed)
     report.rss_after_bytes = gateway.rss_bytes()
     return report
-
-
-def main() -> None:
-    """Command line: run the scenario and print the Markdown figures."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--artifacts", type=Path, default=Path("artifacts"))
-    parser.add_argument("--multiples", type=float, nargs="+", default=[2.0, 4.0, 8.0])
-    parser.add_argument("--duration-s", type=float, default=5.0)
-    parser.add_argument("--max-queue-size", type=int, default=16)
-    parser.add_argument("--log", type=Path, default=Path("overload-gateway.log"))
-    args = parser.parse_args()
-    report = run_overload(
-        args.artifacts,
-        args.log,
-        tuple(args.multiples),
-        args.duration_s,
-        args.max_queue_size,
-    )
-    print(report.markdown())
-
-
-if __name__ == "__main__":
-    main()

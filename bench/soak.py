@@ -1,6 +1,6 @@
 """Soak: mixed valid and invalid traffic through a real gateway while faults are injected.
 
-``python -m cnnserve.bench.soak --duration-s 60 --max-requests 20000`` (``make soak``)
+``cnnserve soak --duration-s 60 --max-requests 20000`` (``make soak``)
 starts a ``cnnserve serve`` process and sends requests from :mod:`.soak_traffic` — valid and
 invalid, over gRPC and HTTP, from several concurrent callers — until the duration or the
 request count runs out, while faults are injected every ``--fault-interval-s``:
@@ -18,16 +18,12 @@ exits 1 when anything failed or was lost. Bounded: a fault in progress when time
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import itertools
 import os
 import random
-import shutil
 import signal
-import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -290,42 +286,3 @@ def run_soak(options: SoakOptions) -> Tally:
             else gateway_faults(gateway, options.stall_s)
         )
         return asyncio.run(_soak(gateway, make_shots(labels), faults, options))
-
-
-def main() -> None:
-    """Command line; see the module docstring."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration-s", type=float, default=60.0)
-    parser.add_argument("--max-requests", type=int, default=100_000)
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument(
-        "--backend",
-        choices=["torchserve", "onnxruntime"],
-        default="torchserve" if shutil.which("java") else "onnxruntime",
-    )
-    parser.add_argument("--fault-interval-s", type=float, default=8.0)
-    parser.add_argument("--stall-s", type=float, default=2.0)
-    parser.add_argument("--artifacts", type=Path, default=Path("artifacts"))
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="cnnserve-soak-") as work:
-        tally = run_soak(
-            SoakOptions(
-                artifacts_dir=args.artifacts.resolve(),
-                work_dir=Path(work),
-                backend=args.backend,
-                duration_s=args.duration_s,
-                max_requests=args.max_requests,
-                concurrency=args.concurrency,
-                fault_interval_s=args.fault_interval_s,
-                stall_s=args.stall_s,
-                seed=args.seed,
-            )
-        )
-    print(f"backend    {args.backend}")
-    print(tally.summary())
-    sys.exit(1 if tally.failed or tally.lost else 0)
-
-
-if __name__ == "__main__":
-    main()

@@ -44,6 +44,15 @@ class MalformedResponseError(Exception):
     """The server's answer does not follow the Open Inference Protocol (a server fault)."""
 
 
+class UnreachableError(Exception):
+    """No server answers at the address (connection refused, unknown host, timed out)."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        super().__init__(f"no gateway at {address} ({reason})")
+        self.address = address
+        self.reason = reason
+
+
 class ServerError(Exception):
     """The server answered with an error: its status (gRPC code name or HTTP status) and
     message."""
@@ -120,6 +129,10 @@ class InferenceClient(ABC):
         """Send one request as is; raises :class:`ServerError` when the server refuses it."""
 
     @abstractmethod
+    def max_batch_size(self, model: str) -> int:
+        """The model's ``max_batch_size`` from its configuration (0: it takes no batch)."""
+
+    @abstractmethod
     def server_ready(self) -> bool:
         """Whether every model is ready (false too when the server cannot be reached)."""
 
@@ -151,17 +164,30 @@ class InferenceClient(ABC):
         self, images: Sequence[bytes], model: str = "convnet", timeout_s: float | None = None
     ) -> list[Classification]:
         """PNG/JPEG images → the most probable label of each, with its probability."""
+        return [best for best, *_ in self.classify_top(images, 1, model, timeout_s)]
+
+    def classify_top(
+        self,
+        images: Sequence[bytes],
+        k: int,
+        model: str = "convnet",
+        timeout_s: float | None = None,
+    ) -> list[list[Classification]]:
+        """PNG/JPEG images → the ``k`` most probable labels of each, most probable first."""
         request = InferRequest(
             model,
             [_bytes_tensor("image", images)],
-            [RequestedOutput("probabilities", {"classification": 1})],
+            [RequestedOutput("probabilities", {"classification": k})],
         )
         result = {t.name: t.data for t in self.infer_request(request, timeout_s).outputs}
         classified = []
         for row in result["probabilities"]:
-            # Triton's classification string: "<probability>:<index>:<label>".
-            probability, _, label = bytes(row[0]).decode().split(":", 2)
-            classified.append(Classification(label, float(probability)))
+            ranked = []
+            for entry in row:
+                # Triton's classification string: "<probability>:<index>:<label>".
+                probability, _, label = bytes(entry).decode().split(":", 2)
+                ranked.append(Classification(label, float(probability)))
+            classified.append(ranked)
         return classified
 
     def segment(
@@ -200,19 +226,41 @@ class GrpcClient(InferenceClient):
             if tls is None
             else grpc.secure_channel(target, tls.grpc_credentials(), options=options)
         )
+        self._target = target
         self._metadata = () if api_key is None else (("authorization", bearer(api_key)),)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)  # type: ignore[no-untyped-call]
 
     def infer_request(self, request: InferRequest, timeout_s: float | None = None) -> InferResponse:
         """Send one ModelInfer call."""
-        try:
+        with self._call():
             reply = self._stub.ModelInfer(
                 request_to_proto(request), timeout=timeout_s, metadata=self._metadata
             )
-        except grpc.RpcError as exc:
-            raise ServerError(exc.code().name, exc.details() or "") from None
         with _server_answer():
             return response_from_proto(reply)
+
+    def max_batch_size(self, model: str) -> int:
+        """The ModelConfig call's ``max_batch_size``."""
+        with self._call():
+            reply = self._stub.ModelConfig(
+                pb.ModelConfigRequest(name=model), timeout=30, metadata=self._metadata
+            )
+        return int(reply.config.max_batch_size)
+
+    @contextlib.contextmanager
+    def _call(self) -> Iterator[None]:
+        """A failed call as :class:`UnreachableError` when no connection could be made (gRPC
+        says so in UNAVAILABLE's details), else as :class:`ServerError`."""
+        try:
+            yield
+        except grpc.RpcError as exc:
+            details = exc.details() or ""
+            if exc.code() is grpc.StatusCode.UNAVAILABLE and "failed to connect" in details:
+                refused = "connection refused" in details.lower()
+                raise UnreachableError(
+                    self._target, "connection refused" if refused else details
+                ) from None
+            raise ServerError(exc.code().name, details) from None
 
     def server_ready(self) -> bool:
         """ServerReady, false when the server cannot be reached."""
@@ -233,6 +281,7 @@ class HttpClient(InferenceClient):
         self, base_url: str, tls: TlsConfig | None = None, api_key: str | None = None
     ) -> None:
         headers = {} if api_key is None else {"authorization": bearer(api_key)}
+        self._address = base_url.partition("://")[2]
         self._http = httpx.Client(
             base_url=base_url,
             timeout=None,
@@ -248,20 +297,42 @@ class HttpClient(InferenceClient):
             request = dataclasses.replace(request, parameters=parameters)
         body, header_length = encode_infer_request(request)
         version = f"/versions/{request.model_version}" if request.model_version else ""
-        try:
+        with self._call(timeout_s):
             reply = self._http.post(
                 f"/v2/models/{request.model_name}{version}/infer",
                 content=body,
                 headers={HEADER_LENGTH: str(header_length)},
                 timeout=timeout_s,
             )
-        except httpx.TimeoutException:
-            raise ServerError("timeout", f"no answer within {timeout_s} s") from None
-        if reply.status_code != 200:
-            raise ServerError(str(reply.status_code), _error_message(reply))
+        _refuse_errors(reply)
         header = reply.headers.get(HEADER_LENGTH)
         with _server_answer():
             return decode_infer_response(reply.content, None if header is None else int(header))
+
+    def max_batch_size(self, model: str) -> int:
+        """``GET /v2/models/{model}/config``'s ``max_batch_size``."""
+        with self._call(30):
+            reply = self._http.get(f"/v2/models/{model}/config", timeout=30)
+        _refuse_errors(reply)
+        with _server_answer():
+            try:
+                return int(reply.json().get("max_batch_size", 0))
+            except (ValueError, AttributeError, TypeError) as exc:
+                raise CodecError(f"model configuration is not a JSON object: {exc}") from None
+
+    @contextlib.contextmanager
+    def _call(self, timeout_s: float | None) -> Iterator[None]:
+        """Raise :class:`UnreachableError` when no connection could be made, and
+        :class:`ServerError` for a timeout or an answer other than 200."""
+        try:
+            yield
+        except httpx.TimeoutException:
+            raise ServerError("timeout", f"no answer within {timeout_s} s") from None
+        except httpx.ConnectError as exc:
+            refused = isinstance(exc.__context__, ConnectionRefusedError) or "refused" in str(exc)
+            raise UnreachableError(
+                self._address, "connection refused" if refused else str(exc)
+            ) from None
 
     def server_ready(self) -> bool:
         """``GET /v2/health/ready``, false when the server cannot be reached."""
@@ -282,6 +353,12 @@ def _server_answer() -> Iterator[None]:
         yield
     except CodecError as exc:
         raise MalformedResponseError(f"the server's answer is malformed: {exc}") from exc
+
+
+def _refuse_errors(reply: httpx.Response) -> None:
+    """An answer other than 200 as :class:`ServerError`."""
+    if reply.status_code != 200:
+        raise ServerError(str(reply.status_code), _error_message(reply))
 
 
 def _error_message(reply: httpx.Response) -> str:

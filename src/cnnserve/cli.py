@@ -2,17 +2,22 @@
 
 ``train`` and ``export`` make the demo weights and the TorchScript/ONNX artifacts;
 ``archive`` and ``torchserve start|stop|status`` package and run TorchServe; ``serve`` runs
-the gateway; ``predict`` calls a running gateway; ``bench`` measures it and writes
-docs/benchmarks.md. Each command imports what it needs only when it runs, so ``predict``
-and ``--help`` work with cnnserve's core dependencies alone; a command whose extra is not
-installed says which one to install (``pip install 'cnnserve[export]'``).
+the gateway and ``config`` shows the settings it would run with (both take every setting as a
+flag, :mod:`cnnserve.setting_flags`); ``predict`` calls a running gateway; ``bench``,
+``soak``, ``overload``, ``hotpath`` and ``gpu-check`` measure it. Each command imports what it
+needs only when it runs, so ``predict`` and ``--help`` work with cnnserve's core dependencies
+alone; a command whose extra is not installed says which one to install
+(``pip install 'cnnserve[export]'``).
 
 Every expected failure prints one line on stderr and exits with status 2; tracebacks are
-kept for real bugs.
+kept for real bugs. docs/cli.md describes every command.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
+import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,8 +25,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
+from typer.core import TyperOption
 
 from cnnserve.errors import needs_extra
+from cnnserve.setting_flags import read_settings, secret_names, with_setting_flags
 
 if TYPE_CHECKING:
     from cnnserve.settings import Settings
@@ -30,8 +37,39 @@ app = typer.Typer(
     help="Serve the tutorial's ConvNet and FCN over the Open Inference Protocol.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
 )
+
+
+def _flags_show_no_type() -> None:
+    """typer prints ``<bool>`` beside an on/off flag, as if it took a value; it takes none."""
+    display_type_rich = TyperOption.display_type_rich
+
+    def without_flags(self: TyperOption, ctx: Any) -> str | None:
+        return None if self.is_flag else display_type_rich(self, ctx)
+
+    setattr(TyperOption, "display_type_rich", without_flags)  # noqa: B010
+
+
+_flags_show_no_type()
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"cnnserve {importlib.metadata.version('cnnserve')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_show_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Serve the tutorial's ConvNet and FCN over the Open Inference Protocol."""
+
 
 DEFAULT_ARTIFACTS = Path("artifacts")
 
@@ -235,6 +273,151 @@ def bench(
     typer.echo(f"wrote {path}")
 
 
+SoakBackend = Literal["torchserve", "onnxruntime"]
+ArtifactsOption = Annotated[Path, typer.Option(help="Exported models (make export).")]
+
+
+@app.command()
+def soak(
+    duration_s: Annotated[float, typer.Option(min=0, help="Seconds of traffic.")] = 60.0,
+    max_requests: Annotated[int, typer.Option(min=1, help="Requests sent at most.")] = 100_000,
+    concurrency: Annotated[int, typer.Option(min=1, help="Concurrent callers.")] = 8,
+    backend: Annotated[
+        SoakBackend | None,
+        typer.Option(
+            help="torchserve: two replicas, killed and stalled in turn (needs Java 17); "
+            "onnxruntime: the gateway stalled. Default: torchserve when java is on PATH."
+        ),
+    ] = None,
+    fault_interval_s: Annotated[float, typer.Option(min=0, help="Seconds between faults.")] = 8.0,
+    stall_s: Annotated[float, typer.Option(min=0, help="Seconds a stall lasts.")] = 2.0,
+    artifacts: ArtifactsOption = DEFAULT_ARTIFACTS,
+    seed: Annotated[int, typer.Option(help="Seed of the traffic mix.")] = 0,
+) -> None:
+    """Soak a real gateway with mixed valid and invalid traffic while faults are injected.
+
+    Prints what was sent, succeeded, rejected, failed and lost; exits 1 when any request
+    failed or was lost.
+    """
+    import tempfile
+
+    chosen = backend or ("torchserve" if shutil.which("java") else "onnxruntime")
+    with user_errors(), needs_extra("bench", "cnnserve soak"):
+        from cnnserve.bench.soak import SoakOptions, run_soak
+
+        with tempfile.TemporaryDirectory(prefix="cnnserve-soak-") as work:
+            tally = run_soak(
+                SoakOptions(
+                    artifacts_dir=_exported(artifacts, "convnet.onnx"),
+                    work_dir=Path(work),
+                    backend=chosen,
+                    duration_s=duration_s,
+                    max_requests=max_requests,
+                    concurrency=concurrency,
+                    fault_interval_s=fault_interval_s,
+                    stall_s=stall_s,
+                    seed=seed,
+                )
+            )
+    typer.echo(f"backend    {chosen}")
+    typer.echo(tally.summary())
+    if tally.failed or tally.lost:
+        raise typer.Exit(1)
+
+
+@app.command()
+def overload(
+    artifacts: ArtifactsOption = DEFAULT_ARTIFACTS,
+    multiple: Annotated[
+        list[float] | None,
+        typer.Option(min=0, help="Load as a multiple of capacity (repeatable). Default: 2, 4, 8."),
+    ] = None,
+    duration_s: Annotated[float, typer.Option(min=0, help="Seconds per phase.")] = 5.0,
+    max_queue_size: Annotated[int, typer.Option(min=1, help="The gateway's queue per model.")] = 16,
+    log: Annotated[Path, typer.Option(help="The gateway's log.")] = Path("overload-gateway.log"),
+) -> None:
+    """Open-loop overload of a real gateway at several times its capacity; prints a table."""
+    with user_errors(), needs_extra("bench", "cnnserve overload"):
+        from cnnserve.bench.overload import run_overload
+
+        report = run_overload(
+            _exported(artifacts, "fcn.onnx"),
+            log,
+            tuple(multiple or (2.0, 4.0, 8.0)),
+            duration_s,
+            max_queue_size,
+        )
+    typer.echo(report.markdown())
+
+
+@app.command()
+def hotpath(
+    profiles: Annotated[
+        list[str] | None,
+        typer.Argument(help="Profiles to record (default: all); --help of the error lists them."),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Directory for the profiles.")] = Path(
+        "docs/bench/profiles"
+    ),
+    artifacts: ArtifactsOption = DEFAULT_ARTIFACTS,
+    duration_s: Annotated[float, typer.Option(min=0, help="Seconds sampled per profile.")] = 10.0,
+    suffix: Annotated[str, typer.Option(help="Appended to each profile's file name.")] = "",
+) -> None:
+    """Profile a real gateway under load with py-spy: the functions that hold the samples."""
+    with user_errors(), needs_extra("bench", "cnnserve hotpath"):
+        from cnnserve.bench.hotpath import PROFILES, Profile, record
+
+        unknown = sorted(set(profiles or ()) - set(PROFILES))
+        if unknown:
+            raise UsageError(
+                f"unknown profile {', '.join(unknown)}; choose from {', '.join(PROFILES)}"
+            )
+        for name in profiles or PROFILES:
+            profile = PROFILES[name]
+            if suffix:
+                profile = Profile(**{**profile.__dict__, "name": f"{name}{suffix}"})
+            result = record(profile, _exported(artifacts, "convnet.onnx"), out, duration_s)
+            typer.echo(
+                f"{profile.name}: {result.requests_per_s:.0f} req/s, p50 {result.p50_ms:.2f} ms"
+            )
+
+
+@app.command("gpu-check")
+def gpu_check(
+    out: Annotated[Path, typer.Option(help="Directory for gpu_check.jsonl and .md.")],
+    artifacts: ArtifactsOption = DEFAULT_ARTIFACTS,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="CPU, tiny sizes, seconds (checks the script).")
+    ] = False,
+    skip_gateway: Annotated[
+        bool, typer.Option("--skip-gateway", help="The model alone only.")
+    ] = False,
+) -> None:
+    """The torchscript path on a CUDA device, one JSON line per figure (bench/gpu.sh runs it
+    where cnnserve is not installed)."""
+    import shlex
+
+    with user_errors(), needs_extra("torchscript", "cnnserve gpu-check"):
+        from cnnserve.bench.gpu_check import GpuCheckError, run_check
+
+        command = " ".join(["cnnserve gpu-check", *(shlex.quote(a) for a in sys.argv[2:])])
+        try:
+            run_check(out, artifacts, dry_run, skip_gateway, command)
+        except GpuCheckError as exc:
+            raise UsageError(str(exc)) from None
+
+
+def _exported(artifacts: Path, artifact: str) -> Path:
+    """``artifacts``, resolved, once it holds ``artifact``: a missing export is one line
+    before a gateway is started, not a traceback from inside the tool."""
+    if not (artifacts / artifact).is_file():
+        raise UsageError(
+            f"{artifact} not in {artifacts}: export the models first (make export) or give "
+            "--artifacts"
+        )
+    return artifacts.resolve()
+
+
 ArtifactFormatName = Literal["torchscript", "onnx"]
 ModelStoreOption = Annotated[
     Path | None,
@@ -263,9 +446,7 @@ def archive(
     """Build one TorchServe archive, <name>.<version>.mar, per served version of every model
     of the repository into the model store (the gateway does this itself for the versions it
     loads; this builds a store TorchServe serves from its start)."""
-    from cnnserve.settings import Settings
-
-    settings = Settings()
+    settings = read_settings()
     with user_errors(), needs_extra("torchserve", "cnnserve archive"):
         from cnnserve.torchserve_engine.archive import archive_repository
 
@@ -308,14 +489,12 @@ def torchserve_start(
 
     With token authorization, a detached process renews its keys before they expire until
     TorchServe stops (``torchserve_token_renew_fraction``; 0 turns it off)."""
-    from cnnserve.settings import Settings
-
     overrides: dict[str, Any] = {
         "torchserve_host": host,
         "torchserve_token_auth": token_auth,
         "torchserve_start_timeout_s": timeout_s,
     }
-    settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
+    settings = read_settings({key: value for key, value in overrides.items() if value is not None})
     with user_errors(), needs_extra("torchserve", "cnnserve torchserve"):
         from cnnserve.torchserve_engine.process import start
         from cnnserve.torchserve_engine.renewer import spawn
@@ -338,12 +517,10 @@ def torchserve_start(
 @torchserve_app.command("stop")
 def torchserve_stop(model_store: ModelStoreOption = None) -> None:
     """Stop TorchServe and its workers (waits until they are gone)."""
-    from cnnserve.settings import Settings
-
     with user_errors(), needs_extra("torchserve", "cnnserve torchserve"):
         from cnnserve.torchserve_engine.process import stop
 
-        stopped = stop(model_store or Settings().model_store_dir)
+        stopped = stop(model_store or read_settings().model_store_dir)
     typer.echo("TorchServe stopped" if stopped else "TorchServe was not running")
 
 
@@ -354,12 +531,10 @@ def torchserve_status(model_store: ModelStoreOption = None) -> None:
     Exit 0 when every model has a READY worker, 1 when TorchServe does not run, 3 when it runs
     but some model is not ready yet (so the command can serve as a readiness probe).
     """
-    from cnnserve.settings import Settings
-
     with user_errors(), needs_extra("torchserve", "cnnserve torchserve"):
         from cnnserve.torchserve_engine.process import status
 
-        found = status(model_store or Settings().model_store_dir)
+        found = status(model_store or read_settings().model_store_dir)
     if not found.running or found.info is None:
         typer.echo("TorchServe is not running")
         raise typer.Exit(1)
@@ -378,93 +553,71 @@ def torchserve_status(model_store: ModelStoreOption = None) -> None:
         raise typer.Exit(3)
 
 
-BackendChoice = Literal["torchserve", "onnxruntime", "torchscript"]
-ControlMode = Literal["none", "poll", "explicit"]
+SECRETS_NOTE = (
+    f"Secrets have no flag, as a command line shows in the process list: "
+    f"{', '.join('CNNSERVE_' + name.upper() for name in secret_names())} only."
+)
 
 
-@app.command()
-def serve(
-    backend: Annotated[
-        BackendChoice | None,
-        typer.Option(help="Where batches run. Default: settings.backend (onnxruntime)."),
-    ] = None,
-    host: Annotated[str | None, typer.Option(help="Address to bind. Default: 127.0.0.1.")] = None,
-    grpc_port: Annotated[int | None, typer.Option(help="OIP gRPC port. Default: 8001.")] = None,
-    http_port: Annotated[int | None, typer.Option(help="OIP REST port. Default: 8000.")] = None,
-    metrics_port: Annotated[
-        int | None, typer.Option(help="Prometheus metrics port. Default: 8002.")
-    ] = None,
-    tls_cert: Annotated[
-        Path | None,
-        typer.Option(
-            help="PEM server certificate: TLS on the gRPC and HTTP ports (with --tls-key)."
-        ),
-    ] = None,
-    tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert.")] = None,
-    tls_client_ca: Annotated[
-        Path | None,
-        typer.Option(help="PEM CA: mutual TLS, clients need a certificate it signed."),
-    ] = None,
-    api_keys_file: Annotated[
-        Path | None,
-        typer.Option(
-            help="File of accepted API keys, one per line: calls need `authorization: Bearer "
-            "<key>` (health, the web page and /docs stay open). A single key: CNNSERVE_API_KEY."
-        ),
-    ] = None,
-    model_repository: Annotated[
-        Path | None,
-        typer.Option(
-            help="Model repository to serve. Default: ./model_repository, made with the two "
-            "demo models when it does not exist."
-        ),
-    ] = None,
-    model_control_mode: Annotated[
-        ControlMode | None,
-        typer.Option(
-            help="none: load every model at start; poll: also follow the repository's changes; "
-            "explicit: load --load-model ones, then on request. Default: none."
-        ),
-    ] = None,
-    load_model: Annotated[
-        list[str] | None,
-        typer.Option(help="Explicit mode: a model to load at start (repeatable; '*': all)."),
-    ] = None,
-) -> None:
+@app.command(epilog=SECRETS_NOTE)
+@with_setting_flags
+def serve(flags: dict[str, Any]) -> None:
     """Run the gateway (gRPC, HTTP, metrics) until SIGTERM/Ctrl-C, then drain and exit.
 
-    Flags override the CNNSERVE_* environment; every other setting comes from there.
+    Every setting is a flag here and a CNNSERVE_<NAME> variable; a flag wins over the
+    variable, the variable over the default (`cnnserve config` shows which applies).
     """
-    from pydantic import ValidationError
+    import logging
 
-    from cnnserve.logs import setup_logging
-    from cnnserve.settings import Settings
-
-    overrides: dict[str, Any] = {
-        "backend": backend,
-        "host": host,
-        "grpc_port": grpc_port,
-        "http_port": http_port,
-        "metrics_port": metrics_port,
-        "tls_cert_file": tls_cert,
-        "tls_key_file": tls_key,
-        "tls_client_ca_file": tls_client_ca,
-        "api_keys_file": api_keys_file,
-        "model_repository": model_repository,
-        "model_control_mode": model_control_mode,
-        "load_models": load_model,
-    }
-    try:
-        settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
-    except ValidationError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    setup_logging(settings.log_level, settings.log_format)
+    settings = read_settings(flags)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     with user_errors(), needs_extra("gateway", "cnnserve serve"):
         from cnnserve.gateway.server import serve_forever
 
         _default_repository(settings)
         serve_forever(settings)
+
+
+@app.command(epilog=SECRETS_NOTE)
+@with_setting_flags
+def config(
+    flags: dict[str, Any],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object: each setting's value and source.")
+    ] = False,
+) -> None:
+    """Show the settings `cnnserve serve` would run with, and where each came from.
+
+    Takes the same flags as serve. Sources: default, environment (CNNSERVE_<NAME>) or flag;
+    secrets are shown as set or unset, never their value.
+    """
+    import os
+
+    from cnnserve.setting_flags import flag, shown, source_of, variable
+
+    settings = read_settings(flags)
+    secrets = set(secret_names())
+    rows = []
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if name in secrets:
+            value = "unset" if value is None else "set"
+        source = source_of(name, flags, os.environ)
+        origin = {"flag": flag(name), "environment": variable(name), "default": None}[source]
+        rows.append((name, value, source, origin))
+    if as_json:
+        document = {
+            name: {"value": shown(value) if isinstance(value, Path) else value, "source": source}
+            | ({"from": origin} if origin else {})
+            for name, value, source, origin in rows
+        }
+        typer.echo(json.dumps(document, indent=2, default=str))
+        return
+    width = max(len(name) for name, *_ in rows)
+    for name, value, source, origin in rows:
+        typer.echo(f"{name:<{width}}  {shown(value)}  ({source}{f' {origin}' if origin else ''})")
 
 
 def _default_repository(settings: Settings) -> None:
@@ -488,7 +641,7 @@ def _default_repository(settings: Settings) -> None:
 
 @app.command()
 def predict(
-    images: Annotated[list[Path], typer.Argument(help="PNG/JPEG files.", exists=True)],
+    images: Annotated[list[Path], typer.Argument(help="PNG/JPEG files.")],
     model: Annotated[str, typer.Option(help="convnet (labels) or fcn (mask PNGs).")] = "convnet",
     http: Annotated[bool, typer.Option("--http", help="Use REST instead of gRPC.")] = False,
     host: Annotated[str, typer.Option(help="Gateway address.")] = "127.0.0.1",
@@ -497,6 +650,20 @@ def predict(
     ] = None,
     out: Annotated[
         Path | None, typer.Option(help="fcn: directory for masks. Default: beside each image.")
+    ] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print one JSON document: per image its label and top-k (convnet) or its "
+            "mask's path, size and pixels per class (fcn).",
+        ),
+    ] = False,
+    top_k: Annotated[
+        int, typer.Option(min=1, help="convnet: the K most probable labels of each image.")
+    ] = 1,
+    timeout_s: Annotated[
+        float | None, typer.Option(min=0, help="Seconds each request may take. Default: none.")
     ] = None,
     tls: Annotated[
         bool, typer.Option("--tls", help="Use TLS (implied by --ca-file or --cert-file).")
@@ -519,35 +686,57 @@ def predict(
         ),
     ] = None,
 ) -> None:
-    """Classify digits (convnet) or write segmentation masks (fcn) through a running gateway."""
-    from cnnserve.client.inference import ServerError, TlsConfig, connect
+    """Classify digits (convnet) or write segmentation masks (fcn) through a running gateway.
+
+    Many images go as several requests, each within the model's max_batch_size and the
+    gateway's default message size.
+    """
+    from cnnserve.client.inference import (
+        MalformedResponseError,
+        ServerError,
+        TlsConfig,
+        UnreachableError,
+        connect,
+    )
     from cnnserve.client.predict import classify_files, segment_files
     from cnnserve.models.registry import get_spec
     from cnnserve.models.spec import Task
-    from cnnserve.settings import Settings
 
     with user_errors():
         task = get_spec(model).task
-    settings = Settings()
+        missing = [str(path) for path in images if not path.is_file()]
+        if missing:
+            raise UsageError(f"no such image file: {', '.join(missing)}")
+    settings = read_settings()
     port = port or (settings.http_port if http else settings.grpc_port)
     secure = tls or ca_file is not None or cert_file is not None
+    results = []
     try:
         tls_config = TlsConfig(ca_file, cert_file, key_file) if secure else None
-    except ValueError as exc:
+        with connect(host, port, http=http, tls=tls_config, api_key=api_key) as client:
+            found = (
+                segment_files(client, images, model, out, timeout_s)
+                if task is Task.SEGMENTATION
+                else classify_files(client, images, model, top_k, timeout_s)
+            )
+            for result, line in found:
+                if as_json:
+                    results.append(result)
+                else:
+                    typer.echo(line)
+    except UnreachableError as exc:
+        typer.echo(f"error: {exc}: start one with `make serve` or give --host/--port", err=True)
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        # An unreadable image, certificate or key file, or one ssl refuses.
+        where = f"{exc.filename}: " if exc.filename else ""
+        typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
+        raise typer.Exit(2) from None
+    except (ServerError, MalformedResponseError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    with connect(host, port, http=http, tls=tls_config, api_key=api_key) as client:
-        try:
-            lines = (
-                segment_files(client, images, model, out)
-                if task is Task.SEGMENTATION
-                else classify_files(client, images, model)
-            )
-            for line in lines:
-                typer.echo(line)
-        except ServerError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps({"model": model, "results": results}, indent=2))
 
 
 def main() -> None:

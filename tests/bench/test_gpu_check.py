@@ -1,8 +1,8 @@
 """The GPU check runs on a CPU in its dry mode: every figure line, skips named, tables written.
 
-The same entry points a GPU host uses: ``python -m cnnserve.bench.gpu_check`` and
-``bench/gpu.sh``, the latter with a Python where cnnserve is not installed (as on the lent
-GPU hosts), so its symlinked package tree is what gets imported.
+The same entry points a GPU host uses: ``cnnserve gpu-check``, and ``bench/gpu.sh`` with a
+Python where cnnserve is not installed (as on the lent GPU hosts), so its symlinked package
+tree is what gets imported and ``python -m cnnserve.bench.gpu_check`` runs.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def test_dry_run_measures_what_a_cpu_can_and_names_what_it_cannot(
 ) -> None:
     out = tmp_path / "gpu"
     run = subprocess.run(
-        [sys.executable, "-m", "cnnserve.bench.gpu_check", "--dry-run", "--out", str(out),
+        [sys.executable, "-m", "cnnserve", "gpu-check", "--dry-run", "--out", str(out),
          "--artifacts", str(artifacts_dir)],
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
@@ -70,7 +70,20 @@ def test_dry_run_measures_what_a_cpu_can_and_names_what_it_cannot(
     assert "| channels_last fp16 | needs CUDA | needs CUDA |" in report
     assert "| 4-image UINT8 | 2 |" in report
     assert "| 3-image PNG | 2 |" in report
-    assert "--dry-run" in report
+    assert "cnnserve gpu-check --dry-run" in report
+
+
+def test_without_the_exported_models_it_says_what_to_do(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "cnnserve", "gpu-check", "--dry-run", "--out", str(tmp_path),
+         "--artifacts", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert run.stderr == (
+        f"error: convnet.pt, fcn.pt not in {tmp_path}: export them first (make export, or "
+        "cnnserve export <model> --out DIR) and pass --artifacts\n"
+    )
 
 
 def test_gpu_sh_runs_without_an_installed_cnnserve(artifacts_dir: Path, tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 Runs :func:`cnnserve.bench.overload.run_overload` briefly at four times the measured
 capacity and checks what must hold whatever the machine's speed; the figures themselves
-(latencies, RSS) are for ``python -m cnnserve.bench.overload`` and docs/reliability.md.
+(latencies, RSS) are for ``cnnserve overload`` and docs/reliability.md.
 """
 
 from __future__ import annotations

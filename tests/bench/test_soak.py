@@ -1,5 +1,5 @@
 """A short soak (a few seconds) through a real gateway process with the gateway stalled
-mid-run: every request sent gets an answer, the right one (python -m cnnserve.bench.soak
+mid-run: every request sent gets an answer, the right one (`cnnserve soak`
 runs the long version, with TorchServe replicas killed and restarted)."""
 
 from __future__ import annotations

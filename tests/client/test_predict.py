@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import pytest_asyncio
@@ -13,18 +15,19 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cnnserve.cli import app
-from cnnserve.client.predict import mask_path
+from cnnserve.client.predict import mask_path, split
 from cnnserve.gateway.server import Gateway
 from tests.gateway.certs import CertificateAuthority
 from tests.gateway.harness import gateway_settings, running_gateway
 from tests.images import digit_png, shapes_png
+from tests.support import free_ports
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def gateway(model_repository: Path) -> AsyncIterator[Gateway]:
-    """One onnxruntime gateway for the module."""
+    """One onnxruntime gateway for the module, at the default settings."""
     async with running_gateway(gateway_settings(model_repository)) as running:
         yield running
 
@@ -129,3 +132,125 @@ async def test_predict_over_mutual_tls_with_an_api_key(
         code, out, err = await _predict(*flags)
     assert code == 0, err
     assert out.split(": ")[1].split()[0] == str(label)
+
+
+def _digits(folder: Path, count: int) -> tuple[list[str], list[int]]:
+    """``count`` digit PNGs written into ``folder``: their paths and labels."""
+    paths, labels = [], []
+    for index in range(count):
+        png, label = digit_png(index, invert=index % 3 == 1)
+        path = folder / f"digit{index}.png"
+        path.write_bytes(png)
+        paths.append(str(path))
+        labels.append(label)
+    return paths, labels
+
+
+async def _requests_served(gateway: Gateway, model: str) -> int:
+    """Successful requests the gateway counted for ``model`` (its statistics extension)."""
+    async with httpx.AsyncClient() as client:
+        reply = await client.get(f"http://127.0.0.1:{gateway.http_port}/v2/models/{model}/stats")
+    (stats,) = reply.json()["model_stats"]
+    return int(stats["inference_stats"]["success"]["count"])
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+async def test_more_images_than_a_batch_go_as_several_requests(
+    gateway: Gateway, tmp_path: Path, transport: str
+) -> None:
+    """70 digits at the default max_batch_size of 32: three requests (32, 32, 6), every
+    image answered in order with its label."""
+    paths, labels = _digits(tmp_path, 70)
+    port = gateway.http_port if transport == "http" else gateway.grpc_port
+    flags = ["--http"] if transport == "http" else []
+    before = await _requests_served(gateway, "convnet")
+    code, out, err = await _predict(*flags, "--port", str(port), "--json", *paths)
+    assert code == 0, err
+    assert await _requests_served(gateway, "convnet") - before == 3
+    results = json.loads(out)["results"]
+    assert [r["image"] for r in results] == paths
+    assert [r["label"] for r in results] == [str(x) for x in labels]
+
+
+async def test_json_and_top_k(gateway: Gateway, tmp_path: Path) -> None:
+    paths, labels = _digits(tmp_path, 2)
+    code, out, err = await _predict("--port", str(gateway.grpc_port), "--top-k", "3", *paths)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 2
+    ranked = lines[0].split(": ", 1)[1].split(", ")
+    assert len(ranked) == 3 and ranked[0].split()[0] == str(labels[0])
+    code, out, err = await _predict(
+        "--port", str(gateway.grpc_port), "--json", "--top-k", "3", *paths
+    )
+    assert code == 0, err
+    document = json.loads(out)
+    assert document["model"] == "convnet"
+    first = document["results"][0]
+    assert first["image"] == paths[0] and first["label"] == str(labels[0])
+    probabilities = [entry["probability"] for entry in first["top_k"]]
+    assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True)
+    assert first["top_k"][0] == {"label": first["label"], "probability": first["probability"]}
+
+
+async def test_json_for_masks(gateway: Gateway, tmp_path: Path) -> None:
+    path = tmp_path / "scene.png"
+    path.write_bytes(shapes_png(40, side=40)[0])
+    code, out, err = await _predict(
+        "--http", "--port", str(gateway.http_port), "--model", "fcn", "--json", str(path)
+    )
+    assert code == 0, err
+    (result,) = json.loads(out)["results"]
+    mask = np.asarray(Image.open(result["mask"]))
+    assert (result["width"], result["height"]) == (40, 40)
+    counted = {str(c): int(n) for c, n in zip(*np.unique(mask, return_counts=True), strict=True)}
+    assert result["pixels_per_class"] == counted
+    assert sum(counted.values()) == 40 * 40
+
+
+@pytest.mark.parametrize(("transport", "flags"), [("gRPC", []), ("HTTP", ["--http"])])
+async def test_no_gateway_is_one_line_saying_what_to_do(
+    tmp_path: Path, transport: str, flags: list[str]
+) -> None:
+    (port,) = free_ports(1)  # nothing listens there
+    paths, _ = _digits(tmp_path, 1)
+    code, out, err = await _predict(*flags, "--port", str(port), *paths)
+    assert code == 2, transport
+    assert out == ""
+    assert err == (
+        f"error: no gateway at 127.0.0.1:{port} (connection refused): start one with "
+        "`make serve` or give --host/--port\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--ca-file", "/nonexistent/ca.pem"], "error: /nonexistent/ca.pem: No such file"),
+        (["--cert-file", "c.pem"], "error: a client certificate needs its key"),
+        (["--timeout-s", "0.000001"], "error: DEADLINE_EXCEEDED: "),
+        (["--http", "--timeout-s", "0.000001"], "error: "),
+    ],
+)
+async def test_client_side_failures_are_one_line(
+    gateway: Gateway, tmp_path: Path, flags: list[str], message: str
+) -> None:
+    paths, _ = _digits(tmp_path, 1)
+    port = gateway.http_port if "--http" in flags else gateway.grpc_port
+    code, out, err = await _predict(*flags, "--port", str(port), *paths)
+    assert code == 2
+    assert out == ""
+    assert err.startswith(message) and err.count("\n") == 1, err
+
+
+async def test_a_missing_image_is_named_before_calling(tmp_path: Path) -> None:
+    code, _, err = await _predict("--port", "1", str(tmp_path / "gone.png"))
+    assert code == 2
+    assert err == f"error: no such image file: {tmp_path / 'gone.png'}\n"
+
+
+async def test_split_keeps_each_request_within_items_and_bytes() -> None:
+    images = [b"x" * size for size in (5, 5, 5, 20, 1, 1, 1)]
+    assert [list(r) for r in split(images, 3, 12)] == [[0, 1], [2], [3], [4, 5, 6]]
+    assert [list(r) for r in split(images, 2, 100)] == [[0, 1], [2, 3], [4, 5], [6]]
+    assert list(split([], 2, 100)) == []

@@ -49,6 +49,13 @@ def test_export_accepts_a_tutorial_state_dict(tmp_path: Path) -> None:
             "error: checkpoint not found: /nonexistent/c.pt",
         ),
         (["train", "vgg"], "error: unknown model 'vgg'"),
+        (
+            ["soak", "--artifacts", "/nonexistent"],
+            "error: convnet.onnx not in /nonexistent: export the models first (make export) "
+            "or give --artifacts",
+        ),
+        (["overload", "--artifacts", "/nonexistent"], "error: fcn.onnx not in /nonexistent"),
+        (["hotpath", "nope"], "error: unknown profile nope; choose from ort-c1-tensor,"),
     ],
 )
 def test_user_errors_are_one_line(args: list[str], message: str) -> None:
