@@ -1,5 +1,5 @@
 """Several gateway processes on one set of ports: a real ``cnnserve serve`` supervisor with
-two workers sharing gRPC and HTTP (SO_REUSEPORT), metrics summed, SIGTERM drains them all —
+two workers sharing gRPC and HTTP (SO_REUSEPORT), metrics summed (process_* by pid), SIGTERM drains them all —
 by default as frontends of one batching process (``shared_batcher``), whose batches hold
 both frontends' requests; a frontend or the batching process that dies stops them all."""
 
@@ -37,6 +37,17 @@ def _sample_sum(metrics_url: str, name: str, **labels: str) -> float:
         for sample in family.samples
         if sample.name == name and labels.items() <= sample.labels.items()
     )
+
+
+def _process_pids(metrics_url: str) -> set[str]:
+    """The ``pid`` labels of the ``process_*`` CPU series the metrics port serves."""
+    text = httpx.get(metrics_url, timeout=10).text
+    return {
+        sample.labels["pid"]
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "process_cpu_seconds_total"
+    }
 
 
 def _requests_total(metrics_url: str) -> float:
@@ -155,6 +166,9 @@ def test_two_processes_share_the_ports_and_drain_on_sigterm(
             assert ready.status_code == 200
         # One metrics port, every worker's requests summed.
         assert _requests_total(gateway.metrics_url) == 24
+        # ... and every gateway process's CPU and memory, each under its pid.
+        gateway_pids = [*_frontends(gateway), _batching_process(gateway)]
+        assert _process_pids(gateway.metrics_url) == {str(p.pid) for p in gateway_pids}
         children = gateway.processes()[1:]
         gateway.process.send_signal(signal.SIGTERM)
         assert gateway.process.wait(timeout=60) == 0
