@@ -1,7 +1,8 @@
 """Several gateway processes on one set of ports: a real ``cnnserve serve`` supervisor with
-two workers sharing gRPC and HTTP (SO_REUSEPORT), metrics summed (process_* by pid), SIGTERM drains them all —
-by default as frontends of one batching process (``shared_batcher``), whose batches hold
-both frontends' requests; a frontend or the batching process that dies stops them all."""
+two workers sharing gRPC and HTTP (SO_REUSEPORT), metrics summed (``process_*`` by pid),
+SIGTERM drains them all — by default as frontends of one batching process
+(``shared_batcher``), whose batches hold both frontends' requests; a frontend or the
+batching process that dies stops them all."""
 
 from __future__ import annotations
 
