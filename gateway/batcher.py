@@ -39,6 +39,7 @@ from typing import Protocol, cast
 
 import numpy as np
 
+from cnnserve import tracing
 from cnnserve.errors import (
     GENERIC_INTERNAL_MESSAGE,
     CnnserveError,
@@ -108,9 +109,12 @@ class BatchObserver(Protocol):
 class ModelTime:
     """Filled in when a request submitted with it has all its rows: the batch-function time
     of the batches its items ran in (so a caller can count it with the request's other
-    timings, at the moment the request ends)."""
+    timings, at the moment the request ends), how long its items queued before the first
+    of them went into a batch, and the largest batch they ran in (the access log's)."""
 
     seconds: float = 0.0
+    queue_s: float = 0.0
+    batch_size: int = 0
 
 
 class Observers:
@@ -188,6 +192,10 @@ class _Request:
     infer_s: float = 0.0
     #: Where the caller wants that time once every row is there.
     model_time: ModelTime | None = None
+    #: The largest batch its items ran in, so far.
+    batch_size: int = 0
+    #: Its trace context while tracing is on (its queue wait and batch spans' parent).
+    trace: tracing.Queued | None = None
 
     @property
     def pending(self) -> int:
@@ -334,6 +342,7 @@ class DynamicBatcher:
             items, asyncio.get_running_loop().create_future(), deadline, now, group, layers
         )
         request.model_time = model_time
+        request.trace = tracing.queued()
         # However the future ends (result, error, caller cancelled), its queue room frees up.
         request.future.add_done_callback(lambda _: self._answered(request))
         self._outstanding += 1
@@ -461,6 +470,9 @@ class DynamicBatcher:
             if not request.started:
                 request.started = True
                 self._observer.request_dequeued(now - request.enqueued_at)
+                if request.model_time is not None:
+                    request.model_time.queue_s = now - request.enqueued_at
+                tracing.dequeued(request.trace, self.name)
             batch.append(_Slice(request, request.taken, request.taken + count))
             request.taken += count
             size += count
@@ -478,10 +490,11 @@ class DynamicBatcher:
         joined = time.monotonic()
         layers = batch[0].request.layers
         try:
-            if layers and self._feature_fn is not None:
-                answer = await self._feature_fn(inputs, layers)
-            else:
-                answer = await self._fn(inputs)
+            with tracing.batch_span(self.name, [s.request.trace for s in batch], len(inputs)):
+                if layers and self._feature_fn is not None:
+                    answer = await self._feature_fn(inputs, layers)
+                else:
+                    answer = await self._fn(inputs)
             partial = answer if isinstance(answer, PartialResults) else None
             outputs = answer.rows if isinstance(answer, PartialResults) else answer
             if not isinstance(outputs, np.ndarray) or outputs.ndim == 0:
@@ -509,6 +522,7 @@ class DynamicBatcher:
         for s in batch:
             rows = s.stop - s.start
             s.request.infer_s += ran - joined
+            s.request.batch_size = max(s.request.batch_size, len(inputs))
             failed = _first_failure(partial, offset, offset + rows)
             if failed is None:
                 self._deliver(s.request, outputs[offset : offset + rows])
@@ -549,6 +563,7 @@ class DynamicBatcher:
             request.future.set_result(parts[0] if len(parts) == 1 else np.concatenate(parts))
             if request.model_time is not None:
                 request.model_time.seconds = request.infer_s
+                request.model_time.batch_size = request.batch_size
             self._observer.request_computed(request.infer_s)
 
     # --- queue accounting ---

@@ -302,7 +302,12 @@ class _Connection:
             group = tuple(header.get("group", ()))
             layers = tuple(str(layer) for layer in header.get("layers", ()))
             rows = await shared.batcher.submit(frame.arrays[0], deadline, model_time, group, layers)
-            return {"infer_s": model_time.seconds}, [rows]
+            reply = {
+                "infer_s": model_time.seconds,
+                "queue_s": model_time.queue_s,
+                "batch_size": model_time.batch_size,
+            }
+            return reply, [rows]
         if op == "direct":
             layers = tuple(str(layer) for layer in header.get("layers", ()))
             backend, batch = models.backend, frame.arrays[0]

@@ -42,6 +42,7 @@ from cnnserve.protocol.json_text import shown
 from cnnserve.protocol.tensor_codec import InputLimits
 from cnnserve.settings import Settings
 
+from . import access_log
 from .backends import Backend, create_backend
 from .batcher import ModelTime
 from .decode_pool import DecodePool, ImageDecoder
@@ -245,6 +246,9 @@ class DataPlane:
         """
         started = time.monotonic()
         served: ServedVersion | None = None
+        record = access_log.current()
+        if record is not None:
+            record.asked(request.id, request.model_name)
         try:
             if not (self._accepting() or (admitted and self._started)):
                 raise UnavailableError(
@@ -252,7 +256,7 @@ class DataPlane:
                 )
             served = self.models.route(request.model_name, request.model_version)
             with self._held(), served.lease():
-                return await self._infer(served, request, started)
+                return await self._infer(served, request, started, record)
         except asyncio.CancelledError:
             if request.deadline is not None and time.monotonic() >= request.deadline:
                 # The transport ended the call at its deadline (gRPC does): count it so.
@@ -271,7 +275,11 @@ class DataPlane:
             raise CnnserveError(GENERIC_INTERNAL_MESSAGE) from None
 
     async def _infer(
-        self, served: ServedVersion, request: InferRequest, started: float
+        self,
+        served: ServedVersion,
+        request: InferRequest,
+        started: float,
+        record: access_log.RequestRecord | None,
     ) -> InferResponse:
         spec = served.model.spec
         deadline = self._deadline(request)
@@ -279,6 +287,8 @@ class DataPlane:
         layers = requested_layers(spec, plans)
         tensor = select_input(spec, request.inputs)
         count = item_count(spec, tensor, self.settings.max_items_per_request)
+        if record is not None:
+            record.routed(spec.name, served.version, count)
         # A full queue refuses at once, before images are decoded for nothing.
         served.batcher.check_room(count)
         preparing = time.monotonic()
@@ -322,6 +332,8 @@ class DataPlane:
             input_s = time.monotonic() - preparing
             model_time = ModelTime()
             raw = await served.batcher.submit(batch, deadline, model_time, key, layers)
+            if record is not None:
+                record.ran(model_time)
             computing = time.monotonic()
             computed: dict[str, np.ndarray] = {}
             if layers:

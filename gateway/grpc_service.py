@@ -39,7 +39,8 @@ from cnnserve.protocol.triton_codec import (
 )
 from cnnserve.settings import Settings
 
-from . import repository_api
+from . import access_log, repository_api
+from .access_log import RequestLogInterceptor
 from .auth import ApiKeyInterceptor, ApiKeys
 from .dataplane import DataPlane
 from .grpc_messages import ParsedByGateway
@@ -92,6 +93,10 @@ async def _abort(
     context: grpc.aio.ServicerContext,
     exc: BaseException,
 ) -> NoReturn:
+    record = access_log.current()
+    if record is not None:
+        # The request's id as the data plane left it (an OIP id may have named it).
+        context.set_trailing_metadata(((access_log.REQUEST_ID_HEADER, record.request_id),))
     await context.abort(grpc_status(exc), public_message(exc))
     raise AssertionError("context.abort returned")  # abort always raises
 
@@ -185,12 +190,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         in_flight: set[asyncio.Task[None]] = set()
 
         async def answer(request: ReceivedInferRequest) -> None:
+            with access_log.stream_request(request.message.id) as record:
+                answers.put_nowait(await one_answer(request, record))
+
+        async def one_answer(
+            request: ReceivedInferRequest, record: access_log.RequestRecord
+        ) -> pb.ModelStreamInferResponse:
             try:
                 response = await self._infer(request, deadline)
-                message = pb.ModelStreamInferResponse(infer_response=response)
+                record.status = "OK"
+                return pb.ModelStreamInferResponse(infer_response=response)
             except Exception as exc:
                 _log_unexpected(exc, "ModelStreamInfer")
-                message = pb.ModelStreamInferResponse(
+                record.status = grpc_status(exc).name
+                return pb.ModelStreamInferResponse(
                     error_message=public_message(exc),
                     infer_response=pb.ModelInferResponse(
                         model_name=request.message.model_name,
@@ -198,7 +211,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                         id=request.message.id,
                     ),
                 )
-            answers.put_nowait(message)
 
         async def read() -> None:
             try:
@@ -409,8 +421,11 @@ def create_grpc_server(core: DataPlane, settings: Settings) -> grpc.aio.Server:
         ("grpc.max_connection_age_grace_ms", _ms(settings.grpc_max_connection_age_grace_s)),
     ]
     keys = ApiKeys.from_settings(settings)
-    # The key check first: a refused call is not received, let alone parsed.
-    interceptors = [] if keys is None else [ApiKeyInterceptor(keys)]
+    # Every call gets its id and access record first, a refused one too; then the key check:
+    # a refused call is not received, let alone parsed.
+    interceptors: list[grpc.aio.ServerInterceptor] = [RequestLogInterceptor(settings.access_log)]
+    if keys is not None:
+        interceptors.append(ApiKeyInterceptor(keys))
     interceptors.append(ParsedByGateway(core))
     server = grpc.aio.server(options=options, interceptors=interceptors)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]

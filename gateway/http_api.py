@@ -63,6 +63,7 @@ from cnnserve.protocol.triton_codec import (
 from cnnserve.settings import Settings
 
 from . import repository_api
+from .access_log import RequestLog
 from .auth import ApiKeyMiddleware, ApiKeys
 from .dataplane import DataPlane, caller_input
 from .docs_page import add_docs
@@ -519,6 +520,8 @@ def create_http_app(core: DataPlane, settings: Settings) -> FastAPI:
         app.add_middleware(ApiKeyMiddleware, keys=keys)
     app.add_middleware(PageSecurityHeaders)
     app.add_middleware(CloseWhileDraining, core=core)
+    # Outermost: a request refused by any layer above still gets its id and access record.
+    app.add_middleware(RequestLog, enabled=settings.access_log)
     app.include_router(_repository_router(core, settings))
     app.include_router(_oip_router(core, settings))
     app.include_router(_predict_router(core, settings))

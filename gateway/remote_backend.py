@@ -382,6 +382,8 @@ class RemoteBatcher(DynamicBatcher):
                 self._drained.set()
         if model_time is not None:
             model_time.seconds = float(reply.header.get("infer_s", 0.0))
+            model_time.queue_s = float(reply.header.get("queue_s", 0.0))
+            model_time.batch_size = int(reply.header.get("batch_size", 0))
         return reply.arrays[0]
 
 

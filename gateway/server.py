@@ -44,6 +44,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from cnnserve import tracing
 from cnnserve.settings import Settings
 
 from . import processes, tls
@@ -281,6 +282,17 @@ def serve_forever(settings: Settings, serve_metrics: bool = True) -> None:
 
 async def run_gateway(settings: Settings, serve_metrics: bool = True) -> None:
     """Serve until SIGTERM or SIGINT, then drain and return (a second signal is not caught)."""
+    # Spans of this process go to the collector from its own exporter thread.
+    provider = tracing.configure(settings)
+    try:
+        await _serve_until_signalled(settings, serve_metrics)
+    finally:
+        if provider is not None:
+            provider.shutdown()  # the last spans are exported before the process exits
+            tracing.use_provider(None)
+
+
+async def _serve_until_signalled(settings: Settings, serve_metrics: bool) -> None:
     socket_path = processes.batching_socket()
     if socket_path is None:
         core = await create_core(settings)

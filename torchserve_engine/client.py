@@ -31,6 +31,7 @@ import grpc
 import numpy as np
 from google.protobuf import empty_pb2
 
+from cnnserve import tracing
 from cnnserve.errors import (
     CnnserveError,
     DeadlineExceededError,
@@ -117,8 +118,10 @@ def _now() -> float:
 
 
 def _metadata(key: str | None) -> tuple[tuple[str, str], ...]:
-    """The call metadata carrying an inference key (none without tokens)."""
-    return (("authorization", f"Bearer {key}"),) if key else ()
+    """The call metadata carrying an inference key (none without tokens), and the trace
+    context of the call while the gateway traces (W3C ``traceparent``)."""
+    auth = (("authorization", f"Bearer {key}"),) if key else ()
+    return auth + tracing.propagation_metadata()
 
 
 def _health_status(health: str) -> str:
