@@ -393,8 +393,10 @@ def gpu_check(
         bool, typer.Option("--skip-gateway", help="The model alone only.")
     ] = False,
 ) -> None:
-    """The torchscript path on a CUDA device, one JSON line per figure (bench/gpu.sh runs it
-    where cnnserve is not installed)."""
+    """Measure the torchscript path on a CUDA device, one JSON line per figure.
+
+    bench/gpu.sh runs the same check on a host where cnnserve is not installed.
+    """
     import shlex
 
     with user_errors(), needs_extra("torchscript", "cnnserve gpu-check"):
@@ -443,9 +445,11 @@ def archive(
         bool | None, typer.Option("--half/--no-half", help="fp16 on GPU (TorchScript only).")
     ] = None,
 ) -> None:
-    """Build one TorchServe archive, <name>.<version>.mar, per served version of every model
-    of the repository into the model store (the gateway does this itself for the versions it
-    loads; this builds a store TorchServe serves from its start)."""
+    """Build a TorchServe archive of every served version of the repository's models.
+
+    One <name>.<version>.mar per version, into the model store (the gateway does this itself
+    for the versions it loads; this builds a store TorchServe serves from its start).
+    """
     settings = read_settings()
     with user_errors(), needs_extra("torchserve", "cnnserve archive"):
         from cnnserve.torchserve_engine.archive import archive_repository
