@@ -24,7 +24,7 @@ LINKED := $(VENV)/.linked
 PACKAGE_FILES = $$($(PYTHON) -c 'import tomllib, pathlib; dirs = tomllib.load(open("pyproject.toml", "rb"))["tool"]["setuptools"]["package-dir"].values(); print(*sorted(str(p) for d in dirs for p in pathlib.Path(d).glob("*.py*")))')
 
 .PHONY: help install install-serve test test-fast lint format train export archive \
-	model-repository torchserve-start torchserve-stop proto proto-check bench soak overload hotpath serve \
+	model-repository quickstart-test torchserve-start torchserve-stop proto proto-check bench soak overload hotpath serve \
 	deploy undeploy logs wheelhouse compose-plugin deploy-test deploy-check deploy-lock dockerignore
 
 help: ## List the targets
@@ -65,6 +65,11 @@ install-serve: $(INSTALLED_SERVE) ## Create .venv/ with what `make serve` runs o
 
 test: install ## Run the test suite
 	$(BIN)/pytest -q
+
+# The README's quickstart word for word on a fresh clone of the last commit (tests/test_quickstart.py):
+# minutes of install, so not part of `make test`; .ci/run runs it after.
+quickstart-test: install ## Clone the last commit, `make serve` there, run the README's quickstart calls, Ctrl-C
+	CNNSERVE_QUICKSTART=1 $(BIN)/pytest -q -s tests/test_quickstart.py
 
 test-fast: install ## Run the tests that need no TorchServe JVM (-m "not torchserve")
 	$(BIN)/pytest -q -m "not torchserve"
