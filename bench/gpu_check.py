@@ -216,7 +216,7 @@ def gateway_under_load(plan: Plan, artifacts: Path, out: Path, recorder: Recorde
     from .gateway_process import demo_repository, start_gateway
     from .loadgen import LoadSpec, check_request, infer_request, run_load
     from .payloads import oip_request
-    from .scrape import batch_sizes
+    from .scrape import batch_sizes, gpu_memory_used_bytes
 
     on_cuda = plan.device.startswith("cuda")
     env = {
@@ -254,12 +254,15 @@ def gateway_under_load(plan: Plan, artifacts: Path, out: Path, recorder: Recorde
                          plan.warmup_s, concurrency, processes=plan.client_processes)
             )  # fmt: skip
             formed = batch_sizes(gateway.metrics_url, "convnet").minus(before)
+            # NVML's reading through the gateway's own metrics (null without NVML or a GPU).
+            gpu_memory = gpu_memory_used_bytes(gateway.metrics_url)
             recorder.add(
                 phase="gateway", load=name, concurrency=concurrency,
                 requests_per_s=round(result.requests_per_s, 1),
                 images_per_s=round(result.images_per_s, 1), p50_ms=round(result.p50_ms, 3),
                 p99_ms=round(result.p99_ms, 3), mean_batch_size=round(formed.mean, 2),
                 errors=result.errors, gateway_rss_mb=round(gateway.rss_bytes() / 2**20),
+                gpu_memory_used_mb=None if gpu_memory is None else round(gpu_memory / 2**20),
             )  # fmt: skip
     finally:
         gateway.stop()

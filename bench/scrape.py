@@ -1,4 +1,4 @@
-"""Read the gateway's batch-size histogram from its Prometheus endpoint."""
+"""Read the gateway's batch-size histogram and its GPUs' memory from its Prometheus endpoint."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 BATCH_SIZE_METRIC = "cnnserve_batch_size"
+GPU_MEMORY_METRIC = "cnnserve_gpu_memory_used_bytes"
 
 
 @dataclass
@@ -49,3 +50,16 @@ def batch_sizes(metrics_url: str, model: str) -> BatchSizes:
             elif sample.name.endswith("_bucket"):
                 reading.buckets[sample.labels["le"]] = sample.value
     return reading
+
+
+def gpu_memory_used_bytes(metrics_url: str) -> float | None:
+    """Memory in use on the gateway's GPUs (every device summed) as NVML reports it now;
+    ``None`` when the gateway exports no GPU metrics (no NVML, no GPU, or turned off)."""
+    text = httpx.get(metrics_url, timeout=10).text
+    used = [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == GPU_MEMORY_METRIC
+        for sample in family.samples
+    ]
+    return sum(used) if used else None

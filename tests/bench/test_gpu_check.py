@@ -60,6 +60,8 @@ def test_dry_run_measures_what_a_cpu_can_and_names_what_it_cannot(
         "3-image PNG",
     ]
     assert all(f["errors"] == {} and f["requests_per_s"] > 0 for f in gateway)
+    # No GPU here: the gateway exports no NVML readings, and the figures say so.
+    assert all(f["gpu_memory_used_mb"] is None for f in gateway)
     # The PNG path end to end: images/s counts every digit of a 3-image request, and its
     # batches hold whole requests (1 or 2 of them at concurrency 2).
     png = gateway[-1]
