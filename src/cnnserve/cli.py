@@ -571,12 +571,11 @@ def serve(flags: dict[str, Any]) -> None:
     Every setting is a flag here and a CNNSERVE_<NAME> variable; a flag wins over the
     variable, the variable over the default (`cnnserve config` shows which applies).
     """
-    import logging
+    from cnnserve.logs import setup_logging
 
     settings = read_settings(flags)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    # log_level and log_format; the processes serve may spawn set theirs up the same way.
+    setup_logging(settings.log_level, settings.log_format)
     with user_errors(), needs_extra("gateway", "cnnserve serve"):
         from cnnserve.gateway.server import serve_forever
 
