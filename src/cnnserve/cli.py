@@ -15,6 +15,7 @@ kept for real bugs. docs/cli.md describes every command.
 
 from __future__ import annotations
 
+import errno
 import importlib.metadata
 import json
 import shutil
@@ -101,8 +102,15 @@ def user_errors() -> Iterator[None]:
         UsageError,
         FileNotFoundError,
     ) as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {error_text(exc)}", err=True)
         raise typer.Exit(2) from None
+
+
+def error_text(exc: Exception) -> str:
+    """An exception's message; a file that cannot be read as ``path: why``."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc)
 
 
 @app.command()
@@ -580,7 +588,28 @@ def serve(flags: dict[str, Any]) -> None:
         from cnnserve.gateway.server import serve_forever
 
         _default_repository(settings)
-        serve_forever(settings)
+        with _listen_errors():
+            serve_forever(settings)
+
+
+@contextmanager
+def _listen_errors() -> Iterator[None]:
+    """A port the gateway cannot listen on (taken, privileged, an address not of this host)
+    as one line; the gateway has stopped cleanly by then."""
+    advice = "give another --grpc-port, --http-port or --metrics-port, or stop what uses it"
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+            raise
+        typer.echo(f"error: {exc.strerror}: {advice}", err=True)
+        raise typer.Exit(2) from None
+    except RuntimeError as exc:
+        # What grpc raises when it cannot bind a port, with no errno to tell why.
+        if not str(exc).startswith("Failed to bind to address"):
+            raise
+        typer.echo(f"error: {str(exc).partition(';')[0]}: {advice}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command(epilog=SECRETS_NOTE)
@@ -730,13 +759,9 @@ def predict(
     except UnreachableError as exc:
         typer.echo(f"error: {exc}: start one with `make serve` or give --host/--port", err=True)
         raise typer.Exit(2) from None
-    except OSError as exc:
-        # An unreadable image, certificate or key file, or one ssl refuses.
-        where = f"{exc.filename}: " if exc.filename else ""
-        typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
-        raise typer.Exit(2) from None
-    except (ServerError, MalformedResponseError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
+    except (ServerError, MalformedResponseError, ValueError, OSError) as exc:
+        # OSError: an unreadable image, certificate or key file, or one ssl refuses.
+        typer.echo(f"error: {error_text(exc)}", err=True)
         raise typer.Exit(2) from None
     if as_json:
         typer.echo(json.dumps({"model": model, "results": results}, indent=2))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -167,3 +168,33 @@ def test_serve_refuses_repository_settings_that_cannot_work(
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "model_repository").exists()
+
+
+@pytest.mark.parametrize(
+    ("taken", "message"),
+    [
+        ("--grpc-port", "error: Failed to bind to address 127.0.0.1:{port}: give another"),
+        ("--http-port", "error: Address already in use (while attempting to bind on address"),
+    ],
+)
+def test_serve_on_a_taken_port_is_one_line(
+    model_repository: Path, tmp_path: Path, taken: str, message: str
+) -> None:
+    grpc_port, http_port, metrics_port = free_ports(3)
+    port = grpc_port if taken == "--grpc-port" else http_port
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CNNSERVE_")}
+    command = [
+        sys.executable, "-m", "cnnserve", "serve", "--model-repository", str(model_repository),
+        "--grpc-port", str(grpc_port), "--http-port", str(http_port),
+        "--metrics-port", str(metrics_port),
+    ]  # fmt: skip
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        proc = subprocess.run(
+            command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
+            check=False,
+        )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith(message.format(port=port))
