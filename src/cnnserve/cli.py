@@ -736,6 +736,8 @@ def predict(
 
     with user_errors():
         task = get_spec(model).task
+        if task is Task.SEGMENTATION and top_k != 1:
+            raise UsageError(f"--top-k ranks labels: it applies to convnet, not {model}")
         missing = [str(path) for path in images if not path.is_file()]
         if missing:
             raise UsageError(f"no such image file: {', '.join(missing)}")

@@ -243,10 +243,24 @@ async def test_client_side_failures_are_one_line(
     assert err.startswith(message) and err.count("\n") == 1, err
 
 
-async def test_a_missing_image_is_named_before_calling(tmp_path: Path) -> None:
-    code, _, err = await _predict("--port", "1", str(tmp_path / "gone.png"))
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["gone.png"], "error: no such image file: gone.png\n"),
+        (
+            ["--model", "fcn", "--top-k", "2", "scene.png"],
+            "error: --top-k ranks labels: it applies to convnet, not fcn\n",
+        ),
+    ],
+)
+async def test_a_mistake_is_named_before_calling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], message: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "scene.png").write_bytes(shapes_png(32, side=32)[0])
+    code, _, err = await _predict("--port", "1", *args)
     assert code == 2
-    assert err == f"error: no such image file: {tmp_path / 'gone.png'}\n"
+    assert err == message
 
 
 async def test_split_keeps_each_request_within_items_and_bytes() -> None:
