@@ -3,9 +3,9 @@
 A private :class:`~prometheus_client.CollectorRegistry` (not the global default) keeps two
 gateways in one process — as in the tests — from colliding, and keeps library metrics out.
 
-Every metric is labelled by ``model`` and ``version``. Both stay bounded whatever callers
-send: a request that names no loaded version counts under ``_unknown`` (the model's name is
-kept when that model is loaded), and a version's series go away when it is unloaded.
+Every metric of a model is labelled by ``model`` and ``version``. Both stay bounded whatever
+callers send: a request that names no loaded version counts under ``_unknown`` (the model's
+name is kept when that model is loaded), and a version's series go away when it is unloaded.
 
 Besides its own ``cnnserve_*`` metrics the registry carries the standard ``process_*`` ones
 (CPU, memory, file descriptors, start time), ``python_info``, ``python_gc_*``,
