@@ -619,6 +619,10 @@ def test_export_without_onnxscript_writes_nothing(tmp_path: Path) -> None:
         (["bench", "--report-only"], _error_line("bench", "cnnserve bench", "matplotlib")),
         (["torchserve", "start"], _error_line("torchserve", "TorchServe", "ts")),
         (["torchserve", "status"], _error_line("torchserve", "cnnserve torchserve")),
+        (["soak"], _error_line("bench", "cnnserve soak")),
+        (["overload"], _error_line("bench", "cnnserve overload")),
+        (["hotpath"], _error_line("bench", "cnnserve hotpath")),
+        (["gpu-check", "--out", "gpu"], _error_line("torchscript", "cnnserve gpu-check", "torch")),
     ],
 )
 def test_commands_without_their_extra_say_which_to_install(
