@@ -11,6 +11,7 @@ statically. The quickstart on a fresh clone is tests/test_quickstart.py.
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -108,3 +109,30 @@ def test_static_checks_catch_what_does_not_exist() -> None:
     bad = Block("not run", "a test", "make no-such-target\ncnnserve serve --no-such-option 1\n", 0)
     problems = check_statically(bad)
     assert len(problems) == 2 and "--no-such-option" in problems[1], problems
+
+
+def _anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation but ``-`` and
+    ``_`` dropped, spaces as ``-``."""
+    headings = re.findall(r"^#{1,6} (.+)$", page.read_text(), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+@pytest.mark.parametrize(
+    "page", ["README.md", "docs/security.md", "docs/deployment.md", "examples/README.md"]
+)
+def test_links_lead_somewhere(page: str) -> None:
+    """Every relative link of the README (and of the pages its sections moved to) names a file
+    that exists, and a heading there when it names one (``#anchor``)."""
+    source = ROOT / page
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", source.read_text()):
+        if "://" in target:
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (source.parent / path).resolve() if path else source
+        if not linked.exists() or (
+            anchor and linked.suffix == ".md" and anchor not in _anchors(linked)
+        ):
+            broken.append(target)
+    assert broken == []
