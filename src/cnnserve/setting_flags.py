@@ -48,6 +48,7 @@ OTHER_VARIABLES: dict[str, str] = {
     "CNNSERVE_CLIENT_API_KEY": "the API key `cnnserve predict` sends",
     "CNNSERVE_BIND_ADDRESS": "the host address docker-compose.yml publishes the ports on",
     "CNNSERVE_SCREENSHOTS": "where the web page tests save their screenshots",
+    "CNNSERVE_QUICKSTART": "runs the README's quick-start test (make quickstart-test)",
 }
 
 #: The help panel the generated flags are listed in.
