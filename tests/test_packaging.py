@@ -14,6 +14,7 @@ import ast
 import importlib.metadata
 import io
 import itertools
+import json
 import os
 import re
 import shutil
@@ -551,6 +552,15 @@ def test_help_works_on_the_core_alone(args: list[str]) -> None:
     result = cnnserve(*args, hidden=CLIENT_HIDDEN)
     assert result.returncode == 0, result.stderr
     assert "Usage:" in result.stdout
+
+
+def test_config_and_version_work_on_the_core_alone() -> None:
+    result = cnnserve("config", "--json", "--grpc-port", "9001", hidden=CLIENT_HIDDEN)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["grpc_port"]["source"] == "flag"
+    result = cnnserve("--version", hidden=CLIENT_HIDDEN)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("cnnserve ")
 
 
 def test_the_torchserve_backend_runs_without_torch(model_repository: Path, tmp_path: Path) -> None:
