@@ -69,7 +69,7 @@ def _main(
         ),
     ] = False,
 ) -> None:
-    """Serve the tutorial's ConvNet and FCN over the Open Inference Protocol."""
+    """The options of cnnserve itself, given before any command (the help is the app's)."""
 
 
 DEFAULT_ARTIFACTS = Path("artifacts")
@@ -362,7 +362,7 @@ def overload(
 def hotpath(
     profiles: Annotated[
         list[str] | None,
-        typer.Argument(help="Profiles to record (default: all); --help of the error lists them."),
+        typer.Argument(help="Profiles to record (default: all); an unknown name lists them."),
     ] = None,
     out: Annotated[Path, typer.Option(help="Directory for the profiles.")] = Path(
         "docs/bench/profiles"
