@@ -13,7 +13,7 @@ import pytest
 
 from cnnserve.bench.scrape import batch_sizes, gpu_memory_used_bytes
 from cnnserve.gateway.metrics import GatewayMetrics
-from tests.gateway.test_gpu_metrics import GIB, fake_nvml
+from tests.gateway.nvml import GIB, fake_nvml
 
 
 @contextmanager

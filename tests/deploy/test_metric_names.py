@@ -34,7 +34,7 @@ from tests.gateway.harness import (
     labels_request_json,
     running_gateway,
 )
-from tests.gateway.test_gpu_metrics import fake_nvml
+from tests.gateway.nvml import fake_nvml
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "cnnserve.json"
