@@ -6,7 +6,7 @@ an image is pinned here, nothing is resolved at build time and every file is che
 hash recorded here. Each lock is a set of pyproject.toml's extras (the core dependencies always),
 resolved by pip for CPython 3.11 on x86-64 Linux, the images' platform:
 
-- ``gateway``: ``cnnserve[gateway]`` — no torch, no TorchServe;
+- ``gateway``: ``cnnserve[gateway,tracing]`` — no torch, no TorchServe;
 - ``torchserve-cpu``: ``cnnserve[torchserve]`` with ``torch==2.13.0+cpu``;
 - ``torchserve-gpu``: ``cnnserve[torchserve]`` with PyPI's ``torch==2.13.0`` (CUDA 13.0, its
   ``nvidia-*`` libraries pinned too) and ``onnxruntime-gpu`` in place of ``onnxruntime``: both
@@ -50,7 +50,7 @@ class Lock:
 
 
 LOCKS = (
-    Lock("gateway", ("gateway",)),
+    Lock("gateway", ("gateway", "tracing")),
     Lock("torchserve-cpu", ("torchserve",)),
     Lock("torchserve-gpu", ("torchserve",), gpu=True),
     Lock("build", ("torchserve", "export"), with_build_system=True),
