@@ -547,7 +547,11 @@ def test_the_client_module_runs_on_the_core_alone(gateway_without_torch: Gateway
     assert result.stdout.strip() == "2"
 
 
-@pytest.mark.parametrize("args", [["--help"], ["predict", "--help"], ["serve", "--help"]])
+#: Commands whose help is checked on the core alone: the light ones and those with many options.
+HELP_ON_THE_CORE = ("predict", "serve", "config", "soak", "overload", "hotpath", "gpu-check")
+
+
+@pytest.mark.parametrize("args", [["--help"], *([name, "--help"] for name in HELP_ON_THE_CORE)])
 def test_help_works_on_the_core_alone(args: list[str]) -> None:
     result = cnnserve(*args, hidden=CLIENT_HIDDEN)
     assert result.returncode == 0, result.stderr
