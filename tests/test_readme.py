@@ -83,10 +83,18 @@ def _case(block: Block) -> object:
     "block", [_case(b) for b in BLOCKS if b.tag in ("run", "quickstart") and "make " not in b.text]
 )
 def test_block_runs(block: Block, scratch: Path, server: None) -> None:
-    if "torchserve start" in block.text:
-        taken = _taken(TORCHSERVE_PORTS)
-        assert not taken, f"TorchServe's ports {taken} are in use: stop what listens there first"
-    run_block(block, scratch)
+    if "torchserve start" not in block.text:
+        run_block(block, scratch)
+        return
+    taken = _taken(TORCHSERVE_PORTS)
+    assert not taken, f"TorchServe's ports {taken} are in use: stop what listens there first"
+    try:
+        run_block(block, scratch)
+    finally:  # the block's own stop does not run when a command before it fails
+        subprocess.run(
+            [str(ROOT / ".venv/bin/cnnserve"), "torchserve", "stop"],
+            cwd=scratch, env=environment(), capture_output=True, timeout=120, check=False,
+        )  # fmt: skip
 
 
 @pytest.mark.parametrize(
