@@ -12,7 +12,7 @@ A fenced ``bash`` block runs as written unless the HTML comment right above it s
   every option it uses.
 
 Output the README shows (``# ...`` lines) is checked loosely by its key parts
-(:data:`KEY_PARTS`): a label, a printed prediction, a page title, readiness.
+(:data:`KEY_PARTS`): a label, a printed prediction, a page title, readiness, a request id.
 """
 
 from __future__ import annotations
@@ -35,13 +35,14 @@ _BLOCK = re.compile(
 )
 #: What of a shown output line must be in the real output: labels, a ``cnnserve predict``
 #: line up to its probability, a page title, readiness, the FCN's counts (not their values,
-#: which may differ by a pixel between backends).
+#: which may differ by a pixel between backends), a request id sent back.
 KEY_PARTS = (
     re.compile(r'"label":"[^"]+"'),
     re.compile(r"\S+\.png: \w+ \("),
     re.compile(r"<title>[^<]*</title>"),
     re.compile(r'\{"ready":true\}'),
     re.compile(r'"counts":\{"background":'),
+    re.compile(r"x-request-id: \S+"),
 )
 _SHELL_OPERATORS = {"|", "||", "&&", ";", ">", ">>", "<", "&"}
 
