@@ -272,10 +272,10 @@ class RequestLogInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if inspect.isasyncgenfunction(behavior):
 
             async def stream_answers(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                record, token = _begin_call(context, method, enabled)
+                record, token, metadata = _begin_call(context, method, enabled)
                 # A stream's answers start with its initial metadata: the id goes first.
                 await context.send_initial_metadata(((REQUEST_ID_HEADER, record.request_id),))
-                with _call_span(record, context) as span:
+                with _call_span(record, metadata) as span:
                     try:
                         async for answer in behavior(request, context):
                             yield answer
@@ -291,8 +291,8 @@ class RequestLogInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         else:
 
             async def answer(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                record, token = _begin_call(context, method, enabled)
-                with _call_span(record, context) as span:
+                record, token, metadata = _begin_call(context, method, enabled)
+                with _call_span(record, metadata) as span:
                     try:
                         response = await behavior(request, context)
                     except BaseException as exc:
@@ -326,17 +326,19 @@ _GRPC_METADATA_READ = frozenset((REQUEST_ID_HEADER, tracing.TRACEPARENT, tracing
 
 def _begin_call(
     context: grpc.aio.ServicerContext, method: str, logged: bool
-) -> tuple[RequestRecord, contextvars.Token[RequestRecord | None]]:
-    record = RequestRecord(_metadata(context).get(REQUEST_ID_HEADER), "grpc", method)
+) -> tuple[RequestRecord, contextvars.Token[RequestRecord | None], dict[str, str]]:
+    """The call's record, made current; the metadata it reads (id, trace context)."""
+    metadata = _metadata(context)
+    record = RequestRecord(metadata.get(REQUEST_ID_HEADER), "grpc", method)
     record.logged = logged
     # Where the call fails before the data plane names it otherwise, the id the call had.
     context.set_trailing_metadata(((REQUEST_ID_HEADER, record.request_id),))
-    return record, _current.set(record)
+    return record, _current.set(record), metadata
 
 
-def _call_span(record: RequestRecord, context: grpc.aio.ServicerContext) -> Any:
+def _call_span(record: RequestRecord, metadata: dict[str, str]) -> Any:
     attributes = {"rpc.system": "grpc", "rpc.method": record.method}
-    return tracing.server_span(record.method, _metadata(context), attributes)
+    return tracing.server_span(record.method, metadata, attributes)
 
 
 def _end_call(

@@ -28,6 +28,8 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from cnnserve.errors import needs_extra
+
 if TYPE_CHECKING:
     from opentelemetry.context import Context
     from opentelemetry.sdk.trace import TracerProvider
@@ -53,21 +55,16 @@ def enabled() -> bool:
 
 def configure(settings: Settings) -> TracerProvider | None:
     """Export spans to ``settings.tracing_otlp_endpoint`` when it is set; the provider (to
-    flush at exit), or ``None`` (no tracing). Raises ``ImportError`` naming the extra when
-    the OpenTelemetry packages are not installed."""
+    flush at exit), or ``None`` (no tracing). Raises :class:`MissingExtraError` naming the
+    ``tracing`` extra when OpenTelemetry's SDK or exporter is not installed."""
     if settings.tracing_otlp_endpoint is None:
         return None
-    try:
+    with needs_extra("tracing", "tracing_otlp_endpoint"):
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
         from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-    except ImportError as exc:
-        raise ImportError(
-            "tracing_otlp_endpoint is set but OpenTelemetry is not installed: "
-            "pip install 'cnnserve[tracing]'"
-        ) from exc
     provider = TracerProvider(
         resource=Resource.create({"service.name": settings.tracing_service_name}),
         sampler=ParentBased(TraceIdRatioBased(settings.tracing_sample_ratio)),

@@ -37,6 +37,7 @@ from tests.gateway.harness import (
 )
 from tests.gateway.null_torchserve import NullTorchServe
 from tests.images import digit_png
+from tools.observability_cost import span_sink
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -293,3 +294,23 @@ async def test_torchserve_call_carries_the_infer_spans_traceparent(
     (infer,) = children(finished, batch, "infer")
     sent = [m["traceparent"] for m in servicer.metadata if "traceparent" in m]
     assert f"00-{TRACE_ID}-{infer.context.span_id:016x}-01" in sent
+
+
+async def test_configured_tracing_exports_over_otlp_to_a_collector() -> None:
+    """The exporter ``tracing_otlp_endpoint`` sets up: spans reach a real OTLP/gRPC
+    collector under the configured service name once the provider flushes; unset, there
+    is nothing to set up."""
+    assert tracing.configure(Settings()) is None
+    with span_sink() as (endpoint, sink):
+        provider = tracing.configure(
+            Settings(tracing_otlp_endpoint=endpoint, tracing_service_name="cnnserve-test")
+        )
+        assert provider is not None
+        try:
+            with tracing.server_span("GET /v2", {"traceparent": TRACEPARENT}, {}) as span:
+                assert tracing.trace_id(span) == TRACE_ID
+        finally:
+            tracing.use_provider(None)
+            provider.shutdown()  # flushes, as the gateway does when it stops
+    assert sink.names == ["GET /v2"]
+    assert sink.services == {"cnnserve-test"}
