@@ -170,6 +170,34 @@ def test_serve_refuses_repository_settings_that_cannot_work(
     assert not (tmp_path / "model_repository").exists()
 
 
+def _serve(
+    model_repository: Path, cwd: Path, *flags: str, ports: list[int] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``cnnserve serve`` of ``model_repository`` with ``flags`` and no ``CNNSERVE_*``
+    variable, on ``ports`` (gRPC, HTTP, metrics; default: free ones), expected to fail: its
+    exit status and output."""
+    grpc_port, http_port, metrics_port = ports or free_ports(3)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CNNSERVE_")}
+    command = [
+        sys.executable, "-m", "cnnserve", "serve", "--model-repository", str(model_repository),
+        "--grpc-port", str(grpc_port), "--http-port", str(http_port),
+        "--metrics-port", str(metrics_port), *flags,
+    ]  # fmt: skip
+    return subprocess.run(
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=180, check=False
+    )
+
+
+def test_serve_with_a_missing_tls_file_is_one_line(model_repository: Path, tmp_path: Path) -> None:
+    proc = _serve(model_repository, tmp_path, "--tls-cert", "none.crt", "--tls-key", "none.key")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1] in (
+        "error: none.crt: No such file or directory",
+        "error: none.key: No such file or directory",
+    )
+
+
 @pytest.mark.parametrize(
     ("taken", "message"),
     [
@@ -180,21 +208,12 @@ def test_serve_refuses_repository_settings_that_cannot_work(
 def test_serve_on_a_taken_port_is_one_line(
     model_repository: Path, tmp_path: Path, taken: str, message: str
 ) -> None:
-    grpc_port, http_port, metrics_port = free_ports(3)
-    port = grpc_port if taken == "--grpc-port" else http_port
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CNNSERVE_")}
-    command = [
-        sys.executable, "-m", "cnnserve", "serve", "--model-repository", str(model_repository),
-        "--grpc-port", str(grpc_port), "--http-port", str(http_port),
-        "--metrics-port", str(metrics_port),
-    ]  # fmt: skip
+    ports = free_ports(3)
+    port = ports[0] if taken == "--grpc-port" else ports[1]
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", port))
         holder.listen()
-        proc = subprocess.run(
-            command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
-            check=False,
-        )  # fmt: skip
+        proc = _serve(model_repository, tmp_path, ports=ports)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert proc.stderr.splitlines()[-1].startswith(message.format(port=port))
