@@ -2,6 +2,7 @@
 with each off and on, in alternating runs (docs/observability.md quotes the output).
 
     python tools/observability_cost.py [--runs 3] [--duration-s 10] [--concurrency 8]
+    python tools/observability_cost.py --record-only
 
 Each run starts ``cnnserve serve --backend onnxruntime`` on the CPU over the demo repository,
 sends one-digit ConvNet requests over gRPC with bench/loadgen.py's closed loop, and reads the
@@ -9,6 +10,11 @@ gateway's CPU seconds before and after. Variants: ``off`` (the default settings)
 (CNNSERVE_ACCESS_LOG=true, JSON lines to the gateway's log file), ``tracing`` (the access log
 and every request's spans, exported over OTLP/gRPC to a collector in this process that takes
 them and keeps nothing: what tracing costs the gateway while its collector keeps up).
+
+``--record-only`` times the access log's own work instead, in this process and without a
+gateway around it (a loaded machine blurs a few percent in the runs above): a request's
+record made and filled as the transports and the data plane do, then that plus writing it
+to /dev/null as a JSON line and as a text line, in microseconds.
 """
 
 from __future__ import annotations
@@ -16,7 +22,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
+import os
 import tempfile
+import timeit
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,6 +36,9 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 
 from cnnserve.bench.gateway_process import demo_repository, start_gateway
 from cnnserve.bench.loadgen import LoadResult, LoadSpec, infer_request, run_load
+from cnnserve.gateway.access_log import RequestRecord
+from cnnserve.gateway.batcher import ModelTime
+from cnnserve.logs import TEXT_FORMAT, JsonFormatter
 
 #: Seconds of load before each measured window.
 WARMUP_S = 3.0
@@ -128,13 +140,42 @@ def measure(
     return row
 
 
+def record_cost(rounds: int = 20_000) -> dict[str, float]:
+    """Microseconds per request of the access record alone, and with its line written."""
+    sink = logging.StreamHandler(open(os.devnull, "w"))  # noqa: SIM115 - lives with the process
+    logging.basicConfig(level=logging.INFO, handlers=[sink], force=True)
+
+    def one(write: bool) -> None:
+        record = RequestRecord(None, "grpc", "/inference.GRPCInferenceService/ModelInfer")
+        record.asked("", "convnet")
+        record.routed("convnet", "1", 1)
+        record.ran(ModelTime(0.001, 0.0002, 4))
+        record.status = "OK"
+        if write:
+            record.log()
+
+    def per_call_us(write: bool) -> float:
+        return round(timeit.timeit(lambda: one(write), number=rounds) / rounds * 1e6, 1)
+
+    row = {"record_us": per_call_us(False)}
+    sink.setFormatter(JsonFormatter())
+    row["json_line_us"] = per_call_us(True)
+    sink.setFormatter(logging.Formatter(TEXT_FORMAT))
+    row["text_line_us"] = per_call_us(True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--duration-s", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--record-only", action="store_true", help="time the record alone")
     args = parser.parse_args()
+    if args.record_only:
+        print(json.dumps(record_cost()))
+        return
     with tempfile.TemporaryDirectory(prefix="cnnserve-obs-") as folder:
         work = Path(folder)
         # The benchmarks' own demo repository, exported once.
