@@ -45,7 +45,8 @@ class MalformedResponseError(Exception):
 
 
 class UnreachableError(Exception):
-    """No server answers at the address (connection refused, unknown host, timed out)."""
+    """No connection could be made to the address (refused, or a host that cannot be
+    resolved or reached); a connection that times out is a :class:`ServerError` ``timeout``."""
 
     def __init__(self, address: str, reason: str) -> None:
         super().__init__(f"no gateway at {address} ({reason})")
