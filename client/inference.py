@@ -46,7 +46,7 @@ class MalformedResponseError(Exception):
 
 class UnreachableError(Exception):
     """No connection could be made to the address (refused, or a host that cannot be
-    resolved or reached); a connection that times out is a :class:`ServerError` ``timeout``."""
+    resolved or reached); a call that times out is a :class:`ServerError`."""
 
     def __init__(self, address: str, reason: str) -> None:
         super().__init__(f"no gateway at {address} ({reason})")
@@ -212,6 +212,11 @@ class InferenceClient(ABC):
         self.close()
 
 
+#: What gRPC's UNAVAILABLE says when no connection was made: every address refused or
+#: unreachable, or the name not resolved (a server's own UNAVAILABLE says neither).
+_GRPC_UNREACHABLE = ("failed to connect", "errors resolving", "DNS resolution failed")
+
+
 class GrpcClient(InferenceClient):
     """The Open Inference Protocol over gRPC (``host:port``, default port 8001)."""
 
@@ -256,7 +261,9 @@ class GrpcClient(InferenceClient):
             yield
         except grpc.RpcError as exc:
             details = exc.details() or ""
-            if exc.code() is grpc.StatusCode.UNAVAILABLE and "failed to connect" in details:
+            if exc.code() is grpc.StatusCode.UNAVAILABLE and any(
+                marker in details for marker in _GRPC_UNREACHABLE
+            ):
                 refused = "connection refused" in details.lower()
                 raise UnreachableError(
                     self._target, "connection refused" if refused else details

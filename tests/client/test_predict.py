@@ -223,6 +223,16 @@ async def test_no_gateway_is_one_line_saying_what_to_do(
     )
 
 
+@pytest.mark.parametrize("flags", [[], ["--http"]])
+async def test_a_host_that_does_not_resolve_is_no_gateway(tmp_path: Path, flags: list[str]) -> None:
+    # .invalid never resolves (RFC 2606).
+    paths, _ = _digits(tmp_path, 1)
+    code, _, err = await _predict(*flags, "--host", "gateway.invalid", "--port", "8001", *paths)
+    assert code == 2
+    assert err.startswith("error: no gateway at gateway.invalid:8001 (")
+    assert err.endswith("): start one with `make serve` or give --host/--port\n")
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
