@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from cnnserve import tracing
 from cnnserve.errors import (
     CnnserveError,
     OverloadedError,
@@ -301,7 +302,11 @@ class _Connection:
             model_time = ModelTime()
             group = tuple(header.get("group", ()))
             layers = tuple(str(layer) for layer in header.get("layers", ()))
-            rows = await shared.batcher.submit(frame.arrays[0], deadline, model_time, group, layers)
+            # The frontend's request span: queue wait and batch spans here are its children.
+            with tracing.continued(header.get("trace")):
+                rows = await shared.batcher.submit(
+                    frame.arrays[0], deadline, model_time, group, layers
+                )
             reply = {
                 "infer_s": model_time.seconds,
                 "queue_s": model_time.queue_s,
@@ -400,6 +405,13 @@ class BatchingServer:
 async def run_batching(settings: Settings, socket_path: str, started: Callable[[], None]) -> None:
     """Serve frontends on ``socket_path`` until SIGTERM or SIGINT; ``started`` is called
     once the socket listens."""
+    with tracing.exporting(settings):
+        await _serve_frontends(settings, socket_path, started)
+
+
+async def _serve_frontends(
+    settings: Settings, socket_path: str, started: Callable[[], None]
+) -> None:
     metrics = GatewayMetrics()
     server = BatchingServer(settings, create_backend(settings), metrics)
     await server.start(socket_path)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cnnserve import tracing
 from cnnserve.errors import (
     CnnserveError,
     DeadlineExceededError,
@@ -354,13 +355,16 @@ class RemoteBatcher(DynamicBatcher):
             self._observer.request_expired()
             raise DeadlineExceededError("deadline passed before the request was queued")
         self.check_room(count)
-        header = {
+        header: ipc.Header = {
             "op": "infer",
             "key": self._backend.key(self._model),
             "group": list(key),
             "layers": list(layers),
             "timeout_s": timeout_s,
         }
+        trace = tracing.propagation_metadata()
+        if trace:
+            header["trace"] = dict(trace)
         call = asyncio.ensure_future(self._backend.client.call(header, (items,)))
         self._queued += count
         self._calls.add(call)

@@ -282,14 +282,8 @@ def serve_forever(settings: Settings, serve_metrics: bool = True) -> None:
 
 async def run_gateway(settings: Settings, serve_metrics: bool = True) -> None:
     """Serve until SIGTERM or SIGINT, then drain and return (a second signal is not caught)."""
-    # Spans of this process go to the collector from its own exporter thread.
-    provider = tracing.configure(settings)
-    try:
+    with tracing.exporting(settings):
         await _serve_until_signalled(settings, serve_metrics)
-    finally:
-        if provider is not None:
-            provider.shutdown()  # the last spans are exported before the process exits
-            tracing.use_provider(None)
 
 
 async def _serve_until_signalled(settings: Settings, serve_metrics: bool) -> None:

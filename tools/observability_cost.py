@@ -33,6 +33,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.trace.v1 import trace_pb2
 
 from cnnserve.bench.gateway_process import demo_repository, start_gateway
 from cnnserve.bench.loadgen import LoadResult, LoadSpec, infer_request, run_load
@@ -55,17 +56,22 @@ VARIANTS: dict[str, dict[str, str]] = {
 
 
 class SpanSink(trace_service_pb2_grpc.TraceServiceServicer):
-    """An OTLP trace collector that accepts every export and keeps the spans' names and
-    their services' names."""
+    """An OTLP trace collector that accepts every export and keeps the spans and their
+    services' names."""
 
     def __init__(self) -> None:
-        self.names: list[str] = []
+        self.received: list[trace_pb2.Span] = []
         self.services: set[str] = set()
 
     @property
     def spans(self) -> int:
         """Spans received so far."""
-        return len(self.names)
+        return len(self.received)
+
+    @property
+    def names(self) -> list[str]:
+        """The received spans' names, in order."""
+        return [span.name for span in self.received]
 
     def Export(  # noqa: N802 (the gRPC method's name)
         self, request: trace_service_pb2.ExportTraceServiceRequest, context: grpc.ServicerContext
@@ -76,7 +82,7 @@ class SpanSink(trace_service_pb2_grpc.TraceServiceServicer):
                 for a in resource.resource.attributes
                 if a.key == "service.name"
             )
-            self.names += [span.name for scope in resource.scope_spans for span in scope.spans]
+            self.received += [span for scope in resource.scope_spans for span in scope.spans]
         return trace_service_pb2.ExportTraceServiceResponse()
 
 

@@ -77,6 +77,19 @@ def configure(settings: Settings) -> TracerProvider | None:
     return provider
 
 
+@contextlib.contextmanager
+def exporting(settings: Settings) -> Iterator[None]:
+    """Trace as ``settings`` say while the block runs (a gateway or batching process's
+    life), each process with its own exporter; its last spans are flushed at the end."""
+    provider = configure(settings)
+    try:
+        yield
+    finally:
+        if provider is not None:
+            use_provider(None)
+            provider.shutdown()
+
+
 def use_provider(provider: TracerProvider | None) -> None:
     """Record spans with ``provider`` from now on (``None``: stop tracing)."""
     global _tracer  # noqa: PLW0603 - the one switch every hook reads
@@ -190,6 +203,23 @@ def batch_span(model: str, requests: Sequence[Queued | None], size: int) -> Iter
         _tracer.start_as_current_span("infer", attributes=attributes),
     ):
         yield
+
+
+@contextlib.contextmanager
+def continued(headers: Mapping[str, str] | None) -> Iterator[None]:
+    """Make the trace context another process sent (:func:`propagation_metadata`'s pairs)
+    current while the block runs: a frontend's request, queued in the batching process."""
+    if _tracer is None or not headers:
+        yield
+        return
+    from opentelemetry.context import attach, detach
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    token = attach(TraceContextTextMapPropagator().extract(_carrier(headers)))
+    try:
+        yield
+    finally:
+        detach(token)
 
 
 def propagation_metadata() -> tuple[tuple[str, str], ...]:

@@ -37,6 +37,7 @@ from tests.gateway.harness import (
 )
 from tests.gateway.null_torchserve import NullTorchServe
 from tests.images import digit_png
+from tests.support import gateway_process
 from tools.observability_cost import span_sink
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -314,3 +315,32 @@ async def test_configured_tracing_exports_over_otlp_to_a_collector() -> None:
             provider.shutdown()  # flushes, as the gateway does when it stops
     assert sink.names == ["GET /v2"]
     assert sink.services == {"cnnserve-test"}
+
+
+async def test_the_batching_process_continues_the_frontends_traces(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """Two frontends feeding one batching process, each process exporting its own spans: a
+    request's queue wait and its batch (and the batch's infer) are recorded by the batching
+    process in the request's trace, children of the frontend's request span."""
+    with (
+        span_sink() as (endpoint, sink),
+        gateway_process(
+            "onnxruntime",
+            tmp_path / "gateway.log",
+            model_repository=model_repository,
+            gateway_processes=2,
+            device="cpu",
+            tracing_otlp_endpoint=endpoint,
+        ) as gateway,
+        grpc.insecure_channel(gateway.grpc_target) as channel,
+    ):
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+        stub.ModelInfer(image_request(2), metadata=(("traceparent", TRACEPARENT),))
+        # Stopped: every process flushed its spans.
+    traced = {s.name: s for s in sink.received if s.trace_id.hex() == TRACE_ID}
+    server = traced["/inference.GRPCInferenceService/ModelInfer"]
+    assert server.parent_span_id.hex() == PARENT_ID
+    assert traced["queue wait"].parent_span_id == server.span_id
+    assert traced["batch"].parent_span_id == server.span_id
+    assert traced["infer"].parent_span_id == traced["batch"].span_id
