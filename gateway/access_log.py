@@ -158,7 +158,7 @@ def _new_id() -> str:
     return uuid.uuid4().hex
 
 
-def current() -> RequestRecord | None:
+def current_record() -> RequestRecord | None:
     """The record of the request being served in this task (``None`` outside one)."""
     return _current.get()
 
@@ -368,7 +368,7 @@ def stream_request(oip_id: str) -> Iterator[RequestRecord]:
     """One request of a ``ModelStreamInfer`` stream, with its own record while the block
     runs (in the request's own task): its id is the message's OIP ``id`` when valid, else a
     fresh one; the block sets its ``status``."""
-    stream = current()
+    stream = current_record()
     record = RequestRecord(None, "grpc", stream.method if stream is not None else "")
     record.logged = stream is not None and stream.logged
     if stream is not None:

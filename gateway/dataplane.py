@@ -42,7 +42,7 @@ from cnnserve.protocol.json_text import shown
 from cnnserve.protocol.tensor_codec import InputLimits
 from cnnserve.settings import Settings
 
-from . import access_log
+from .access_log import RequestRecord, current_record
 from .backends import Backend, create_backend
 from .batcher import ModelTime
 from .decode_pool import DecodePool, ImageDecoder
@@ -246,7 +246,7 @@ class DataPlane:
         """
         started = time.monotonic()
         served: ServedVersion | None = None
-        record = access_log.current()
+        record = current_record()
         if record is not None:
             record.asked(request.id, request.model_name)
         try:
@@ -279,7 +279,7 @@ class DataPlane:
         served: ServedVersion,
         request: InferRequest,
         started: float,
-        record: access_log.RequestRecord | None,
+        record: RequestRecord | None,
     ) -> InferResponse:
         spec = served.model.spec
         deadline = self._deadline(request)

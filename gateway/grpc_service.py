@@ -93,7 +93,7 @@ async def _abort(
     context: grpc.aio.ServicerContext,
     exc: BaseException,
 ) -> NoReturn:
-    record = access_log.current()
+    record = access_log.current_record()
     if record is not None:
         # The request's id as the data plane left it (an OIP id may have named it).
         context.set_trailing_metadata(((access_log.REQUEST_ID_HEADER, record.request_id),))

@@ -333,11 +333,14 @@ async def test_the_batching_process_continues_the_frontends_traces(
             device="cpu",
             tracing_otlp_endpoint=endpoint,
         ) as gateway,
-        grpc.insecure_channel(gateway.grpc_target) as channel,
     ):
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
-        stub.ModelInfer(image_request(2), metadata=(("traceparent", TRACEPARENT),))
-        # Stopped: every process flushed its spans.
+        # grpc.aio like the module's other calls, never a blocking channel beside this loop's
+        # gRPC server.
+        async with grpc.aio.insecure_channel(gateway.grpc_target) as channel:
+            await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                image_request(2), metadata=(("traceparent", TRACEPARENT),)
+            )
+    # The gateway stopped before the collector: every process flushed its spans to it.
     traced = {s.name: s for s in sink.received if s.trace_id.hex() == TRACE_ID}
     server = traced["/inference.GRPCInferenceService/ModelInfer"]
     assert server.parent_span_id.hex() == PARENT_ID
