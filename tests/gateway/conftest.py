@@ -1,5 +1,6 @@
 """Real ``cnnserve serve`` processes: one for the bad-input fuzzers (gRPC, HTTP and OpenAPI),
-one for the browser tests of the pages; an HTTP client for a module's in-process gateway."""
+one for the browser tests of the pages; an HTTP client and a gRPC stub for a module's
+in-process gateway."""
 
 from __future__ import annotations
 
@@ -25,6 +26,13 @@ async def http(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
         base_url=f"http://127.0.0.1:{gateway.http_port}", timeout=60
     ) as client:
         yield client
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def stub(gateway: Gateway) -> AsyncIterator[pb_grpc.GRPCInferenceServiceStub]:
+    """An inference stub on a fresh channel to the module's in-process ``gateway``."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
+        yield pb_grpc.GRPCInferenceServiceStub(channel)
 
 
 #: The fuzzed gateway's limits: small, so the fuzzers reach them with small requests.

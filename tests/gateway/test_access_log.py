@@ -48,13 +48,6 @@ async def gateway(model_repository: Path) -> AsyncIterator[Gateway]:
         yield running
 
 
-@pytest_asyncio.fixture(loop_scope="module")
-async def stub(gateway: Gateway) -> AsyncIterator[pb_grpc.GRPCInferenceServiceStub]:
-    """An inference stub on a fresh channel to the module's gateway."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
-        yield pb_grpc.GRPCInferenceServiceStub(channel)
-
-
 @pytest.fixture
 def access(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
     """Captures the access records written during the test."""

@@ -47,12 +47,6 @@ async def gateway(model_repository: Path, request: pytest.FixtureRequest) -> Asy
         yield running
 
 
-@pytest_asyncio.fixture(loop_scope="module")
-async def stub(gateway: Gateway) -> AsyncIterator[pb_grpc.GRPCInferenceServiceStub]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
-        yield pb_grpc.GRPCInferenceServiceStub(channel)
-
-
 def asking(request: pb.ModelInferRequest, *names: str) -> pb.ModelInferRequest:
     """``request`` naming ``names`` as its outputs."""
     for name in names:

@@ -82,13 +82,6 @@ async def gateway(model_repository: Path, exporter: InMemorySpanExporter) -> Asy
         yield running
 
 
-@pytest_asyncio.fixture(loop_scope="module")
-async def stub(gateway: Gateway) -> AsyncIterator[pb_grpc.GRPCInferenceServiceStub]:
-    """An inference stub on a fresh channel to the module's gateway."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
-        yield pb_grpc.GRPCInferenceServiceStub(channel)
-
-
 def image_request(count: int, **fields: object) -> pb.ModelInferRequest:
     """``count`` digit PNGs as one gRPC request to the ConvNet."""
     request = pb.ModelInferRequest(model_name="convnet", **fields)  # type: ignore[arg-type]
