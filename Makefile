@@ -196,7 +196,7 @@ perf-analyzer: install ## Triton's perf_analyzer at a running gateway (convnet, 
 	$(BIN)/python tools/perf_analyzer_data.py $(PA_DATA)
 	tools/perf_analyzer.sh --input-data $(PA_DATA) $(PA_ARGS)
 
-# --- deployment (README "Deploy", docs/deployment.md) -----------------------------------
+# --- deployment (docs/deployment.md) -----------------------------------
 # tools/deploy.py needs only the host's Python (no venv): it checks the host, fills the
 # wheelhouse, builds the images, starts them and waits until every service is healthy; on a
 # failure it prints one line and leaves nothing running.

@@ -263,7 +263,7 @@ def check_gpu_support() -> None:
     if not registered and shutil.which("nvidia-container-runtime-hook") is None:
         raise _preflight(
             "the gpu variant needs the NVIDIA Container Toolkit, and Docker lists no nvidia "
-            "runtime: set it up (README 'Deploy'), or deploy without a GPU: --variant cpu "
+            "runtime: set it up (docs/deployment.md), or deploy without a GPU: --variant cpu "
             "(make deploy DEPLOY=cpu)"
         )
 
