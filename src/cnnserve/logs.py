@@ -19,6 +19,11 @@ import sys
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: A worker of a multi-process gateway names its pid, so interleaved lines can be told apart.
 WORKER_TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+#: Libraries whose INFO lines say nothing an operator acts on: the ONNX exporter's passes
+#: (dozens of lines while ``cnnserve serve`` makes its default repository) and uvicorn's
+#: server start/stop, said once per listener (HTTP and metrics) beside the gateway's own line
+#: naming every port. Their warnings and errors still show; ``log_level=DEBUG`` shows all.
+QUIET_LIBRARIES = ("onnx_ir", "onnxscript", "uvicorn.error")
 #: Record attributes copied into a JSON line when set (the access log's fields, in order).
 REQUEST_FIELDS = (
     "request_id",
@@ -81,3 +86,6 @@ def setup_logging(level: str = "INFO", log_format: str = "text", worker: bool = 
     else:
         raise ValueError(f"log format must be text or json, got {log_format!r}")
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    quiet_level = logging.NOTSET if logging.getLogger().level <= logging.DEBUG else logging.WARNING
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(quiet_level)

@@ -34,6 +34,9 @@ try:
 except ZeroDivisionError:
     log.exception("batch failed")
 log.debug("details")
+for library in ("onnxscript.rewriter", "uvicorn.error"):
+    logging.getLogger(library).info("library chatter")
+    logging.getLogger(library).warning("library warning")
 """
 RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
@@ -61,6 +64,17 @@ def test_text_keeps_todays_lines() -> None:
     assert not any("details" in line for line in lines)  # DEBUG is below INFO
 
 
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_libraries_info_lines_are_quiet_but_their_warnings_show(log_format: str) -> None:
+    lines = run("INFO", log_format)
+    assert not any("library chatter" in line for line in lines)
+    assert sum("library warning" in line for line in lines) == 2
+
+
+def test_debug_shows_the_libraries_info_lines() -> None:
+    assert sum("library chatter" in line for line in run("DEBUG", "text")) == 2
+
+
 def test_text_worker_lines_name_the_pid() -> None:
     first = run("INFO", "text", "worker")[0]
     assert re.fullmatch(
@@ -71,11 +85,12 @@ def test_text_worker_lines_name_the_pid() -> None:
 def test_json_is_one_object_per_line_with_request_fields_and_exceptions() -> None:
     lines = run("DEBUG", "json")
     entries = [json.loads(line) for line in lines]  # every line parses on its own
-    assert [e["level"] for e in entries] == ["INFO", "INFO", "WARNING", "ERROR", "DEBUG"]
+    levels = ["INFO", "INFO", "WARNING", "ERROR", "DEBUG"] + ["INFO", "WARNING"] * 2
+    assert [e["level"] for e in entries] == levels
     for entry in entries:
         assert RFC3339_UTC.fullmatch(entry["time"])
         assert "pid" not in entry
-    started, access, warning, failure, debug = entries
+    started, access, warning, failure, debug = entries[:5]
     assert started == {
         "time": started["time"],
         "level": "INFO",
