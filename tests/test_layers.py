@@ -24,14 +24,20 @@ ALLOWED: dict[str, set[str]] = {
     "cnnserve.__main__": {"cnnserve.cli"},
     "cnnserve.errors": set(),
     "cnnserve.settings": set(),
+    "cnnserve.logs": set(),
+    "cnnserve.setting_flags": {"cnnserve.settings"},
+    # Spans for the gateway and its calls to TorchServe; OpenTelemetry itself only when on.
+    "cnnserve.tracing": BASE | {"cnnserve.settings"},
     "models": BASE,
     "training": MODEL,
     "export": MODEL,
     "protocol": WIRE,
     "handlers": MODEL | {"protocol"},
     "client": WIRE,
-    "torchserve_engine": WIRE | {"handlers", "cnnserve.settings"},
-    "gateway": WIRE | TRANSPORTS | {"torchserve_engine", "cnnserve.settings"},
+    "torchserve_engine": WIRE | {"handlers", "cnnserve.settings", "cnnserve.tracing"},
+    "gateway": WIRE
+    | TRANSPORTS
+    | {"torchserve_engine", "cnnserve.settings", "cnnserve.logs", "cnnserve.tracing"},
     "bench": WIRE | {"client", "export", "torchserve_engine", "training", "cnnserve.settings"},
 }
 
