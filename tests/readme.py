@@ -1,6 +1,8 @@
-"""The README's shell blocks, read as tests/test_readme.py and tests/test_quickstart.py run them.
+"""The README's shell and Python blocks, read as tests/test_readme.py and
+tests/test_quickstart.py run them.
 
-A fenced ``bash`` block runs as written unless the HTML comment right above it says otherwise:
+A fenced ``bash`` block runs with bash, a ``python`` block with the venv's Python, as written,
+unless the HTML comment right above it says otherwise:
 
 - ``<!-- readme-test: quickstart (...) -->`` — the quickstart: run word for word on a fresh
   clone (tests/test_quickstart.py); its ``make`` lines are dry-run elsewhere.
@@ -9,7 +11,7 @@ A fenced ``bash`` block runs as written unless the HTML comment right above it s
 - ``<!-- readme-test: not run (why) -->`` — a block no test can run here (it installs packages,
   retrains for minutes, needs Docker, a GPU or a tool that is not installed). Still checked:
   each ``make`` target with ``make -n``, each ``cnnserve`` command with ``--help`` listing
-  every option it uses.
+  every option it uses, a Python block by compiling it.
 
 Output the README shows (``# ...`` lines) is checked loosely by its key parts
 (:data:`KEY_PARTS`): a label, a printed prediction, a page title, readiness, a request id.
@@ -30,12 +32,13 @@ VENV_BIN = ROOT / ".venv" / "bin"
 
 _BLOCK = re.compile(
     r"(?:<!-- readme-test: (?P<tag>[a-z ]+?)(?: \((?P<why>.*?)\))? -->\n)?"
-    r"```bash\n(?P<body>.*?)```",
+    r"```(?P<language>bash|python)\n(?P<body>.*?)```",
     re.S,
 )
 #: What of a shown output line must be in the real output: labels, a ``cnnserve predict``
 #: line up to its probability, a page title, readiness, the FCN's counts (not their values,
-#: which may differ by a pixel between backends), a request id sent back.
+#: which may differ by a pixel between backends), a request id sent back, a label printed by
+#: Python.
 KEY_PARTS = (
     re.compile(r'"label":"[^"]+"'),
     re.compile(r"\S+\.png: \w+ \("),
@@ -43,22 +46,29 @@ KEY_PARTS = (
     re.compile(r'\{"ready":true\}'),
     re.compile(r'"counts":\{"background":'),
     re.compile(r"x-request-id: \S+"),
+    re.compile(r"\[b'[^']*'\]"),  # tritonclient's BYTES labels, as numpy prints them
+    re.compile(r"label='[^']*'"),  # the Python client's Classification
 )
 _SHELL_OPERATORS = {"|", "||", "&&", ";", ">", ">>", "<", "&"}
 
 
 @dataclass(frozen=True)
 class Block:
-    """One fenced bash block: its tag (``run`` when untagged), why, text and line in README."""
+    """One fenced block: its tag (``run`` when untagged), why, text, line in README and
+    language (bash or python)."""
 
     tag: str
     why: str
     text: str
     line: int
+    language: str = "bash"
 
     @property
     def commands(self) -> list[list[str]]:
-        """Each command of the block as words (continuations joined, comments dropped)."""
+        """Each command of a bash block as words (continuations joined, comments dropped);
+        none for Python."""
+        if self.language != "bash":
+            return []
         joined = self.text.replace("\\\n", " ")
         commands = []
         for line in joined.splitlines():
@@ -72,8 +82,14 @@ class Block:
 
     @property
     def expected(self) -> list[str]:
-        """The key parts of the output the block shows in its ``# ...`` lines."""
-        shown = [line for line in self.text.splitlines() if line.lstrip().startswith("#")]
+        """The key parts of the output the block shows in its ``# ...`` lines (in Python, the
+        comment after a ``print(...)``)."""
+        lines = self.text.splitlines()
+        shown = (
+            [line.partition("  # ")[2] for line in lines if line.lstrip().startswith("print(")]
+            if self.language == "python"
+            else [line for line in lines if line.lstrip().startswith("#")]
+        )
         return [m.group(0) for line in shown for part in KEY_PARTS for m in part.finditer(line)]
 
     def __str__(self) -> str:
@@ -88,6 +104,7 @@ def blocks(readme: Path = README) -> list[Block]:
             m.group("why") or "",
             m.group("body"),
             text.count("\n", 0, m.start("body")) + 1,
+            m.group("language"),
         )
         for m in _BLOCK.finditer(text)
     ]
@@ -119,8 +136,14 @@ def cnnserve_invocations(words: list[str]) -> list[list[str]]:
 
 def check_statically(block: Block) -> list[str]:
     """Problems with a block that is not run: make targets ``make -n`` refuses, cnnserve
-    commands or options their ``--help`` does not list. Empty when all is well."""
+    commands or options their ``--help`` does not list, Python that does not compile. Empty
+    when all is well."""
     problems = []
+    if block.language == "python":
+        try:
+            compile(block.text, str(block), "exec")
+        except SyntaxError as exc:
+            problems.append(f"{block}: {exc}")
     for words in block.commands:
         if words[0] == "make":
             dry = subprocess.run(
@@ -160,11 +183,16 @@ def _check_cnnserve(args: list[str]) -> list[str]:
 
 
 def run_block(block: Block, cwd: Path, timeout_s: float = 300) -> str:
-    """Run a block with bash (``set -euo pipefail``: every command must succeed) in ``cwd``;
-    its stdout. Fails naming the block and showing its output when a command fails or a key
-    part of the output it shows is missing."""
+    """Run a block in ``cwd`` — bash with ``set -euo pipefail`` (every command must succeed),
+    Python with the venv's interpreter; its stdout. Fails naming the block and showing its
+    output when a command fails or a key part of the output it shows is missing."""
+    program = (
+        [str(VENV_BIN / "python"), "-c", block.text]
+        if block.language == "python"
+        else ["bash", "-c", "set -euo pipefail\n" + block.text]
+    )
     done = subprocess.run(
-        ["bash", "-c", "set -euo pipefail\n" + block.text],
+        program,
         cwd=cwd, env=environment(), capture_output=True, text=True, timeout=timeout_s,
         check=False,
     )  # fmt: skip

@@ -1,4 +1,5 @@
-"""Every shell command in the README, run (tests/readme.py says how blocks are tagged).
+"""Every shell command and Python example in the README, run (tests/readme.py says how
+blocks are tagged).
 
 The server is the one the README's "Serving and calling" starts, ``cnnserve serve --backend
 onnxruntime`` on the default ports 8000, 8001, 8002, in a scratch folder that holds what the
@@ -113,10 +114,13 @@ def test_every_tag_is_known_and_says_why() -> None:
 
 
 def test_static_checks_catch_what_does_not_exist() -> None:
-    """The static checks fail on a make target or cnnserve option that does not exist."""
+    """The static checks fail on a make target or cnnserve option that does not exist, and on
+    Python that does not compile."""
     bad = Block("not run", "a test", "make no-such-target\ncnnserve serve --no-such-option 1\n", 0)
     problems = check_statically(bad)
     assert len(problems) == 2 and "--no-such-option" in problems[1], problems
+    broken_python = Block("not run", "a test", "print(\n", 0, "python")
+    assert len(check_statically(broken_python)) == 1
 
 
 def _anchors(page: Path) -> set[str]:
