@@ -7,18 +7,17 @@ of it, and less what the model itself takes for batches of the mean size (timed 
 process through the same ONNX Runtime artifact): its own IPC, batching and reply work. The
 ratio of the two says how many frontends one batching process can feed.
 
-    python -m cnnserve.bench.scaling --concurrency 64 --duration 10 --out docs/bench/scaling.json
+    cnnserve scaling --concurrency 64 --duration-s 10 --out docs/bench/scaling.json
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,13 +75,13 @@ def _cpu_s(*processes: psutil.Process | None) -> float:
     return total
 
 
-def model_cpu_ms_per_item(batch: int, repeats: int = 300) -> float:
+def model_cpu_ms_per_item(artifacts: Path, batch: int, repeats: int = 300) -> float:
     """CPU milliseconds per item the ConvNet takes in ONNX Runtime for batches of ``batch``."""
     import numpy as np
 
     from cnnserve.models.runtime import load_runner
 
-    path = demo_repository(Path("artifacts")) / "convnet" / "1" / "model.onnx"
+    path = demo_repository(artifacts) / "convnet" / "1" / "model.onnx"
     runner = load_runner(path, "onnx", "cpu")
     items = np.zeros((max(1, batch), 3, 28, 28), np.float32)
     runner.infer(items)
@@ -134,13 +133,19 @@ def _one_frontend(env: dict[str, str], log: Path, timeout_s: float = 120.0) -> G
 
 
 def measure(
-    label: str, processes: int, shared: bool, concurrency: int, duration_s: float, log: Path
+    artifacts: Path,
+    label: str,
+    processes: int,
+    shared: bool,
+    concurrency: int,
+    duration_s: float,
+    log: Path,
 ) -> dict[str, Any]:
     """One layout under ``concurrency`` closed-loop callers of one FP32 ConvNet tensor."""
     import numpy as np
 
     env = {
-        "CNNSERVE_MODEL_REPOSITORY": str(demo_repository(Path("artifacts"))),
+        "CNNSERVE_MODEL_REPOSITORY": str(demo_repository(artifacts)),
         "CNNSERVE_DEVICE": "cpu",
         "CNNSERVE_GATEWAY_PROCESSES": str(processes),
         "CNNSERVE_SHARED_BATCHER": "true" if shared else "false",
@@ -167,7 +172,7 @@ def measure(
         formed = batch_sizes(gateway.metrics_url, "convnet").minus(before)
         total = result.requests + result.requests_per_s * spec.warmup_s  # warm-up counted too
         per_request = cpu * 1000 / total if batching else None
-        model = model_cpu_ms_per_item(round(formed.mean)) if batching else None
+        model = model_cpu_ms_per_item(artifacts, round(formed.mean)) if batching else None
         return {
             "layout": label,
             "requests_per_s": result.requests_per_s,
@@ -188,24 +193,9 @@ def measure(
         gateway.stop()
 
 
-def main() -> None:
-    """Measure every layout once, print and optionally write the figures."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--duration", type=float, default=10.0)
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-    rows = []
+def run_scaling(artifacts: Path, concurrency: int, duration_s: float) -> Iterator[dict[str, Any]]:
+    """Measure every layout once, in turn; each layout's figures as it is measured."""
     with tempfile.TemporaryDirectory(prefix="cnnserve-scaling-") as directory:
         for label, processes, shared in LAYOUTS:
-            row = measure(
-                label, processes, shared, args.concurrency, args.duration, Path(directory) / "g.log"
-            )
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    if args.out is not None:
-        args.out.write_text(json.dumps(rows, indent=1) + "\n")
-
-
-if __name__ == "__main__":
-    main()
+            log = Path(directory) / "g.log"
+            yield measure(artifacts, label, processes, shared, concurrency, duration_s, log)

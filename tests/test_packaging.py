@@ -548,7 +548,16 @@ def test_the_client_module_runs_on_the_core_alone(gateway_without_torch: Gateway
 
 
 #: Commands whose help is checked on the core alone: the light ones and those with many options.
-HELP_ON_THE_CORE = ("predict", "serve", "config", "soak", "overload", "hotpath", "gpu-check")
+HELP_ON_THE_CORE = (
+    "predict",
+    "serve",
+    "config",
+    "soak",
+    "overload",
+    "hotpath",
+    "scaling",
+    "gpu-check",
+)
 
 
 @pytest.mark.parametrize("args", [["--help"], *([name, "--help"] for name in HELP_ON_THE_CORE)])
@@ -636,6 +645,7 @@ def test_export_without_onnxscript_writes_nothing(tmp_path: Path) -> None:
         (["soak"], _error_line("bench", "cnnserve soak")),
         (["overload"], _error_line("bench", "cnnserve overload")),
         (["hotpath"], _error_line("bench", "cnnserve hotpath")),
+        (["scaling"], _error_line("bench", "cnnserve scaling")),
         (["gpu-check", "--out", "gpu"], _error_line("torchscript", "cnnserve gpu-check", "torch")),
     ],
 )

@@ -390,6 +390,28 @@ def hotpath(
             )
 
 
+@app.command()
+def scaling(
+    artifacts: ArtifactsOption = DEFAULT_ARTIFACTS,
+    concurrency: Annotated[int, typer.Option(min=1, help="Closed-loop callers.")] = 64,
+    duration_s: Annotated[float, typer.Option(min=0, help="Seconds measured per layout.")] = 10.0,
+    out: Annotated[Path | None, typer.Option(help="Also write the rows here (JSON).")] = None,
+) -> None:
+    """One gateway process, N frontends feeding one batching process, and N independent
+    gateways under the same load; a JSON line of figures per layout (docs/scaling.md)."""
+    import json
+
+    with user_errors(), needs_extra("bench", "cnnserve scaling"):
+        from cnnserve.bench.scaling import run_scaling
+
+        rows = []
+        for row in run_scaling(_exported(artifacts, "convnet.onnx"), concurrency, duration_s):
+            typer.echo(json.dumps(row))
+            rows.append(row)
+    if out is not None:
+        out.write_text(json.dumps(rows, indent=1) + "\n")
+
+
 @app.command("gpu-check")
 def gpu_check(
     out: Annotated[Path, typer.Option(help="Directory for gpu_check.jsonl and .md.")],
