@@ -211,10 +211,12 @@ def test_two_frontends_batch_together_at_least_as_fully_as_one_process(
                 assert len(_frontends(gateway)) == 2
             means[name] = _mean_batch(gateway.metrics_url)
     # The frontends' requests meet in the batching process's batches; two independent
-    # gateways each batch only their half. One process against two frontends varies either
-    # way by about a fifth between runs on a busy host (16.6 vs 21.8, 21.8 vs 17.8).
+    # gateways each batch only the callers the kernel hashed to them, a split that differs
+    # from run to run (their mean was 13.0 and 14.3 against the two frontends' 21.8 and 17.5
+    # in two CI runs). One process against two frontends varies either way by about a fifth
+    # between runs on a busy host (16.6 vs 21.8, 21.8 vs 17.8).
     assert means["two frontends"] >= 0.75 * means["one process"], means
-    assert means["two frontends"] >= 1.3 * means["two gateways"], means
+    assert means["two frontends"] >= 1.1 * means["two gateways"], means
 
 
 @pytest.mark.parametrize("victim", ["frontend", "batching process"])
